@@ -1,0 +1,77 @@
+"""The command line: readable output, JSON for machines, one clear line and exit 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from tpusim.cli import main
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_topology_human_and_json():
+    r = run("topology", "v5e:16x16")
+    assert r.exit_code == 0, r.output
+    assert "256" in r.output and "32 hosts" in r.output and "wraps" in r.output
+    r = run("topology", "v5e:8x16", "--slices", "2", "--json")
+    d = json.loads(r.output)
+    assert d["chips"] == 256 and d["hosts"] == 32 and d["slices"] == 2
+    assert d["shape"] == [8, 16] and d["wraparound"] == [False, True]
+    assert d["ici_links"] == 2 * (16 * 7 + 8 * 16)
+    assert d["dcn_bytes_per_s_per_chip"] == 3.125e9
+
+
+def test_collective_json_matches_library():
+    r = run("collective", "all-gather", "--bytes", "34e6", "--topology", "v5e:8x4", "--axes", "y",
+            "--mode", "datasheet", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert d["time_s"] == pytest.approx(3 * (34e6 / 4) / 4.5e10)  # a 4-long line: (X-1) V/X / W_one_way
+    assert d["algorithm"] == "bidirectional line on y"
+    assert d["group_size"] == 4
+    r = run("collective", "all-reduce", "--bytes", "1GiB", "--topology", "4x4x4", "--axes", "xyz,dcn",
+            "--slices", "2", "--json")
+    d = json.loads(r.output)
+    assert d["mode"] == "calibrated" and d["time_s"] > d["datasheet_time_s"] > 0
+    assert "hierarchical" in d["algorithm"]
+
+
+def test_collective_human_output():
+    r = run("collective", "ar", "--bytes", "1e9", "--topology", "v5p:4x4x4", "--axes", "x")
+    assert r.exit_code == 0
+    assert "all-reduce of 1 GB over x of v5p:4x4x4" in r.output and "achieved" in r.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["topology", "v9:4x4"], "unknown chip 'v9'"),
+    (["topology", "v5e:32x32"], "larger than the largest"),
+    (["topology", "v5p:4x4"], "3D"),
+    (["collective", "all-gather", "--bytes", "1e6", "--topology", "v5e:4x4", "--axes", "z"], "no axis 'z'"),
+    (["collective", "all-gather", "--bytes", "-3", "--topology", "v5e:4x4", "--axes", "x"], "--bytes"),
+    (["collective", "all-gather", "--bytes", "lots", "--topology", "v5e:4x4", "--axes", "x"], "not a number"),
+    (["collective", "all-gather", "--bytes", "0", "--topology", "v5e:4x4", "--axes", "x"], "positive"),
+    (["collective", "gather-all", "--bytes", "1e6", "--topology", "v5e:4x4", "--axes", "x"], "unknown collective"),
+    (["collective", "all-gather", "--bytes", "1e6", "--topology", "v5e:4x4", "--axes", "dcn"], "several slices"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, words):
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2
+    assert words in r.output
+    assert "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_console_script_end_to_end():
+    """The installed entry point, as a user runs it: no traceback, exit 2 on a bad chip."""
+    ok = subprocess.run([sys.executable, "-m", "tpusim", "topology", "v5p:4x4x4", "--json"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and json.loads(ok.stdout)["chips"] == 64
+    bad = subprocess.run([sys.executable, "-m", "tpusim", "topology", "v9:4x4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("tpusim: error: ") and "Traceback" not in bad.stderr

@@ -1,0 +1,200 @@
+"""Topology invariants: chip, host and link counts, degrees, wraparound rules, and the graph's shape."""
+
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+import pytest
+
+from tpusim.chips import chip_names, get_chip
+from tpusim.errors import TpusimError
+from tpusim.topology import build_graph, parse_topology
+
+from conftest import value
+
+
+@pytest.mark.parametrize("spec, wrap", [
+    ("v5e:16x16", (True, True)),
+    ("v5e:8x16", (False, True)),       # book: an 8x16 wraps on its long axis only
+    ("v5e:4x4", (False, False)),
+    ("v6e:16x16", (True, True)),
+    ("v5p:4x4x4", (True, True, True)),  # a full cube
+    ("v5p:4x4x8", (True, True, True)),
+    ("v5p:2x2x4", (False, False, False)),  # book: sub-cube slices have no wraparound
+    ("v5p:2x2x1", (False, False, False)),
+    ("v4:4x4x4", (True, True, True)),
+    ("tpu7x:4x4x4", (True, True, True)),
+    ("tpu7x:2x2x2", (False, False, False)),
+    ("v5p:16x20x28", (True, True, True)),
+])
+def test_wraparound_rules(spec, wrap):
+    assert parse_topology(spec).wraparound == wrap
+
+
+def test_default_chip_by_rank_and_caller():
+    assert parse_topology("16x16").chip.name == "v5e"
+    assert parse_topology("4x4x4").chip.name == "v5p"
+    assert parse_topology("16x16", default_chip="v6e").chip.name == "v6e"
+    assert parse_topology("v5p:4x4x4", default_chip="v4").chip.name == "v5p"  # explicit chip wins
+
+
+def _ici_edges(g):
+    return [(u, v, d) for u, v, d in g.edges(data=True) if d["kind"] == "ici"]
+
+
+@pytest.mark.parametrize("spec", ["v5e:16x16", "v5e:8x16", "v5e:2x4", "v5p:4x4x4", "v5p:2x2x4",
+                                  "v4:4x4x8", "v2:2x2", "v6e:4x8", "tpu7x:4x4x4"])
+def test_graph_counts_and_degrees(spec):
+    topo = parse_topology(spec)
+    g = build_graph(topo)
+    ici = _ici_edges(g)
+    chips = [n for n, d in g.nodes(data=True) if d["kind"] == "chip"]
+    assert len(chips) == math.prod(topo.shape) == topo.num_chips
+    # Each physical link is one edge per direction.
+    assert len(ici) == 2 * topo.ici_links
+    # Closed form per axis: N/X rings of X links (wrapped) or lines of X - 1 links.
+    expected = 0
+    for x, w in zip(topo.shape, topo.wraparound):
+        if x > 1:
+            expected += topo.num_chips // x * (x if w else x - 1)
+    assert topo.ici_links == expected
+    # Degree: 2 per wrapped axis; on a line, 1 at the two ends and 2 inside.
+    for n in chips:
+        coords = g.nodes[n]["coords"]
+        want = sum(0 if x == 1 else 2 if (w or 0 < c < x - 1) else 1
+                   for c, x, w in zip(coords, topo.shape, topo.wraparound))
+        assert sum(1 for _, _, d in g.out_edges(n, data=True) if d["kind"] == "ici") == want
+    # Every link runs between neighbours one step apart along its axis (mod X where it wraps).
+    for u, v, d in ici:
+        cu, cv = g.nodes[u]["coords"], g.nodes[v]["coords"]
+        ai = topo.axis_index(d["axis"])
+        assert [i for i in range(len(cu)) if cu[i] != cv[i]] == [ai]
+        assert (cu[ai] + d["direction"]) % topo.shape[ai] == cv[ai]
+    # Hosts: each drives chips_per_host chips, all in one host block.
+    hosts = [n for n, d in g.nodes(data=True) if d["kind"] == "host"]
+    assert len(hosts) == topo.num_hosts == topo.num_chips // topo.chips_per_host
+
+
+def test_size_two_wrapped_axis_keeps_both_links():
+    """networkx's grid_graph(periodic=True) merges the two links of a wrapped axis of length 2."""
+    topo = parse_topology("v2:2x2")  # v2 wraps every axis
+    g = build_graph(topo)
+    out = [(v, d["axis"], d["direction"]) for _, v, d in g.out_edges(0, data=True) if d["kind"] == "ici"]
+    assert len(out) == 4  # +x and -x both reach chip (1, 0); +y and -y both reach (0, 1)
+    assert len({v for v, _, _ in out}) == 2
+    assert nx.grid_graph(dim=[2, 2], periodic=True).number_of_edges() == 4  # the trap: half the links
+
+
+def test_graph_is_the_known_torus():
+    """v5e:8x16 is an 8-line by 16-ring grid; grid_graph lists dims in reverse (its other trap)."""
+    topo = parse_topology("v5e:8x16")
+    ours = nx.Graph((u, v) for u, v, _ in _ici_edges(build_graph(topo)))
+    known = nx.grid_graph(dim=[16, 8], periodic=[True, False])
+    assert nx.is_isomorphic(ours, known)
+    assert not nx.is_isomorphic(ours, nx.grid_graph(dim=[16, 8], periodic=False))
+
+
+def test_full_pods_match_the_book(book_cases):
+    v5e = parse_topology("v5e:16x16")
+    case = book_cases["tpus-q2-v5e-pod"]
+    assert v5e.num_chips == value(case, "inputs", "chips")
+    assert v5e.num_hosts == value(case, "expected", "hosts")
+    v5p = parse_topology("v5p:16x20x28")
+    case = book_cases["tpus-q2-v5p-pod"]
+    assert v5p.num_chips == 8960
+    assert v5p.num_hosts == value(case, "expected", "hosts")
+    assert v5p.num_chips * v5p.chip.cores_per_chip == value(case, "expected", "cores")
+    flops = v5p.num_chips * v5p.chip.bf16_flops_per_s
+    assert flops == pytest.approx(value(book_cases["tpus-v5p-pod-flops"], "expected", "pod_flops"), rel=0.01)
+
+
+def test_hosts_orient_to_the_slice():
+    assert parse_topology("v5e:2x4").num_hosts == 1   # one 8-chip host, turned to 2x4
+    assert parse_topology("v5e:2x2").num_hosts == 1
+    assert parse_topology("v5e:8x16").num_hosts == 16
+    topo = parse_topology("v5p:4x4x4")
+    g = build_graph(topo)
+    for h in range(topo.num_hosts):
+        members = [n for n in g.predecessors(("host", h)) if isinstance(n, int)]
+        coords = [g.nodes[n]["coords"] for n in members]
+        assert len(members) == 4
+        assert all(max(c[i] for c in coords) - min(c[i] for c in coords) < b
+                   for i, b in enumerate(topo.host_block))
+
+
+def test_bisection_closed_form():
+    # 16x16 torus: cutting either axis crosses 16 rings x 2 links.
+    assert parse_topology("v5e:16x16").bisection_bytes_per_s == 32 * 4.5e10
+    # 8x16: the 8-long lines cut at 16 links; the 16-long rings at 8 x 2 = 16.
+    assert parse_topology("v5e:8x16").bisection_bytes_per_s == 16 * 4.5e10
+    # 4x4x8 cube pair: worst cut across z: 16 rings x 2 links.
+    assert parse_topology("v5p:4x4x8").bisection_bytes_per_s == 32 * 9e10
+    assert parse_topology("v5p:2x2x1").bisection_bytes_per_s == 2 * 9e10
+
+
+def test_multislice():
+    one = parse_topology("v5p:4x4x4")
+    four = parse_topology("v5p:4x4x4", slices=4)
+    assert four.num_chips == 4 * one.num_chips
+    assert four.num_hosts == 4 * one.num_hosts
+    assert four.ici_links == 4 * one.ici_links
+    g = build_graph(four)
+    nics = [(u, v) for u, v, d in g.edges(data=True) if d["kind"] == "dcn"]
+    assert len(nics) == 2 * four.num_hosts  # each host's NIC, both ways, into the fabric
+    nic_rate = {d["bytes_per_s"] for _, _, d in g.edges(data=True) if d["kind"] == "dcn"}
+    assert nic_rate == {4 * 6.25e9}  # 4 chips x 6.25e9 B/s egress each (book tpus.md)
+    # No ICI link crosses slices.
+    assert all(g.nodes[u]["slice"] == g.nodes[v]["slice"] for u, v, _ in _ici_edges(g))
+    assert four.dcn_bytes_per_s_per_slice == 64 * 6.25e9
+    over = parse_topology("v5p:4x4x4", slices=4, dcn_oversubscription=2.0)
+    assert over.dcn_bytes_per_s_per_chip == 6.25e9 / 2
+
+
+def test_every_chip_in_catalog_has_sources():
+    for name in chip_names():
+        chip = get_chip(name)
+        for field in ("bf16_flops_per_s", "hbm_capacity", "hbm_bandwidth", "ici_link_bandwidth", "ici_hop_latency"):
+            assert chip.sources[field].strip(), (name, field)
+        assert chip.ici_axis_bytes_per_s == 2 * chip.ici_link_bytes_per_s
+        assert len(chip.host_shape) == len(chip.max_slice_shape) == chip.torus_rank
+
+
+def test_catalog_matches_book_spec_table():
+    """Spot checks against ../shared/reference/tpu-specs.yaml, the numbers the issue says to take."""
+    assert get_chip("v5e").bf16_flops_per_s == 1.97e14
+    assert get_chip("v5e").hbm_bytes_per_s == 8.2e11
+    assert get_chip("v5p").bf16_flops_per_s == 4.59e14
+    assert get_chip("v5p").ici_link_bytes_per_s == 9e10
+    assert get_chip("v5p").dcn_bytes_per_s == 6.25e9
+    assert get_chip("v6e").pcie_bytes_per_s == 3.2e10
+    assert get_chip("tpu7x").hbm_bytes == 192e9
+    assert get_chip("v4").ici_links_per_chip == 6 and get_chip("v5e").ici_links_per_chip == 4
+    assert get_chip("v5p").megacore and not get_chip("tpu7x").megacore
+    assert get_chip("tpu7x").devices_per_chip == 2 and get_chip("v5p").devices_per_chip == 1
+    # v5e's critical intensity C / W_hbm = 240 (book roofline.md)
+    assert get_chip("v5e").bf16_flops_per_s / get_chip("v5e").hbm_bytes_per_s == pytest.approx(240, abs=0.5)
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("v9:4x4", "unknown chip"),
+    ("v5e:32x32", "larger than the largest"),
+    ("v5e:16x16x4", "2D"),
+    ("v5p:4x4", "3D"),
+    ("v5e:6x6", "power-of-two"),
+    ("v5p:3x3x3", "cube"),
+    ("v5p:2x2x8", "cube"),
+    ("tpu7x:4x4x1024", "larger than the largest"),
+    ("v5e:16by16", "CHIP:SHAPE"),
+    ("v5e:0x4", "at least 1"),
+])
+def test_bad_topologies(spec, words):
+    with pytest.raises(TpusimError, match=words):
+        parse_topology(spec)
+
+
+def test_bad_slices():
+    with pytest.raises(TpusimError, match="whole number"):
+        parse_topology("v5e:4x4", slices=0)
+    with pytest.raises(TpusimError, match="no DCN bandwidth"):
+        parse_topology("v3:4x4", slices=2)

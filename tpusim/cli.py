@@ -1,0 +1,144 @@
+"""The ``tpusim`` command: a thin layer over the library (each command calls functions a notebook can).
+
+Every command prints a short summary for people, or one JSON object with ``--json``. A mistake in
+what the user gave ends with one line on stderr naming the option or file, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from typing import Any
+
+import click
+
+from tpusim.errors import TpusimError
+
+EXIT_USER_ERROR = 2
+
+
+class _Group(click.Group):
+    """Turns TpusimError into one clear line and exit 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TpusimError as e:
+            click.echo(f"tpusim: error: {e.message}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="tpusim")
+def main() -> None:
+    """tpusim: a discrete-event simulator of TPU clusters."""
+
+
+_BYTES_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKMGT]i?B|B)?\s*$")
+
+
+def parse_bytes(text: str, *, source: str = "--bytes") -> float:
+    """``34e6``, ``34MB``, ``1.5GiB`` -> bytes; anything else, or <= 0, is a TpusimError."""
+    from tpusim.units import to_si
+
+    m = _BYTES_RE.match(str(text))
+    if not m:
+        raise TpusimError(f"{text!r} is not a number of bytes (e.g. 34e6, 34MB, 1GiB)", source=source)
+    unit = m.group(2) or "B"
+    unit = unit[0].lower() + unit[1:] if unit.startswith("K") and unit != "KiB" else unit
+    value = to_si(float(m.group(1)), unit, source=source)
+    if not value > 0:
+        raise TpusimError(f"bytes must be a positive number; got {text!r}", source=source)
+    return value
+
+
+def _emit(as_json: bool, payload: dict, human: str) -> None:
+    click.echo(json.dumps(payload, indent=2, sort_keys=False) if as_json else human)
+
+
+_topology_option = click.option("--topology", "-t", "topology", required=True, metavar="[CHIP:]SHAPE",
+                                help="e.g. v5e:16x16, v5p:4x4x8, tpu7x:4x4x4; a bare 16x16 is v5e (2D) or v5p (3D)")
+_slices_option = click.option("--slices", default=1, show_default=True, type=int,
+                              help="identical slices joined by DCN")
+_json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+_mode_option = click.option("--mode", type=click.Choice(["calibrated", "datasheet"]), default="calibrated",
+                            show_default=True, help="fitted link efficiencies, or the datasheet (the book's formulas)")
+
+
+@main.command()
+@click.argument("spec", metavar="CHIP:SHAPE")
+@_slices_option
+@click.option("--dcn-oversubscription", default=1.0, show_default=True, type=float,
+              help="divides each chip's DCN egress when all send at once")
+@_json_option
+def topology(spec: str, slices: int, dcn_oversubscription: float, as_json: bool) -> None:
+    """Describe a slice (or several joined by DCN): chips, hosts, links, bandwidths."""
+    from tpusim.topology import describe, parse_topology
+    from tpusim.units import fmt_rate
+
+    topo = parse_topology(spec, slices=slices, dcn_oversubscription=dcn_oversubscription, source="CHIP:SHAPE")
+    d = describe(topo)
+    axes = "  ".join(f"{a}={n} ({'wraps' if w else 'no wraparound'})"
+                     for a, n, w in zip(topo.axis_names, topo.shape, topo.wraparound))
+    per_axis = "  ".join(f"{a}: {fmt_rate(bw)}" for a, bw in d["axis_bandwidth_bytes_per_s"].items())
+    block = "x".join(map(str, topo.host_block))
+    if topo.slices > 1:
+        dcn = (f"{fmt_rate(d['dcn_bytes_per_s_per_chip'])} per chip, {fmt_rate(d['dcn_bytes_per_s_per_slice'])} "
+               f"per slice (oversubscription {topo.dcn_oversubscription:g})")
+    else:
+        dcn = "- (one slice; --slices N joins N slices)"
+    human = "\n".join([
+        f"{topo.name}  ({topo.chip.display_name})",
+        f"  chips        {topo.num_chips}  ({topo.slices} slice{'s' if topo.slices > 1 else ''} of "
+        f"{topo.chips_per_slice}), {topo.num_hosts} hosts of {block} chips",
+        f"  axes         {axes}",
+        f"  ICI links    {topo.ici_links}  ({fmt_rate(topo.chip.ici_link_bytes_per_s)} each way per link)",
+        f"  per axis     {per_axis}  (bidirectional, per chip: the book's W_ici)",
+        f"  bisection    {fmt_rate(d['bisection_bytes_per_s'])} one way, per slice",
+        f"  DCN          {dcn}",
+    ])
+    _emit(as_json, d, human)
+
+
+@main.command()
+@click.argument("kind", metavar="KIND")
+@click.option("--bytes", "nbytes", required=True, metavar="V",
+              help="the book's V: bytes of the whole array a device holds after an all-gather, or before a "
+                   "reduce-scatter / all-reduce; for all-to-all and permute, the bytes a device sends")
+@_topology_option
+@click.option("--axes", required=True, metavar="AXES", help="torus axes (x, xy, z), dcn, or both (xy,dcn)")
+@_slices_option
+@_mode_option
+@_json_option
+def collective(kind: str, nbytes: str, topology: str, axes: str, slices: int, mode: str, as_json: bool) -> None:
+    """Predict one collective's time, uncontended. KIND: all-gather, reduce-scatter, all-reduce,
+    all-to-all, collective-permute."""
+    from tpusim.collectives import collective_time, link_params, lower, parse_axes, parse_kind
+    from tpusim.topology import parse_topology
+    from tpusim.units import fmt_bytes, fmt_rate, fmt_time
+
+    kind = parse_kind(kind)
+    v = parse_bytes(nbytes)
+    topo = parse_topology(topology, slices=slices)
+    plan = lower(kind, v, topo, parse_axes(axes, topo))
+    t = collective_time(plan, link_params(topo, mode))
+    t_ds = collective_time(plan, link_params(topo, "datasheet"))
+    link_bytes = plan.link_bytes_by_axis()
+    payload = {
+        "kind": kind, "bytes": v, "topology": topo.name, "axes": list(plan.axes), "group_size": plan.group_size,
+        "mode": mode, "time_s": t, "datasheet_time_s": t_ds, "algorithm": plan.algorithm,
+        "link_bytes_per_direction": link_bytes,
+        "algorithm_bandwidth_bytes_per_s": v / t if t > 0 else None,
+        "stages": [[{"axis": p.axis, "algorithm": p.algorithm, "op": p.op, "group": p.group, "steps": p.steps,
+                     "link_bytes": p.link_bytes} for p in s.phases] for s in plan.stages],
+    }
+    per_link = ", ".join(f"{a}: {fmt_bytes(b)}" for a, b in link_bytes.items()) or "-"
+    human = "\n".join([
+        f"{kind} of {fmt_bytes(v)} over {'+'.join(plan.axes)} of {topo.name} (group of {plan.group_size})",
+        f"  algorithm    {plan.algorithm}",
+        f"  time         {fmt_time(t)} ({mode})" + ("" if mode == "datasheet" else f", {fmt_time(t_ds)} datasheet"),
+        f"  busiest link {per_link} each way",
+        f"  achieved     {fmt_rate(v / t) if t > 0 else '-'} (V / time, the book's plotted bandwidth)",
+    ])
+    _emit(as_json, payload, human)

@@ -1,0 +1,173 @@
+"""Fit the calibrated-mode collective constants to measured curves and rewrite calibration.yaml.
+
+    python -m tpusim.fit            # print the fit and its residuals
+    python -m tpusim.fit --write    # also rewrite topologies/calibration.yaml
+
+For each measured curve (``topologies/collective_measurements.yaml``) three constants are fitted:
+the ICI link efficiency eta (the fraction of the datasheet link rate reached), a fixed
+per-collective overhead t0, and the exponent p with which that overhead combines with the transfer
+time (``(t0^p + T(eta)^p)^(1/p)``). The loss is the squared log error, weighted 1 for messages of
+1 MiB and more (the range the model must hold within 10%) and 0.05 below (those points are
+digitized near the plot's axis and are imprecise). Deterministic: a fixed start and Nelder-Mead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from tpusim.collectives.lowering import lower, parse_axes
+from tpusim.collectives.timing import LinkParams, collective_time
+from tpusim.config import read_yaml
+from tpusim.data import data_dir
+from tpusim.topology import parse_topology
+
+MIB = 2**20
+SMALL_WEIGHT = 0.05
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CurveFit:
+    name: str
+    chip: str
+    source: str
+    eta: float
+    overhead_s: float
+    exponent: float
+    bytes: tuple[float, ...]
+    measured_s: tuple[float, ...]
+    predicted_s: tuple[float, ...]
+
+    @property
+    def rel_errors(self) -> np.ndarray:
+        return np.array(self.predicted_s) / np.array(self.measured_s) - 1.0
+
+    def max_abs_error(self, min_bytes: float = MIB) -> float:
+        sel = np.array(self.bytes) >= min_bytes
+        return float(np.max(np.abs(self.rel_errors[sel])))
+
+
+def curve_model(curve: dict):
+    """(bytes, measured seconds, predict(eta, t0, p) -> seconds) for one measured curve."""
+    topo = parse_topology(curve["topology"])
+    chip = topo.chip
+    nbytes = np.array(curve["bytes"], dtype=float)
+    measured = np.array(curve["runtime_s"], dtype=float)
+    plans = [lower(curve["kind"], b, topo, parse_axes(curve["axes"], topo)) for b in nbytes]
+
+    def predict(eta: float, t0: float, p: float) -> np.ndarray:
+        lp = LinkParams(ici_link_bytes_per_s=chip.ici_link_bytes_per_s * eta,
+                        ici_hop_latency_s=chip.ici_hop_latency_s, dcn_bytes_per_s=1.0, dcn_latency_s=0.0,
+                        overhead_s=t0, overlap_exponent=p)
+        return np.array([collective_time(plan, lp) for plan in plans])
+
+    return nbytes, measured, predict
+
+
+def fit_curve(name: str, curve: dict) -> CurveFit:
+    from scipy.optimize import minimize  # a development-time dependency (the `test` extra)
+
+    nbytes, measured, predict = curve_model(curve)
+    weight = np.where(nbytes >= MIB, 1.0, SMALL_WEIGHT)
+
+    # Unconstrained parameters: eta = sigmoid(a), t0 = exp(b) us, p = 1 + 3 sigmoid(c) in [1, 4].
+    def unpack(x):
+        return 1 / (1 + math.exp(-x[0])), math.exp(x[1]) * 1e-6, 1 + 3 / (1 + math.exp(-x[2]))
+
+    def loss(x):
+        return float(np.sum(weight * np.log(predict(*unpack(x)) / measured) ** 2))
+
+    res = minimize(loss, x0=[2.0, math.log(20.0), -2.0], method="Nelder-Mead",
+                   options=dict(xatol=1e-9, fatol=1e-14, maxiter=20000, maxfev=20000))
+    eta, t0, p = unpack(res.x)
+    return CurveFit(name=name, chip=curve["chip"], source=" ".join(curve["source"].split()), eta=eta,
+                    overhead_s=t0, exponent=p, bytes=tuple(nbytes), measured_s=tuple(measured),
+                    predicted_s=tuple(predict(eta, t0, p)))
+
+
+def fit_all(path: Path | None = None) -> list[CurveFit]:
+    path = path or data_dir("topologies") / "collective_measurements.yaml"
+    data = read_yaml(path)
+    return [fit_curve(name, curve) for name, curve in data["curves"].items()]
+
+
+# Chips without a measured curve borrow the fit of the closest generation (same torus family).
+BORROW = {"v2": "v5e", "v3": "v5e", "v6e": "v5e", "v4": "v5p", "tpu7x": "v5p"}
+BOOK_MXU_EFFICIENCY = 0.95  # book roofline.md: TPUs reach about 95% of peak FLOPs
+
+
+def calibration_document(fits: list[CurveFit]) -> dict:
+    measurements = read_yaml(data_dir("topologies") / "collective_measurements.yaml")
+    chips: dict[str, dict] = {}
+    for f in fits:
+        chips[f.chip] = {"collectives": {
+            "ici_link_efficiency": round(f.eta, 4),
+            "overhead_s": float(f"{f.overhead_s:.4g}"),
+            "overlap_exponent": round(f.exponent, 3),
+            "fitted_on": f"{f.name}: {f.source}",
+            "residuals": {_size_label(b): round(float(e), 4) for b, e in zip(f.bytes, f.rel_errors)},
+        }}
+    for chip, lender in BORROW.items():
+        chips.setdefault(chip, {})["collectives"] = {"borrowed_from": lender,
+                                                     "fitted_on": f"no measurement of its own; uses {lender}'s fit"}
+    for chip in chips:
+        chips[chip]["compute"] = {"mxu_efficiency": BOOK_MXU_EFFICIENCY, "hbm_efficiency": 1.0,
+                                  "fitted_on": "not fitted: the book's ~95% of peak FLOPs (roofline.md)"}
+    from tpusim.chips import get_chip
+    for chip, m in measurements.get("compute", {}).items():
+        spec = get_chip(chip)
+        chips[chip]["compute"] = {
+            "mxu_efficiency": round(float(m["mxu_flops_per_s_per_chip"]) / spec.bf16_flops_per_s, 4),
+            "hbm_efficiency": round(float(m["hbm_bytes_per_s_per_chip"]) / spec.hbm_bytes_per_s, 4),
+            "fitted_on": " ".join(m["source"].split()),
+        }
+    return {"chips": chips}
+
+
+def _size_label(nbytes: float) -> str:
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= factor:
+            return f"{nbytes / factor:g} {unit}"
+    return f"{nbytes:g} B"
+
+
+HEADER = """\
+# Calibrated-mode constants: what real TPUs reach, apart from the datasheet (chips.yaml).
+# WRITTEN BY `python -m tpusim.fit --write` from collective_measurements.yaml; do not edit by hand.
+# Collectives: calibrated time = (overhead_s^p + T(eta)^p)^(1/p), p = overlap_exponent, where T(eta) is
+# the datasheet collective model with ICI links at ici_link_efficiency of their rate.
+# residuals: (predicted - measured) / measured at each measured size.
+# Compute: mxu_efficiency and hbm_efficiency scale peak FLOP/s and HBM bandwidth.
+"""
+
+
+def report(fits: list[CurveFit]) -> str:
+    lines = []
+    for f in fits:
+        lines.append(f"{f.name}: eta={f.eta:.4f}  overhead={f.overhead_s * 1e6:.1f} us  p={f.exponent:.3f}  "
+                     f"max |error| >= 1 MiB: {f.max_abs_error():.1%}")
+        lines.append(f"  {'bytes':>12} {'measured':>12} {'predicted':>12} {'error':>8}")
+        for b, m, p, e in zip(f.bytes, f.measured_s, f.predicted_s, f.rel_errors):
+            lines.append(f"  {_size_label(b):>12} {m * 1e6:10.1f}us {p * 1e6:10.1f}us {e:+8.1%}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="rewrite topologies/calibration.yaml")
+    args = parser.parse_args(argv)
+    fits = fit_all()
+    print(report(fits))
+    if args.write:
+        path = Path(__file__).resolve().parent.parent / "topologies" / "calibration.yaml"
+        path.write_text(HEADER + yaml.safe_dump(calibration_document(fits), sort_keys=False, width=120))
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
