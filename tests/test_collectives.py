@@ -232,3 +232,23 @@ def test_bad_bytes(nbytes):
     topo = parse_topology("v5e:16x16")
     with pytest.raises(TpusimError, match="positive"):
         lower("all-gather", nbytes, topo, ("x",))
+
+
+def test_spans_of_an_axis():
+    """A mesh axis on part of a torus axis: a contiguous segment is a line; a strided part of a wrapped
+    axis is a ring whose hops cross `stride` links, shared by `stride` interleaved groups."""
+    from tpusim.collectives import Span
+
+    topo = parse_topology("v5e:16x16")
+    lp = link_params(topo, "datasheet")
+    v = 1e8
+    whole = collective_time(lower("all-gather", v, topo, ("x",)), lp)
+    assert collective_time(lower("all-gather", v, topo, (Span("x", 16),)), lp) == whole
+    segment = collective_time(lower("all-gather", v, topo, (Span("x", 4, 1),)), lp)
+    assert segment == pytest.approx(3 * (v / 4) / 4.5e10, rel=1e-12)  # a 4-chip line
+    strided = lower("all-gather", v, topo, (Span("x", 4, 4),))
+    assert strided.stages[0].phases[0].algorithm == "ring"
+    assert collective_time(strided, lp) == pytest.approx(4 * (3 / 4) * v / 9e10, rel=1e-12)
+    # Latency: each strided hop crosses 4 links.
+    tiny = lower("all-gather", 8.0, topo, (Span("x", 4, 4),))
+    assert collective_time(tiny, lp) == pytest.approx(2 * 4 * 1e-6, rel=1e-12)

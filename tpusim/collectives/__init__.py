@@ -8,13 +8,13 @@
 """
 
 from tpusim.collectives.lowering import (
-    KINDS, CollectivePlan, Phase, Stage, lower, parse_axes, parse_kind,
+    KINDS, CollectivePlan, Phase, Span, Stage, lower, parse_axes, parse_kind,
 )
 from tpusim.collectives.timing import (
     LinkParams, collective_time, link_params, phase_time, stage_time, transfer_time,
 )
 
 __all__ = [
-    "KINDS", "CollectivePlan", "Phase", "Stage", "lower", "parse_axes", "parse_kind",
+    "KINDS", "CollectivePlan", "Phase", "Span", "Stage", "lower", "parse_axes", "parse_kind",
     "LinkParams", "collective_time", "link_params", "phase_time", "stage_time", "transfer_time",
 ]

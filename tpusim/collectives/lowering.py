@@ -57,6 +57,7 @@ class Phase:
     steps: int
     link_bytes: float
     directions: int
+    stride: int = 1  # links one hop crosses (a strided part of an axis); each hop costs stride x latency
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +73,7 @@ class CollectivePlan:
 
     kind: str
     bytes: float
-    axes: tuple[str, ...]
+    axes: tuple[Axis, ...]
     group_size: int
     stages: tuple[Stage, ...]
 
@@ -134,46 +135,90 @@ def parse_axes(text: str, topo: Topology, *, source: str = "--axes") -> tuple[st
 
 # ---- one phase on one axis -------------------------------------------------------------------------
 
-def _gather_phase(topo: Topology, axis: str, v: float, op: str) -> Phase:
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Part of physical ``axis``: ``size`` chips spaced ``stride`` apart.
+
+    A mesh axis that does not take a whole torus axis gets a span: the inner part of a split axis is a
+    contiguous segment (stride 1, a line even if the axis wraps: its ends are not linked), the outer
+    part is strided (stride = the inner size) and is a ring only if the whole axis wraps. A strided
+    group's hop crosses ``stride`` links, and ``stride`` groups interleave on every link, so each link
+    carries ``stride`` times one group's traffic.
+    """
+
+    axis: str
+    size: int
+    stride: int = 1
+
+    def __str__(self) -> str:
+        return f"{self.axis}/{self.size}" + (f"@{self.stride}" if self.stride > 1 else "")
+
+
+Axis = str | Span
+
+
+@dataclass(frozen=True, slots=True)
+class _Geom:
+    axis: str  # physical axis (or dcn)
+    size: int
+    wraps: bool
+    stride: int
+
+
+def _geom(topo: Topology, a: Axis) -> _Geom:
+    if isinstance(a, Span):
+        full = topo.axis_size(a.axis)
+        if a.size == full and a.stride == 1:
+            return _Geom(a.axis, full, topo.axis_wraps(a.axis), 1)
+        if a.size * a.stride > full or full % (a.size * a.stride):
+            raise ValueError(f"span {a} does not fit axis {a.axis} of length {full}")
+        ring = a.stride > 1 and a.size * a.stride == full and topo.axis_wraps(a.axis)
+        return _Geom(a.axis, a.size, ring, a.stride)
+    if a == DCN:
+        return _Geom(DCN, topo.slices, False, 1)
+    return _Geom(a, topo.axis_size(a), topo.axis_wraps(a), 1)
+
+
+def _gather_phase(g: _Geom, v: float, op: str) -> Phase:
     """All-gather (or reduce-scatter) on one axis, from V/X to V bytes per device (or back)."""
-    x = topo.axis_size(axis)
-    if axis == DCN:
-        return Phase(axis, "dcn", op, x, 1, (x - 1) / x * v, 1)
-    if topo.axis_wraps(axis):
-        return Phase(axis, "ring", op, x, x // 2, (x - 1) / x * v / 2, 2)
-    return Phase(axis, "line", op, x, x - 1, (x - 1) / x * v, 2)
+    x = g.size
+    if g.axis == DCN:
+        return Phase(g.axis, "dcn", op, x, 1, (x - 1) / x * v, 1)
+    if g.wraps:
+        return Phase(g.axis, "ring", op, x, x // 2, (x - 1) / x * v / 2 * g.stride, 2, g.stride)
+    return Phase(g.axis, "line", op, x, x - 1, (x - 1) / x * v * g.stride, 2, g.stride)
 
 
-def _all_to_all_phase(topo: Topology, axis: str, v_local: float) -> Phase:
+def _all_to_all_phase(g: _Geom, v_local: float) -> Phase:
     """All-to-all on one axis of a device's ``v_local`` bytes, shortest-path routed both ways."""
-    x = topo.axis_size(axis)
+    x = g.size
     shard = v_local / x
-    if axis == DCN:
-        return Phase(axis, "dcn", "all-to-all", x, 1, (x - 1) * shard, 1)
-    if topo.axis_wraps(axis):
+    if g.axis == DCN:
+        return Phase(g.axis, "dcn", "all-to-all", x, 1, (x - 1) * shard, 1)
+    if g.wraps:
         # Per link each way: shard * (sum of distances routed that way); the antipode splits in two.
         hops = sum(range(1, (x - 1) // 2 + 1)) + (x / 4 if x % 2 == 0 else 0.0)
-        return Phase(axis, "ring", "all-to-all", x, x // 2, shard * hops, 2)
+        return Phase(g.axis, "ring", "all-to-all", x, x // 2, shard * hops * g.stride, 2, g.stride)
     # A line's busiest link is the middle one: floor(X/2) * ceil(X/2) messages cross it each way.
-    return Phase(axis, "line", "all-to-all", x, x - 1, shard * (x // 2) * ((x + 1) // 2), 2)
+    return Phase(g.axis, "line", "all-to-all", x, x - 1, shard * (x // 2) * ((x + 1) // 2) * g.stride, 2, g.stride)
 
 
-def _permute_phase(topo: Topology, axis: str, v: float, shift: int) -> Phase:
-    """Collective-permute: every device sends ``v`` bytes ``shift`` positions along ``axis``."""
-    x = topo.axis_size(axis)
-    if axis == DCN:
-        return Phase(axis, "dcn", "permute", x, 1, v if shift % x else 0.0, 1)
-    if topo.axis_wraps(axis):
+def _permute_phase(g: _Geom, v: float, shift: int) -> Phase:
+    """Collective-permute: every device sends ``v`` bytes ``shift`` positions along the axis."""
+    x = g.size
+    if g.axis == DCN:
+        return Phase(g.axis, "dcn", "permute", x, 1, v if shift % x else 0.0, 1)
+    if g.wraps:
         s = abs(shift) % x
         s = min(s, x - s)  # the short way round
-        return Phase(axis, "ring", "permute", x, s, s * v, 1)
+        return Phase(g.axis, "ring", "permute", x, s, s * v * g.stride, 1, g.stride)
     s = min(abs(shift), x - 1)
-    return Phase(axis, "line", "permute", x, s, s * v, 1)
+    return Phase(g.axis, "line", "permute", x, s, s * v * g.stride, 1, g.stride)
 
 
 # ---- whole collectives -----------------------------------------------------------------------------
 
-def _multi_axis(topo: Topology, axes: list[str], v: float, op: str) -> list[Stage]:
+def _multi_axis(geoms: list[_Geom], v: float, op: str) -> list[Stage]:
     """All-gather (op='gather') or reduce-scatter (op='reduce') of V over several ICI axes at once.
 
     The data is split into one part per axis; part k goes over the axes in the order rotated by k,
@@ -181,65 +226,70 @@ def _multi_axis(topo: Topology, axes: list[str], v: float, op: str) -> list[Stag
     stage moves the most data, so part k's share is set inversely to the cost per byte of the axis it
     ends on: equal for equal axes, and a slow line gets less than a ring.
     """
-    n = len(axes)
-    total = math.prod(topo.axis_size(a) for a in axes)
-    orders = [axes[k:] + axes[:k] for k in range(n)]
+    n = len(geoms)
+    total = math.prod(g.size for g in geoms)
+    orders = [geoms[k:] + geoms[:k] for k in range(n)]
     # Link bytes per byte of V on each part's last axis (all ICI links run at the same rate).
-    inverse_cost = [1.0 / _gather_phase(topo, order[-1], 1.0, op).link_bytes for order in orders]
+    inverse_cost = [1.0 / _gather_phase(order[-1], 1.0, op).link_bytes for order in orders]
     shares = [w / sum(inverse_cost) for w in inverse_cost]
     stages = []
     for j in range(n):
         phases = []
         for order, share in zip(orders, shares):
             if op == "gather":  # after stage j this part holds share * V * prod(sizes so far) / N
-                v_phase = share * v * math.prod(topo.axis_size(a) for a in order[: j + 1]) / total
-                phases.append(_gather_phase(topo, order[j], v_phase, op))
+                v_phase = share * v * math.prod(g.size for g in order[: j + 1]) / total
+                phases.append(_gather_phase(order[j], v_phase, op))
             else:  # reduce-scatter runs the same orders backwards, shrinking from share * V
                 back = order[::-1]
-                v_phase = share * v / math.prod(topo.axis_size(a) for a in back[:j])
-                phases.append(_gather_phase(topo, back[j], v_phase, op))
+                v_phase = share * v / math.prod(g.size for g in back[:j])
+                phases.append(_gather_phase(back[j], v_phase, op))
         stages.append(Stage(tuple(phases)))
     return stages
 
 
-def lower(kind: str, nbytes: float, topo: Topology, axes: tuple[str, ...], *, shift: int = 1) -> CollectivePlan:
-    """Lower ``kind`` over ``axes`` of ``topo`` on ``nbytes`` (the book's V; see the module doc)."""
+def lower(kind: str, nbytes: float, topo: Topology, axes: tuple[Axis, ...], *, shift: int = 1) -> CollectivePlan:
+    """Lower ``kind`` over ``axes`` of ``topo`` on ``nbytes`` (the book's V; see the module doc).
+
+    ``axes`` are physical axis names (``"x"``, ``"dcn"``) or :class:`Span` parts of one.
+    """
     kind = parse_kind(kind)
     if not (isinstance(nbytes, (int, float)) and math.isfinite(nbytes) and nbytes > 0):
         raise TpusimError(f"bytes must be a positive number; got {nbytes!r}", source="--bytes")
-    ici = [a for a in axes if a != DCN and topo.axis_size(a) > 1]
-    dcn = DCN in axes and topo.slices > 1
-    n_ici = math.prod(topo.axis_size(a) for a in ici)
-    group = n_ici * (topo.slices if dcn else 1)
+    geoms = [_geom(topo, a) for a in axes]
+    ici = [g for g in geoms if g.axis != DCN and g.size > 1]
+    dcn_list = [g for g in geoms if g.axis == DCN and g.size > 1]
+    dcn = dcn_list[0] if dcn_list else None
+    n_ici = math.prod(g.size for g in ici)
+    group = n_ici * (dcn.size if dcn else 1)
     stages: list[Stage] = []
 
     if kind == "all-gather":
         if dcn:  # the smallest data crosses DCN: gather the slice peers' shards first
-            stages.append(Stage((_gather_phase(topo, DCN, nbytes / n_ici, "gather"),)))
+            stages.append(Stage((_gather_phase(dcn, nbytes / n_ici, "gather"),)))
         if ici:
-            stages += _multi_axis(topo, ici, nbytes, "gather")
+            stages += _multi_axis(ici, nbytes, "gather")
     elif kind == "reduce-scatter":
         if ici:
-            stages += _multi_axis(topo, ici, nbytes, "reduce")
+            stages += _multi_axis(ici, nbytes, "reduce")
         if dcn:
-            stages.append(Stage((_gather_phase(topo, DCN, nbytes / n_ici, "reduce"),)))
+            stages.append(Stage((_gather_phase(dcn, nbytes / n_ici, "reduce"),)))
     elif kind == "all-reduce":
         if ici:
-            stages += _multi_axis(topo, ici, nbytes, "reduce")
+            stages += _multi_axis(ici, nbytes, "reduce")
         if dcn:
-            stages.append(Stage((_gather_phase(topo, DCN, nbytes / n_ici, "reduce"),)))
-            stages.append(Stage((_gather_phase(topo, DCN, nbytes / n_ici, "gather"),)))
+            stages.append(Stage((_gather_phase(dcn, nbytes / n_ici, "reduce"),)))
+            stages.append(Stage((_gather_phase(dcn, nbytes / n_ici, "gather"),)))
         if ici:
-            stages += _multi_axis(topo, ici[::-1], nbytes, "gather")
+            stages += _multi_axis(ici[::-1], nbytes, "gather")
     elif kind == "all-to-all":
         if ici:
-            stages.append(Stage(tuple(_all_to_all_phase(topo, a, nbytes) for a in ici)))
+            stages.append(Stage(tuple(_all_to_all_phase(g, nbytes) for g in ici)))
         if dcn:
-            stages.append(Stage((_all_to_all_phase(topo, DCN, nbytes),)))
+            stages.append(Stage((_all_to_all_phase(dcn, nbytes),)))
     else:  # collective-permute
-        moving = ici + ([DCN] if dcn else [])
+        moving = ici + ([dcn] if dcn else [])
         if len(moving) > 1:
             raise TpusimError("a collective-permute shifts along one axis; give one axis", source="--axes")
         if moving:
-            stages.append(Stage((_permute_phase(topo, moving[0], nbytes, shift),)))
+            stages.append(Stage((_permute_phase(moving[0], nbytes, shift),)))
     return CollectivePlan(kind=kind, bytes=float(nbytes), axes=tuple(axes), group_size=group, stages=tuple(stages))

@@ -43,7 +43,7 @@ def phase_time(ph: Phase, lp: LinkParams) -> float:
         rate, latency = lp.dcn_bytes_per_s, lp.dcn_latency_s
     else:
         rate, latency = lp.ici_link_bytes_per_s, lp.ici_hop_latency_s
-    return ph.steps * max(latency, ph.link_bytes / ph.steps / rate)
+    return ph.steps * max(latency * ph.stride, ph.link_bytes / ph.steps / rate)
 
 
 def stage_time(stage: Stage, lp: LinkParams) -> float:
