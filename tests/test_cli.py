@@ -75,3 +75,43 @@ def test_console_script_end_to_end():
     assert ok.returncode == 0 and json.loads(ok.stdout)["chips"] == 64
     bad = subprocess.run([sys.executable, "-m", "tpusim", "topology", "v9:4x4"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("tpusim: error: ") and "Traceback" not in bad.stderr
+
+
+def test_program_json(tmp_path):
+    r = run("program", "workloads/fsdp_70b.yaml", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    for key in ("model_flops_per_step", "flops_per_device", "peak_hbm_bytes_per_device", "hbm_capacity_bytes",
+                "collectives"):
+        assert key in d
+    assert d["chips"] == 256 and d["peak_hbm_bytes_per_device"] < d["hbm_capacity_bytes"]
+    kinds = {(c["kind"], tuple(c["mesh_axes"])) for c in d["collectives"]}
+    assert kinds == {("all-gather", ("fsdp",)), ("reduce-scatter", ("fsdp",))}
+    ag = next(c for c in d["collectives"] if c["kind"] == "all-gather")
+    assert ag["count"] == 2 * 7 * 80 + 2  # 7 weights per layer, forward and backward, plus the two tables
+    assert {"kind", "axes", "bytes", "count"} <= set(ag)
+
+
+def test_program_human_and_topology_override():
+    r = run("program", "workloads/llama3_8b_fsdp_tp.yaml", "--topology", "4x4x4")
+    assert r.exit_code == 0, r.output
+    assert "llama3_8b_fsdp_tp on v5p:4x4x4 (64 chips)" in r.output
+    assert "tensor=4" in r.output and "HBM" in r.output
+
+
+@pytest.mark.parametrize("content, words", [
+    ("model: {model_name: llama3-8b}\nstep: {per_device_batch_size: 1}\ntopology: v5p:4x4x4\nfoo: 1\n",
+     "foo: unknown key"),
+    ("model: {model_name: llama3-70b}\nstep: {per_device_batch_size: 8, max_target_length: 8192}\n"
+     "topology: v5e:4x4\n", "does not fit in HBM"),
+    ("model: {model_name: llama3-8b}\nstep: {per_device_batch_size: 1}\ntopology: v5p:4x4x4\n"
+     "sharding: {ici_tensor_parallelism: 3}\n", "does not divide"),
+    ("model: {model_name: llama3-8b}\nstep: {per_device_batch_size: 1}\n", "no topology"),
+])
+def test_program_bad_workloads(tmp_path, content, words):
+    p = tmp_path / "w.yaml"
+    p.write_text(content)
+    r = CliRunner().invoke(main, ["program", str(p)])
+    assert r.exit_code == 2, r.output
+    assert words in r.output and str(p) in r.output
+    assert len(r.output.strip().splitlines()) == 1

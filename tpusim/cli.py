@@ -142,3 +142,57 @@ def collective(kind: str, nbytes: str, topology: str, axes: str, slices: int, mo
         f"  achieved     {fmt_rate(v / t) if t > 0 else '-'} (V / time, the book's plotted bandwidth)",
     ])
     _emit(as_json, payload, human)
+
+
+@main.command()
+@click.argument("workload", metavar="WORKLOAD.yaml")
+@click.option("--topology", "-t", "topology", metavar="[CHIP:]SHAPE",
+              help="e.g. v5e:16x16; a bare shape takes the workload's chip (default: the workload's topology)")
+@click.option("--slices", type=int, default=None, help="identical slices joined by DCN (default: the workload's)")
+@_json_option
+def program(workload: str, topology: str | None, slices: int | None, as_json: bool) -> None:
+    """The compiled per-device program of one step: FLOPs, collectives, memory."""
+    from tpusim.api import workload_and_topology
+    from tpusim.compiler import compile_program
+    from tpusim.mesh import resolve_mesh
+    from tpusim.units import fmt_bytes
+
+    w, topo = workload_and_topology(workload, topology, slices=slices)
+    mesh = resolve_mesh(w.parallelism, topo, source=w.source)
+    prog = compile_program(w, topo, mesh=mesh)
+    mem = prog.memory.as_dict()
+    payload = {
+        "workload": w.name, "topology": topo.name, "chips": topo.num_chips,
+        "model": {"name": w.model.name, "params": w.model.params, "active_params": w.model.active_params},
+        "mesh": mesh.describe(),
+        "model_flops_per_step": prog.model_flops_per_step, "flops_per_device": prog.flops_per_device,
+        "tokens_per_step": prog.tokens_per_step, "ops": len(prog.ops),
+        "peak_hbm_bytes_per_device": mem["total"], "hbm_capacity_bytes": prog.hbm_capacity_bytes,
+        "memory": mem, "collectives": prog.collectives_summary(), "notes": list(prog.notes),
+    }
+    m, s = w.model, w.step
+    mesh_txt = "  ".join(f"{a}={n} on {','.join(str(p) for p in mesh.physical.get(a, ()))}"
+                         for a, n in mesh.ici.items() if n > 1) or "one device"
+    mesh_txt += "".join(f"  dcn_{a}={n}" for a, n in mesh.dcn.items() if n > 1)
+    ratio = prog.flops_per_device * prog.devices / prog.model_flops_per_step
+    lines = [
+        f"{w.name} on {topo.name} ({topo.num_chips} chips)",
+        f"  model        {m.name}: {m.params / 1e9:.2f}B params"
+        + (f" ({m.active_params / 1e9:.2f}B active)" if m.num_experts > 1 else "")
+        + f", L={m.num_layers} D={m.d_model} F={m.d_ff} N={m.num_heads} K={m.num_kv_heads} H={m.head_dim} "
+          f"V={m.vocab_size}" + (f" E={m.num_experts} k={m.experts_per_token}" if m.num_experts > 1 else ""),
+        f"  step         {s.per_device_batch_size:g} seq/device x {s.seq_len} = {prog.tokens_per_step / 1e6:.3g}M "
+        f"tokens; {s.dtype}, {s.weight_dtype} weights, {s.optimizer}, remat {s.remat_policy}, {s.attention} attention",
+        f"  mesh         {mesh_txt}",
+        f"  FLOPs        model {prog.model_flops_per_step:.3e} per step ({s.attention_flops} attention); "
+        f"executed {prog.flops_per_device:.3e} per device ({ratio:.2f}x model)",
+        "  collectives  " + f"{'kind':<15}{'mesh axes':<22}{'physical':<14}{'count':>6}{'bytes':>11}",
+    ]
+    for c in prog.collectives_summary():
+        lines.append("               " + f"{c['kind']:<15}{','.join(c['mesh_axes']):<22}{','.join(c['axes']):<14}"
+                                         f"{c['count']:>6}{fmt_bytes(c['bytes']):>11}")
+    parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in mem.items() if k != "total")
+    lines.append(f"  HBM          {fmt_bytes(mem['total'])} of {fmt_bytes(prog.hbm_capacity_bytes)} "
+                 f"({mem['total'] / prog.hbm_capacity_bytes:.0%}): {parts}")
+    lines += [f"  note         {n}" for n in prog.notes]
+    _emit(as_json, payload, "\n".join(lines))

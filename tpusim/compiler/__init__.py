@@ -1,0 +1,100 @@
+"""Compile a workload for a topology into a per-device :class:`~tpusim.program.Program`.
+
+>>> from tpusim.topology import parse_topology
+>>> from tpusim.workload import workload_from_dict
+>>> w = workload_from_dict({"model_name": "llama3-8b", "per_device_batch_size": 2,
+...                         "max_target_length": 4096}, source="example")
+>>> prog = compile_program(w, parse_topology("v5p:4x4x4"))
+>>> f"{prog.model_flops_per_step:.3e}"
+'2.530e+16'
+"""
+
+from __future__ import annotations
+
+from tpusim.compiler.memory import peak_memory
+from tpusim.compiler.shapes import Shapes, derive_shapes
+from tpusim.compiler.transformer import build_ops
+from tpusim.errors import InfeasibleError
+from tpusim.mesh import Mesh, resolve_mesh
+from tpusim.program import Program
+from tpusim.topology import Topology
+from tpusim.units import fmt_bytes
+from tpusim.workload import Workload
+
+
+def model_flops_breakdown(w: Workload, global_batch: float) -> dict[str, float]:
+    """MaxText's and the book's model FLOPs per step, by part (forward + backward = 3 x forward).
+
+    ``layers``: 6 x the layers' matmul weights a token uses (k of E experts, and the router) x tokens;
+    ``unembedding``: 6 V D x tokens (the input embedding is a lookup, not a matmul, so the book's
+    6 x all-parameters is larger by 6 V D x tokens); ``attention``: 12 B T^2 N H per layer, halved when
+    ``attention_flops: causal``.
+    """
+    m = w.model
+    tokens = global_batch * w.step.seq_len
+    mlp_active = m.mlp_matrices * m.d_model * m.d_ff * m.experts_per_token
+    router = m.d_model * m.num_experts if m.num_experts > 1 else 0
+    causal = 0.5 if w.step.attention_flops == "causal" else 1.0
+    return {
+        "layers": 6.0 * m.num_layers * (m.attention_params_per_layer + mlp_active + router) * tokens,
+        "unembedding": 6.0 * m.vocab_size * m.d_model * tokens,
+        "attention": 12.0 * global_batch * w.step.seq_len**2 * m.num_heads * m.head_dim * m.num_layers * causal,
+    }
+
+
+def model_flops_per_step(w: Workload, global_batch: float) -> float:
+    """The MFU numerator: the sum of :func:`model_flops_breakdown`."""
+    return sum(model_flops_breakdown(w, global_batch).values())
+
+
+def local_parameter_counts(w: Workload, sh: Shapes) -> tuple[float, float, float]:
+    """(this device's parameter shard, one layer's gathered weights, the gathered embedding table)."""
+    m = w.model
+    attn = sh.d * (2 * sh.heads * sh.head_dim + 2 * sh.kv_heads * sh.head_dim)  # after the tensor split
+    experts = sh.experts_local if m.num_experts > 1 else 1
+    mlp = m.mlp_matrices * sh.d * sh.ff * experts
+    router = sh.d * m.num_experts if m.num_experts > 1 else 0
+    table = sh.vocab * sh.d
+    tables = table * (1 if m.tied_embeddings else 2)
+    dense_shards = sh.weight_shards
+    expert_shards = sh.expert_weight_shards if m.num_experts > 1 else sh.weight_shards
+    local = (m.num_layers * ((attn + router + m.norm_params_per_layer) / dense_shards + mlp / expert_shards)
+             + (tables + sh.d) / dense_shards)  # the embedding tables and the final norm
+    return local, attn + mlp + router, table
+
+
+def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, check_memory: bool = True) -> Program:
+    """The per-device program of one training step of ``w`` on ``topo``.
+
+    Raises :class:`~tpusim.errors.TpusimError` for a mesh that does not fit or splits a dimension
+    unevenly, and :class:`~tpusim.errors.InfeasibleError` (with the breakdown) when it does not fit
+    in HBM and ``check_memory`` is set.
+    """
+    mesh = mesh or resolve_mesh(w.parallelism, topo, source=w.source)
+    devices = topo.num_chips
+    sh = derive_shapes(w, mesh, devices)
+    local, gathered_layer, table = local_parameter_counts(w, sh)
+    fsdp = sh.weight_shards > 1
+    memory = peak_memory(w, sh, local_params=local, gathered_layer_params=gathered_layer,
+                         gathered_table_params=table, fsdp=fsdp)
+    capacity = topo.chip.hbm_bytes
+    if check_memory and memory.total > capacity:
+        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in memory.as_dict().items() if k != "total")
+        raise InfeasibleError(f"does not fit in HBM: needs {fmt_bytes(memory.total)} per device of "
+                              f"{fmt_bytes(capacity)} on {topo.chip.name} ({parts})", source=w.source)
+    ops = build_ops(w, sh, mesh, local_params=local)
+    notes = []
+    if w.ignored_keys:
+        notes.append(f"ignored (no effect on performance): {', '.join(w.ignored_keys)}")
+    if w.step.remat_policy in ("minimal_offloaded", "qkv_proj_offloaded", "custom"):
+        notes.append(f"remat_policy {w.step.remat_policy}: saved activations counted in host memory; "
+                     "their PCIe copies are not simulated yet")
+    if topo.chip.devices_per_chip > 1:
+        notes.append(f"{topo.chip.name} has {topo.chip.devices_per_chip} cores per chip; simulated as one device")
+    return Program(name=w.name, ops=tuple(ops), devices=devices,
+                   model_flops_per_step=model_flops_per_step(w, sh.global_batch),
+                   tokens_per_step=sh.global_batch * w.step.seq_len, memory=memory,
+                   hbm_capacity_bytes=capacity, notes=tuple(notes))
+
+
+__all__ = ["compile_program", "model_flops_breakdown", "model_flops_per_step", "local_parameter_counts"]

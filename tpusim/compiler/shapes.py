@@ -1,0 +1,96 @@
+"""Per-device sizes of a sharded Transformer step: what every other part of the compiler works from."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from tpusim.errors import TpusimError
+from tpusim.mesh import Mesh
+from tpusim.workload import Workload
+
+# Remat policies: which matmul outputs a layer keeps for the backward pass (MaxText's names).
+# "input" is the layer's input, kept by every policy but "none" (which keeps everything).
+_SAVED = {
+    "full": (),
+    "minimal": ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down"),
+    "minimal_offloaded": ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down"),
+    "save_qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "qkv_proj_offloaded": ("q_proj", "k_proj", "v_proj"),
+    "save_out_proj": ("o_proj",),
+    "save_dot_except_mlp": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "save_dot_except_mlpwi": ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_down"),
+    "custom": ("q_proj", "k_proj", "v_proj", "o_proj"),
+}
+OFFLOADED = ("minimal_offloaded", "qkv_proj_offloaded", "custom")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Shapes:
+    """Per-device dimensions. ``tok`` = local sequences x local sequence length."""
+
+    global_batch: float        # sequences per step
+    seqs: float                # local sequences (batch shards: data x fsdp x expert x DCN)
+    seq_len: int               # T
+    t_local: int               # T / sequence parallelism
+    tok: float                 # tokens one device computes
+    d: int
+    heads: int                 # local query heads (N / tensor)
+    kv_heads: int              # local kv heads
+    head_dim: int
+    ff: int                    # local MLP width (F / tensor)
+    vocab: int                 # local vocab (V / tensor, rounded up)
+    tp: int
+    sp: int
+    ep: int
+    experts_local: int
+    topk: int
+    act_bytes: int
+    weight_bytes: int
+    weight_shards: int         # devices a dense weight's D dim is split over (fsdp x sequence x expert x dcn_fsdp)
+    expert_weight_shards: int  # the same for expert weights (no expert axis: that splits E)
+    saved: tuple[str, ...] | None  # matmuls whose outputs remat keeps; None = keep everything (no remat)
+
+
+def derive_shapes(w: Workload, mesh: Mesh, devices: int) -> Shapes:
+    m, s = w.model, w.step
+    src = w.source
+    tp, sp, ep = mesh.ici["tensor"], mesh.ici["sequence"], mesh.ici["expert"]
+    batch_shards = mesh.size("data", "fsdp", "expert", "dcn_data", "dcn_fsdp")
+    global_batch = s.per_device_batch_size * devices
+    if not float(global_batch).is_integer():
+        raise TpusimError(f"{s.per_device_batch_size} sequences per device x {devices} devices is not a whole "
+                          f"global batch", source=src, key="per_device_batch_size")
+    seqs = global_batch / batch_shards
+    if seqs < 1 or not float(seqs).is_integer():
+        raise TpusimError(f"a global batch of {global_batch:g} sequences does not split evenly over the "
+                          f"{batch_shards} batch shards (data x fsdp x expert x dcn)", source=src,
+                          key="per_device_batch_size")
+
+    def divide(total: int, parts: int, what: str, key: str) -> int:
+        if total % parts:
+            raise TpusimError(f"{what} {total} is not divisible by {parts}", source=src, key=key)
+        return total // parts
+
+    t_local = divide(s.seq_len, sp, "sequence length", "ici_sequence_parallelism")
+    heads = divide(m.num_heads, tp, "query heads", "ici_tensor_parallelism")
+    if m.num_kv_heads % tp == 0:
+        kv = m.num_kv_heads // tp
+    elif tp % m.num_kv_heads == 0:
+        kv = 1  # fewer kv heads than tensor shards: each kv head is replicated tp/K times
+    else:
+        raise TpusimError(f"kv heads {m.num_kv_heads} and tensor parallelism {tp} do not divide one another",
+                          source=src, key="ici_tensor_parallelism")
+    ff = divide(m.d_ff, tp, "MLP width", "ici_tensor_parallelism")
+    weight_shards = mesh.size("fsdp", "sequence", "expert", "dcn_fsdp")
+    expert_weight_shards = mesh.size("fsdp", "sequence", "dcn_fsdp")
+    divide(m.d_model, weight_shards, "embedding width (sharded over fsdp x sequence x expert)", "ici_fsdp_parallelism")
+    experts_local = divide(m.num_experts, ep, "experts", "ici_expert_parallelism") if m.num_experts > 1 else 1
+    if m.num_experts == 1 and ep > 1:
+        pass  # a dense model's expert axis acts as another batch / weight-sharding axis (MaxText does so)
+    saved = None if s.remat_policy == "none" else _SAVED[s.remat_policy]
+    return Shapes(global_batch=global_batch, seqs=seqs, seq_len=s.seq_len, t_local=t_local,
+                  tok=seqs * t_local, d=m.d_model, heads=heads, kv_heads=kv, head_dim=m.head_dim, ff=ff,
+                  vocab=math.ceil(m.vocab_size / tp), tp=tp, sp=sp, ep=ep, experts_local=experts_local,
+                  topk=m.experts_per_token, act_bytes=s.act_bytes, weight_bytes=s.weight_bytes,
+                  weight_shards=weight_shards, expert_weight_shards=expert_weight_shards, saved=saved)

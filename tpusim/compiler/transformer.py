@@ -1,0 +1,292 @@
+"""The ops of one training step of a sharded decoder-only Transformer, in the order XLA runs them.
+
+Sharding follows MaxText: weights are split on their embed dim over fsdp x sequence x expert (x DCN
+fsdp) and gathered before use (FSDP, ZeRO-3); heads, MLP width and vocab are split over tensor
+(Megatron), with activations between blocks split over tensor too, so each block starts with an
+all-gather and ends with a reduce-scatter (the book's TP: 4BD forward, 4BD backward per block);
+sequence parallelism gathers K and V; expert parallelism sends tokens to their experts and back
+with all-to-alls. Gradients are reduce-scattered over the weight shards and all-reduced over the
+data axes.
+
+XLA's latency-hiding scheduler is modelled by where each asynchronous collective is issued: a
+layer's weights are gathered one layer ahead (forward and backward), gradients are reduced as soon
+as their weight gradient exists and waited for only by the optimizer. Tensor- and
+sequence-parallel collectives sit on the critical path.
+"""
+
+from __future__ import annotations
+
+from tpusim.compiler.shapes import Shapes
+from tpusim.mesh import Mesh
+from tpusim.program import COLLECTIVE, COMPUTE, Op
+from tpusim.workload import Workload
+
+# VPU FLOPs per element of the elementwise ops (their exact count hardly matters next to the matmuls).
+NORM_FLOPS, ROPE_FLOPS, ACT_FLOPS, ADD_FLOPS, SOFTMAX_XENT_FLOPS = 4, 6, 5, 1, 6
+ADAM_FLOPS_PER_PARAM, SGD_FLOPS_PER_PARAM = 12, 2
+FLASH_BWD_OVER_FWD = 2.5  # a flash backward recomputes QK^T: 5 matmuls against the forward's 2
+DENSE_BWD_OVER_FWD = 2.0
+
+
+class _Builder:
+    """Appends ops; a compute op waits for the collectives registered with :meth:`wait` before it."""
+
+    def __init__(self, mesh: Mesh):
+        self.mesh = mesh
+        self.ops: list[Op] = []
+        self._pending: list[int] = []
+        self.last_compute = -1
+
+    def wait(self, *idx: int | None) -> None:
+        self._pending += [i for i in idx if i is not None]
+
+    def compute(self, name, category, *, flops, hbm, layer=-1, phase="forward", mxu=None, recompute=False,
+                deps=()) -> int:
+        idx = len(self.ops)
+        all_deps = tuple(dict.fromkeys([*self._pending, *(d for d in deps if d is not None)]))
+        self.ops.append(Op(index=idx, name=name, stream=COMPUTE, category=category, layer=layer, phase=phase,
+                           flops=float(flops), hbm_bytes=float(hbm), mxu_shape=mxu, deps=all_deps,
+                           recompute=recompute))
+        self._pending = []
+        self.last_compute = idx
+        return idx
+
+    def collective(self, name, kind, *, v, mesh_axes, layer=-1, phase="forward", deps=None) -> int | None:
+        """A collective over ``mesh_axes`` (those of size 1 dropped); None when the group is one device.
+
+        ``deps`` default to the last compute op: the collective is issued right after it.
+        """
+        axes = tuple(a for a in mesh_axes if self.mesh.size(a) > 1)
+        if not axes or v <= 0:
+            return None
+        idx = len(self.ops)
+        deps = (self.last_compute,) if deps is None and self.last_compute >= 0 else (deps or ())
+        self.ops.append(Op(index=idx, name=name, stream=COLLECTIVE, category=kind, layer=layer, phase=phase,
+                           bytes=float(v), mesh_axes=axes, axes=self.mesh.axes_of(*axes),
+                           deps=tuple(d for d in deps if d is not None and d >= 0)))
+        return idx
+
+
+def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> list[Op]:
+    """The step's ops on one device; ``local_params`` is this device's shard of the parameters."""
+    b = _Builder(mesh)
+    m = w.model
+    L = m.num_layers
+    ab = sh.act_bytes
+    weight_axes = ("fsdp", "sequence", "expert", "dcn_fsdp")
+    expert_axes = ("fsdp", "sequence", "dcn_fsdp")
+    data_axes = ("data", "dcn_data")
+    grad_syncs: list[int | None] = []
+
+    # Weight matrices of a layer: (name, K, N, sharding axes) on one device, after the gather.
+    def layer_weights() -> list[tuple[str, int, int, tuple]]:
+        ws = [("q_proj", sh.d, sh.heads * sh.head_dim, weight_axes),
+              ("k_proj", sh.d, sh.kv_heads * sh.head_dim, weight_axes),
+              ("v_proj", sh.d, sh.kv_heads * sh.head_dim, weight_axes),
+              ("o_proj", sh.heads * sh.head_dim, sh.d, weight_axes)]
+        e = sh.experts_local if m.num_experts > 1 else 1
+        axes = expert_axes if m.num_experts > 1 else weight_axes
+        mlp = ["mlp_gate", "mlp_up", "mlp_down"] if m.gated_mlp else ["mlp_up", "mlp_down"]
+        for name in mlp:
+            k, n = (sh.ff, sh.d) if name == "mlp_down" else (sh.d, sh.ff)
+            ws.append((name, k * e, n, axes))  # experts stacked: E_local x D x F
+        if m.num_experts > 1:
+            ws.append(("router", sh.d, m.num_experts, weight_axes))
+        return ws
+
+    def gather_weights(layer: int, phase: str, deps) -> dict[str, int | None]:
+        return {name: b.collective(f"all-gather/layer_{layer}/{phase}/{name}", "all-gather", v=k * n * ab,
+                                   mesh_axes=axes, layer=layer, phase=phase, deps=deps)
+                for name, k, n, axes in layer_weights()}
+
+    def reduce_grad(name: str, layer: int, nbytes: float, axes: tuple, wgrad: int) -> None:
+        rs = b.collective(f"reduce-scatter/{name}", "reduce-scatter", v=nbytes, mesh_axes=axes, layer=layer,
+                          phase="backward", deps=(wgrad,))
+        shards = mesh.size(*axes)
+        ar = b.collective(f"all-reduce/{name}", "all-reduce", v=nbytes / shards, mesh_axes=data_axes, layer=layer,
+                          phase="backward", deps=(rs if rs is not None else wgrad,))
+        grad_syncs.append(ar if ar is not None else rs)
+
+    def matmul(name, m_, k_, n_, *, layer, phase, weight=None, recompute=False):
+        return b.compute(name, "matmul", flops=2 * m_ * k_ * n_, hbm=ab * (m_ * k_ + k_ * n_ + m_ * n_),
+                         mxu=(int(m_), int(k_), int(n_)), layer=layer, phase=phase, recompute=recompute,
+                         deps=(weight,))
+
+    def elementwise(name, elems, flops_per, arrays, *, layer, phase, category="elementwise", recompute=False,
+                    nbytes=None):
+        return b.compute(name, category, flops=flops_per * elems, hbm=arrays * elems * (nbytes or ab),
+                         layer=layer, phase=phase, recompute=recompute)
+
+    tok, d, t_full = sh.tok, sh.d, sh.seq_len
+    q_width, kv_width = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
+    causal_exec = 0.5 if w.step.flash else 1.0  # a causal flash kernel skips the masked half
+    attn_fwd_flops = 4 * tok * t_full * q_width * causal_exec
+
+    def forward_layer(layer: int, weights: dict, *, phase: str, recompute: bool, on_start=None) -> None:
+        """One decoder layer forward; during the backward pass, only what the remat policy drops.
+
+        ``on_start(op)`` is called once the layer's first op exists (to issue the next prefetch).
+        """
+        p = f"layer_{layer}/{'recompute' if recompute else 'fwd'}"
+        redo = (lambda name: not recompute or sh.saved is None or name not in sh.saved)
+        ew = dict(layer=layer, phase=phase, recompute=recompute)
+        first = elementwise(f"{p}/attn_norm", tok * d / sh.tp, NORM_FLOPS, 2, **ew)
+        if on_start:
+            on_start(first)
+        b.wait(b.collective(f"all-gather/{p}/attn_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
+                            layer=layer, phase=phase))
+        for name, width in (("q_proj", q_width), ("k_proj", kv_width), ("v_proj", kv_width)):
+            if redo(name):
+                matmul(f"{p}/{name}", tok, d, width, layer=layer, phase=phase, weight=weights[name],
+                       recompute=recompute)
+        elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
+        for kv in ("k", "v"):
+            b.wait(b.collective(f"all-gather/{p}/{kv}_context", "all-gather", v=sh.seqs * t_full * kv_width * ab,
+                                mesh_axes=("sequence",), layer=layer, phase=phase))
+        attn_hbm = ab * (2 * tok * q_width + 2 * sh.seqs * t_full * kv_width)
+        if not w.step.flash:  # scores and probabilities go through HBM in f32
+            attn_hbm += 3 * 4 * sh.seqs * sh.heads * sh.t_local * t_full
+        b.compute(f"{p}/attention", "attention", flops=attn_fwd_flops, hbm=attn_hbm, layer=layer, phase=phase,
+                  mxu=(int(tok), sh.head_dim, t_full), recompute=recompute)
+        if redo("o_proj"):
+            matmul(f"{p}/o_proj", tok, q_width, d, layer=layer, phase=phase, weight=weights["o_proj"],
+                   recompute=recompute)
+        b.wait(b.collective(f"reduce-scatter/{p}/attn_out", "reduce-scatter", v=tok * d * ab,
+                            mesh_axes=("tensor",), layer=layer, phase=phase))
+        elementwise(f"{p}/attn_residual", tok * d / sh.tp, ADD_FLOPS, 3, **ew)
+        elementwise(f"{p}/mlp_norm", tok * d / sh.tp, NORM_FLOPS, 2, **ew)
+        b.wait(b.collective(f"all-gather/{p}/mlp_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
+                            layer=layer, phase=phase))
+        rows = tok
+        if m.num_experts > 1:
+            matmul(f"{p}/router", tok, d, m.num_experts, layer=layer, phase=phase, weight=weights["router"],
+                   recompute=recompute)
+            elementwise(f"{p}/router_topk", tok * m.num_experts, 8, 2, **ew)
+            rows = tok * sh.topk
+            b.wait(b.collective(f"all-to-all/{p}/dispatch", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
+                                layer=layer, phase=phase))
+        for name in (("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)):
+            if redo(name):
+                matmul(f"{p}/{name}", rows, d, sh.ff, layer=layer, phase=phase, weight=weights[name],
+                       recompute=recompute)
+        elementwise(f"{p}/mlp_act", rows * sh.ff, ACT_FLOPS, 3 if m.gated_mlp else 2, **ew)
+        if redo("mlp_down"):
+            matmul(f"{p}/mlp_down", rows, sh.ff, d, layer=layer, phase=phase, weight=weights["mlp_down"],
+                   recompute=recompute)
+        if m.num_experts > 1:
+            b.wait(b.collective(f"all-to-all/{p}/combine", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
+                                layer=layer, phase=phase))
+            elementwise(f"{p}/combine", tok * sh.topk * d, 2, 2, **ew)
+        b.wait(b.collective(f"reduce-scatter/{p}/mlp_out", "reduce-scatter", v=tok * d * ab,
+                            mesh_axes=("tensor",), layer=layer, phase=phase))
+        elementwise(f"{p}/mlp_residual", tok * d / sh.tp, ADD_FLOPS, 3, **ew)
+
+    def backward_matmul(p, name, m_, k_, n_, *, layer, weight, wshape, axes) -> None:
+        """dX = dY W^T and dW = X^T dY for a forward (m, k) x (k, n); then the gradient's reduction."""
+        matmul(f"{p}/{name}/dgrad", m_, n_, k_, layer=layer, phase="backward", weight=weight)
+        wg = matmul(f"{p}/{name}/wgrad", k_, m_, n_, layer=layer, phase="backward")
+        reduce_grad(f"layer_{layer}/{name}", layer, wshape[0] * wshape[1] * ab, axes, wg)
+
+    def backward_layer(layer: int, weights: dict, on_start) -> None:
+        p = f"layer_{layer}/bwd"
+        ws = {name: (k, n, axes) for name, k, n, axes in layer_weights()}
+        if sh.saved is not None:  # rematerialise what the policy did not keep
+            forward_layer(layer, weights, phase="backward", recompute=True, on_start=on_start)
+        ew = dict(layer=layer, phase="backward")
+        first = elementwise(f"{p}/mlp_residual", tok * d / sh.tp, ADD_FLOPS, 3, **ew)
+        if sh.saved is None:
+            on_start(first)
+        b.wait(b.collective(f"all-gather/{p}/mlp_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
+                            layer=layer, phase="backward"))
+        rows = tok * sh.topk if m.num_experts > 1 else tok
+        if m.num_experts > 1:
+            b.wait(b.collective(f"all-to-all/{p}/combine", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
+                                layer=layer, phase="backward"))
+        backward_matmul(p, "mlp_down", rows, sh.ff, d, layer=layer, weight=weights["mlp_down"],
+                        wshape=ws["mlp_down"][:2], axes=ws["mlp_down"][2])
+        elementwise(f"{p}/mlp_act", rows * sh.ff, 2 * ACT_FLOPS, 4 if m.gated_mlp else 3, **ew)
+        for name in (("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)):
+            backward_matmul(p, name, rows, d, sh.ff, layer=layer, weight=weights[name], wshape=ws[name][:2],
+                            axes=ws[name][2])
+        if m.num_experts > 1:
+            b.wait(b.collective(f"all-to-all/{p}/dispatch", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
+                                layer=layer, phase="backward"))
+            backward_matmul(p, "router", tok, d, m.num_experts, layer=layer, weight=weights["router"],
+                            wshape=ws["router"][:2], axes=ws["router"][2])
+        b.wait(b.collective(f"reduce-scatter/{p}/mlp_in", "reduce-scatter", v=tok * d * ab,
+                            mesh_axes=("tensor",), layer=layer, phase="backward"))
+        elementwise(f"{p}/mlp_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
+        b.wait(b.collective(f"all-gather/{p}/attn_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
+                            layer=layer, phase="backward"))
+        backward_matmul(p, "o_proj", tok, q_width, d, layer=layer, weight=weights["o_proj"],
+                        wshape=ws["o_proj"][:2], axes=ws["o_proj"][2])
+        ratio = FLASH_BWD_OVER_FWD if w.step.flash else DENSE_BWD_OVER_FWD
+        b.compute(f"{p}/attention", "attention", flops=ratio * attn_fwd_flops,
+                  hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width), layer=layer, phase="backward",
+                  mxu=(int(tok), sh.head_dim, t_full))
+        for kv in ("k", "v"):
+            b.wait(b.collective(f"reduce-scatter/{p}/{kv}_context", "reduce-scatter",
+                                v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,
+                                phase="backward"))
+        elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
+        for name, width in (("q_proj", q_width), ("k_proj", kv_width), ("v_proj", kv_width)):
+            backward_matmul(p, name, tok, d, width, layer=layer, weight=weights[name], wshape=ws[name][:2],
+                            axes=ws[name][2])
+        b.wait(b.collective(f"reduce-scatter/{p}/attn_in", "reduce-scatter", v=tok * d * ab,
+                            mesh_axes=("tensor",), layer=layer, phase="backward"))
+        elementwise(f"{p}/attn_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
+
+    # ---- forward ---------------------------------------------------------------------------------
+    table = sh.vocab * d
+    embed_ag = b.collective("all-gather/embedding", "all-gather", v=table * ab, mesh_axes=weight_axes, deps=())
+    fwd_weights = {0: gather_weights(0, "forward", ())}
+    b.wait(embed_ag)
+    elementwise("embedding/lookup", tok * d, 0, 2, layer=-1, phase="forward", category="embedding")
+    unembed_ag = embed_ag if m.tied_embeddings else None
+    for layer in range(L):
+        def prefetch(first: int, layer=layer) -> None:  # issued as the layer's first op starts
+            nonlocal unembed_ag
+            if layer + 1 < L:
+                fwd_weights[layer + 1] = gather_weights(layer + 1, "forward", (first,))
+            elif not m.tied_embeddings:
+                unembed_ag = b.collective("all-gather/unembedding", "all-gather", v=table * ab,
+                                          mesh_axes=weight_axes, deps=(first,))
+        forward_layer(layer, fwd_weights[layer], phase="forward", recompute=False, on_start=prefetch)
+    elementwise("final_norm/fwd", tok * d / sh.tp, NORM_FLOPS, 2, layer=-1, phase="forward")
+    b.wait(b.collective("all-gather/final_norm_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",)))
+    matmul("unembedding/fwd/logits", tok, d, sh.vocab, layer=-1, phase="forward", weight=unembed_ag)
+    elementwise("loss/fwd/softmax_xent", tok * sh.vocab, SOFTMAX_XENT_FLOPS, 2, layer=-1, phase="forward",
+                category="loss", nbytes=4)
+    b.wait(b.collective("all-reduce/loss_stats", "all-reduce", v=tok * 2 * 4, mesh_axes=("tensor",)))
+
+    # ---- backward --------------------------------------------------------------------------------
+    first_bwd = elementwise("loss/bwd/softmax_xent", tok * sh.vocab, 3, 2, layer=-1, phase="backward",
+                            category="loss", nbytes=4)
+    bwd_weights = {L - 1: gather_weights(L - 1, "backward", (first_bwd,))}
+    matmul("unembedding/bwd/dgrad", tok, sh.vocab, d, layer=-1, phase="backward", weight=unembed_ag)
+    wg = matmul("unembedding/bwd/wgrad", d, tok, sh.vocab, layer=-1, phase="backward")
+    reduce_grad("unembedding", -1, table * ab, weight_axes, wg)
+    b.wait(b.collective("reduce-scatter/final_norm_in", "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",),
+                        phase="backward"))
+    elementwise("final_norm/bwd", tok * d / sh.tp, 2 * NORM_FLOPS, 3, layer=-1, phase="backward")
+    for layer in reversed(range(L)):
+        def prefetch(first: int, layer=layer) -> None:
+            if layer > 0:
+                bwd_weights[layer - 1] = gather_weights(layer - 1, "backward", (first,))
+        backward_layer(layer, bwd_weights[layer], on_start=prefetch)
+    wg = elementwise("embedding/bwd/scatter_add", tok * d, 1, 2, layer=-1, phase="backward", category="embedding")
+    if not m.tied_embeddings:
+        reduce_grad("embedding", -1, table * ab, weight_axes, wg)
+
+    # ---- optimizer: waits for every gradient reduction -------------------------------------------
+    b.wait(*grad_syncs)
+    wb = sh.weight_bytes
+    if w.step.optimizer in ("adam", "adamw"):  # read p, g, m, v; write p, m, v
+        flops, nbytes = ADAM_FLOPS_PER_PARAM, 3 * wb + 4 * w.step.moment_bytes
+    elif w.step.optimizer == "adafactor":  # factored second moment: roughly p, g in, p out
+        flops, nbytes = ADAM_FLOPS_PER_PARAM, 3 * wb
+    else:
+        flops, nbytes = SGD_FLOPS_PER_PARAM, 3 * wb
+    b.compute(f"optimizer/{w.step.optimizer}", "optimizer", flops=flops * local_params, hbm=nbytes * local_params,
+              phase="optimizer")
+    return b.ops
