@@ -211,7 +211,7 @@ record_internal_nn_metrics use_untrainable_positional_embedding trainable_positi
 final_logits_soft_cap attn_logits_soft_cap use_post_attn_norm use_post_ffw_norm
 float32_qk_product float32_logits cast_logits_to_fp32 matmul_precision activations_in_float32
 allow_split_physical_axes custom_mesh optimize_mesh_for_tpu_v6e dump_hlo dump_hlo_xla_flags
-dump_hlo_gcs_dir xla_flags libtpu_init_args
+dump_hlo_gcs_dir xla_flags libtpu_init_args global_batch_size_to_train_on logits_dot_in_fp32
 """.split())
 _UNSUPPORTED = {"global_parameter_scale": 1, "gradient_accumulation_steps": 1, "quantization": "", "ici_pipeline_parallelism": 1,
                 "dcn_pipeline_parallelism": 1, "ici_tensor_sequence_parallelism": 1,

@@ -170,6 +170,11 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
                 matmul(f"{p}/{name}", rows, d, sh.ff, layer=layer, phase=phase, weight=weights[name],
                        recompute=recompute)
         elementwise(f"{p}/mlp_act", rows * sh.ff, ACT_FLOPS, 3 if m.gated_mlp else 2, **ew)
+        if recompute:
+            # The layer's output is not needed by its backward pass (the next layer's input was kept),
+            # so XLA drops the rest of the recomputation as dead code: no down-projection, no combine,
+            # no reduce-scatter (seen in the libtpu compile of traces/xla_aot/fsdp_remat_*).
+            return
         if redo("mlp_down"):
             matmul(f"{p}/mlp_down", rows, sh.ff, d, layer=layer, phase=phase, weight=weights["mlp_down"],
                    recompute=recompute)

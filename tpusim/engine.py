@@ -1,0 +1,269 @@
+"""The discrete-event engine: simpy replays a Program on a Topology and records what ran when.
+
+What is simulated, per class of equivalent devices (see below):
+
+* the TensorCore's compute stream: compute ops one after another, each waiting for the collectives
+  it depends on (XLA's ``-done``), each taking its cost-model time;
+* asynchronous collectives: a collective starts once the ops it was issued after have run on every
+  device, then moves its stages over the links: each phase puts its bytes on the links of its axis
+  (both directions, or the NIC for DCN) and lasts at least its hops' latency;
+* links: one shared resource per torus-axis direction and one for the DCN NIC. Transfers on a link
+  share its bandwidth equally (processor sharing), so collectives that overlap on an axis slow each
+  other down and congestion appears by itself; collectives on different axes do not interact.
+
+Symmetry (why the cost does not grow with the chip count): every device runs the same program on
+a torus where every chip sees the same links, so the links of one chip stand for all of them, and
+one device stands for all devices that run at the same speed. Devices are grouped into classes by
+their slowdown (``stragglers``); each class gets its own compute stream, and a collective, which
+involves every device, starts when the slowest class reaches it. With no stragglers there is one
+class, whatever the size of the pod.
+
+Deterministic: no randomness, and simpy breaks ties in insertion order.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import simpy
+
+from tpusim.collectives.lowering import CollectivePlan, lower
+from tpusim.collectives.timing import LinkParams, combine_overhead, link_params
+from tpusim.costmodel import ComputeParams, compute_params, op_time
+from tpusim.program import COLLECTIVE, COMPUTE, Program
+from tpusim.topology import DCN, Topology
+
+_EPS_BYTES = 1e-6
+
+
+class SharedLink:
+    """A link direction whose bandwidth is split equally among the transfers on it."""
+
+    __slots__ = ("env", "name", "rate", "flows", "last", "kick", "bytes_moved", "busy_s", "engine")
+
+    def __init__(self, env: simpy.Environment, name: str, rate: float, engine: "Engine"):
+        self.env, self.name, self.rate, self.engine = env, name, rate, engine
+        self.flows: list[list] = []  # [remaining bytes, done event]
+        self.last = 0.0
+        self.kick: simpy.Event | None = None
+        self.bytes_moved = 0.0
+        self.busy_s = 0.0
+        env.process(self._run())
+
+    def transfer(self, nbytes: float) -> simpy.Event:
+        done = self.env.event()
+        if nbytes <= _EPS_BYTES:
+            done.succeed()
+            return done
+        self._advance()
+        self.flows.append([nbytes, done])
+        self.bytes_moved += nbytes
+        if self.kick is not None and not self.kick.triggered:
+            self.kick.succeed()
+        return done
+
+    def _advance(self) -> None:
+        now = self.env.now
+        if self.flows and now > self.last:
+            share = self.rate / len(self.flows) * (now - self.last)
+            for f in self.flows:
+                f[0] -= share
+            self.busy_s += now - self.last
+        self.last = now
+
+    def _run(self):
+        env = self.env
+        while True:
+            if not self.flows:
+                self.kick = env.event()
+                yield self.kick
+                self.engine.events += 1
+                continue
+            # Next completion at the current equal share; a new arrival (kick) re-plans.
+            dt = min(f[0] for f in self.flows) * len(self.flows) / self.rate
+            self.kick = env.event()
+            yield env.any_of([env.timeout(dt), self.kick])
+            self.engine.events += 1
+            self._advance()
+            # Done when what is left would take under a picosecond (or is lost in the clock's rounding):
+            # float time steps leave crumbs of bytes that must not schedule ever-smaller timeouts.
+            tol = self.rate / len(self.flows) * (1e-12 + abs(env.now) * 1e-15)
+            finished = [f for f in self.flows if f[0] <= tol]
+            if finished:
+                self.flows = [f for f in self.flows if f not in finished]
+                for f in finished:
+                    f[1].succeed()
+
+
+@dataclass
+class Record:
+    """Rows of the timeline, appended as plain lists and turned into a DataFrame once (see timeline.py)."""
+
+    device_class: list = field(default_factory=list)
+    stream: list = field(default_factory=list)
+    name: list = field(default_factory=list)
+    category: list = field(default_factory=list)
+    layer: list = field(default_factory=list)
+    phase: list = field(default_factory=list)
+    start_s: list = field(default_factory=list)
+    end_s: list = field(default_factory=list)
+    flops: list = field(default_factory=list)
+    bytes: list = field(default_factory=list)
+    op_index: list = field(default_factory=list)
+
+    def add(self, cls, stream, name, category, layer, phase, start, end, flops, nbytes, op_index):
+        self.device_class.append(cls)
+        self.stream.append(stream)
+        self.name.append(name)
+        self.category.append(category)
+        self.layer.append(layer)
+        self.phase.append(phase)
+        self.start_s.append(start)
+        self.end_s.append(end)
+        self.flops.append(flops)
+        self.bytes.append(nbytes)
+        self.op_index.append(op_index)
+
+
+@dataclass
+class SimResult:
+    program: Program
+    topology: Topology
+    mode: str
+    record: Record
+    step_time_s: float
+    classes: list[dict]          # [{"slowdown": s, "devices": [ids...]}] ; class 0 is the reference
+    link_stats: dict[str, dict]  # link name -> bytes moved, busy seconds, rate
+    events: int
+    sim_wall_s: float
+    compute_params: ComputeParams
+    link_params: LinkParams
+
+
+class Engine:
+    def __init__(self, program: Program, topo: Topology, *, mode: str = "calibrated",
+                 stragglers: dict[int, float] | None = None):
+        self.program, self.topo, self.mode = program, topo, mode
+        self.cp = compute_params(topo.chip, mode)
+        self.lp = link_params(topo, mode)
+        self.events = 0
+        self.classes = _device_classes(topo.num_chips, stragglers or {})
+
+    def run(self) -> SimResult:
+        t0 = time.perf_counter()
+        env = simpy.Environment()
+        prog, topo = self.program, self.topo
+        rec = Record()
+        links: dict[str, SharedLink] = {}
+        for a in topo.axis_names:
+            if topo.axis_size(a) > 1:
+                for sign in "+-":
+                    links[f"ICI {a}{sign}"] = SharedLink(env, f"ICI {a}{sign}", self.lp.ici_link_bytes_per_s, self)
+        if topo.slices > 1:
+            links["DCN"] = SharedLink(env, "DCN", self.lp.dcn_bytes_per_s, self)
+
+        n_classes = len(self.classes)
+        # Completion events: compute ops per class (only those a collective waits on), collectives global.
+        issue_points = {d for op in prog.ops if op.stream == COLLECTIVE for d in op.deps
+                        if prog.ops[d].stream == COMPUTE}
+        compute_done = {(c, i): env.event() for c in range(n_classes) for i in issue_points}
+        coll_done = {op.index: env.event() for op in prog.ops if op.stream == COLLECTIVE}
+        # Op costs and collective plans are computed once, before env.run() (hot loop stays thin).
+        cost = [op_time(op, self.cp) if op.stream == COMPUTE else 0.0 for op in prog.ops]
+        plans: dict[tuple, CollectivePlan] = {}
+
+        def plan_of(op) -> CollectivePlan:
+            key = (op.category, op.bytes, op.axes)
+            if key not in plans:
+                plans[key] = lower(op.category, op.bytes, topo, op.axes)
+            return plans[key]
+
+        op_plans = {op.index: plan_of(op) for op in prog.ops if op.stream == COLLECTIVE}
+
+        def compute_stream(c: int, slowdown: float):
+            for op in prog.ops:
+                if op.stream != COMPUTE:
+                    continue
+                waits = [coll_done[d] for d in op.deps if d in coll_done]
+                if waits:
+                    pending = [e for e in waits if not e.triggered]
+                    if pending:
+                        yield env.all_of(pending) if len(pending) > 1 else pending[0]
+                        self.events += 1
+                start = env.now
+                dt = cost[op.index] * slowdown
+                if dt > 0:
+                    yield env.timeout(dt)
+                    self.events += 1
+                rec.add(c, "XLA Ops", op.name, op.category, op.layer, op.phase, start, env.now, op.flops,
+                        op.hbm_bytes, op.index)
+                ev = compute_done.get((c, op.index))
+                if ev is not None:
+                    ev.succeed()
+
+        def collective(op):
+            deps = [compute_done[(c, d)] for d in op.deps for c in range(n_classes) if (c, d) in compute_done]
+            deps += [coll_done[d] for d in op.deps if d in coll_done]
+            pending = [e for e in deps if not e.triggered]
+            if pending:
+                yield env.all_of(pending)
+                self.events += 1
+            start = env.now
+            plan = op_plans[op.index]
+            for si, stage in enumerate(plan.stages):
+                waits = []
+                stage_start = env.now
+                for ph in stage.phases:
+                    if ph.axis == DCN:
+                        ph_links = [links["DCN"]]
+                        latency = self.lp.dcn_latency_s
+                    else:
+                        ph_links = [links[f"ICI {ph.axis}+"]] + ([links[f"ICI {ph.axis}-"]] if ph.directions == 2 else [])
+                        latency = self.lp.ici_hop_latency_s * ph.stride
+                    waits += [lk.transfer(ph.link_bytes) for lk in ph_links]
+                    floor = ph.steps * latency
+                    if floor > 0:
+                        waits.append(env.timeout(floor))
+                yield env.all_of(waits)
+                self.events += 1
+                for ph in stage.phases:
+                    rec.add(-1, "DCN" if ph.axis == DCN else f"ICI {ph.axis}", f"{op.name} [{si}]", op.category,
+                            op.layer, op.phase, stage_start, env.now, 0.0, ph.link_bytes, op.index)
+            transfer = env.now - start
+            extra = combine_overhead(transfer, self.lp) - transfer
+            if extra > 0:
+                yield env.timeout(extra)
+                self.events += 1
+            rec.add(-1, "Async XLA Ops", op.name, op.category, op.layer, op.phase, start, env.now, 0.0, op.bytes,
+                    op.index)
+            coll_done[op.index].succeed()
+
+        for op in prog.ops:
+            if op.stream == COLLECTIVE:
+                env.process(collective(op))
+        streams = [env.process(compute_stream(c, cls["slowdown"])) for c, cls in enumerate(self.classes)]
+        env.run(until=env.all_of(streams))
+        step = env.now
+        stats = {name: {"bytes": lk.bytes_moved, "busy_s": lk.busy_s, "bytes_per_s": lk.rate}
+                 for name, lk in links.items()}
+        return SimResult(program=prog, topology=topo, mode=self.mode, record=rec, step_time_s=step,
+                         classes=self.classes, link_stats=stats, events=self.events,
+                         sim_wall_s=time.perf_counter() - t0, compute_params=self.cp, link_params=self.lp)
+
+
+def _device_classes(n_devices: int, stragglers: dict[int, float]) -> list[dict]:
+    """Devices grouped by slowdown factor; class 0 holds the unslowed devices (or the fastest)."""
+    by_speed: dict[float, list[int]] = {}
+    for d, s in sorted(stragglers.items()):
+        by_speed.setdefault(float(s), []).append(d)
+    normal = [d for d in range(n_devices) if d not in stragglers] if len(stragglers) < n_devices else []
+    classes = [{"slowdown": 1.0, "devices": normal}] if normal else []
+    classes += [{"slowdown": s, "devices": ds} for s, ds in sorted(by_speed.items())]
+    return classes
+
+
+def simulate(program: Program, topo: Topology, *, mode: str = "calibrated",
+             stragglers: dict[int, float] | None = None) -> SimResult:
+    """Replay ``program`` on ``topo``; ``stragglers`` maps device ids to a compute slowdown (> 1)."""
+    return Engine(program, topo, mode=mode, stragglers=stragglers).run()
