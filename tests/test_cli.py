@@ -115,3 +115,52 @@ def test_program_bad_workloads(tmp_path, content, words):
     assert r.exit_code == 2, r.output
     assert words in r.output and str(p) in r.output
     assert len(r.output.strip().splitlines()) == 1
+
+
+def test_run_json_and_out(tmp_path):
+    out = tmp_path / "run"
+    r = run("run", "workloads/fsdp_70b.yaml", "--topology", "16x16", "--out", str(out), "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    for key in ("step_time_s", "mfu", "tokens_per_s", "compute_s", "exposed_comm_s", "peak_hbm_bytes_per_device",
+                "bottleneck", "chips", "sim_wall_s", "events"):
+        assert key in d, key
+    assert d["chips"] == 256 and 0 < d["mfu"] < 1
+    assert d["mfu"] == pytest.approx(d["model_flops_per_step"] / (256 * 1.97e14 * d["step_time_s"]))
+    assert sorted(p.name for p in out.iterdir()) == ["summary.json", "timeline.parquet", "trace.json.gz"]
+    import gzip
+
+    import pandas as pd
+    assert json.loads((out / "summary.json").read_text())["step_time_s"] == d["step_time_s"]
+    df = pd.read_parquet(out / "timeline.parquet")
+    assert list(df.columns)[:10] == ["device", "stream", "name", "category", "layer", "phase", "start_s", "end_s",
+                                     "flops", "bytes"]
+    trace = json.loads(gzip.decompress((out / "trace.json.gz").read_bytes()))
+    assert any(e.get("args", {}).get("name") == "XLA Ops" for e in trace["traceEvents"])
+
+
+def test_run_human_summary():
+    r = run("run", "workloads/llama3_8b_fsdp_tp.yaml", "--mode", "datasheet")
+    assert r.exit_code == 0, r.output
+    for words in ("step time", "MFU", "tokens/s", "exposed communication", "bottleneck", "busiest", "HBM"):
+        assert words in r.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["run", "workloads/fsdp_70b.yaml", "--out", "/proc/nope/x"], "--out /proc/nope/x: cannot write there"),
+    (["run", "workloads/fsdp_70b.yaml", "--topology", "v5e:4x4"], "does not fit in HBM"),
+    (["run", "workloads/fsdp_70b.yaml", "--straggler", "3"], "DEVICE=FACTOR"),
+    (["run", "workloads/fsdp_70b.yaml", "--straggler", "999=2"], "devices are 0..255"),
+    (["run", "nope.yaml"], "nope.yaml: file not found"),
+])
+def test_run_bad_input(args, words, tmp_path):
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2, r.output
+    assert words in r.output and "Traceback" not in r.output
+
+
+def test_run_writes_nothing_when_refused(tmp_path):
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["run", "workloads/fsdp_70b.yaml", "--topology", "v5e:4x4", "--out", str(out)])
+    assert r.exit_code == 2
+    assert not out.exists()

@@ -196,3 +196,81 @@ def program(workload: str, topology: str | None, slices: int | None, as_json: bo
                  f"({mem['total'] / prog.hbm_capacity_bytes:.0%}): {parts}")
     lines += [f"  note         {n}" for n in prog.notes]
     _emit(as_json, payload, "\n".join(lines))
+
+
+@main.command()
+@click.argument("workload", metavar="WORKLOAD.yaml")
+@click.option("--topology", "-t", "topology", metavar="[CHIP:]SHAPE",
+              help="e.g. 16x16 or v5e:16x16; a bare shape takes the workload's chip (default: the workload's topology)")
+@click.option("--slices", type=int, default=None, help="identical slices joined by DCN (default: the workload's)")
+@_mode_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="write summary.json, timeline.parquet and trace.json.gz (Perfetto / XProf) here")
+@click.option("--all-devices", is_flag=True, help="expand the timeline to every device (large for big slices)")
+@click.option("--straggler", "stragglers", multiple=True, metavar="DEVICE=FACTOR",
+              help="slow one device's compute by FACTOR (e.g. 3=1.2); repeatable")
+@_json_option
+def run(workload: str, topology: str | None, slices: int | None, mode: str, out_dir: str | None, all_devices: bool,
+        stragglers: tuple[str, ...], as_json: bool) -> None:
+    """Simulate one training step: step time, MFU, exposed communication, bottleneck, timeline."""
+    from tpusim.api import compile_workload
+    from tpusim.engine import simulate
+    from tpusim.summary import format_summary, summarize
+
+    slow = _parse_stragglers(stragglers)
+    w, topo, prog = compile_workload(workload, topology, slices=slices)
+    out = _prepare_out(out_dir) if out_dir else None  # before simulating, after what can be refused
+    n_compute = len(prog.compute_ops)
+    with _progress(n_compute, as_json) as bar:
+        result = simulate(prog, topo, mode=mode, stragglers=slow, progress=lambda n: bar.update(n - bar.n))
+        bar.update(n_compute - bar.n)
+    summary = summarize(result)
+    if out is not None:
+        _write_run(out, result, summary, all_devices)
+        summary["out"] = str(out)
+    _emit(as_json, summary, format_summary(summary) + (f"\n  wrote        {out}/" if out else ""))
+
+
+def _parse_stragglers(items: tuple[str, ...]) -> dict[int, float]:
+    slow = {}
+    for item in items:
+        dev, _, factor = item.partition("=")
+        try:
+            slow[int(dev)] = float(factor)
+        except ValueError:
+            raise TpusimError(f"{item!r} is not DEVICE=FACTOR (e.g. 3=1.2)", source="--straggler") from None
+    return slow
+
+
+def _prepare_out(out_dir: str):
+    """Create the output folder now, so an unwritable one fails before any simulation."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out, prefix=".probe.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise TpusimError(f"cannot write there: {e.strerror or e}", source=f"--out {out_dir}") from None
+    return out
+
+
+def _progress(total: int, quiet: bool):
+    from tqdm import tqdm
+
+    # Shown on a terminal only, and only once a run has taken a second.
+    return tqdm(total=total, unit="op", desc="simulating", delay=1.0, leave=False,
+                disable=quiet or not sys.stderr.isatty())
+
+
+def _write_run(out, result, summary: dict, all_devices: bool) -> None:
+    from tpusim.timeline import timeline_frame, write_atomic, write_chrome_trace, write_parquet
+
+    df = timeline_frame(result, all_devices=all_devices)
+    write_parquet(df, out / "timeline.parquet")
+    write_chrome_trace(df, result, out / "trace.json.gz")
+    write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())

@@ -143,8 +143,9 @@ class SimResult:
 
 class Engine:
     def __init__(self, program: Program, topo: Topology, *, mode: str = "calibrated",
-                 stragglers: dict[int, float] | None = None):
+                 stragglers: dict[int, float] | None = None, progress=None):
         self.program, self.topo, self.mode = program, topo, mode
+        self.progress = progress  # called with the number of compute ops done by the reference device
         self.cp = compute_params(topo.chip, mode)
         self.lp = link_params(topo, mode)
         self.events = 0
@@ -182,9 +183,13 @@ class Engine:
         op_plans = {op.index: plan_of(op) for op in prog.ops if op.stream == COLLECTIVE}
 
         def compute_stream(c: int, slowdown: float):
+            done = 0
             for op in prog.ops:
                 if op.stream != COMPUTE:
                     continue
+                done += 1
+                if c == 0 and self.progress is not None and done % 512 == 0:
+                    self.progress(done)
                 waits = [coll_done[d] for d in op.deps if d in coll_done]
                 if waits:
                     pending = [e for e in waits if not e.triggered]
@@ -264,6 +269,12 @@ def _device_classes(n_devices: int, stragglers: dict[int, float]) -> list[dict]:
 
 
 def simulate(program: Program, topo: Topology, *, mode: str = "calibrated",
-             stragglers: dict[int, float] | None = None) -> SimResult:
-    """Replay ``program`` on ``topo``; ``stragglers`` maps device ids to a compute slowdown (> 1)."""
-    return Engine(program, topo, mode=mode, stragglers=stragglers).run()
+             stragglers: dict[int, float] | None = None, progress=None) -> SimResult:
+    """Replay ``program`` on ``topo``; ``stragglers`` maps device ids to a compute slowdown (> 1);
+    ``progress(n)`` is called as the reference device completes compute ops."""
+    for d, f in (stragglers or {}).items():
+        if not 0 <= d < topo.num_chips or not f > 0:
+            from tpusim.errors import TpusimError
+            raise TpusimError(f"device {d} slowed by {f}: devices are 0..{topo.num_chips - 1}, factors > 0",
+                              source="--straggler")
+    return Engine(program, topo, mode=mode, stragglers=stragglers, progress=progress).run()
