@@ -227,3 +227,28 @@ def test_dcn_data_parallel_threshold(book_cases):
     assert above["exposed_comm_s"] < 0.1 * above["step_time_s"]
     assert below["exposed_comm_s"] > 0.3 * below["step_time_s"]
     assert "all-reduce" in below["bottleneck"]
+
+
+def test_host_offload_moves_saved_activations_over_pcie():
+    """Offloading remat policies copy the saved tensors to host after each layer's forward and back
+    before its backward; the copies share each direction of the chip's PCIe link."""
+    topo = parse_topology("v6e:2x4")
+    w = small_workload(step={"per_device_batch_size": 2, "max_target_length": 1024, "remat_policy": "custom"})
+    prog = compile_program(w, topo)
+    out = [o for o in prog.host_ops if o.category == "copy-to-host"]
+    back = [o for o in prog.host_ops if o.category == "copy-from-host"]
+    assert len(out) == len(back) == w.model.num_layers
+    tok, d = 2 * 1024 * 8 / 8, 2048  # fsdp over 8 chips: 2 sequences each
+    assert out[0].bytes == pytest.approx(2 * tok * (d + 3 * d + d))  # input, q, k, v, o (MHA) in bf16
+    result = simulate(prog, topo, mode="datasheet")
+    df = timeline_frame(result)
+    pcie = df[df.stream == "PCIe"]
+    assert len(pcie) == 2 * w.model.num_layers
+    assert result.link_stats["PCIe d2h"]["bytes"] == pytest.approx(sum(o.bytes for o in out))
+    # Each copy alone takes bytes / PCIe rate (3.2e10 B/s on v6e) or longer when they queue.
+    assert ((pcie.end_s - pcie.start_s) >= pcie.bytes / 3.2e10 * (1 - 1e-9)).all()
+    # Every backward layer starts after its activations are back.
+    for o in back:
+        first_bwd = next(x for x in prog.ops if x.layer == o.layer and x.phase == "backward" and x.stream == "compute")
+        assert df[(df.op_index == first_bwd.index) & (df.stream == "XLA Ops")].start_s.iloc[0] >= \
+            df[(df.op_index == o.index) & (df.stream == "PCIe")].end_s.iloc[0]

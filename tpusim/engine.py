@@ -31,7 +31,7 @@ import simpy
 from tpusim.collectives.lowering import CollectivePlan, lower
 from tpusim.collectives.timing import LinkParams, combine_overhead, link_params
 from tpusim.costmodel import ComputeParams, compute_params, op_time
-from tpusim.program import COLLECTIVE, COMPUTE, Program
+from tpusim.program import ASYNC_STREAMS, COLLECTIVE, COMPUTE, HOST, Program
 from tpusim.topology import DCN, Topology
 
 _EPS_BYTES = 1e-6
@@ -163,13 +163,16 @@ class Engine:
                     links[f"ICI {a}{sign}"] = SharedLink(env, f"ICI {a}{sign}", self.lp.ici_link_bytes_per_s, self)
         if topo.slices > 1:
             links["DCN"] = SharedLink(env, "DCN", self.lp.dcn_bytes_per_s, self)
+        if prog.host_ops:  # PCIe is full duplex: one link each way
+            for name in ("PCIe d2h", "PCIe h2d"):
+                links[name] = SharedLink(env, name, topo.chip.pcie_bytes_per_s, self)
 
         n_classes = len(self.classes)
         # Completion events: compute ops per class (only those a collective waits on), collectives global.
-        issue_points = {d for op in prog.ops if op.stream == COLLECTIVE for d in op.deps
+        issue_points = {d for op in prog.ops if op.stream in ASYNC_STREAMS for d in op.deps
                         if prog.ops[d].stream == COMPUTE}
         compute_done = {(c, i): env.event() for c in range(n_classes) for i in issue_points}
-        coll_done = {op.index: env.event() for op in prog.ops if op.stream == COLLECTIVE}
+        coll_done = {op.index: env.event() for op in prog.ops if op.stream in ASYNC_STREAMS}
         # Op costs and collective plans are computed once, before env.run() (hot loop stays thin).
         cost = [op_time(op, self.cp) if op.stream == COMPUTE else 0.0 for op in prog.ops]
         plans: dict[tuple, CollectivePlan] = {}
@@ -244,9 +247,26 @@ class Engine:
                     op.index)
             coll_done[op.index].succeed()
 
+        def host_copy(op):
+            deps = [compute_done[(c, d)] for d in op.deps for c in range(n_classes) if (c, d) in compute_done]
+            deps += [coll_done[d] for d in op.deps if d in coll_done]
+            pending = [e for e in deps if not e.triggered]
+            if pending:
+                yield env.all_of(pending)
+                self.events += 1
+            start = env.now
+            yield links["PCIe d2h" if op.category == "copy-to-host" else "PCIe h2d"].transfer(op.bytes)
+            self.events += 1
+            rec.add(-1, "PCIe", op.name, op.category, op.layer, op.phase, start, env.now, 0.0, op.bytes, op.index)
+            rec.add(-1, "Async XLA Ops", op.name, op.category, op.layer, op.phase, start, env.now, 0.0, op.bytes,
+                    op.index)
+            coll_done[op.index].succeed()
+
         for op in prog.ops:
             if op.stream == COLLECTIVE:
                 env.process(collective(op))
+            elif op.stream == HOST:
+                env.process(host_copy(op))
         streams = [env.process(compute_stream(c, cls["slowdown"])) for c, cls in enumerate(self.classes)]
         env.run(until=env.all_of(streams))
         step = env.now

@@ -6,6 +6,8 @@ step. Ops are of two streams:
 * ``compute``: run one after another in list order (the TensorCore); FLOPs, HBM bytes, MXU shape.
 * ``collective``: asynchronous; a collective may start once its ``deps`` are done (the op after
   which XLA issues it) and the ops that list it in their ``deps`` wait for it (XLA's ``-done``).
+* ``host``: asynchronous copies between HBM and host memory over PCIe (``copy-to-host`` /
+  ``copy-from-host``, XLA's ``copy-start``/``copy-done`` for host offload), with the same rules.
 
 ``deps`` are indices of earlier ops. The engine replays this; the compiler never touches simpy.
 """
@@ -17,7 +19,8 @@ from dataclasses import dataclass, field
 
 from tpusim.collectives.lowering import Axis
 
-COMPUTE, COLLECTIVE = "compute", "collective"
+COMPUTE, COLLECTIVE, HOST = "compute", "collective", "host"
+ASYNC_STREAMS = (COLLECTIVE, HOST)
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -27,14 +30,14 @@ class Op:
 
     index: int
     name: str
-    stream: str                 # "compute" or "collective"
+    stream: str                 # "compute", "collective" or "host"
     category: str               # matmul, attention, elementwise, embedding, loss, optimizer | collective kind
     layer: int = -1             # decoder layer, -1 outside the layers
     phase: str = "forward"      # forward, backward, optimizer
     flops: float = 0.0          # executed FLOPs on this device (recomputation included)
     hbm_bytes: float = 0.0      # bytes read + written from HBM
     mxu_shape: tuple[int, int, int] | None = None  # (M, K, N) of a matmul on this device
-    bytes: float = 0.0          # collectives: the book's V (see tpusim.collectives)
+    bytes: float = 0.0          # collectives: the book's V (see tpusim.collectives); host copies: bytes moved
     mesh_axes: tuple[str, ...] = ()
     axes: tuple[Axis, ...] = ()  # physical axes / spans the collective runs over
     deps: tuple[int, ...] = ()
@@ -80,6 +83,10 @@ class Program:
     @property
     def compute_ops(self) -> list[Op]:
         return [op for op in self.ops if op.stream == COMPUTE]
+
+    @property
+    def host_ops(self) -> list[Op]:
+        return [op for op in self.ops if op.stream == HOST]
 
     @property
     def collective_ops(self) -> list[Op]:

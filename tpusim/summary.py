@@ -56,8 +56,11 @@ def summarize(result: SimResult) -> dict:
                     for name, s in result.link_stats.items()), key=lambda d: -d["utilization"])
     if exposed > EXPOSED_THRESHOLD * step and exposed_by:
         kind = max(exposed_by, key=exposed_by.get)
-        axes = sorted({",".join(op.mesh_axes) for op in prog.collective_ops if op.category == kind})
-        bottleneck = f"communication: exposed {kind} ({'; '.join(axes)})"
+        if kind.startswith("copy"):
+            bottleneck = "host offload: exposed PCIe copies"
+        else:
+            axes = sorted({",".join(op.mesh_axes) for op in prog.collective_ops if op.category == kind})
+            bottleneck = f"communication: exposed {kind} ({'; '.join(axes)})"
     else:
         side = max(by_bound, key=by_bound.get) if by_bound else "mxu"
         bottleneck = {"mxu": "compute: MXU", "hbm": "compute: HBM bandwidth", "vpu": "compute: VPU"}[side]

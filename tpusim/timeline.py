@@ -5,7 +5,8 @@ Schema (SI units): ``device, stream, name, category, layer, phase, start_s, end_
 plus ``replicas`` (how many devices the row stands for: the engine simulates one device per class of
 equivalent devices and the rows are expanded on output) and ``op_index`` (the op in the Program).
 Streams are named as XLA's trace viewer rows: ``XLA Ops`` (the TensorCore), ``Async XLA Ops``
-(collectives, from start to done), and one row per link the collective used (``ICI x``, ``DCN``).
+(collectives and host copies, from start to done), and one row per link they used (``ICI x``,
+``DCN``, ``PCIe``).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tpusim.engine import SimResult
 
 COLUMNS = ["device", "stream", "name", "category", "layer", "phase", "start_s", "end_s", "flops", "bytes",
            "replicas", "op_index"]
-STREAM_ORDER = ["XLA Modules", "XLA Ops", "Async XLA Ops", "ICI x", "ICI y", "ICI z", "DCN"]
+STREAM_ORDER = ["XLA Modules", "XLA Ops", "Async XLA Ops", "ICI x", "ICI y", "ICI z", "DCN", "PCIe"]
 
 
 def timeline_frame(result: SimResult, *, all_devices: bool = False) -> pd.DataFrame:

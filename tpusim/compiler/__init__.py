@@ -87,8 +87,8 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     if w.ignored_keys:
         notes.append(f"ignored (no effect on performance): {', '.join(w.ignored_keys)}")
     if w.step.remat_policy in ("minimal_offloaded", "qkv_proj_offloaded", "custom"):
-        notes.append(f"remat_policy {w.step.remat_policy}: saved activations counted in host memory; "
-                     "their PCIe copies are not simulated yet")
+        notes.append(f"remat_policy {w.step.remat_policy}: saved activations live in host memory, copied "
+                     "over PCIe after each layer's forward and back before its backward")
     if topo.chip.devices_per_chip > 1:
         notes.append(f"{topo.chip.name} has {topo.chip.devices_per_chip} cores per chip; simulated as one device")
     return Program(name=w.name, ops=tuple(ops), devices=devices,

@@ -23,6 +23,13 @@ _SAVED = {
     "custom": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
 OFFLOADED = ("minimal_offloaded", "qkv_proj_offloaded", "custom")
+# What each offloading policy copies to host memory after a layer's forward (MaxText's policies; the
+# tpu-recipes' "custom" offloads the decoder layer input and the out/q/k/v projections).
+OFFLOADED_TENSORS = {
+    "minimal_offloaded": _SAVED["minimal"],
+    "qkv_proj_offloaded": ("q_proj", "k_proj", "v_proj"),
+    "custom": ("input", "q_proj", "k_proj", "v_proj", "o_proj"),
+}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 from tpusim.compiler.shapes import Shapes
 from tpusim.mesh import Mesh
-from tpusim.program import COLLECTIVE, COMPUTE, Op
+from tpusim.compiler.memory import layer_activation_bytes
+from tpusim.compiler.shapes import OFFLOADED_TENSORS
+from tpusim.program import COLLECTIVE, COMPUTE, HOST, Op
 from tpusim.workload import Workload
 
 # VPU FLOPs per element of the elementwise ops (their exact count hardly matters next to the matmuls).
@@ -49,6 +51,13 @@ class _Builder:
                            recompute=recompute))
         self._pending = []
         self.last_compute = idx
+        return idx
+
+    def host_copy(self, name, kind, *, nbytes, layer, phase, deps) -> int:
+        """An asynchronous HBM <-> host copy over PCIe (``copy-to-host`` or ``copy-from-host``)."""
+        idx = len(self.ops)
+        self.ops.append(Op(index=idx, name=name, stream=HOST, category=kind, layer=layer, phase=phase,
+                           bytes=float(nbytes), deps=tuple(d for d in deps if d is not None and d >= 0)))
         return idx
 
     def collective(self, name, kind, *, v, mesh_axes, layer=-1, phase="forward", deps=None) -> int | None:
@@ -248,6 +257,18 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
     b.wait(embed_ag)
     elementwise("embedding/lookup", tok * d, 0, 2, layer=-1, phase="forward", category="embedding")
     unembed_ag = embed_ag if m.tied_embeddings else None
+    # Host offload (remat policies that move saved activations to host memory): copied out after each
+    # layer's forward, copied back one layer ahead of its backward.
+    offload = (layer_activation_bytes(w, sh, kept=OFFLOADED_TENSORS[w.step.remat_policy])
+               if w.step.remat_policy in OFFLOADED_TENSORS else 0.0)
+    to_host: dict[int, int] = {}
+    from_host: dict[int, int] = {}
+
+    def fetch(layer: int, after: int) -> None:
+        if offload and layer >= 0:
+            from_host[layer] = b.host_copy(f"copy-from-host/layer_{layer}", "copy-from-host", nbytes=offload,
+                                           layer=layer, phase="backward", deps=(after, to_host[layer]))
+
     for layer in range(L):
         def prefetch(first: int, layer=layer) -> None:  # issued as the layer's first op starts
             nonlocal unembed_ag
@@ -256,7 +277,12 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             elif not m.tied_embeddings:
                 unembed_ag = b.collective("all-gather/unembedding", "all-gather", v=table * ab,
                                           mesh_axes=weight_axes, deps=(first,))
+        if offload and layer >= 2:  # at most two layers' activations wait in HBM for their copy out
+            b.wait(to_host[layer - 2])
         forward_layer(layer, fwd_weights[layer], phase="forward", recompute=False, on_start=prefetch)
+        if offload:
+            to_host[layer] = b.host_copy(f"copy-to-host/layer_{layer}", "copy-to-host", nbytes=offload,
+                                         layer=layer, phase="forward", deps=(b.last_compute,))
     elementwise("final_norm/fwd", tok * d / sh.tp, NORM_FLOPS, 2, layer=-1, phase="forward")
     b.wait(b.collective("all-gather/final_norm_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",)))
     matmul("unembedding/fwd/logits", tok, d, sh.vocab, layer=-1, phase="forward", weight=unembed_ag)
@@ -268,6 +294,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
     first_bwd = elementwise("loss/bwd/softmax_xent", tok * sh.vocab, 3, 2, layer=-1, phase="backward",
                             category="loss", nbytes=4)
     bwd_weights = {L - 1: gather_weights(L - 1, "backward", (first_bwd,))}
+    fetch(L - 1, first_bwd)
     matmul("unembedding/bwd/dgrad", tok, sh.vocab, d, layer=-1, phase="backward", weight=unembed_ag)
     wg = matmul("unembedding/bwd/wgrad", d, tok, sh.vocab, layer=-1, phase="backward")
     reduce_grad("unembedding", -1, table * ab, weight_axes, wg)
@@ -278,6 +305,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         def prefetch(first: int, layer=layer) -> None:
             if layer > 0:
                 bwd_weights[layer - 1] = gather_weights(layer - 1, "backward", (first,))
+                fetch(layer - 1, first)
+        b.wait(from_host.get(layer))
         backward_layer(layer, bwd_weights[layer], on_start=prefetch)
     wg = elementwise("embedding/bwd/scatter_add", tok * d, 1, 2, layer=-1, phase="backward", category="embedding")
     if not m.tied_embeddings:
