@@ -1,0 +1,49 @@
+"""Simulate each published end-to-end run as it was run and hold it against the measurement.
+
+    python -m tpusim.validate [--mode calibrated|datasheet]
+
+Reads ``workloads/measured/*.yaml`` and their measurements (``measured.yaml``). Nothing here is
+fitted on these runs. The memory check is off: these configurations did run (see VALIDATION.md for
+the one our memory model thinks does not fit).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tpusim.api import workload_and_topology
+from tpusim.compiler import compile_program
+from tpusim.config import read_yaml
+from tpusim.data import data_dir
+from tpusim.engine import simulate
+from tpusim.summary import summarize
+
+
+def compare_measured(mode: str = "calibrated") -> list[dict]:
+    folder = data_dir("workloads") / "measured"
+    measured = read_yaml(folder / "measured.yaml")
+    rows = []
+    for name, m in measured.items():
+        w, topo = workload_and_topology(folder / f"{name}.yaml")
+        prog = compile_program(w, topo, check_memory=False)
+        s = summarize(simulate(prog, topo, mode=mode))
+        rows.append({"name": name, "topology": topo.name, "measured_step_s": float(m["step_time_s"]),
+                     "simulated_step_s": s["step_time_s"], "measured_mfu": float(m["mfu"]), "simulated_mfu": s["mfu"],
+                     "error": s["step_time_s"] / float(m["step_time_s"]) - 1, "bottleneck": s["bottleneck"],
+                     "exposed_comm_s": s["exposed_comm_s"]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["calibrated", "datasheet"], default="calibrated")
+    args = parser.parse_args(argv)
+    print("| run | slice | measured step (s) | simulated (s) | error | measured MFU | simulated MFU | bottleneck |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for r in compare_measured(args.mode):
+        print(f"| {r['name']} | {r['topology']} | {r['measured_step_s']:.3f} | {r['simulated_step_s']:.3f} | "
+              f"{r['error']:+.1%} | {r['measured_mfu']:.1%} | {r['simulated_mfu']:.1%} | {r['bottleneck']} |")
+
+
+if __name__ == "__main__":
+    main()
