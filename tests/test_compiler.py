@@ -202,6 +202,8 @@ def test_shipped_measured_configs_fit():
 
     misses = {}
     for p in sorted((REPO / "workloads" / "measured").glob("*.yaml")):
+        if p.name == "measured.yaml":  # the measurements, not a workload
+            continue
         try:
             compile_workload(p)
         except InfeasibleError as e:
