@@ -199,7 +199,8 @@ def program(workload: str, topology: str | None, slices: int | None, as_json: bo
 
 
 @main.command()
-@click.argument("workload", metavar="WORKLOAD.yaml")
+@click.argument("workload", metavar="WORKLOAD.yaml", required=False)
+@click.option("--hlo", "hlo_file", metavar="FILE", help="simulate XLA's optimized HLO text instead of a workload")
 @click.option("--topology", "-t", "topology", metavar="[CHIP:]SHAPE",
               help="e.g. 16x16 or v5e:16x16; a bare shape takes the workload's chip (default: the workload's topology)")
 @click.option("--slices", type=int, default=None, help="identical slices joined by DCN (default: the workload's)")
@@ -210,15 +211,28 @@ def program(workload: str, topology: str | None, slices: int | None, as_json: bo
 @click.option("--straggler", "stragglers", multiple=True, metavar="DEVICE=FACTOR",
               help="slow one device's compute by FACTOR (e.g. 3=1.2); repeatable")
 @_json_option
-def run(workload: str, topology: str | None, slices: int | None, mode: str, out_dir: str | None, all_devices: bool,
-        stragglers: tuple[str, ...], as_json: bool) -> None:
-    """Simulate one training step: step time, MFU, exposed communication, bottleneck, timeline."""
+def run(workload: str | None, hlo_file: str | None, topology: str | None, slices: int | None, mode: str,
+        out_dir: str | None, all_devices: bool, stragglers: tuple[str, ...], as_json: bool) -> None:
+    """Simulate one training step: step time, MFU, exposed communication, bottleneck, timeline.
+
+    With --hlo FILE, simulate a real compiled program (MFU then counts the HLO's FLOPs)."""
     from tpusim.api import compile_workload
     from tpusim.engine import simulate
     from tpusim.summary import format_summary, summarize
 
     slow = _parse_stragglers(stragglers)
-    w, topo, prog = compile_workload(workload, topology, slices=slices)
+    if (workload is None) == (hlo_file is None):
+        raise TpusimError("give a WORKLOAD.yaml or --hlo FILE (one of them)", source="tpusim run")
+    if hlo_file is not None:
+        from tpusim.hlo.importer import import_hlo, read_hlo
+        from tpusim.topology import parse_topology
+
+        if topology is None:
+            raise TpusimError("--hlo needs --topology CHIP:SHAPE", source="--hlo")
+        topo = parse_topology(topology, slices=slices or 1)
+        prog = import_hlo(read_hlo(hlo_file), topo, source=hlo_file)
+    else:
+        w, topo, prog = compile_workload(workload, topology, slices=slices)
     out = _prepare_out(out_dir) if out_dir else None  # before simulating, after what can be refused
     n_compute = len(prog.compute_ops)
     with _progress(n_compute, as_json) as bar:

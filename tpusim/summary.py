@@ -90,17 +90,19 @@ def summarize(result: SimResult) -> dict:
 def format_summary(s: dict) -> str:
     """A few lines a person reads at a glance."""
     step = s["step_time_s"]
+    rate = f"{s['tokens_per_s']:,.0f} tokens/s" if s["tokens_per_s"] else "(HLO: FLOPs as XLA counts them)"
     lines = [
         f"{s['workload']} on {s['topology']} ({s['chips']} chips, {s['mode']})",
-        f"  step time    {fmt_time(step)}    MFU {s['mfu']:.1%}    {s['tokens_per_s']:,.0f} tokens/s",
+        f"  step time    {fmt_time(step)}    MFU {s['mfu']:.1%}    {rate}",
         f"  compute      {fmt_time(s['compute_s'])} ({s['compute_s'] / step:.0%})    exposed communication "
         f"{fmt_time(s['exposed_comm_s'])} ({s['exposed_comm_s'] / step:.0%})"
         + ("" if not s["exposed_comm_by_kind_s"] else ": " + ", ".join(
             f"{k} {fmt_time(v)}" for k, v in list(s["exposed_comm_by_kind_s"].items())[:3])),
         f"  bottleneck   {s['bottleneck']}",
         "  busiest      " + ("  ".join(f"{d['link']} {d['utilization']:.0%}" for d in s["busiest_links"]) or "-"),
-        f"  HBM          {fmt_bytes(s['peak_hbm_bytes_per_device'])} of {fmt_bytes(s['hbm_capacity_bytes'])} "
-        f"({s['peak_hbm_bytes_per_device'] / s['hbm_capacity_bytes']:.0%})",
+        (f"  HBM          {fmt_bytes(s['peak_hbm_bytes_per_device'])} of {fmt_bytes(s['hbm_capacity_bytes'])} "
+         f"({s['peak_hbm_bytes_per_device'] / s['hbm_capacity_bytes']:.0%})") if s["peak_hbm_bytes_per_device"]
+        else "  HBM          - (not modelled for imported HLO)",
         f"  simulated    {s['ops']} ops, {s['events']} events in {s['sim_wall_s']:.2f} s",
     ]
     lines += [f"  note         {n}" for n in s["notes"]]

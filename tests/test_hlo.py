@@ -1,0 +1,99 @@
+"""The HLO importer: real compiled programs (libtpu's, and the v6e capture's) become Programs whose
+FLOPs, collectives and host copies are what XLA wrote."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tpusim.engine import simulate
+from tpusim.errors import TpusimError
+from tpusim.hlo.importer import group_axes, import_hlo, read_hlo, replica_groups
+from tpusim.program import COLLECTIVE, HOST
+from tpusim.topology import parse_topology
+
+from conftest import REPO, SHARED
+
+AOT = REPO / "traces" / "xla_aot"
+V6E_HLO = SHARED / "traces" / "tpu-v6e-host-offload" / "hlo"
+INDEX = json.loads((AOT / "index.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("case", ["fsdp_no_windowed_einsum_L2", "fsdp_no_windowed_einsum_L4",
+                                  "fsdp_remat_no_windowed_einsum_L2", "fsdp_tp_L2", "fsdp_tp_L4"])
+def test_flops_match_xla_cost_analysis(case):
+    """Convolutions counted over the input they really touch (XLA TPU writes GQA einsums as padded,
+    dilated convolutions): within 2% of XLA's own count, which also counts elementwise ops its way."""
+    prog = import_hlo(read_hlo(AOT / case / "optimized_hlo.txt.gz"), parse_topology("v5e:4x4"))
+    name, L = case.rsplit("_L", 1)
+    xla = INDEX[name][f"L{L}"]["flops"]
+    assert prog.flops_per_device == pytest.approx(xla, rel=0.02)
+
+
+def test_matmul_flops_are_exactly_the_einsums():
+    """The dot/convolution FLOPs of the 2-layer FSDP step equal the traced einsums' (hand count:
+    24.16 GFLOP of weight matmuls and 3.22 of attention per layer, plus the unembedding)."""
+    from tpusim.hlo.importer import _matmul_flops
+    from tpusim.hlo.parse import _Analysis, parse_module
+
+    mod = parse_module(read_hlo(AOT / "fsdp_no_windowed_einsum_L2" / "optimized_hlo.txt.gz"))
+    an = _Analysis(mod)
+    matmul = sum(_matmul_flops(i, an)[0] for i in mod.by_name.values() if i.opcode in ("dot", "convolution"))
+    tok, d, n, k, h, f, t, v = 1024, 512, 8, 4, 64, 2048, 512, 8192
+    per_layer = 3 * 2 * tok * (2 * d * n * h + 2 * d * k * h + 3 * d * f) + 3 * 4 * 2 * t * t * n * h
+    assert matmul == pytest.approx(2 * per_layer + 3 * 2 * tok * d * v, rel=1e-9)
+
+
+@pytest.mark.parametrize("case", ["fsdp_L2", "fsdp_tp_L4", "fsdp_remat_L2", "fsdp_no_windowed_einsum_L4"])
+def test_collectives_are_xlas(case):
+    """One collective op per execution of each logical collective XLA emitted (loops unrolled)."""
+    prog = import_hlo(read_hlo(AOT / case / "optimized_hlo.txt.gz"), parse_topology("v5e:4x4"))
+    summary = json.loads((AOT / case / "summary.json").read_text())
+    for kind, c in summary["counts_by_kind"].items():
+        ours = [o for o in prog.ops if o.stream == COLLECTIVE and o.category == kind]
+        assert len(ours) == c["executed"], kind
+        field = "executed_result_bytes" if kind == "all-gather" else "executed_operand_bytes"
+        assert sum(o.bytes for o in ours) == c[field], kind
+    # Every collective is waited for and runs over real axes of the slice.
+    waited = {d for o in prog.ops for d in o.deps}
+    assert all(o.index in waited for o in prog.ops if o.stream == COLLECTIVE)
+
+
+def test_fsdp_all_gathers_span_the_whole_slice():
+    prog = import_hlo(read_hlo(AOT / "fsdp_L2" / "optimized_hlo.txt.gz"), parse_topology("v5e:4x4"))
+    big = [o for o in prog.ops if o.category == "all-gather" and o.bytes >= 1 << 19]
+    assert big and all(len(o.axes) == 2 for o in big)  # 16 devices = both axes of the 4x4
+
+
+def test_host_offload_copies_of_the_v6e_capture():
+    """jit_f copies three 5.37 GB arrays in from host memory and three out (memory space S(5))."""
+    topo = parse_topology("v6e:2x2")
+    prog = import_hlo(read_hlo(V6E_HLO / "jit_f.hlo.txt"), topo)
+    copies = [o for o in prog.ops if o.stream == HOST]
+    assert sorted(o.category for o in copies) == ["copy-from-host"] * 3 + ["copy-to-host"] * 3
+    assert all(o.bytes == 5 * 1024 * 1024 * 256 * 4 for o in copies)
+    fusions = [o for o in prog.ops if o.name.startswith("broadcast_add_fusion")]
+    assert len(fusions) == 3 and all(o.hbm_bytes == 2 * 5368709120 for o in fusions)
+    result = simulate(prog, topo, mode="datasheet")
+    # Each direction of PCIe moves 3 x 5.37 GB at 3.2e10 B/s; copies in and out overlap.
+    assert result.step_time_s == pytest.approx(3 * 5368709120 / 3.2e10 + 5368709120 / 3.2e10, rel=0.05)
+
+
+def test_replica_groups_to_axes():
+    topo = parse_topology("v5e:4x4")
+    assert replica_groups("{{0,1},{2,3}}", 4) == [[0, 1], [2, 3]]
+    assert replica_groups("[4,2]<=[2,4]T(1,0)", 8) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert replica_groups("{}", 3) == [[0, 1, 2]]
+    assert group_axes(topo, list(range(16)), 16) == ("x", "y")
+    assert group_axes(topo, [0, 1, 2, 3], 16) == ("y",)       # row-major ids: y varies fastest
+    assert group_axes(topo, [0, 4, 8, 12], 16) == ("x",)
+
+
+def test_bad_hlo(tmp_path):
+    p = tmp_path / "x.hlo.txt"
+    p.write_text("this is not HLO\n")
+    with pytest.raises(TpusimError, match="not HLO text"):
+        read_hlo(p)
+    with pytest.raises(TpusimError, match="file not found"):
+        read_hlo(tmp_path / "missing.txt")

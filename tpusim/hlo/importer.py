@@ -1,0 +1,314 @@
+"""XLA's optimized HLO text -> a per-device Program, so a real compiled program can be simulated.
+
+What becomes what (the entry computation is walked in XLA's schedule order, ``is_scheduled=true``):
+
+* fusions, convolutions, dots, copies, reduces and other array ops: compute ops. HBM bytes are the
+  operands' plus the results' bytes (XLA's ``bytes_accessed`` convention); FLOPs are 2 x output
+  elements x contraction for each dot / convolution in the fusion, plus one per output element of
+  each elementwise instruction. MXU shape: (output elements / N, K, N).
+* collectives (plain, ``-start``/``-done``, async-wrapped, XLA TPU's async collective fusions and
+  all-reduce-scatter fusions; grouped by :mod:`tpusim.hlo.parse`): collective ops issued where the
+  start is and waited for where the done is. ``V`` follows the book: all-gather its result,
+  reduce-scatter / all-reduce / all-to-all / permute their operand. Replica groups are resolved to
+  the topology's axes from the first group's device coordinates.
+* ``copy-start``/``copy-done`` into or out of host memory (memory space ``S(5)``): host copies over
+  PCIe.
+* ``while`` loops: their body, trip-count times (1 when the count cannot be read; noted).
+* bookkeeping (parameters, constants, tuples, bitcasts, ...) costs nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from tpusim.collectives.lowering import Axis, Span
+from tpusim.errors import TpusimError
+from tpusim.hlo.parse import (
+    DTYPE_BYTES, Instr, _Analysis, _callees, _split_top, array_bytes, array_shapes, extract_collectives,
+    parse_module,
+)
+from tpusim.program import COLLECTIVE, COMPUTE, HOST, Memory, Op, Program
+from tpusim.topology import Topology
+
+FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id",
+        "replica-id", "opt-barrier", "add-dependency", "reshape", "iota"}
+ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "exponential", "log", "tanh",
+               "rsqrt", "sqrt", "negate", "abs", "compare", "select", "power", "logistic", "and", "or", "xor",
+               "convert", "clamp", "exponential-minus-one", "log-plus-one", "sign", "floor", "ceil", "cosine",
+               "sine", "reduce"}
+HOST_MEMORY = "S(5)"
+
+
+def read_hlo(path: str | Path) -> str:
+    """HLO text from a ``.hlo.txt`` (or ``.gz``) file; a TpusimError names the file if it is not HLO."""
+    import gzip
+
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+        text = gzip.decompress(raw).decode() if raw[:2] == b"\x1f\x8b" else raw.decode()
+    except FileNotFoundError:
+        raise TpusimError("file not found", source=str(path)) from None
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise TpusimError(f"cannot read HLO text: {e.__class__.__name__}", source=str(path)) from None
+    if not re.search(r"^HloModule\s", text, re.M) or "ENTRY" not in text:
+        raise TpusimError("not HLO text (no 'HloModule' header or no ENTRY computation)", source=str(path))
+    return text
+
+
+def _elements(dims: tuple[int, ...]) -> int:
+    return math.prod(dims) if dims else 1
+
+
+def _window(attr: str, key: str, n: int, default: int) -> list[int]:
+    m = re.search(rf"\b{key}=([\dx_]+)", attr or "")
+    if not m:
+        return [default] * n
+    return [int(x) for x in m.group(1).split("x")]
+
+
+def _valid_taps(in_size: int, out_size: int, k: int, stride: int, pad_lo: int, dilate: int) -> int:
+    """(output position, kernel tap) pairs that read a real input element, not padding or a dilation hole."""
+    extent = (in_size - 1) * dilate + 1
+    count = 0
+    for o in range(out_size):
+        for t in range(k):
+            x = o * stride + t - pad_lo
+            if 0 <= x < extent and x % dilate == 0:
+                count += 1
+    return count
+
+
+def _matmul_flops(ins: Instr, an: _Analysis) -> tuple[float, tuple[int, int, int] | None]:
+    """FLOPs and (M, K, N) of a dot or convolution instruction.
+
+    Dots: 2 x output elements x contracted size. Convolutions (XLA TPU writes most einsums as
+    convolutions, some with padded or dilated windows): 2 x output batch/feature elements x input
+    features x the (output, tap) pairs of each spatial dimension that touch real input.
+    """
+    out = array_shapes(ins.result_type)
+    ops = an.operand_arrays(ins)
+    if not out or len(ops) < 2:
+        return 0.0, None
+    out_dims = out[0][1]
+    elems = _elements(out_dims)
+    n = out_dims[-1] if out_dims else 1
+    if ins.opcode == "dot":
+        lhs = ops[0][1]
+        dims = [int(d) for d in re.findall(r"\d+", ins.attrs.get("lhs_contracting_dims", ""))]
+        k = math.prod(lhs[d] for d in dims if d < len(lhs))
+        return 2.0 * elems * k, (max(1, elems // max(n, 1)), int(k), int(n))
+    labels = ins.attrs.get("dim_labels", "")
+    try:
+        lhs_l, rest = labels.split("_", 1)
+        rhs_l, out_l = rest.split("->")
+    except ValueError:
+        return 2.0 * elems, None
+    lhs, rhs = ops[0][1], ops[1][1]
+    if not (len(lhs_l) == len(lhs) and len(rhs_l) == len(rhs) and len(out_l) == len(out_dims)):
+        return 2.0 * elems, None
+    spatial = sorted(c for c in out_l if c.isdigit())
+    window = ins.attrs.get("window", "")
+    ks = _window(window, "size", len(spatial), 1)
+    strides = _window(window, "stride", len(spatial), 1)
+    dil = _window(window, "lhs_dilate", len(spatial), 1)
+    pads = re.search(r"\bpad=([\d_x-]+)", window)
+    pad_lo = [int(p.split("_")[0]) for p in pads.group(1).split("x")] if pads else [0] * len(spatial)
+    taps = 1
+    for j, c in enumerate(spatial):
+        taps *= _valid_taps(lhs[lhs_l.index(c)], out_dims[out_l.index(c)], ks[j], strides[j], pad_lo[j], dil[j])
+    non_spatial = math.prod(d for c, d in zip(out_l, out_dims) if not c.isdigit())
+    k = rhs[rhs_l.index("i")]
+    flops = 2.0 * non_spatial * k * taps
+    n = out_dims[out_l.index("f")] if "f" in out_l else n  # the output feature dim is the MXU's N
+    m = max(1, elems // max(n, 1))
+    return flops, (m, max(1, round(flops / (2.0 * m * n))), int(n))
+
+
+def _compute_cost(ins: Instr, an: _Analysis) -> tuple[float, float, tuple[int, int, int] | None, str]:
+    """(FLOPs, HBM bytes, MXU shape, category) of one scheduled instruction."""
+    nbytes = sum(array_bytes(*a) for a in an.operand_arrays(ins)) + \
+        sum(array_bytes(*a) for a in array_shapes(ins.result_type))
+    body = [ins]
+    if ins.opcode == "fusion":
+        body = []
+        for c in _callees(ins):
+            body += an.mod.computations.get(c, [])
+    flops, mxu, category = 0.0, None, "elementwise"
+    for sub in body:
+        if sub.opcode in ("dot", "convolution"):
+            f, shape = _matmul_flops(sub, an)
+            flops += f
+            if mxu is None or (shape and math.prod(shape) > math.prod(mxu)):
+                mxu = shape
+            category = "matmul"
+        elif sub.opcode in ELEMENTWISE:
+            flops += sum(_elements(d) for _, d in array_shapes(sub.result_type))
+    return flops, float(nbytes), mxu, category
+
+
+def group_axes(topo: Topology, devices: list[int], num_devices: int) -> tuple[Axis, ...]:
+    """The torus axes (or spans of them) that a replica group's devices differ along."""
+    per_chip = max(1, num_devices // topo.num_chips)
+    chips = sorted({d // per_chip for d in devices})
+    if len(chips) <= 1:
+        return ()
+    coords = [topo.coords(c) for c in chips]
+    axes: list[Axis] = []
+    if len({s for s, _ in coords}) > 1:
+        axes.append("dcn")
+    for i, a in enumerate(topo.axis_names):
+        values = sorted({c[i] for _, c in coords})
+        if len(values) <= 1:
+            continue
+        full = topo.shape[i]
+        n = len(values)
+        stride = values[1] - values[0]
+        regular = all(b - a_ == stride for a_, b in zip(values, values[1:])) and full % (n * stride) == 0
+        if n == full:
+            axes.append(a)
+        else:  # a part of the axis; an irregular set is taken as a contiguous segment of the same size
+            axes.append(Span(a, n, stride if regular else 1))
+    return tuple(axes)
+
+
+def replica_groups(rg: str | None, num_devices: int) -> list[list[int]]:
+    """Device ids of each replica group: ``{{0,1},{2,3}}``, iota ``[2,2]<=[4]`` / ``[4,2]<=[2,4]T(1,0)``,
+    or ``{}`` (every device)."""
+    import numpy as np
+
+    if rg is None or rg.strip() in ("", "{}"):
+        return [list(range(num_devices))]
+    rg = rg.strip()
+    m = re.match(r"^\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?$", rg)
+    if m:
+        dims = [int(x) for x in m.group(3).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(4):
+            ids = ids.transpose([int(x) for x in m.group(4).split(",")])
+        return ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
+    groups = [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", rg)]
+    return [g for g in groups if g] or [list(range(num_devices))]
+
+
+def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: str = "HLO") -> Program:
+    """The Program of one HLO module, for ``topo`` (its device count should match the module's)."""
+    try:
+        mod = parse_module(text)
+        summary = extract_collectives(text)
+    except (ValueError, IndexError, KeyError) as e:
+        raise TpusimError(f"HLO does not parse: {e}", source=source) from None
+    if not mod.entry:
+        raise TpusimError("HLO has no ENTRY computation", source=source)
+    an = _Analysis(mod)
+    n_dev = (mod.num_partitions or 1) * (mod.replica_count or 1)
+    if n_dev == 1:
+        n_dev = topo.num_chips
+    # Which scheduled instruction starts / ends each logical collective.
+    starts: dict[str, dict] = {}
+    ends: dict[str, dict] = {}
+    for rec in summary["collectives"]:
+        members = rec.get("members") or [f"sync:{rec['name']}@{rec['computation']}"]
+        level = []
+        for m in members:
+            role, _, rest = m.partition(":")
+            nm, _, comp = rest.partition("@")
+            chain = an.caller_chain(comp)
+            wrapper = chain[0] if chain and chain[0].opcode in ("fusion", "async-start") else None
+            level.append((role, wrapper.name if wrapper is not None else nm))
+        first = next((n for r, n in level if r in ("fusion_start", "start", "async_wrapped")), level[0][1])
+        starts[first] = rec
+        done = rec.get("done") or next((n for r, n in level if r == "fusion_done"), None)
+        if done is None and rec["implementation"] == "async_start_done":
+            done = next((i.name for i in mod.by_name.values() if i.opcode in ("async-done",)
+                         and i.operands and i.operands[0].split()[-1].lstrip("%") == first), None)
+        ends[done or first] = rec
+    ops: list[Op] = []
+    pending: list[int] = []
+    coll_index: dict[int, int] = {}
+    notes: list[str] = []
+    last_compute = [-1]
+
+    def add(op_kwargs) -> int:
+        i = len(ops)
+        ops.append(Op(index=i, **op_kwargs))
+        return i
+
+    def walk(computation: str, prefix: str = "") -> None:
+        for ins in mod.computations.get(computation, []):
+            if ins.name in starts:
+                rec = starts[ins.name]
+                v = rec["result_bytes"] if rec["kind"] == "all-gather" else rec["operand_bytes"]
+                groups = replica_groups(rec.get("replica_groups"), n_dev)
+                axes = group_axes(topo, groups[0], n_dev) if rec["kind"] != "collective-permute" else \
+                    _permute_axes(topo, rec.get("source_target_pairs"), n_dev)
+                kind = rec["kind"] if rec["kind"] in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                                                      "collective-permute") else "all-reduce"
+                i = add(dict(name=prefix + rec["name"], stream=COLLECTIVE, category=kind, bytes=float(v),
+                             mesh_axes=("hlo",), axes=axes,
+                             deps=(last_compute[0],) if last_compute[0] >= 0 else ()))
+                coll_index[id(rec)] = i
+                if ins.name in ends and ends[ins.name] is rec:
+                    pending.append(i)
+                continue
+            if ins.name in ends:
+                i = coll_index.get(id(ends[ins.name]))
+                if i is not None:
+                    pending.append(i)
+                continue
+            if ins.opcode == "while":
+                trips = an.trip_count(ins)
+                if trips is None:
+                    notes.append(f"{ins.name}: trip count unknown, body simulated once")
+                for t in range(trips or 1):
+                    walk(ins.attrs.get("body", "").lstrip("%"), prefix=f"{prefix}{ins.name}[{t}]/")
+                continue
+            if ins.opcode == "copy-start":
+                # The result is (destination, source, context): host memory is memory space S(5).
+                parts = _split_top(ins.result_type[1:-1]) if ins.result_type.startswith("(") else [ins.result_type]
+                to_host = HOST_MEMORY in parts[0]
+                from_host = len(parts) > 1 and HOST_MEMORY in parts[1]
+                if to_host or from_host:
+                    arrays = array_shapes(ins.result_type)
+                    nb = array_bytes(*arrays[0]) if arrays else 0
+                    i = add(dict(name=prefix + ins.name, stream=HOST,
+                                 category="copy-to-host" if to_host else "copy-from-host", bytes=float(nb),
+                                 deps=(last_compute[0],) if last_compute[0] >= 0 else ()))
+                    coll_index[id(ins)] = i
+                    ends_copy[ins.name] = i
+                    continue
+            if ins.opcode == "copy-done":
+                src = ins.operands[0].split()[-1].lstrip("%") if ins.operands else ""
+                if src in ends_copy:
+                    pending.append(ends_copy[src])
+                    continue
+            if ins.opcode in FREE or ins.opcode.endswith("-done"):
+                continue
+            flops, nbytes, mxu, category = _compute_cost(ins, an)
+            i = add(dict(name=prefix + ins.name, stream=COMPUTE, category=category, flops=flops, hbm_bytes=nbytes,
+                         mxu_shape=mxu, deps=tuple(pending)))
+            pending.clear()
+            last_compute[0] = i
+
+    ends_copy: dict[str, int] = {}
+    walk(mod.entry)
+    if pending:  # the step ends when its last collectives and copies are done
+        add(dict(name="step-end", stream=COMPUTE, category="elementwise", deps=tuple(pending)))
+    flops = sum(o.flops for o in ops)
+    zero = Memory(params=0, grads=0, optimizer=0, activations=0, working=0, gathered_weights=0)
+    return Program(name=name or mod.name, ops=tuple(ops), devices=topo.num_chips,
+                   model_flops_per_step=flops * topo.num_chips, tokens_per_step=0.0, memory=zero,
+                   hbm_capacity_bytes=topo.chip.hbm_bytes, notes=tuple(notes))
+
+
+def _permute_axes(topo: Topology, pairs: str | None, n_dev: int) -> tuple[Axis, ...]:
+    """The axis a collective-permute moves along, from its first source-target pair."""
+    m = re.search(r"\{(\d+),(\d+)\}", pairs or "")
+    if not m:
+        return ()
+    return group_axes(topo, [int(m.group(1)), int(m.group(2))], n_dev)[:1]
+
+
+__all__ = ["DTYPE_BYTES", "group_axes", "import_hlo", "read_hlo", "replica_groups"]
