@@ -115,17 +115,25 @@ def calibration_document(fits: list[CurveFit]) -> dict:
     for chip, lender in BORROW.items():
         chips.setdefault(chip, {})["collectives"] = {"borrowed_from": lender,
                                                      "fitted_on": f"no measurement of its own; uses {lender}'s fit"}
-    for chip in chips:
-        chips[chip]["compute"] = {"mxu_efficiency": BOOK_MXU_EFFICIENCY, "hbm_efficiency": 1.0,
-                                  "fitted_on": "not fitted: the book's ~95% of peak FLOPs (roofline.md)"}
+    # Compute: a chip's own microbenchmark where there is one (TPU7x); else the book's ~95% of peak
+    # FLOPs (roofline.md) and, since the book states no achievable HBM fraction, the measured one of
+    # the only HBM microbenchmark we have (TPU7x copy bandwidth), borrowed.
     from tpusim.chips import get_chip
-    for chip, m in measurements.get("compute", {}).items():
-        spec = get_chip(chip)
-        chips[chip]["compute"] = {
-            "mxu_efficiency": round(float(m["mxu_flops_per_s_per_chip"]) / spec.bf16_flops_per_s, 4),
-            "hbm_efficiency": round(float(m["hbm_bytes_per_s_per_chip"]) / spec.hbm_bytes_per_s, 4),
-            "fitted_on": " ".join(m["source"].split()),
-        }
+    measured = {chip: {"mxu": float(m["mxu_flops_per_s_per_chip"]) / get_chip(chip).bf16_flops_per_s,
+                       "hbm": float(m["hbm_bytes_per_s_per_chip"]) / get_chip(chip).hbm_bytes_per_s,
+                       "source": " ".join(m["source"].split())}
+                for chip, m in measurements.get("compute", {}).items()}
+    lender, hbm = next(iter(measured.items()))
+    for chip in chips:
+        if chip in measured:
+            m = measured[chip]
+            chips[chip]["compute"] = {"mxu_efficiency": round(m["mxu"], 4), "hbm_efficiency": round(m["hbm"], 4),
+                                      "fitted_on": m["source"]}
+        else:
+            chips[chip]["compute"] = {
+                "mxu_efficiency": BOOK_MXU_EFFICIENCY, "hbm_efficiency": round(hbm["hbm"], 4),
+                "fitted_on": f"MXU: the book's ~95% of peak FLOPs (roofline.md); HBM: borrowed from {lender}'s "
+                             f"copy-bandwidth microbenchmark ({hbm['source']})"}
     return {"chips": chips}
 
 
@@ -142,7 +150,7 @@ HEADER = """\
 # Collectives: calibrated time = (overhead_s^p + T(eta)^p)^(1/p), p = overlap_exponent, where T(eta) is
 # the datasheet collective model with ICI links at ici_link_efficiency of their rate.
 # residuals: (predicted - measured) / measured at each measured size.
-# Compute: mxu_efficiency and hbm_efficiency scale peak FLOP/s and HBM bandwidth.
+# Compute: mxu_efficiency and hbm_efficiency scale peak FLOP/s and HBM bandwidth (see fitted_on).
 """
 
 
