@@ -12,7 +12,7 @@ What becomes what (the entry computation is walked in XLA's schedule order, ``is
   reduce-scatter / all-reduce / all-to-all / permute their operand. Replica groups are resolved to
   the topology's axes from the first group's device coordinates.
 * ``copy-start``/``copy-done`` into or out of host memory (memory space ``S(5)``): host copies over
-  PCIe.
+  PCIe. Each ``-done`` becomes a zero-cost op that lasts while it waits, as in XLA's profiles.
 * ``while`` loops: their body, trip-count times (1 when the count cannot be read; noted).
 * bookkeeping (parameters, constants, tuples, bitcasts, ...) costs nothing.
 """
@@ -254,9 +254,13 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
                     pending.append(i)
                 continue
             if ins.name in ends:
-                i = coll_index.get(id(ends[ins.name]))
-                if i is not None:
-                    pending.append(i)
+                rec = ends[ins.name]
+                i = coll_index.get(id(rec))
+                if i is not None:  # a zero-cost op that lasts while it waits, like XLA's "-done"
+                    i = add(dict(name=prefix + ins.name, stream=COMPUTE, category=f"{rec['kind']}-done",
+                                 deps=tuple(pending) + (i,)))
+                    pending.clear()
+                    last_compute[0] = i
                 continue
             if ins.opcode == "while":
                 trips = an.trip_count(ins)
@@ -282,7 +286,10 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
             if ins.opcode == "copy-done":
                 src = ins.operands[0].split()[-1].lstrip("%") if ins.operands else ""
                 if src in ends_copy:
-                    pending.append(ends_copy[src])
+                    i = add(dict(name=prefix + ins.name, stream=COMPUTE, category="copy-done",
+                                 deps=tuple(pending) + (ends_copy[src],)))
+                    pending.clear()
+                    last_compute[0] = i
                     continue
             if ins.opcode in FREE or ins.opcode.endswith("-done"):
                 continue
