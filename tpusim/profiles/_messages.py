@@ -63,6 +63,6 @@ def message_classes(package: str, schema: dict[str, list[tuple]]) -> dict[str, t
                     msg.oneof_decl.add(name=oneof[0])
                 msg.field[-1].oneof_index = oneofs[oneof[0]]
     pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
+    pool.AddSerializedFile(fdp.SerializeToString())
     return {name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.{name}"))
             for name in schema}

@@ -123,6 +123,13 @@ def _fill_modules(df: pd.DataFrame) -> None:
         df.loc[rows[no_pid], "program_id"] = m.program_id.to_numpy()[i[no_pid]]
 
 
+def _id_array(values: pd.Series, dtype: str) -> pd.api.extensions.ExtensionArray:
+    """64-bit ids as a nullable array, wrapped into the dtype's range as two's complement."""
+    half = 2**63
+    wrap = (lambda x: x % 2**64) if dtype == "UInt64" else (lambda x: (x + half) % 2**64 - half)
+    return pd.array([None if x is None or pd.isna(x) else wrap(int(x)) for x in values], dtype=dtype)
+
+
 def timeline_frame(rows: list[dict], *, source: str) -> pd.DataFrame:
     """The simulator's timeline columns from raw reader rows (see the module docstring for clocks).
 
@@ -154,10 +161,10 @@ def timeline_frame(rows: list[dict], *, source: str) -> pd.DataFrame:
         # Subtract in picoseconds before scaling: absolute times are ~1e14 ps, exact in float64.
         "start_s": (start - t0) * 1e-12, "end_s": (end - t0) * 1e-12,
         "flops": df.flops.astype(float).fillna(0.0), "bytes": df.bytes.astype(float).fillna(0.0),
-        "long_name": df.long_name, "hlo_category": df.hlo_category, "module": df.module.fillna(""),
-        # Nullable uint64: some events have no module, and program ids need all 64 bits.
-        "program_id": pd.array(df.program_id.tolist(), dtype="UInt64"),
-        "run_id": pd.array(df.run_id.tolist(), dtype="UInt64"),
+        "long_name": df.long_name, "hlo_category": df.hlo_category, "module": df.module.fillna("").astype(str),
+        # Nullable: host events may have no module. XLA program ids are uint64 (they exceed int64);
+        # run ids are int64 (negative on the CPU backend).
+        "program_id": _id_array(df.program_id, "UInt64"), "run_id": _id_array(df.run_id, "Int64"),
         "host_start_s": (df.start_ps - t0) * 1e-12, "host_end_s": (df.end_ps - t0) * 1e-12,
     })
     return out.sort_values(["device", "start_s", "stream"], kind="stable").reset_index(drop=True)

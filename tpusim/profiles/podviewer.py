@@ -48,10 +48,11 @@ def read_pod_viewer(path: str | Path) -> pd.DataFrame:
     if not isinstance(steps, list):
         raise TpusimError("not a pod viewer output: no podStatsSequence.podStatsMap", source=str(path))
     rows = []
-    for step in steps:
+    for i, step in enumerate(steps):
         for op in step.get("allReduceOpDb", []):
             groups = [[int(r) for r in g.get("replicaIds", [])] for g in op.get("replicaGroups", [])]
-            rows.append({"step": int(step.get("stepNum", len(rows))), "name": op.get("name", ""),
+            # proto3 JSON omits a stepNum of 0, hence the position as default.
+            rows.append({"step": int(step.get("stepNum", i)), "name": op.get("name", ""),
                          "kind": _kind(op.get("description", "")), "data_bytes": int(op.get("dataSize", 0)),
                          "duration_s": float(op.get("durationUs", 0.0)) * 1e-6,
                          "occurrences": int(op.get("occurrences", 0)), "replica_groups": groups or None,

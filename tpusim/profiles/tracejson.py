@@ -51,7 +51,9 @@ def load_trace_events(path: Path) -> list[dict]:
     # The object form {"traceEvents": [...]} or the bare array form of the trace-event format.
     events = doc.get("traceEvents") if isinstance(doc, dict) else doc
     if not isinstance(events, list):
-        raise TpusimError("not a trace: no 'traceEvents' list", source=src)
+        pod_viewer = isinstance(doc, dict) and "podStatsSequence" in doc
+        hint = " (a pod viewer output: use read_pod_viewer)" if pod_viewer else ""
+        raise TpusimError(f"not a trace: no 'traceEvents' list{hint}", source=src)
     if not any(isinstance(e, dict) and e.get("ph") for e in events):
         raise TpusimError("the trace has no events", source=src)
     return events

@@ -71,15 +71,18 @@ def load_xspace(path: Path) -> XSpace:
 
 
 def stats_of(stats, names: dict[int, str]) -> dict:
-    """XStats as ``{name: value}``; a ``ref_value`` is an id into the plane's stat names (it holds
-    strings that repeat, such as op names on the CPU backend)."""
+    """XStats as ``{name: value}``, skipping stats with no value set.
+
+    A ``ref_value`` is an id into the plane's stat names: the profiler stores strings that repeat
+    (op and module names on the CPU backend) once, there.
+    """
     out = {}
     for st in stats:
         kind = st.WhichOneof(_XSTAT_VALUE)
         if kind is not None:
             value = getattr(st, kind)
-            out[names.get(st.metadata_id, str(st.metadata_id))] = names.get(value, "") if kind == "ref_value" else value
-        # An XStat with no value set carries nothing; skip it.
+            key = names.get(st.metadata_id, str(st.metadata_id))
+            out[key] = names.get(value, "") if kind == "ref_value" else value
     return out
 
 
@@ -117,7 +120,7 @@ def _row(device: int, stream: str, line_ps: int, event, meta, st: dict) -> dict:
     }
 
 
-def _plane_rows(plane, *, cpu: bool) -> list[dict]:
+def _plane_rows(plane, *, cpu: bool, origin_ps: int) -> list[dict]:
     names = {k: v.name for k, v in plane.stat_metadata.items()}
     if cpu and "hlo_op" not in names.values():
         return []  # a host plane without XLA CPU ops (e.g. the host of a TPU capture)
@@ -125,7 +128,7 @@ def _plane_rows(plane, *, cpu: bool) -> list[dict]:
     meta_stats = {k: stats_of(m.stats, names) for k, m in plane.event_metadata.items() if m.stats}
     rows = []
     for line in plane.lines:
-        line_ps = line.timestamp_ns * 1000
+        line_ps = line.timestamp_ns * 1000 - origin_ps
         for ev in line.events:
             if ev.WhichOneof("data") != "offset_ps":
                 continue  # an aggregated counter (num_occurrences), not a timed event
@@ -163,6 +166,10 @@ def read_xplane(path: Path) -> tuple[list[dict], list[Device], dict[str, HloModu
         The file is missing, empty or not an XSpace, or it has no TPU plane and no XLA CPU ops.
     """
     space = load_xspace(path)
+    # Line timestamps may be Unix-epoch nanoseconds (~1e21 ps, beyond float64's exact integers):
+    # times are taken from the earliest line in exact integer arithmetic, before any float.
+    origin_ps = 1000 * min((line.timestamp_ns for plane in space.planes for line in plane.lines if line.events),
+                           default=0)
     rows: list[dict] = []
     devices: list[Device] = []
     modules: dict[str, HloModule] = {}
@@ -170,9 +177,9 @@ def read_xplane(path: Path) -> tuple[list[dict], list[Device], dict[str, HloModu
         if _TPU_PLANE.match(plane.name):
             names = {k: v.name for k, v in plane.stat_metadata.items()}
             devices.append(_device(plane, stats_of(plane.stats, names)))
-            rows += _plane_rows(plane, cpu=False)
+            rows += _plane_rows(plane, cpu=False, origin_ps=origin_ps)
         elif plane.name == "/host:CPU":
-            rows += _plane_rows(plane, cpu=True)
+            rows += _plane_rows(plane, cpu=True, origin_ps=origin_ps)
         elif plane.name == "/host:metadata":
             modules.update(_hlo_modules(plane, path))
     if not devices and not rows:
