@@ -77,13 +77,18 @@ def test_graph_counts_and_degrees(spec):
 
 
 def test_size_two_wrapped_axis_keeps_both_links():
-    """networkx's grid_graph(periodic=True) merges the two links of a wrapped axis of length 2."""
-    topo = parse_topology("v2:2x2")  # v2 wraps every axis
+    """networkx's grid_graph(periodic=True) merges the two links of a wrapped axis of length 2; a
+    topology told to wrap a 2-long axis keeps both (the + and the - link to the same neighbour)."""
+    from tpusim.topology import replace
+
+    topo = replace(parse_topology("v5e:2x2"), wraparound=(True, True))
     g = build_graph(topo)
     out = [(v, d["axis"], d["direction"]) for _, v, d in g.out_edges(0, data=True) if d["kind"] == "ici"]
     assert len(out) == 4  # +x and -x both reach chip (1, 0); +y and -y both reach (0, 1)
     assert len({v for v, _, _ in out}) == 2
     assert nx.grid_graph(dim=[2, 2], periodic=True).number_of_edges() == 4  # the trap: half the links
+    assert parse_topology("v2:2x2").wraparound == (False, False)  # a real 2-long axis: one link pair
+    assert parse_topology("v2:4x4").wraparound == (True, True)
 
 
 def test_graph_is_the_known_torus():

@@ -85,14 +85,18 @@ class ChipSpec:
 
         ``cube`` (v4/v5p/TPU7x): only slices made of whole 4x4x4 cubes (every side a multiple of 4)
         get wraparound, from the optical switches, on every axis; sub-cube slices (2x2x1, 2x2x2, 2x2x4)
-        have none. ``axis16`` (v5e/v6e): only an axis of length 16 wraps. ``always``: every axis.
+        have none. ``axis16`` (v5e/v6e): only an axis of length 16 wraps. ``always``: every axis longer
+        than 2.
         """
         if self.wraparound == "cube":
             whole_cubes = all(d % 4 == 0 for d in shape)
             return tuple(whole_cubes and d > 1 for d in shape)
         if self.wraparound == "axis16":
             return tuple(d == 16 for d in shape)
-        return tuple(d > 1 for d in shape)
+        # "always" (v2/v3): every axis of 3 or more chips. A 2-long axis's two neighbours are the same
+        # chip, joined by one link pair (a doubled link would have made the v2 2x2's measured
+        # collectives twice as fast as they are; docs/VALIDATION.md).
+        return tuple(d > 2 for d in shape)
 
 
 # ---- the file's schema: numbers with unit and source; converted to ChipSpec by _to_spec ------------

@@ -288,3 +288,79 @@ def _write_run(out, result, summary: dict, all_devices: bool) -> None:
     write_parquet(df, out / "timeline.parquet")
     write_chrome_trace(df, result, out / "trace.json.gz")
     write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+
+
+@main.command()
+@click.argument("profile", metavar="PROFILE")
+@click.option("--topology", "-t", "topology", metavar="CHIP:SHAPE", help="default: read from the profile")
+@_mode_option
+@_json_option
+def replay(profile: str, topology: str | None, mode: str, as_json: bool) -> None:
+    """Simulate what a real profile ran, op by op, and compare with the measured times.
+
+    PROFILE: an .xplane.pb, a trace-viewer / Perfetto JSON, a profile directory, or a TensorBoard
+    pod_viewer JSON (its collectives)."""
+    from tpusim.topology import parse_topology
+
+    if str(profile).endswith("pod_viewer.json"):
+        from tpusim.replay import replay_pod_viewer
+
+        df = replay_pod_viewer(profile, mode=mode)
+        med = float(df.rel_error.abs().median())
+        payload = {"profile": profile, "mode": mode, "median_abs_rel_error": med,
+                   "ops": df.rename(columns={"kind": "category"}).to_dict("records")}
+        lines = [f"{profile}: {len(df)} collectives simulated alone ({mode})"]
+    else:
+        from tpusim.profiles import read_profile
+        from tpusim.replay import replay as run_replay
+
+        prof = read_profile(profile)
+        result = run_replay(prof, topology=parse_topology(topology) if topology else None, mode=mode)
+        df = result.ops
+        med = result.median_abs_rel_error
+        payload = {"profile": prof.source, "topology": result.topology.name, "mode": mode,
+                   "median_abs_rel_error": med, "ops": df.to_dict("records"),
+                   "modules": result.module_times.to_dict("records")}
+        lines = [f"{prof.source} on {result.topology.name} ({mode})"]
+        for r in result.module_times.itertuples(index=False):
+            lines.append(f"  module {r.module}: measured {r.measured_s * 1e3:.3f} ms, simulated "
+                         f"{r.simulated_s * 1e3:.3f} ms ({r.simulated_s / r.measured_s - 1:+.1%}), {r.runs} runs")
+    lines.append(f"  {'op':<28}{'kind':<16}{'measured':>12}{'simulated':>12}{'error':>9}")
+    for r in df.itertuples(index=False):
+        kind = getattr(r, "category", getattr(r, "kind", ""))
+        lines.append(f"  {str(r.name):<28}{str(kind)[:15]:<16}{r.measured_s * 1e3:>10.3f}ms{r.simulated_s * 1e3:>10.3f}ms"
+                     f"{r.rel_error:>+9.1%}")
+    lines.append(f"  median |error| {med:.1%} (ops of at least 1 us)")
+    _emit(as_json, payload, "\n".join(lines))
+
+
+@main.command()
+@click.argument("run_dir", metavar="RUN_DIR")
+@click.argument("profile", metavar="PROFILE")
+@click.option("--trace", "trace_out", metavar="FILE", help="write both timelines in one Chrome trace here "
+              "(default RUN_DIR/compare.trace.json.gz)")
+@_json_option
+def compare(run_dir: str, profile: str, trace_out: str | None, as_json: bool) -> None:
+    """Compare a simulated run (tpusim run --out RUN_DIR) with a real profile."""
+    from pathlib import Path
+
+    from tpusim.compare import compare as do_compare, load_run, write_merged_trace
+    from tpusim.profiles import read_profile
+    from tpusim.units import fmt_time
+
+    summary, timeline = load_run(run_dir)
+    prof = read_profile(profile)
+    result = do_compare(summary, timeline, prof)
+    out = Path(trace_out) if trace_out else Path(run_dir) / "compare.trace.json.gz"
+    write_merged_trace(run_dir, prof, out)
+    result["trace"] = str(out)
+    st = result["step_time_s"]
+    lines = [f"{result['workload']} (simulated) against {result['module']} in {prof.source}",
+             f"  step time    measured {fmt_time(st['measured'])}, simulated {fmt_time(st['simulated'])}"
+             + (f" ({st['rel_error']:+.1%})" if st["rel_error"] is not None else ""),
+             f"  {'category':<20}{'measured':>12}{'simulated':>12}"]
+    lines += [f"  {c['category']:<20}{fmt_time(c['measured_s']):>12}{fmt_time(c['simulated_s']):>12}"
+              for c in result["categories"]]
+    lines.append(f"  ops matched by name: {result['ops_matched']}")
+    lines.append(f"  both timelines: {out} (open in Perfetto)")
+    _emit(as_json, result, "\n".join(lines))

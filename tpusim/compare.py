@@ -1,0 +1,116 @@
+"""A simulated run against a real profile: step time, time by category, op by op where names match,
+and both timelines in one Chrome trace (the simulation above, the profile's device 0 below)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tpusim.errors import TpusimError
+from tpusim.profiles import Profile
+
+KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+
+
+def coarse_category(category: str) -> str:
+    """compute, one of the collective kinds, or host transfers."""
+    c = (category or "").replace("all-reduce-scatter", "reduce-scatter")
+    if c.startswith("copy") or "host" in c:
+        return "host transfers"
+    for k in KINDS:
+        if k in c:
+            return k
+    return "compute"
+
+
+def load_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
+    run_dir = Path(run_dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        timeline = pd.read_parquet(run_dir / "timeline.parquet")
+    except FileNotFoundError as e:
+        raise TpusimError(f"not a run folder ({Path(e.filename).name} missing; write one with tpusim run --out)",
+                          source=str(run_dir)) from None
+    except (ValueError, OSError, json.JSONDecodeError) as e:
+        raise TpusimError(f"cannot read the run: {e.__class__.__name__}", source=str(run_dir)) from None
+    return summary, timeline
+
+
+def _profile_step(profile: Profile) -> tuple[str, pd.DataFrame, float]:
+    """The module with the most time on device 0, its ops during its first run, and its median run time."""
+    t = profile.timeline
+    mods = t[(t.device == 0) & (t.stream == "XLA Modules")]
+    if mods.empty:
+        raise TpusimError("the profile has no XLA Modules on device 0", source=profile.source)
+    dur = (mods.end_s - mods.start_s).groupby(mods.module).sum()
+    module = str(dur.idxmax())
+    runs = mods[mods.module == module].sort_values("host_start_s")
+    first = runs.iloc[0]
+    ops = t[(t.device == 0) & (t.stream == "XLA Ops") & (t.host_start_s >= first.host_start_s)
+            & (t.host_start_s <= first.host_end_s)]
+    return module, ops, float(np.median(runs.end_s - runs.start_s))
+
+
+def compare(summary: dict, timeline: pd.DataFrame, profile: Profile) -> dict:
+    module, real_ops, real_step = _profile_step(profile)
+    dev = int(timeline.device.min())
+    sim = timeline[timeline.device == dev]
+    sim_ops = sim[sim.stream == "XLA Ops"]
+    sim_async = sim[sim.stream == "Async XLA Ops"]
+    real_by = (real_ops.end_s - real_ops.start_s).groupby(real_ops.category.map(coarse_category)).sum()
+    sim_by = (sim_ops.end_s - sim_ops.start_s).groupby(sim_ops.category.map(coarse_category)).sum()
+    # Both sides count what the TensorCore's row shows: its ops, and the time it waits on collectives
+    # and copies (a profile's "-done" and synchronous collectives; a simulation of imported HLO has the
+    # same "-done" ops, one of a compiled workload has the summary's exposed time by kind instead).
+    exposed = {}
+    for kind, secs in summary.get("exposed_comm_by_kind_s", {}).items():
+        exposed[coarse_category(kind)] = exposed.get(coarse_category(kind), 0.0) + secs
+    cats = sorted(set(real_by.index) | set(sim_by.index) | set(exposed))
+    categories = [{"category": c, "measured_s": float(real_by.get(c, 0.0)),
+                   "simulated_s": float(sim_by[c] if c in sim_by.index and (c == "compute" or sim_by[c] > 0)
+                                        else exposed.get(c, 0.0))}
+                  for c in cats]
+    real_med = (real_ops.end_s - real_ops.start_s).groupby(real_ops.name).median()
+    sim_dur = pd.concat([sim_ops, sim_async]).assign(d=lambda f: f.end_s - f.start_s).groupby("name").d.sum()
+    common = sorted(set(real_med.index) & set(sim_dur.index))
+    ops = [{"name": n, "measured_s": float(real_med[n]), "simulated_s": float(sim_dur[n]),
+            "rel_error": float(sim_dur[n] / real_med[n] - 1) if real_med[n] > 0 else None} for n in common]
+    real_busy = float(real_by.get("compute", 0.0))
+    return {
+        "profile": profile.source, "module": module, "workload": summary.get("workload"),
+        "step_time_s": {"measured": real_step, "simulated": summary["step_time_s"],
+                        "rel_error": summary["step_time_s"] / real_step - 1 if real_step else None},
+        "compute_s": {"measured": real_busy, "simulated": summary.get("compute_s")},
+        "exposed_comm_s": {"measured": max(real_step - real_busy, 0.0), "simulated": summary.get("exposed_comm_s")},
+        "categories": categories, "ops": ops, "ops_matched": len(ops),
+    }
+
+
+def merged_trace(sim_trace: dict, profile: Profile, module_ops: pd.DataFrame) -> dict:
+    """The simulated trace (pids as they are) plus the profile's device 0 ops as one more process."""
+    events = list(sim_trace["traceEvents"])
+    pid = 1 + max([e.get("pid", 0) for e in events] + [0])
+    events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": f"measured: {profile.source}"}})
+    events.append({"ph": "M", "pid": pid, "tid": 1, "name": "thread_name", "args": {"name": "XLA Ops"}})
+    t0 = module_ops.start_s.min() if len(module_ops) else 0.0
+    for r in module_ops.itertuples(index=False):
+        events.append({"ph": "X", "pid": pid, "tid": 1, "name": r.name, "ts": (r.start_s - t0) * 1e6,
+                       "dur": (r.end_s - r.start_s) * 1e6, "args": {"category": r.category}})
+    return {"displayTimeUnit": "ns", "traceEvents": events}
+
+
+def write_merged_trace(run_dir: str | Path, profile: Profile, out: str | Path) -> None:
+    from tpusim.timeline import write_atomic
+
+    run_dir = Path(run_dir)
+    try:
+        sim_trace = json.loads(gzip.decompress((run_dir / "trace.json.gz").read_bytes()))
+    except (OSError, ValueError) as e:
+        raise TpusimError(f"cannot read trace.json.gz: {e.__class__.__name__}", source=str(run_dir)) from None
+    _, ops, _ = _profile_step(profile)
+    text = json.dumps(merged_trace(sim_trace, profile, ops), separators=(",", ":")).encode()
+    write_atomic(Path(out), gzip.compress(text, mtime=0))
