@@ -179,7 +179,7 @@ class Engine:
         issue_points = {d for op in prog.ops if op.stream in ASYNC_STREAMS for d in op.deps
                         if prog.ops[d].stream == COMPUTE}
         compute_done = {(c, i): env.event() for c in range(n_classes) for i in issue_points}
-        coll_done = {op.index: env.event() for op in prog.ops if op.stream in ASYNC_STREAMS}
+        async_done = {op.index: env.event() for op in prog.ops if op.stream in ASYNC_STREAMS}
         # Op costs and collective plans are computed once, before env.run() (hot loop stays thin).
         cost = [op_time(op, self.cp) if op.stream == COMPUTE else 0.0 for op in prog.ops]
         plans: dict[tuple, CollectivePlan] = {}
@@ -200,7 +200,7 @@ class Engine:
                 done += 1
                 if c == 0 and self.progress is not None and done % 512 == 0:
                     self.progress(done)
-                waits = [coll_done[d] for d in op.deps if d in coll_done]
+                waits = [async_done[d] for d in op.deps if d in async_done]
                 start = env.now  # a "-done" op lasts while it waits, as XLA's profiles show it
                 if waits:
                     pending = [e for e in waits if not e.triggered]
@@ -219,13 +219,17 @@ class Engine:
                 if ev is not None:
                     ev.succeed()
 
-        def collective(op):
+        def wait_for_deps(op):
+            """An async op starts once the ops it was issued after have run on every device class."""
             deps = [compute_done[(c, d)] for d in op.deps for c in range(n_classes) if (c, d) in compute_done]
-            deps += [coll_done[d] for d in op.deps if d in coll_done]
+            deps += [async_done[d] for d in op.deps if d in async_done]
             pending = [e for e in deps if not e.triggered]
             if pending:
                 yield env.all_of(pending)
                 self.events += 1
+
+        def collective(op):
+            yield from wait_for_deps(op)
             start = env.now
             plan = op_plans[op.index]
             for si, stage in enumerate(plan.stages):
@@ -254,22 +258,17 @@ class Engine:
                 self.events += 1
             rec.add(-1, "Async XLA Ops", op.name, op.category, op.layer, op.phase, start, env.now, 0.0, op.bytes,
                     op.index)
-            coll_done[op.index].succeed()
+            async_done[op.index].succeed()
 
         def host_copy(op):
-            deps = [compute_done[(c, d)] for d in op.deps for c in range(n_classes) if (c, d) in compute_done]
-            deps += [coll_done[d] for d in op.deps if d in coll_done]
-            pending = [e for e in deps if not e.triggered]
-            if pending:
-                yield env.all_of(pending)
-                self.events += 1
+            yield from wait_for_deps(op)
             start = env.now
             yield links["PCIe d2h" if op.category == "copy-to-host" else "PCIe h2d"].transfer(op.bytes)
             self.events += 1
             rec.add(-1, "PCIe", op.name, op.category, op.layer, op.phase, start, env.now, 0.0, op.bytes, op.index)
             rec.add(-1, "Async XLA Ops", op.name, op.category, op.layer, op.phase, start, env.now, 0.0, op.bytes,
                     op.index)
-            coll_done[op.index].succeed()
+            async_done[op.index].succeed()
 
         for op in prog.ops:
             if op.stream == COLLECTIVE:

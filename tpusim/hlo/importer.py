@@ -26,8 +26,8 @@ from pathlib import Path
 from tpusim.collectives.lowering import Axis, Span
 from tpusim.errors import TpusimError
 from tpusim.hlo.parse import (
-    DTYPE_BYTES, Instr, _Analysis, _callees, _split_top, array_bytes, array_shapes, extract_collectives,
-    parse_module,
+    DTYPE_BYTES, Instr, _Analysis, _callees, _split_top, array_bytes, array_shapes, expand_replica_groups,
+    extract_collectives, parse_module,
 )
 from tpusim.program import COLLECTIVE, COMPUTE, HOST, Memory, Op, Program
 from tpusim.topology import Topology
@@ -175,22 +175,9 @@ def group_axes(topo: Topology, devices: list[int], num_devices: int) -> tuple[Ax
 
 
 def replica_groups(rg: str | None, num_devices: int) -> list[list[int]]:
-    """Device ids of each replica group: ``{{0,1},{2,3}}``, iota ``[2,2]<=[4]`` / ``[4,2]<=[2,4]T(1,0)``,
-    or ``{}`` (every device)."""
-    import numpy as np
-
-    if rg is None or rg.strip() in ("", "{}"):
-        return [list(range(num_devices))]
-    rg = rg.strip()
-    m = re.match(r"^\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?$", rg)
-    if m:
-        dims = [int(x) for x in m.group(3).split(",")]
-        ids = np.arange(math.prod(dims)).reshape(dims)
-        if m.group(4):
-            ids = ids.transpose([int(x) for x in m.group(4).split(",")])
-        return ids.reshape(int(m.group(1)), int(m.group(2))).tolist()
-    groups = [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", rg)]
-    return [g for g in groups if g] or [list(range(num_devices))]
+    """Device ids of each replica group (see :func:`tpusim.hlo.parse.expand_replica_groups`); every
+    device when the attribute is empty or in a form we do not expand."""
+    return expand_replica_groups(rg, num_devices) or [list(range(num_devices))]
 
 
 def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: str = "HLO") -> Program:

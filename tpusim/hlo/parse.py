@@ -263,6 +263,44 @@ def _replica_group_sizes(rg: str, num_devices: int | None) -> tuple[int | None, 
     return 1, num_devices  # "{}": one group of every device
 
 
+def expand_replica_groups(rg: str | None, num_devices: int | None = None) -> list[list[int]] | None:
+    """Device ids of each group of a ``replica_groups`` attribute value.
+
+    Forms: ``{{0,1},{2,3}}`` (explicit), the iota form ``[G,S]<=[d0,d1,...]T(perm)`` (ids over the
+    dims, transposed by ``perm``, cut into G groups of S) and ``{}`` (one group of every device, when
+    ``num_devices`` is known). XLA's newer ``mesh[...]`` form is not expanded (None).
+
+    >>> expand_replica_groups("[4,2]<=[2,4]T(1,0)")
+    [[0, 4], [1, 5], [2, 6], [3, 7]]
+    >>> expand_replica_groups("{{0,1},{2,3}}")
+    [[0, 1], [2, 3]]
+    """
+    if rg is None:
+        return None
+    rg = rg.strip()
+    if rg in ("", "{}"):
+        return [list(range(num_devices))] if num_devices else None
+    m = re.match(r"^\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?$", rg)
+    if m:
+        dims = [int(x) for x in m.group(3).split(",")]
+        perm = [int(x) for x in m.group(4).split(",")] if m.group(4) else list(range(len(dims)))
+        tdims = [dims[p] for p in perm]
+        strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
+        ids = []
+        for flat in range(math.prod(dims)):  # walk the transposed array in row-major order
+            idx, rest = [], flat
+            for n in reversed(tdims):
+                rest, r = divmod(rest, n)
+                idx.append(r)
+            idx.reverse()
+            ids.append(sum(idx[k] * strides[perm[k]] for k in range(len(dims))))
+        size = int(m.group(2))
+        return [ids[i:i + size] for i in range(0, len(ids), size)]
+    groups = [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", rg)]
+    groups = [g for g in groups if g]
+    return groups or None
+
+
 def _op_name(ins: Instr) -> str:
     m = re.search(r'op_name="([^"]*)"', ins.attrs.get("metadata", ""))
     return m.group(1) if m else ""

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from tpusim.errors import TpusimError
+from tpusim.hlo.parse import expand_replica_groups
 
 RAW_COLUMNS = ["device", "stream", "name", "hlo_category", "long_name", "start_ps", "end_ps",
                "device_start_ps", "device_end_ps", "flops", "bytes", "module", "program_id", "run_id"]
@@ -91,17 +92,8 @@ def replica_groups(long_name: str) -> list[list[int]] | None:
     >>> replica_groups("all-gather(...), replica_groups={{0,1},{2,3}}, dimensions={0}")
     [[0, 1], [2, 3]]
     """
-    m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", long_name)
-    if m:
-        shape, dims = [int(x) for x in m[1].split(",")], [int(x) for x in m[2].split(",")]
-        ids = np.arange(int(np.prod(dims))).reshape(dims)
-        if m[3]:
-            ids = ids.transpose([int(x) for x in m[3].split(",")])
-        return ids.reshape(shape[0], -1).tolist()
-    m = re.search(r"replica_groups=\{((?:\{[\d,\s]*\},?\s*)*)\}", long_name)
-    if m:
-        return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([\d,\s]*)\}", m[1])]
-    return None
+    m = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?|\{(?:\{[\d,\s]*\},?\s*)*\})", long_name)
+    return expand_replica_groups(m.group(1)) if m else None
 
 
 def _fill_modules(df: pd.DataFrame) -> None:
