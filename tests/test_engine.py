@@ -3,8 +3,6 @@ the book's regimes come out of the simulation, and runs are deterministic and sy
 
 from __future__ import annotations
 
-import io
-import math
 
 import pytest
 

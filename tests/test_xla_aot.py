@@ -28,7 +28,6 @@ import json
 import pytest
 
 from tpusim.api import compile_workload
-from tpusim.program import COLLECTIVE
 
 from conftest import REPO
 

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    print(f"| case | chips | ops | events | compile (s) | simulate (s) | peak memory (MB) |")
+    print("| case | chips | ops | events | compile (s) | simulate (s) | peak memory (MB) |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, path, topo, slices in CASES:
         r = run_case(path, topo, slices, args.repeat)
