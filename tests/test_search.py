@@ -1,0 +1,120 @@
+"""Search: the book's reasoning on a scaled-down LLaMA-3 70B on v5p, the rooflines it prunes with, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import value
+
+from tpusim.cli import main
+from tpusim.search import PRUNE_MARGIN, meshes, plans, search
+from tpusim.sweep import Task, config_key, run_task
+from tpusim.workload import workload_from_dict
+
+# applied-training.md's LLaMA-3 70B (appl-train-*), scaled down: 8 of its 80 layers (per-layer compute
+# and FSDP traffic keep their ratio) on a v5p 4x4x8, with 512 tokens per chip: below the book's 850
+# (alpha / 3 axes), where pure FSDP is communication-bound and a little tensor parallelism pays.
+BOOK_CASE = {"name": "llama3_70b_v5p_scaled", "chip": "v5p", "topology": "v5p:4x4x8",
+             "model": {"model_name": "llama3-70b", "base_num_decoder_layers": 8},
+             "step": {"per_device_batch_size": 1, "max_target_length": 512, "remat_policy": "full"},
+             "sharding": {"ici_fsdp_parallelism": -1}}
+
+
+@pytest.fixture(scope="module")
+def book_case(tmp_path_factory):
+    path = tmp_path_factory.mktemp("search") / "llama3_70b_v5p.yaml"
+    path.write_text(yaml.safe_dump(BOOK_CASE))
+    return path
+
+
+@pytest.fixture(scope="module")
+def result(book_case):
+    return search(book_case, keep_global_batch=True, top=5, workers=2)
+
+
+def test_best_plan_is_mostly_fsdp_with_a_little_tensor(result, book_cases):
+    best = result["top"][0]["overrides"]
+    assert 2 <= best["ici_tensor_parallelism"] <= 8
+    assert best["ici_fsdp_parallelism"] * best["ici_tensor_parallelism"] == 128  # FSDP for the rest
+    # the book's plan for the full pod: tensor 4 with FSDP (appl-train-fsdp-tp-plan)
+    assert value(book_cases["appl-train-fsdp-tp-plan"], "expected", "tp") == 4
+    assert result["top"][0]["mfu"] > 1.2 * result["pure_fsdp"]["mfu"]
+    assert "pure FSDP's MFU" in result["top"][0]["why"] and "exposed communication" in result["top"][0]["why"]
+
+
+def test_pure_fsdp_is_reported_comm_bound_below_the_books_limit(result, book_cases):
+    pure = result["pure_fsdp"]
+    limit = value(book_cases["appl-train-fsdp-only-check"], "expected", "limit")  # 850 = 2550 / 3 axes
+    assert pure["limit_tokens_per_chip"] == pytest.approx(limit, rel=0.01)
+    assert pure["tokens_per_chip"] == 512 < limit
+    assert pure["book_comm_bound"] and pure["comm_bound"] and pure["bottleneck"].startswith("communication")
+    assert pure["exposed_fraction"] > 0.3 and "communication-bound by the book" in pure["verdict"]
+
+
+def test_counts_add_up_and_pruning_is_reported(result, book_case):
+    c = result["counts"]
+    found = plans(book_case, keep_global_batch=True)
+    assert c["enumerated"] == c["invalid"] + c["out_of_hbm"] + c["duplicate"] + len(found["plans"])
+    assert len(found["plans"]) == c["roofline"] + c["budget"] + c["simulated"]
+    assert c["roofline"] > len(found["plans"]) / 2 and c["out_of_hbm"] > 0  # data 128 holds the whole model
+
+
+def test_pruned_plans_do_lose(result, book_case):
+    """The roofline's lower bound is a bound: the pruned plans closest to the cut, simulated, lose."""
+    found = plans(book_case, keep_global_batch=True)
+    per_token = {k: p["roofline"].lower_s / p["roofline"].tokens_per_chip for k, p in found["plans"].items()}
+    best = min(p["roofline"].estimate_s / p["roofline"].tokens_per_chip for p in found["plans"].values())
+    pruned = sorted((k for k in per_token if per_token[k] > PRUNE_MARGIN * best and not found["plans"][k]["pure_fsdp"]),
+                    key=per_token.get)[:3]
+    assert pruned
+    for i, key in enumerate(pruned):
+        row = run_task(Task(index=i, key=key, raw=found["raw"], source=found["source"], topology="v5p:4x4x8",
+                            slices=1, mode="calibrated", inputs=found["plans"][key]["overrides"]))
+        assert row["status"] == "ok" and row["mfu"] < result["top"][0]["mfu"], key
+
+
+def test_roofline_closed_forms(book_case):
+    """Pure FSDP over 3 axes: alpha / 3; fsdp x tensor 4 with tensor on one axis: Y alpha / F."""
+    found = plans(book_case, keep_global_batch=True, remat=("full",))
+    by = {(p["overrides"]["ici_fsdp_parallelism"], p["overrides"]["ici_tensor_parallelism"]): p["roofline"]
+          for p in found["plans"].values() if p["overrides"]["ici_data_parallelism"] == 1
+          and p["overrides"]["ici_sequence_parallelism"] == 1}
+    assert by[128, 1].fsdp_axes == 3 and by[128, 1].fsdp_limit_tokens == pytest.approx(2550 / 3)
+    tp4 = by[32, 4]
+    assert tp4.tensor_axes == 1 and tp4.tensor_ratio == pytest.approx(4 * 2550 / 28672)
+    assert tp4.fsdp_limit_tokens == pytest.approx(2550 / tp4.fsdp_axes / 4)
+    # FSDP: 2 all-gathers + 1 reduce-scatter of the bf16 weights (1/Y of them with tensor Y), V (X - 1) / X
+    # through each chip's links, at W_ici = 180 GB/s per torus axis the mesh axis spans
+    params = found["workload"].model.params
+    assert by[128, 1].overlapped_s == pytest.approx(3 * 2 * params * 127 / 128 / (3 * 180e9))
+    assert tp4.overlapped_s == pytest.approx(3 * 2 * params / 4 * 31 / 32 / (2 * 180e9))
+    assert all(r.lower_s <= r.estimate_s for r in by.values())
+
+
+def test_meshes_respect_the_model():
+    w = workload_from_dict({"model_name": "llama3-70b", "per_device_batch_size": 1, "max_target_length": 512},
+                           source="t")
+    found = meshes(128, w.model, 512)
+    assert all(math.prod(m.values()) == 128 for m in found)
+    assert all(64 % m["tensor"] == 0 and 512 % m["sequence"] == 0 and m["expert"] == 1 for m in found)
+    assert len({config_key(m) for m in found}) == len(found)
+    # 128 = 2^7 over data, fsdp, tensor, sequence (expert only for MoE): C(7 + 3, 3) ordered splits, less
+    # tensor 128 (64 heads)
+    assert len(found) == math.comb(10, 3) - 1
+
+
+def test_cli_search(book_case):
+    r = CliRunner().invoke(main, ["search", str(book_case), "--keep-global-batch", "--remat", "full",
+                                  "--top", "2", "--budget", "8", "--workers", "2"])
+    assert r.exit_code == 0, r.output
+    assert "fsdp" in r.stdout and "why:" in r.stdout and "pure FSDP" in r.stdout and "850" in r.stdout
+    j = CliRunner().invoke(main, ["search", str(book_case), "--keep-global-batch", "--remat", "full", "--top", "1",
+                                  "--budget", "4", "--json"])
+    payload = json.loads(j.stdout)
+    assert payload["counts"]["simulated"] <= 4 + 1 and len(payload["top"]) == 1
+    bad = CliRunner().invoke(main, ["search", str(book_case), "--remat", "fast"])
+    assert bad.exit_code == 2 and "--remat" in bad.stderr and bad.stderr.count("\n") == 1

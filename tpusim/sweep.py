@@ -1,0 +1,462 @@
+"""Sweeps: one simulated step per point of a grid of workload settings, one row per point.
+
+A sweep is a workload, a topology and ``vary``: MaxText flat keys (or ``topology``, ``slices``,
+``mode``) each with a list of values. :func:`run_sweep` runs the cartesian product, in order, and
+returns (and writes, as configurations finish) one row per configuration::
+
+    index, config, <one column per varied key>, status, reason, <every field of tpusim run --json>
+
+``status`` is ``ok``, ``infeasible`` (does not fit in HBM), ``invalid`` (the configuration is wrong:
+``reason`` says why) or ``error`` (a bug in tpusim; redone on resume). ``config`` is the canonical
+JSON of every input (workload name, topology, slices, mode and the varied values): a sweep run again
+with the same output file skips the configurations already in it, so an interrupted sweep resumes
+and loses nothing. Summary mappings with fixed keys (``utilization``, ``memory``) become
+``parent.key`` columns; the other nested fields become JSON strings.
+
+Configurations run in local worker processes (every core), serially (``workers=1``), or as Ray
+tasks; the simulator is deterministic, so the rows are the same whichever way they ran, except
+``sim_wall_s`` (the wall time of the simulation).
+
+>>> parse_vary(["per_device_batch_size=1,0.5", "remat_policy=full,minimal"])
+{'per_device_batch_size': (1, 0.5), 'remat_policy': ('full', 'minimal')}
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from tpusim.config import read_yaml
+from tpusim.errors import InfeasibleError, TpusimError
+
+MAX_GRID = 2000  # configurations a sweep runs without --yes
+SWEEP_KEYS = ("topology", "slices", "mode")  # varied by the sweep itself, not keys of the workload
+FLAT_DICTS = ("utilization", "memory")  # summary mappings with fixed keys: one column per key
+MODES = ("calibrated", "datasheet")
+_SWEEP_FILE_KEYS = ("workload", "topology", "topologies", "slices", "mode", "vary")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Task:
+    """One configuration to simulate: the workload's mapping plus the varied values (``inputs``)."""
+
+    index: int
+    key: str
+    raw: dict
+    source: str
+    topology: str | None
+    slices: int | None
+    mode: str
+    inputs: dict
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Sweep:
+    """A grid: the workload (its file's mapping), fixed settings and the values of each varied key."""
+
+    workload: str
+    raw: dict
+    topology: str | None = None
+    slices: int | None = None
+    mode: str = "calibrated"
+    vary: dict[str, tuple] = field(default_factory=dict)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return math.prod(len(v) for v in self.vary.values())
+
+    def context(self) -> dict:
+        """The fixed inputs every configuration's key includes."""
+        name = self.raw.get("name") or Path(self.workload).stem
+        return {"workload": name, "topology": self.topology, "slices": self.slices, "mode": self.mode}
+
+    def tasks(self) -> list[Task]:
+        keys = list(self.vary)
+        context = self.context()
+        return [Task(index=i, key=config_key({**context, **inputs}), raw=self.raw, source=self.workload,
+                     topology=self.topology, slices=self.slices, mode=self.mode, inputs=inputs)
+                for i, inputs in enumerate(dict(zip(keys, combo, strict=True)) for combo in
+                                           itertools.product(*self.vary.values()))]
+
+
+def config_key(inputs: dict) -> str:
+    """The canonical JSON of a configuration's inputs: what resuming matches rows by."""
+    return json.dumps(inputs, sort_keys=True, separators=(",", ":"))
+
+
+def parse_value(text: str, *, source: str = "--vary") -> Any:
+    """A YAML scalar: ``2`` -> 2, ``0.5`` -> 0.5, ``full`` -> 'full', ``true`` -> True."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise TpusimError(f"{text!r} is not a YAML scalar", source=source) from None
+    if value is None or isinstance(value, (list, dict)):
+        raise TpusimError(f"{text!r} is not a single value (a number or a word)", source=source)
+    return value
+
+
+def parse_vary(items: Iterable[str], *, source: str = "--vary") -> dict[str, tuple]:
+    """``KEY=V1,V2,...`` options -> {key: values}; malformed, empty or repeated keys are errors."""
+    vary: dict[str, tuple] = {}
+    for item in items:
+        key, eq, values = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise TpusimError(f"{item!r} is not KEY=V1,V2,... (e.g. per_device_batch_size=1,2)", source=source)
+        if key in vary:
+            raise TpusimError(f"{key} is given twice; list all its values in one KEY=V1,V2", source=source)
+        parts = [p.strip() for p in values.split(",")]
+        if not values.strip() or any(not p for p in parts):
+            raise TpusimError(f"{key} has an empty value in {item!r}; give one or more values", source=source)
+        vary[key] = tuple(parse_value(p, source=f"{source} {key}") for p in parts)
+    return vary
+
+
+def read_sweep_file(path: str | Path) -> dict | None:
+    """A sweep file's settings: ``workload`` (relative to the file), ``topology``, ``topologies`` (a list
+    to vary), ``slices``, ``mode`` and ``vary`` (key -> list of values); None if ``path`` has no ``vary:``
+    (it is then a workload)."""
+    from tpusim.config import check_keys
+
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or "vary" not in raw:
+        return None
+    src = str(path)
+    check_keys(raw, _SWEEP_FILE_KEYS, source=src, prefix="")
+    if "workload" not in raw:
+        raise TpusimError("required key is missing", source=src, key="workload")
+    vary = raw.get("vary") or {}
+    if not isinstance(vary, dict):
+        raise TpusimError("expected a mapping of key -> list of values", source=src, key="vary")
+    out = {"workload": os.path.normpath(Path(path).parent / str(raw["workload"])), "vary": {}}
+    for key in ("topology", "slices", "mode"):
+        if key in raw:
+            out[key] = raw[key]
+    if "topologies" in raw:
+        if "topology" in vary:
+            raise TpusimError("give topologies or vary.topology, not both", source=src, key="topologies")
+        vary = {"topology": raw["topologies"], **vary}
+    for key, values in vary.items():
+        values = values if isinstance(values, list) else [values]
+        if not values or any(v is None or isinstance(v, (list, dict)) for v in values):
+            raise TpusimError("expected a non-empty list of values", source=src, key=f"vary.{key}")
+        out["vary"][str(key)] = tuple(values)
+    return out
+
+
+def make_sweep(workload: str | Path, vary: dict[str, tuple], *, topology: str | None = None,
+               slices: int | None = None, mode: str = "calibrated", limit: int = MAX_GRID,
+               yes: bool = False) -> Sweep:
+    """Check a grid before running it: every varied key is one the workload has (the loader's unknown-key
+    error), no value list is empty, ``mode`` values exist, and the grid has at most ``limit``
+    configurations unless ``yes``."""
+    from tpusim.workload import workload_from_dict
+
+    source = str(workload)
+    raw = read_yaml(workload)
+    if not isinstance(raw, dict):
+        raise TpusimError("a workload is a mapping of keys to values", source=source)
+    if not vary:
+        raise TpusimError("nothing to vary: give --vary KEY=V1,V2,...", source="tpusim sweep")
+    warnings = []
+    for key, values in vary.items():
+        if not values:
+            raise TpusimError(f"{key} has no values", source="--vary")
+        if key == "mode" and any(v not in MODES for v in values):
+            raise TpusimError(f"mode values are {' or '.join(MODES)}; got {list(values)}", source="--vary")
+        if key in SWEEP_KEYS:
+            continue
+        try:
+            w = workload_from_dict(raw, source=source, overrides={key: values[0]})
+        except TpusimError as e:
+            if e.key == key and e.reason.startswith("unknown key"):
+                raise TpusimError(f"{key}: {e.reason}: {source} has no such key", source="--vary") from None
+            continue  # a bad value is a row that says why, not a refused sweep
+        if key in w.ignored_keys:
+            warnings.append(f"{key} does not change performance: its rows will be the same")
+    sweep = Sweep(workload=source, raw=raw, topology=topology, slices=slices, mode=mode, vary=dict(vary),
+                  warnings=tuple(warnings))
+    if sweep.size > limit and not yes:
+        raise TpusimError(f"the grid has {sweep.size:,} configurations, more than {limit:,}: pass --yes to run "
+                          "them all, or vary fewer values", source="tpusim sweep")
+    return sweep
+
+
+def summary_columns(summary: dict) -> dict:
+    """``tpusim run --json``'s fields as flat columns (see the module docstring)."""
+    out: dict[str, Any] = {}
+    for k, v in summary.items():
+        if k in FLAT_DICTS and isinstance(v, dict):
+            out.update({f"{k}.{sub}": x for sub, x in v.items()})
+        elif isinstance(v, (dict, list, tuple)):
+            out[k] = json.dumps(v)
+        else:
+            out[k] = v
+    return out
+
+
+def run_task(task: Task) -> dict:
+    """Simulate one configuration; the row says ``ok``, or why not (never raises for a bad configuration)."""
+    from tpusim.api import compile_workload
+    from tpusim.engine import simulate
+    from tpusim.summary import summarize
+    from tpusim.workload import workload_from_dict
+
+    row: dict[str, Any] = {"index": task.index, "config": task.key, **task.inputs}
+    overrides = {k: v for k, v in task.inputs.items() if k not in SWEEP_KEYS}
+    topology = task.inputs.get("topology", task.topology)
+    slices = task.inputs.get("slices", task.slices)
+    mode = task.inputs.get("mode", task.mode)
+    try:
+        if slices is not None and (not isinstance(slices, int) or isinstance(slices, bool) or slices < 1):
+            raise TpusimError(f"{slices!r} is not a positive number of slices", source="slices")
+        w = workload_from_dict(task.raw, source=task.source, overrides=overrides)
+        _, topo, program = compile_workload(w, None if topology is None else str(topology), slices=slices)
+        summary = summarize(simulate(program, topo, mode=mode))
+    except InfeasibleError as e:
+        row.update(status="infeasible", reason=e.message)
+    except TpusimError as e:
+        row.update(status="invalid", reason=e.message)
+    except Exception as e:  # noqa: BLE001 - one bug must not end a 2,000-configuration sweep
+        row.update(status="error", reason=f"internal error (please report): {type(e).__name__}: {e}")
+    else:
+        row.update(status="ok", reason="")
+        for k, v in summary_columns(summary).items():
+            row.setdefault(k, v)  # a varied `topology` or `mode` keeps the user's spelling
+    return row
+
+
+def iter_rows(tasks: list[Task], *, workers: int | None = None, ray: str | None = None) -> Iterator[dict]:
+    """Rows as configurations finish (any order): serially, in worker processes, or as Ray tasks."""
+    if not tasks:
+        return
+    if ray is not None:
+        yield from _ray_rows(tasks, ray)
+        return
+    workers = workers or os.cpu_count() or 1
+    if workers <= 1 or len(tasks) <= 1:
+        yield from map(run_task, tasks)
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)))
+    try:
+        for future in as_completed([pool.submit(run_task, t) for t in tasks]):
+            yield future.result()
+    finally:  # interrupted: drop what has not started, let the running ones end
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes (Ray retries a dead address for a long time), if ``HOST:PORT`` is closed."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise TpusimError(f"{address!r} is not auto or HOST:PORT (the head node's, e.g. 10.0.0.2:6379)",
+                          source="--ray")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise TpusimError(f"cannot reach a Ray cluster at {address}: {e.strerror or e}", source="--ray") from None
+
+
+def _ray_rows(tasks: list[Task], address: str) -> Iterator[dict]:
+    """The same :func:`run_task` as Ray tasks. ``auto``: the running cluster (``RAY_ADDRESS`` or the one
+    last started on this machine), else a new local one; otherwise the cluster at ``address``. Workers
+    must have tpusim installed."""
+    try:
+        import ray
+    except ImportError:
+        raise TpusimError("Ray is not installed: pip install 'tpusim[ray]'", source="--ray") from None
+    started = not ray.is_initialized()
+    if started:
+        _check_reachable(address)
+        try:
+            ray.init(address=None if address == "auto" else address, include_dashboard=False,
+                     log_to_driver=False, logging_level="ERROR")
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise TpusimError(f"cannot reach a Ray cluster at {address!r}: {e}", source="--ray") from None
+    try:
+        remote = ray.remote(run_task)
+        pending = [remote.remote(t) for t in tasks]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            more, pending = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
+            yield from ray.get(done + more)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+# ---- results: a table rewritten atomically as rows arrive, read back to resume ----------------------
+
+def rows_frame(rows: Iterable[dict]) -> pd.DataFrame:
+    """Rows ordered by configuration index; columns in the order they first appear; integer columns
+    with missing values (e.g. ``chips`` of an invalid row) stay integers."""
+    rows = sorted(rows, key=lambda r: r["index"])
+    df = pd.DataFrame(rows)
+    for col in df.columns:
+        if df[col].dtype == float and all(isinstance(r[col], int) for r in rows if col in r):
+            df[col] = df[col].astype("Int64")
+    return df
+
+
+def row_dicts(df: pd.DataFrame) -> list[dict]:
+    """A frame's rows as dicts without their missing values (as a fresh row lacks them)."""
+    return [{k: v for k, v in r.items() if not pd.isna(v)} for r in df.to_dict("records")]
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a sweep's output file, to resume from."""
+    path = Path(path)
+    try:
+        df = (pd.read_parquet(path) if path.suffix == ".parquet" else
+              pd.read_csv(path, engine="python", dtype_backend="numpy_nullable"))  # exact floats
+    except Exception as e:  # noqa: BLE001 - any unreadable file: say so, never overwrite it
+        raise TpusimError(f"cannot read it to resume ({type(e).__name__}: {e}); move it away or choose another "
+                          "--out", source=str(path)) from None
+    if "config" not in df.columns or "index" not in df.columns:
+        raise TpusimError("not a tpusim sweep output (no config column); choose another --out", source=str(path))
+    if "reason" in df.columns:
+        df["reason"] = df["reason"].fillna("")  # CSV reads "" back as missing
+    return row_dicts(df)
+
+
+def write_rows(rows: Iterable[dict], path: str | Path) -> None:
+    """Write the table (Parquet or CSV by suffix) to a temporary file and rename it over ``path``."""
+    import tempfile
+
+    path = Path(path)
+    df = _arrow_safe(rows_frame(rows))
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if path.suffix == ".parquet":
+            df.to_parquet(tmp, index=False)
+        else:
+            df.to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
+    """A column mixing value types (``--vary KEY=1,auto``), which Parquet cannot store, becomes text
+    (JSON for the non-strings)."""
+    for col in df.columns:
+        if df[col].dtype == object:
+            kinds = {type(v) for v in df[col] if v is not None and not (isinstance(v, float) and math.isnan(v))}
+            if len(kinds) > 1:
+                df[col] = [v if isinstance(v, str) or v is None else json.dumps(v) for v in df[col]]
+    return df
+
+
+def check_out(path: str | Path) -> Path:
+    """An output file that can be written: .parquet or .csv, in a folder that exists."""
+    path = Path(path)
+    if path.suffix not in (".parquet", ".csv"):
+        raise TpusimError(f"write .parquet or .csv, not {path.suffix or 'no suffix'}", source=f"--out {path}")
+    if not path.parent.is_dir():
+        raise TpusimError("its folder does not exist", source=f"--out {path}")
+    return path
+
+
+@dataclass(slots=True, kw_only=True)
+class SweepRun:
+    """What :func:`run_sweep` did: every row (resumed and new, ordered) and how many it simulated."""
+
+    rows: pd.DataFrame
+    total: int
+    resumed: int
+    simulated: int
+    wall_s: float
+
+
+def run_sweep(sweep: Sweep, *, out: str | Path | None = None, workers: int | None = None, ray: str | None = None,
+              progress: Callable[[int, int], None] | None = None, on_row: Callable[[dict], None] | None = None,
+              flush_rows: int = 64, flush_s: float = 5.0) -> SweepRun:
+    """Run every configuration of ``sweep`` not already in ``out`` (rows with ``status: error`` are redone).
+
+    The output is rewritten atomically every ``flush_rows`` new rows or ``flush_s`` seconds, and once
+    more at the end or when interrupted. ``progress(done, todo)`` and ``on_row(row)`` are called in
+    this process as rows arrive. Rows already in ``out`` that the grid does not have are an error (the
+    file belongs to another sweep).
+    """
+    tasks = sweep.tasks()
+    by_key = {t.key: t for t in tasks}
+    rows: dict[str, dict] = {}
+    if out is not None and Path(out).exists():
+        for row in read_rows(out):
+            if row["config"] not in by_key:
+                raise TpusimError(f"holds rows of another sweep (e.g. {row['config']}); move it away or choose "
+                                  "another --out", source=str(out))
+            if row.get("status") != "error":
+                rows[row["config"]] = {**row, "index": by_key[row["config"]].index}
+    resumed = len(rows)
+    todo = [t for t in tasks if t.key not in rows]
+    t0 = last = time.perf_counter()
+    unsaved = 0
+    try:
+        for done, row in enumerate(iter_rows(todo, workers=workers, ray=ray), start=1):
+            rows[row["config"]] = row
+            unsaved += 1
+            if on_row is not None:
+                on_row(row)
+            if progress is not None:
+                progress(done, len(todo))
+            if out is not None and (unsaved >= flush_rows or time.perf_counter() - last >= flush_s):
+                write_rows(rows.values(), out)
+                unsaved, last = 0, time.perf_counter()
+    finally:
+        if out is not None and unsaved:
+            write_rows(rows.values(), out)
+    return SweepRun(rows=rows_frame(rows.values()), total=len(tasks), resumed=resumed, simulated=len(todo),
+                    wall_s=time.perf_counter() - t0)
+
+
+# ---- speed: python -m tpusim.sweep --bench -------------------------------------------------------------
+
+BENCH_GRIDS = {  # v5e:16x16, fsdp_70b.yaml with these keys fixed, x tensor 1-8 x sequence length 1k-4k
+    "fsdp_70b: LLaMA-3 70B, 80 layers (5-6k ops)": {},
+    "LLaMA-3 8B, 32 layers (2-3k ops)": {"model_name": ("llama3-8b",)},
+    "LLaMA-3 70B dims, 16 layers (1-1.5k ops)": {"base_num_decoder_layers": (16,)},
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m tpusim.sweep --bench [--workers N]``: configurations per second, 16 per grid, on v5e:16x16."""
+    import argparse
+
+    from tpusim.data import data_dir
+
+    parser = argparse.ArgumentParser(description="sweep speed: configurations per second on this machine")
+    parser.add_argument("--bench", action="store_true", required=True, help="run the benchmark")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: every core)")
+    args = parser.parse_args(argv)
+    print(f"| grid on v5e:16x16 ({args.workers} worker processes) | configurations | simulated | configurations/s |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, fixed in BENCH_GRIDS.items():
+        vary = {**fixed, "ici_tensor_parallelism": (1, 2, 4, 8), "max_target_length": (1024, 2048, 3072, 4096)}
+        sweep = make_sweep(data_dir("workloads") / "fsdp_70b.yaml", vary, topology="v5e:16x16")
+        run = min((run_sweep(sweep, workers=args.workers) for _ in range(2)), key=lambda r: r.wall_s)
+        ok = int((run.rows["status"] == "ok").sum())
+        print(f"| {name} | {run.total} | {ok} ok | {run.total / run.wall_s:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
