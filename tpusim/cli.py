@@ -206,7 +206,7 @@ def program(workload: str, topology: str | None, slices: int | None, as_json: bo
 @click.option("--slices", type=int, default=None, help="identical slices joined by DCN (default: the workload's)")
 @_mode_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="write summary.json, timeline.parquet and trace.json.gz (Perfetto / XProf) here")
+              help="write summary.json, timeline.parquet, trace.json.gz (Perfetto / XProf) and report.html here")
 @click.option("--all-devices", is_flag=True, help="expand the timeline to every device (large for big slices)")
 @click.option("--straggler", "stragglers", multiple=True, metavar="DEVICE=FACTOR",
               help="slow one device's compute by FACTOR (e.g. 3=1.2); repeatable")
@@ -288,6 +288,9 @@ def _write_run(out, result, summary: dict, all_devices: bool) -> None:
     write_parquet(df, out / "timeline.parquet")
     write_chrome_trace(df, result, out / "trace.json.gz")
     write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    from tpusim.report import write_report
+
+    write_report(out / "report.html", result, summary, df)
 
 
 @main.command()
@@ -364,3 +367,9 @@ def compare(run_dir: str, profile: str, trace_out: str | None, as_json: bool) ->
     lines.append(f"  ops matched by name: {result['ops_matched']}")
     lines.append(f"  both timelines: {out} (open in Perfetto)")
     _emit(as_json, result, "\n".join(lines))
+
+
+# tpusim sweep and tpusim search live in their own module (they are larger than the other commands).
+from tpusim.cli_sweep import register as _register_sweep  # noqa: E402
+
+_register_sweep(main)
