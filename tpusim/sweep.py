@@ -38,6 +38,7 @@ import yaml
 
 from tpusim.config import read_yaml
 from tpusim.errors import InfeasibleError, TpusimError
+from tpusim.sweepstore import check_out, read_rows, row_dicts, rows_frame, write_rows  # noqa: F401  (re-exported)
 
 MAX_GRID = 2000  # configurations a sweep runs without --yes
 SWEEP_KEYS = ("topology", "slices", "mode")  # varied by the sweep itself, not keys of the workload
@@ -300,80 +301,6 @@ def _ray_rows(tasks: list[Task], address: str) -> Iterator[dict]:
     finally:
         if started:
             ray.shutdown()
-
-
-# ---- results: a table rewritten atomically as rows arrive, read back to resume ----------------------
-
-def rows_frame(rows: Iterable[dict]) -> pd.DataFrame:
-    """Rows ordered by configuration index; columns in the order they first appear; integer columns
-    with missing values (e.g. ``chips`` of an invalid row) stay integers."""
-    rows = sorted(rows, key=lambda r: r["index"])
-    df = pd.DataFrame(rows)
-    for col in df.columns:
-        if df[col].dtype == float and all(isinstance(r[col], int) for r in rows if col in r):
-            df[col] = df[col].astype("Int64")
-    return df
-
-
-def row_dicts(df: pd.DataFrame) -> list[dict]:
-    """A frame's rows as dicts without their missing values (as a fresh row lacks them)."""
-    return [{k: v for k, v in r.items() if not pd.isna(v)} for r in df.to_dict("records")]
-
-
-def read_rows(path: str | Path) -> list[dict]:
-    """The rows of a sweep's output file, to resume from."""
-    path = Path(path)
-    try:
-        df = (pd.read_parquet(path) if path.suffix == ".parquet" else
-              pd.read_csv(path, engine="python", dtype_backend="numpy_nullable"))  # exact floats
-    except Exception as e:  # noqa: BLE001 - any unreadable file: say so, never overwrite it
-        raise TpusimError(f"cannot read it to resume ({type(e).__name__}: {e}); move it away or choose another "
-                          "--out", source=str(path)) from None
-    if "config" not in df.columns or "index" not in df.columns:
-        raise TpusimError("not a tpusim sweep output (no config column); choose another --out", source=str(path))
-    if "reason" in df.columns:
-        df["reason"] = df["reason"].fillna("")  # CSV reads "" back as missing
-    return row_dicts(df)
-
-
-def write_rows(rows: Iterable[dict], path: str | Path) -> None:
-    """Write the table (Parquet or CSV by suffix) to a temporary file and rename it over ``path``."""
-    import tempfile
-
-    path = Path(path)
-    df = _arrow_safe(rows_frame(rows))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".parquet":
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _arrow_safe(df: pd.DataFrame) -> pd.DataFrame:
-    """A column mixing value types (``--vary KEY=1,auto``), which Parquet cannot store, becomes text
-    (JSON for the non-strings)."""
-    for col in df.columns:
-        if df[col].dtype == object:
-            kinds = {type(v) for v in df[col] if v is not None and not (isinstance(v, float) and math.isnan(v))}
-            if len(kinds) > 1:
-                df[col] = [v if isinstance(v, str) or v is None else json.dumps(v) for v in df[col]]
-    return df
-
-
-def check_out(path: str | Path) -> Path:
-    """An output file that can be written: .parquet or .csv, in a folder that exists."""
-    path = Path(path)
-    if path.suffix not in (".parquet", ".csv"):
-        raise TpusimError(f"write .parquet or .csv, not {path.suffix or 'no suffix'}", source=f"--out {path}")
-    if not path.parent.is_dir():
-        raise TpusimError("its folder does not exist", source=f"--out {path}")
-    return path
 
 
 @dataclass(slots=True, kw_only=True)
