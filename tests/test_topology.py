@@ -87,6 +87,7 @@ def test_size_two_wrapped_axis_keeps_both_links():
     assert len(out) == 4  # +x and -x both reach chip (1, 0); +y and -y both reach (0, 1)
     assert len({v for v, _, _ in out}) == 2
     assert nx.grid_graph(dim=[2, 2], periodic=True).number_of_edges() == 4  # the trap: half the links
+    assert topo.name == "v5e:2x2 (wraparound x:on y:on)"  # an override shows in every report
     assert parse_topology("v2:2x2").wraparound == (False, False)  # a real 2-long axis: one link pair
     assert parse_topology("v2:4x4").wraparound == (True, True)
 

@@ -47,6 +47,9 @@ class Topology:
     @property
     def name(self) -> str:
         s = f"{self.chip.name}:{'x'.join(map(str, self.shape))}"
+        if self.wraparound != self.chip.wraparound_for(self.shape):  # overridden: say so in every report
+            s += " (wraparound " + " ".join(f"{a}:{'on' if w else 'off'}"
+                                           for a, w in zip(self.axis_names, self.wraparound)) + ")"
         return s if self.slices == 1 else f"{s} x{self.slices} slices"
 
     @property
