@@ -164,8 +164,26 @@ class Engine:
         prog, topo = self.program, self.topo
         rec = Record()
         links: dict[str, SharedLink] = {}
+        # Speed trick: when every ICI phase of the program drives both directions of its axis (no
+        # collective-permute), the two directions always carry the same transfers, so one shared link
+        # stands for both: the same times, half the link events.
+        # Collective plans are lowered once per distinct (kind, bytes, axes), before env.run().
+        plans: dict[tuple, CollectivePlan] = {}
+        op_plans: dict[int, CollectivePlan] = {}
+        for op in prog.ops:
+            if op.stream == COLLECTIVE:
+                key = (op.category, op.bytes, op.axes)
+                if key not in plans:
+                    plans[key] = lower(op.category, op.bytes, topo, op.axes)
+                op_plans[op.index] = plans[key]
+        paired = all(ph.directions == 2 for plan in plans.values() for st in plan.stages
+                     for ph in st.phases if ph.axis != DCN)
         for a in topo.axis_names:
             if topo.axis_size(a) > 1:
+                if paired:
+                    both = SharedLink(env, f"ICI {a}", self.lp.ici_link_bytes_per_s, self)
+                    links[f"ICI {a}+"] = links[f"ICI {a}-"] = both
+                    continue
                 for sign in "+-":
                     links[f"ICI {a}{sign}"] = SharedLink(env, f"ICI {a}{sign}", self.lp.ici_link_bytes_per_s, self)
         if topo.slices > 1:
@@ -182,15 +200,6 @@ class Engine:
         async_done = {op.index: env.event() for op in prog.ops if op.stream in ASYNC_STREAMS}
         # Op costs and collective plans are computed once, before env.run() (hot loop stays thin).
         cost = [op_time(op, self.cp) if op.stream == COMPUTE else 0.0 for op in prog.ops]
-        plans: dict[tuple, CollectivePlan] = {}
-
-        def plan_of(op) -> CollectivePlan:
-            key = (op.category, op.bytes, op.axes)
-            if key not in plans:
-                plans[key] = lower(op.category, op.bytes, topo, op.axes)
-            return plans[key]
-
-        op_plans = {op.index: plan_of(op) for op in prog.ops if op.stream == COLLECTIVE}
 
         def compute_stream(c: int, slowdown: float):
             done = 0
@@ -240,7 +249,9 @@ class Engine:
                         ph_links = [links["DCN"]]
                         latency = self.lp.dcn_latency_s
                     else:
-                        ph_links = [links[f"ICI {ph.axis}+"]] + ([links[f"ICI {ph.axis}-"]] if ph.directions == 2 else [])
+                        ph_links = [links[f"ICI {ph.axis}+"]]
+                        if ph.directions == 2 and links[f"ICI {ph.axis}-"] is not ph_links[0]:
+                            ph_links.append(links[f"ICI {ph.axis}-"])
                         latency = self.lp.ici_hop_latency_s * ph.stride
                     waits += [lk.transfer(ph.link_bytes) for lk in ph_links]
                     floor = ph.steps * latency
