@@ -195,7 +195,10 @@ def chip_names() -> list[str]:
 
 # JAX and Cloud names that mean the same chip.
 _ALIASES = {"v4p": "v4", "v5litepod": "v5e", "v5lite": "v5e", "trillium": "v6e", "v6": "v6e",
-            "ironwood": "tpu7x", "v7": "tpu7x", "tpuv7": "tpu7x", "v7x": "tpu7x"}
+            "ironwood": "tpu7x", "v7": "tpu7x", "tpuv7": "tpu7x", "v7x": "tpu7x",
+            # XLA's device_type_string, as profiles report it
+            "tpu v2": "v2", "tpu v3": "v3", "tpu v4": "v4", "tpu v5 lite": "v5e", "tpu v5e": "v5e",
+            "tpu v5": "v5p", "tpu v5p": "v5p", "tpu v6 lite": "v6e", "tpu v6e": "v6e"}
 
 
 def get_chip(name: str) -> ChipSpec:

@@ -24,16 +24,13 @@ import pandas as pd
 from tpusim.chips import get_chip
 from tpusim.engine import simulate
 from tpusim.errors import TpusimError
-from tpusim.hlo.importer import group_axes
+from tpusim.hlo.importer import group_axes, host_copy_kind
 from tpusim.hlo.parse import array_bytes, array_shapes
 from tpusim.program import COLLECTIVE, COMPUTE, HOST, Memory, Op, Program
 from tpusim.profiles import Profile, op_stats, replica_groups
 from tpusim.timeline import timeline_frame
 from tpusim.topology import Topology, make_topology
 
-# XLA's device_type_string -> our chip names.
-DEVICE_KINDS = {"TPU v2": "v2", "TPU v3": "v3", "TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
-                "TPU v5": "v5p", "TPU v5p": "v5p", "TPU v6 Lite": "v6e", "TPU v6e": "v6e", "TPU7x": "tpu7x"}
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
 MIN_MEASURED_S = 1e-6  # ops shorter than this are bookkeeping (copy-starts, done ops of finished copies)
 
@@ -52,9 +49,11 @@ class Replay:
 
 def chip_of(profile: Profile) -> str:
     kinds = {d.kind for d in profile.devices if d.kind}
-    for kind in kinds:
-        if kind in DEVICE_KINDS:
-            return DEVICE_KINDS[kind]
+    for kind in sorted(kinds):
+        try:
+            return get_chip(kind).name  # XLA's device_type_string ("TPU v6 Lite") is a chip alias
+        except TpusimError:
+            continue
     raise TpusimError(f"cannot tell the chip from the device kind {sorted(kinds) or 'none'}; give --topology",
                       source=profile.source)
 
@@ -111,12 +110,11 @@ def _module_program(profile: Profile, module: str, topo: Topology, to_chip) -> P
     for r in ops_df.itertuples(index=False):
         text = r.long_name or ""
         kind = _collective_kind(text)
-        if r.name.startswith("copy-start"):
-            parts = text.split(" copy-start(")[0]
-            dest = parts.split("(", 1)[-1]
-            to_host = "S(5)" in dest.split("}")[0] if "}" in dest else False
+        copy_kind = (host_copy_kind(text.split("=", 1)[-1].split(" copy-start(")[0])
+                     if r.name.startswith("copy-start") else None)
+        if copy_kind is not None:
             i = len(ops)
-            ops.append(Op(index=i, name=r.name, stream=HOST, category="copy-to-host" if to_host else "copy-from-host",
+            ops.append(Op(index=i, name=r.name, stream=HOST, category=copy_kind,
                           bytes=float(r.bytes), deps=(last,) if last >= 0 else ()))
             copies[r.name] = i
             continue
@@ -205,7 +203,10 @@ def replay_pod_viewer(path, *, mode: str = "calibrated") -> pd.DataFrame:
     entries = read_pod_viewer(path)
     env = json.loads(Path(path).read_text()).get("runEnvironment", {})
     dims = env.get("topology", {})
-    chip = DEVICE_KINDS.get(env.get("tpuType", ""), "v2")
+    try:
+        chip = get_chip(env.get("tpuType", "")).name
+    except TpusimError:
+        chip = "v2"  # the pod viewer's own demo is a v2
     topo = parse_topology(f"{chip}:{int(dims.get('xDimension', 2))}x{int(dims.get('yDimension', 2))}")
     devices = topo.num_chips * topo.chip.cores_per_chip
     lp = link_params(topo, mode)

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import pandas as pd
 
 from tpusim.errors import TpusimError
+from tpusim.timeline import write_atomic, write_parquet
 
 def rows_frame(rows: Iterable[dict]) -> pd.DataFrame:
     """Rows ordered by configuration index; columns in the order they first appear; integer columns
@@ -46,22 +46,13 @@ def read_rows(path: str | Path) -> list[dict]:
 
 
 def write_rows(rows: Iterable[dict], path: str | Path) -> None:
-    """Write the table (Parquet or CSV by suffix) to a temporary file and rename it over ``path``."""
-    import tempfile
-
+    """Write the table (Parquet or CSV by suffix) whole or not at all (a temporary file renamed)."""
     path = Path(path)
     df = _arrow_safe(rows_frame(rows))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".parquet":
-            df.to_parquet(tmp, index=False)
-        else:
-            df.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if path.suffix == ".parquet":
+        write_parquet(df, path)
+    else:
+        write_atomic(path, df.to_csv(index=False).encode())
 
 
 def _arrow_safe(df: pd.DataFrame) -> pd.DataFrame:

@@ -180,6 +180,17 @@ def replica_groups(rg: str | None, num_devices: int) -> list[list[int]]:
     return expand_replica_groups(rg, num_devices) or [list(range(num_devices))]
 
 
+def host_copy_kind(result_type: str) -> str | None:
+    """``copy-to-host`` / ``copy-from-host`` for a ``copy-start`` whose result type (destination,
+    source, context) puts one side in host memory (memory space ``S(5)``); None for other copies."""
+    parts = _split_top(result_type.strip()[1:-1]) if result_type.strip().startswith("(") else [result_type]
+    if HOST_MEMORY in parts[0]:
+        return "copy-to-host"
+    if len(parts) > 1 and HOST_MEMORY in parts[1]:
+        return "copy-from-host"
+    return None
+
+
 def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: str = "HLO") -> Program:
     """The Program of one HLO module, for ``topo`` (its device count should match the module's)."""
     try:
@@ -257,15 +268,11 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
                     walk(ins.attrs.get("body", "").lstrip("%"), prefix=f"{prefix}{ins.name}[{t}]/")
                 continue
             if ins.opcode == "copy-start":
-                # The result is (destination, source, context): host memory is memory space S(5).
-                parts = _split_top(ins.result_type[1:-1]) if ins.result_type.startswith("(") else [ins.result_type]
-                to_host = HOST_MEMORY in parts[0]
-                from_host = len(parts) > 1 and HOST_MEMORY in parts[1]
-                if to_host or from_host:
+                kind = host_copy_kind(ins.result_type)
+                if kind is not None:
                     arrays = array_shapes(ins.result_type)
                     nb = array_bytes(*arrays[0]) if arrays else 0
-                    i = add(dict(name=prefix + ins.name, stream=HOST,
-                                 category="copy-to-host" if to_host else "copy-from-host", bytes=float(nb),
+                    i = add(dict(name=prefix + ins.name, stream=HOST, category=kind, bytes=float(nb),
                                  deps=(last_compute[0],) if last_compute[0] >= 0 else ()))
                     coll_index[id(ins)] = i
                     ends_copy[ins.name] = i
@@ -305,4 +312,4 @@ def _permute_axes(topo: Topology, pairs: str | None, n_dev: int) -> tuple[Axis, 
     return group_axes(topo, [int(m.group(1)), int(m.group(2))], n_dev)[:1]
 
 
-__all__ = ["DTYPE_BYTES", "group_axes", "import_hlo", "read_hlo", "replica_groups"]
+__all__ = ["DTYPE_BYTES", "group_axes", "host_copy_kind", "import_hlo", "read_hlo", "replica_groups"]
