@@ -1,4 +1,6 @@
-"""Shared fixtures: paths to the reference material in ../shared (read there, never copied)."""
+"""Shared fixtures: paths to the reference material kept in the project (tests/data, traces/real).
+
+The tests never read ../shared: a fresh clone must pass them on its own."""
 
 from __future__ import annotations
 
@@ -8,15 +10,14 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+DATA = REPO / "tests" / "data"
+REAL_TRACES = REPO / "traces" / "real"
 
 
 @pytest.fixture(scope="session")
 def book_cases() -> dict[str, dict]:
-    """The book's worked cases (../shared/reference/book-cases.yaml), by id."""
-    path = SHARED / "reference" / "book-cases.yaml"
-    if not path.exists():
-        pytest.fail(f"{path} is missing: tests read the book's cases from ../shared (see README)")
+    """The book's worked cases (tests/data/book-cases.yaml), by id."""
+    path = DATA / "book-cases.yaml"
     return {case["id"]: case for case in yaml.safe_load(path.read_text())}
 
 

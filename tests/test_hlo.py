@@ -13,10 +13,10 @@ from tpusim.hlo.importer import group_axes, import_hlo, read_hlo, replica_groups
 from tpusim.program import COLLECTIVE, HOST
 from tpusim.topology import parse_topology
 
-from conftest import REPO, SHARED
+from conftest import REAL_TRACES, REPO
 
 AOT = REPO / "traces" / "xla_aot"
-V6E_HLO = SHARED / "traces" / "tpu-v6e-host-offload" / "hlo"
+V6E_HLO = REAL_TRACES / "tpu-v6e-host-offload" / "hlo"
 INDEX = json.loads((AOT / "index.json").read_text())["cases"]
 
 

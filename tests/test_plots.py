@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from click.testing import CliRunner
-from conftest import REPO, SHARED, value
+from conftest import REAL_TRACES, REPO, value
 
 from tpusim import plots
 from tpusim.api import compile_workload
@@ -19,7 +19,7 @@ from tpusim.engine import simulate
 from tpusim.summary import summarize
 from tpusim.timeline import timeline_frame
 
-V6E_PROFILE = SHARED / "traces" / "tpu-v6e-host-offload" / "tpu_inference_2.xplane.pb"
+V6E_PROFILE = REAL_TRACES / "tpu-v6e-host-offload" / "tpu_inference_2.xplane.pb"
 SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc\s*=\s*[\"']?https?:", re.IGNORECASE)
 
 

@@ -1,5 +1,5 @@
 """tpusim.profiles on real captures: the v6e host-offload profile (xplane.pb and its trace-viewer
-JSON, from ../shared/traces), our CPU captures (traces/cpu), the v2 pod-viewer output; and bad input.
+JSON, in traces/real), our CPU captures (traces/cpu), the v2 pod-viewer output; and bad input.
 
 The numbers are ones a wrong reader would not produce: event counts per device and row, XLA's
 per-op flops and bytes, closed forms of the array sizes, the chip's peaks, the agreement of the two
@@ -22,8 +22,8 @@ from tpusim.profiles.tracejson import load_trace_events
 from tpusim.profiles.xplane import load_xspace
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
-V6E = SHARED_TRACES / "tpu-v6e-host-offload"
+REAL = REPO / "traces" / "real"
+V6E = REAL / "tpu-v6e-host-offload"
 CPU = REPO / "traces" / "cpu"
 ARRAY_BYTES = 5 * 1024 * 1024 * 256 * 4  # f32[5,1024,1024,256] = 5,368,709,120 B
 ARRAY_ELEMENTS = 5 * 1024 * 1024 * 256
@@ -32,13 +32,11 @@ NS = 1e-9
 
 @pytest.fixture(scope="module")
 def v6e():
-    if not V6E.is_dir():
-        pytest.fail(f"{V6E} is missing: the tests read the real TPU captures from ../shared/traces")
     return read_profile(V6E / "tpu_inference_2.xplane.pb")
 
 
 @pytest.fixture(scope="module")
-def v6e_json(v6e):  # v6e first: it says where the shared captures should be
+def v6e_json():
     return read_profile(V6E / "tpu_inference_2.trace.json.gz")
 
 
@@ -207,7 +205,7 @@ def test_cpu_capture_three_formats_agree(case):
 # ---- the v2 pod viewer ----------------------------------------------------------------------------------------
 
 def test_pod_viewer_collectives():
-    df = read_pod_viewer(SHARED_TRACES / "tpu-v2-pod-demo" / "cloud-tpu-v2.pod_viewer.json")
+    df = read_pod_viewer(REAL / "tpu-v2-pod-demo" / "cloud-tpu-v2.pod_viewer.json")
     assert df.groupby("step").size().to_dict() == {0: 37, 1: 37, 2: 37}
     assert df.groupby("step").name.apply(frozenset).nunique() == 1  # the same 37 each step
     first = df[df.step == 0]

@@ -12,10 +12,10 @@ from tpusim.cli import main
 from tpusim.profiles import read_profile
 from tpusim.replay import replay, replay_pod_viewer
 
-from conftest import SHARED
+from conftest import REAL_TRACES
 
-V6E = SHARED / "traces" / "tpu-v6e-host-offload" / "tpu_inference_2.xplane.pb"
-V2 = SHARED / "traces" / "tpu-v2-pod-demo" / "cloud-tpu-v2.pod_viewer.json"
+V6E = REAL_TRACES / "tpu-v6e-host-offload" / "tpu_inference_2.xplane.pb"
+V2 = REAL_TRACES / "tpu-v2-pod-demo" / "cloud-tpu-v2.pod_viewer.json"
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_cli_replay_json():
 
 def test_cli_compare(tmp_path):
     run_dir = tmp_path / "run"
-    hlo = SHARED / "traces" / "tpu-v6e-host-offload" / "hlo" / "jit_f.hlo.txt"
+    hlo = REAL_TRACES / "tpu-v6e-host-offload" / "hlo" / "jit_f.hlo.txt"
     r = CliRunner().invoke(main, ["run", "--hlo", str(hlo), "--topology", "v6e:2x2", "--out", str(run_dir)])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["compare", str(run_dir), str(V6E), "--json"])
