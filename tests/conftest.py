@@ -21,6 +21,12 @@ def book_cases() -> dict[str, dict]:
     return {case["id"]: case for case in yaml.safe_load(path.read_text())}
 
 
+@pytest.fixture(scope="session")
+def tpu_specs() -> dict:
+    """The book's hardware numbers (tests/data/tpu-specs.yaml): {value, unit, src, note} leaves."""
+    return yaml.safe_load((DATA / "tpu-specs.yaml").read_text())
+
+
 def value(case: dict, section: str, key: str) -> float:
     """A number from a book case (YAML may hold it as a string like '4.5e10')."""
     return float(case[section][key]["value"])

@@ -43,7 +43,7 @@ def test_no_wraparound_worked_example():
     assert line == pytest.approx(3 * (v / 4) / 4.5e10, rel=1e-12)
     ring_topo = replace(parse_topology("v5e:4x4"), wraparound=(True, True))
     ring = collective_time(lower("all-gather", v, ring_topo, ("x",)), link_params(ring_topo, "datasheet"))
-    assert v / 9e10 == pytest.approx(373e-6, rel=0.005)
+    assert ring == pytest.approx(3 / 4 * 373e-6, rel=0.005)  # the book's V/W, rounded to 3 figures
     assert ring == pytest.approx(3 / 4 * v / 9e10, rel=1e-12)
     assert line / ring == pytest.approx(2.0, rel=1e-12)
 
