@@ -4,6 +4,7 @@ The tests never read ../shared: a fresh clone must pass them on its own."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,16 @@ def tpu_specs() -> dict:
 def value(case: dict, section: str, key: str) -> float:
     """A number from a book case (YAML may hold it as a string like '4.5e10')."""
     return float(case[section][key]["value"])
+
+
+def xprof_hlo_stats() -> list[dict]:
+    """xprof's hlo_stats tool on the v6e capture (traces/real/tpu-v6e-host-offload), one dict per HLO op."""
+    doc = json.loads((REAL_TRACES / "tpu-v6e-host-offload" / "tpu_inference_2.hlo_stats.json").read_text())
+    cols = [c["id"] for c in doc["cols"]]
+    return [dict(zip(cols, (c["v"] for c in row["c"]), strict=True)) for row in doc["rows"]]
+
+
+def xprof_avg_s(name: str) -> float:
+    """xprof's average self time of one HLO op of the v6e capture, in seconds (over 4 devices x runs)."""
+    (row,) = [r for r in xprof_hlo_stats() if r["hlo_op_name"] == name]
+    return row["avg_self_time"] * 1e-6

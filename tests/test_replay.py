@@ -12,7 +12,7 @@ from tpusim.cli import main
 from tpusim.profiles import read_profile
 from tpusim.replay import replay, replay_pod_viewer
 
-from conftest import REAL_TRACES
+from conftest import REAL_TRACES, xprof_avg_s
 
 V6E = REAL_TRACES / "tpu-v6e-host-offload" / "tpu_inference_2.xplane.pb"
 V2 = REAL_TRACES / "tpu-v2-pod-demo" / "cloud-tpu-v2.pod_viewer.json"
@@ -38,7 +38,7 @@ def test_v6e_hbm_bound_fusion(v6e):
     microbenchmark's fraction, borrowed), within 6%."""
     for name in ("broadcast_add_fusion", "broadcast_add_fusion.1", "broadcast_add_fusion.2"):
         r = op(v6e, name)
-        assert r.measured_s == pytest.approx(8.0e-3, rel=0.03)
+        assert r.measured_s == pytest.approx(xprof_avg_s(name), rel=0.01)  # median vs xprof's mean: runs spread < 1%
         assert abs(r.rel_error) < 0.06
 
 
@@ -57,7 +57,7 @@ def test_v6e_two_chip_all_reduce(v6e):
     by host tray, the partners are two chips apart and the four pairs share the links between the
     trays; 121.7 ms measured, within 5%."""
     r = op(v6e, "all-reduce")
-    assert r.measured_s == pytest.approx(0.1217, rel=0.01)
+    assert r.measured_s == pytest.approx(xprof_avg_s("all-reduce"), rel=0.01)
     assert abs(r.rel_error) < 0.05
     assert v6e.median_abs_rel_error < 0.10
 
@@ -92,7 +92,11 @@ def test_cli_compare(tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads(r.output)
     assert d["module"] == "jit_f" and d["ops_matched"] == 15
-    assert d["step_time_s"]["measured"] == pytest.approx(0.784, rel=0.01)
+    # xprof's op_profile: jit_f's op time over its 4 devices x 100 runs; the module also spans the
+    # gaps between its ops, well under 1% of it.
+    jit_f = next(c for c in json.loads((REAL_TRACES / "tpu-v6e-host-offload" / "tpu_inference_2.op_profile.json")
+                                       .read_text())["byProgram"]["children"] if c["name"].startswith("jit_f("))
+    assert d["step_time_s"]["measured"] == pytest.approx(jit_f["metrics"]["rawTime"] * 1e-12 / 400, rel=0.01)
     assert abs(d["step_time_s"]["rel_error"]) < 0.15
     import gzip
     trace = json.loads(gzip.decompress((run_dir / "compare.trace.json.gz").read_bytes()))
