@@ -44,7 +44,9 @@ from tpusim.topology import Topology
 from tpusim.units import fmt_bytes
 
 PARTS = ("weights", "kv", "compute", "collectives")
-ACTIVATION_HEADROOM = 1.0  # working set is counted tensor by tensor below; no extra margin
+# vLLM's default gpu_memory_utilization (vllm/config.py, also on TPU): the paged KV pool gets 90% of
+# HBM less the weights and the working set.
+PAGED_HBM_FRACTION = 0.9
 
 
 def bucket(x: float) -> int:
@@ -145,9 +147,21 @@ class StepModel:
         sw = self.sw
         weights = self.weight_bytes_per_device()
         batch = self.max_batch
-        kv = batch * sw.max_target_len * self.kv_per_token
         working = self.working_bytes(max(self.token_budget, batch), batch)
         cap = self.topo.chip.hbm_bytes
+        if sw.batching.paged_kv:
+            pool = PAGED_HBM_FRACTION * cap - weights - working
+            self.kv_pool_tokens = int(pool // self.kv_per_token) if pool > 0 else 0
+            if self.kv_pool_tokens < sw.max_target_len:
+                raise InfeasibleError(
+                    f"the paged KV pool holds {max(self.kv_pool_tokens, 0)} tokens, less than one "
+                    f"{sw.max_target_len}-token sequence: {PAGED_HBM_FRACTION:.0%} of {fmt_bytes(cap)} on "
+                    f"{self.topo.chip.name} less weights {fmt_bytes(weights)} and working {fmt_bytes(working)}",
+                    source=sw.source, key="serving.batching.paged_kv")
+            return ReplicaMemory(weights=weights, kv_cache=self.kv_pool_tokens * self.kv_per_token, working=working,
+                                 capacity=cap)
+        kv = batch * sw.max_target_len * self.kv_per_token
+        self.kv_pool_tokens = batch * sw.max_target_len
         mem = ReplicaMemory(weights=weights, kv_cache=kv, working=working, capacity=cap)
         if batch < 1 or mem.total > cap:
             fits = self.max_batch_that_fits()

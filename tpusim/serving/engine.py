@@ -69,6 +69,9 @@ class _Replica:
         self.ready: deque[Req] = deque()       # prefilled elsewhere, KV cache here, waiting for a slot
         self.running: list[Req] = []           # decoding
         self.ctx_sum = 0                       # tokens cached by the running requests
+        self.reserved = 0                      # paged KV: tokens promised to admitted requests (prompt + output)
+        self.paged = sim.model.sw.batching.paged_kv
+        self.pool = sim.model.kv_pool_tokens
         self.wake: simpy.Event | None = None
 
     @property
@@ -78,6 +81,10 @@ class _Replica:
     def notify(self) -> None:
         if self.wake is not None and not self.wake.triggered:
             self.wake.succeed()
+
+    def _fits(self, r: Req) -> bool:
+        """Paged KV: admit only what the pool can hold to the end (no preemption is modelled)."""
+        return not self.paged or self.reserved + r.n_in + r.n_out <= self.pool
 
     def plan(self):
         """(kind, decode requests, [(request, prefill chunk)]) of the next step, or None when idle."""
@@ -90,7 +97,8 @@ class _Replica:
             self.ctx_sum += r.ctx
         if self.role == "prefill":
             chunks, tokens = [], 0
-            while self.waiting and (not chunks or tokens + self.waiting[0].n_in <= budget):
+            most = b.max_prefills_per_step or len(self.waiting)
+            while self.waiting and len(chunks) < most and (not chunks or tokens + self.waiting[0].n_in <= budget):
                 r = self.waiting.popleft()
                 chunks.append((r, r.n_in))
                 tokens += r.n_in
@@ -120,12 +128,15 @@ class _Replica:
             return ("mixed" if chunks and self.running else "prefill" if chunks else "decode"), self.running, chunks
         if self.waiting and len(self.running) < cap:  # prefill first (vLLM's default), FCFS within the budget
             chunks, tokens = [], 0
-            while (self.waiting and len(self.running) + len(chunks) < cap
-                   and (not chunks or tokens + self.waiting[0].n_in <= budget)):
+            most = b.max_prefills_per_step or cap
+            while (self.waiting and len(self.running) + len(chunks) < cap and len(chunks) < most
+                   and (not chunks or tokens + self.waiting[0].n_in <= budget) and self._fits(self.waiting[0])):
                 r = self.waiting.popleft()
+                self.reserved += r.n_in + r.n_out
                 chunks.append((r, r.n_in))
                 tokens += r.n_in
-            return "prefill", [], chunks
+            if chunks:
+                return "prefill", [], chunks
         if self.running:
             return "decode", self.running, []
         return None
@@ -182,6 +193,8 @@ class _Replica:
                     for r in done:
                         self.running.remove(r)
                         self.ctx_sum -= r.ctx
+                        if self.paged:
+                            self.reserved -= r.n_in + r.n_out
                         sim.finish(r, t1)
             for r, c in chunks:
                 r.prefilled += c
@@ -193,6 +206,8 @@ class _Replica:
                 if self.role == "prefill":
                     sim.transfer(r)
                 elif r.n_out == 1 and not static:
+                    if self.paged:
+                        self.reserved -= r.n_in + r.n_out
                     sim.finish(r, t1)
                 else:
                     self.running.append(r)

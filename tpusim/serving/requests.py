@@ -36,7 +36,11 @@ class Requests:
         return len(self.input_tokens)
 
 
-def _draw(d: LengthDist, n: int, rng: np.random.Generator, cap: int, median: float) -> np.ndarray:
+def _draw(d: LengthDist, n: int, rng: np.random.Generator, cap: int, median: float, source: str, key: str,
+          limit: str) -> np.ndarray:
+    cap = min(cap, d.max) if d.max else cap
+    if d.dist == "fixed" and d.value > cap or d.dist == "uniform" and d.high > cap:
+        raise TpusimError(f"{d.value or d.high} tokens is longer than {limit} ({cap})", source=source, key=key)
     if d.dist == "fixed":
         x = np.full(n, d.value, dtype=np.int64)
     elif d.dist == "uniform":
@@ -67,8 +71,10 @@ def make_requests(sw: ServeWorkload) -> Requests:
                                   source=a.trace, key=f"line {i + 2}")
         return Requests(arr, inp, out)
     n = sw.requests
-    inp = _draw(sw.input_len, n, rng, sw.max_prefill_len, SHAREGPT_INPUT_MEDIAN)
-    out = _draw(sw.output_len, n, rng, sw.max_target_len - sw.max_prefill_len, SHAREGPT_OUTPUT_MEDIAN)
+    inp = _draw(sw.input_len, n, rng, sw.max_prefill_len, SHAREGPT_INPUT_MEDIAN, sw.source, "serving.input_len",
+                "max_prefill_predict_length")
+    out = _draw(sw.output_len, n, rng, sw.max_target_len - sw.max_prefill_len, SHAREGPT_OUTPUT_MEDIAN, sw.source,
+                "serving.output_len", "what max_target_length leaves after the longest prompt")
     if a.kind == "rate":
         if np.isinf(a.rate_per_s):
             arr = np.zeros(n)

@@ -22,7 +22,7 @@ they do for ``tpusim run``), an ``inference`` section in MaxText's inference key
       arrival: {concurrency: 64}         # or {rate: 2.0} (Poisson, requests/s) or {trace: file.csv}
       input_len: {dist: sharegpt}        # or {dist: fixed, value: N}, uniform low/high, lognormal mean/sigma
       output_len: {dist: fixed, value: 256}
-      batching: {policy: continuous, token_budget: 2048, chunked_prefill: false}
+      batching: {policy: continuous, token_budget: 2048, chunked_prefill: false, paged_kv: false}
       disaggregation: {prefill_replicas: 1, transfer: ici}
 
 Replicas: ``ici_data_parallelism`` (and ``dcn_data_parallelism``) copies of the model, each on
@@ -85,6 +85,7 @@ class LengthDist:
     high: int = 0
     mean: float = 0.0
     sigma: float = 0.0
+    max: int = 0          # cap (0: none beyond the workload's lengths), e.g. benchmark_serving's --sharegpt-output-len
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,6 +110,8 @@ class Batching:
     policy: str = "continuous"
     max_batch: int = 0            # decode slots per replica; 0 = per_device_batch_size x replica chips
     token_budget: int = 0         # tokens per step; 0 = max_prefill_predict_length
+    max_prefills_per_step: int = 0  # prompts one prefill step takes; 0 = as many as the budget holds (JetStream: 1)
+    paged_kv: bool = False        # KV cache in pages from a shared pool (vLLM) instead of a max-length slot each
     chunked_prefill: bool = False
 
 
@@ -308,7 +311,7 @@ def _dist(spec: Any, source: str, key: str) -> LengthDist:
     dist = _choice(spec.get("dist", ""), DISTRIBUTIONS, source, f"{key}.dist")
     need = {"fixed": ("value",), "uniform": ("low", "high"), "lognormal": ("mean", "sigma"), "sharegpt": ()}[dist]
     for k in spec:
-        if k != "dist" and k not in need:
+        if k not in ("dist", "max") and k not in need:
             raise TpusimError(unknown_key_reason(str(k), need) + f" for dist {dist}", source=source, key=f"{key}.{k}")
     vals = {}
     for k in need:
@@ -317,6 +320,10 @@ def _dist(spec: Any, source: str, key: str) -> LengthDist:
         vals[k] = _typed(spec[k], float if k in ("mean", "sigma") else int, source, f"{key}.{k}")
         if not vals[k] > 0 and not (k == "sigma" and vals[k] == 0):
             raise TpusimError(f"{vals[k]} must be positive", source=source, key=f"{key}.{k}")
+    if "max" in spec:
+        vals["max"] = _typed(spec["max"], int, source, f"{key}.max")
+        if vals["max"] < 1:
+            raise TpusimError(f"{vals['max']} must be a positive integer", source=source, key=f"{key}.max")
     if dist == "uniform" and vals["low"] > vals["high"]:
         raise TpusimError(f"low {vals['low']} > high {vals['high']}", source=source, key=f"{key}.low")
     return LengthDist(dist=dist, **vals)
@@ -325,7 +332,8 @@ def _dist(spec: Any, source: str, key: str) -> LengthDist:
 def _batching(spec: Any, source: str) -> Batching:
     if not isinstance(spec, dict):
         raise TpusimError("expected a mapping", source=source, key="serving.batching")
-    keys = {"policy": str, "max_batch": int, "token_budget": int, "chunked_prefill": bool}
+    keys = {"policy": str, "max_batch": int, "token_budget": int, "chunked_prefill": bool, "max_prefills_per_step": int,
+            "paged_kv": bool}
     out = {}
     for k, v in spec.items():
         if k not in keys:
@@ -333,7 +341,7 @@ def _batching(spec: Any, source: str) -> Batching:
         out[k] = _typed(v, keys[k], source, f"serving.batching.{k}")
     if "policy" in out:
         _choice(out["policy"], POLICIES, source, "serving.batching.policy")
-    for k in ("max_batch", "token_budget"):
+    for k in ("max_batch", "token_budget", "max_prefills_per_step"):
         if k in out and out[k] < 1:
             raise TpusimError(f"{out[k]} must be a positive integer", source=source, key=f"serving.batching.{k}")
     return Batching(**out)
