@@ -35,9 +35,9 @@ def execute(path: Path, **params) -> nbformat.NotebookNode:
     return nb
 
 
-def test_there_are_four_notebooks_stored_without_outputs():
+def test_there_are_five_notebooks_stored_without_outputs():
     assert [p.name for p in NOTEBOOKS] == ["1_quickstart.ipynb", "2_sharding_tradeoffs.ipynb",
-                                           "3_real_profile.ipynb", "4_topology_congestion.ipynb"]
+                                           "3_real_profile.ipynb", "4_topology_congestion.ipynb", "5_serving.ipynb"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
@@ -53,7 +53,8 @@ def test_notebook_runs(path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     charts = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if "vegaEmbed" in o.get("data", {}).get("text/html", "") or any("vegalite" in k for k in o.get("data", {}))]
+              if "vegaEmbed" in o.get("data", {}).get("text/html", "") or any("vegalite" in k for k in o.get("data", {}))
+              or "image/svg+xml" in o.get("data", {})]
     assert charts, f"{path.name} showed no chart"
 
 
