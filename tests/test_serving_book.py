@@ -278,7 +278,9 @@ def test_appinf_full_hbm_step_latency(book_cases):
     m = step_model(LLAMA3_70B, "v5e:2x4", book_hbm=True, tp=8, quant="int8", kv_int8=True, target=8192)
     b = m.max_batch_that_fits()
     cost = m.cost(b, b * 8192, n_logits=0)
-    assert close(cost.parts_s[0] + cost.parts_s[1], value(c, "expected", "step"), 0.05 + 0.03)  # 2 s.f.; working set
+    # 2 s.f. (+-2.6%), the working set left free (0.4%), and the norms' and residuals' activation traffic
+    # that our step counts and the book does not (0.6 ms, 3%)
+    assert close(cost.parts_s[0] + cost.parts_s[1], value(c, "expected", "step"), 0.07)
 
 
 def test_appinf_qps_per_chip(book_cases):
