@@ -10,7 +10,6 @@ run on a copy of the chip with the book's 16e9.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 

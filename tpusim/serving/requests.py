@@ -11,12 +11,15 @@ the workload, not the speed: nothing in the timing is fitted on that run.
 
 from __future__ import annotations
 
+import csv
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from tpusim.errors import TpusimError
-from tpusim.serving.workload import LengthDist, ServeWorkload, read_trace
+from tpusim.serving.workload import LengthDist, ServeWorkload
 
 SHAREGPT_SIGMA = 1.0
 SHAREGPT_INPUT_MEDIAN = 144.7   # mean 224 when prompts are capped at 1024 (sigma 1)
@@ -84,3 +87,35 @@ def make_requests(sw: ServeWorkload) -> Requests:
     else:
         arr = np.full(n, np.nan)
     return Requests(arr, inp, out)
+
+
+def read_trace(path: str) -> list[tuple[float, int, int]]:
+    """A CSV with a header ``arrival_s,input_tokens,output_tokens``; rows sorted by arrival, times >= 0."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise TpusimError(f"cannot read: {e.strerror or e}", source=path) from None
+    rows = list(csv.reader(text.splitlines()))
+    want = ["arrival_s", "input_tokens", "output_tokens"]
+    if not rows or [c.strip() for c in rows[0]] != want:
+        raise TpusimError(f"the first line must be the header {','.join(want)}", source=path, key="line 1")
+    out = []
+    for i, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        if len(row) != 3:
+            raise TpusimError(f"expected 3 columns, got {len(row)}", source=path, key=f"line {i}")
+        try:
+            t, n_in, n_out = float(row[0]), int(row[1]), int(row[2])
+        except ValueError:
+            raise TpusimError(f"{','.join(row)!r}: arrival_s is a number, token counts are integers", source=path,
+                              key=f"line {i}") from None
+        if not t >= 0 or not math.isfinite(t) or n_in < 1 or n_out < 1:
+            raise TpusimError("arrival_s must be >= 0 and token counts >= 1", source=path, key=f"line {i}")
+        if out and t < out[-1][0]:
+            raise TpusimError(f"arrival {t} is before the previous row's {out[-1][0]} (sort by arrival)", source=path,
+                              key=f"line {i}")
+        out.append((t, n_in, n_out))
+    if not out:
+        raise TpusimError("no requests in the trace", source=path)
+    return out
