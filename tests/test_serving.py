@@ -1,6 +1,6 @@
 """tpusim serve: the command, its files, bad input, queueing sanity, disaggregation, published runs.
 
-Error budget for the published serving runs (workloads/measured/serving.yaml): +-15% of the measured
+Error budget for the published serving runs (workloads/measured/serving/measured.yaml): +-15% of the measured
 output tokens/s. Why 15%: the runs' own uncertainty is large (the JetStream table does not say whether
 it counts output tokens only; the ShareGPT length mix is drawn, not replayed: a different 2,000-prompt
 sample moves the totals by a few %; software versions are not pinned), and 15% is the issue's goal.
@@ -214,7 +214,7 @@ def published():
 def _published_ids():
     import yaml
 
-    return list(yaml.safe_load((REPO / "workloads" / "measured" / "serving.yaml").read_text()))
+    return list(yaml.safe_load((REPO / "workloads" / "measured" / "serving" / "measured.yaml").read_text()))
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=WHY.get(n, DEFAULT_WHY)))

@@ -2,7 +2,7 @@
 
     python -m tpusim.serving.validate
 
-Reads ``workloads/measured/serve_*.yaml`` and ``workloads/measured/serving.yaml`` (the measured
+Reads ``workloads/measured/serving/serve_*.yaml`` and ``workloads/measured/serving/measured.yaml`` (the measured
 figures, copied from ``tests/data/measured-dev-2.yaml`` with their ids). Nothing is fitted on these
 runs. A run our memory model refuses is reported with the reason instead of a number.
 """
@@ -16,9 +16,9 @@ from tpusim.serving import serve
 
 
 def compare_serving(mode: str = "calibrated") -> list[dict]:
-    folder = data_dir("workloads") / "measured"
+    folder = data_dir("workloads") / "measured" / "serving"
     rows = []
-    for name, m in read_yaml(folder / "serving.yaml").items():
+    for name, m in read_yaml(folder / "measured.yaml").items():
         row = {"name": name, "id": m["id"], "measured_output_tokens_per_s": float(m["output_tokens_per_s"])}
         try:
             s = serve(folder / f"{name}.yaml", mode=mode).summary
