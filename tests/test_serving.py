@@ -136,6 +136,26 @@ def test_chunked_prefill_and_static_batching_run():
     assert static["e2e_s"]["mean"] > cont["e2e_s"]["mean"]  # a static batch waits for its longest request
 
 
+def test_moe_expert_parallel_and_fp8_cache():
+    """Mixtral 8x7B over tensor 2 x expert 8: each chip holds 1 of 8 experts (of half width), an fp8
+    KV cache is 1 byte per value, and the expert outputs are all-reduced over both axes."""
+    data = small({"requests": 100, "arrival": {"concurrency": 16}}, quantization="int8", quantize_kvcache=True,
+                 kv_quant_dtype="fp8", per_device_batch_size=4)
+    data.update(topology="v5e:4x4", model={"model_name": "mixtral-8x7b"},
+                sharding={"ici_tensor_parallelism": 2, "ici_expert_parallelism": 8})
+    run = serve(serve_workload_from_dict(data, source="moe"))
+    m = run.result.model
+    assert (m.replica_chips, m.replicas, m.kvb) == (16, 1, 1.0)
+    L, D, F, N, K, H, V, E = 32, 4096, 14336, 32, 8, 128, 32000, 8
+    expert = 3 * D * F / 2                     # one gated expert of the 8, half its width (tensor 2)
+    attn = (D * (N + 2 * K) * H + N * H * D) / 2
+    per_layer = expert + attn + D * E + 2 * D  # + router, norms
+    assert m.weight_bytes_per_device() == pytest.approx(L * per_layer + 2 * V * D / 2 + D)  # int8: 1 byte each
+    layer, _ = m.ops(8, 8 * 100, 0, 0, 0, 8)
+    assert [op.axes for op in layer if op.name == "mlp_all_reduce"] == [m.mesh.axes_of("tensor", "expert")]
+    assert run.summary["device_time_s"]["collectives"] > 0
+
+
 def test_trace_file(tmp_path):
     f = tmp_path / "t.csv"
     f.write_text("arrival_s,input_tokens,output_tokens\n0,100,20\n0.5,200,10\n1.0,50,5\n")

@@ -17,7 +17,8 @@ themselves and what is cached before them. Per device and per layer (``tp`` = te
   are small and latency-bound, so the calibrated per-collective overhead matters.
 * MoE: each device holds E / ep experts; the weights read are those of the experts the step's tokens
   touch, E_l (1 - (1 - 1/E)^(M k)) for uniform routing; the expert outputs are all-reduced with the
-  tensor ones.
+  tensor ones. Attention is replicated over the expert axis (every device of it attends for every
+  token; no data-parallel attention).
 * the KV cache is sharded over kv heads up to K, then over batch (book inference.md); past K the two
   all-to-alls per layer that this costs are charged.
 
