@@ -156,6 +156,26 @@ def test_moe_expert_parallel_and_fp8_cache():
     assert run.summary["device_time_s"]["collectives"] > 0
 
 
+@pytest.mark.parametrize("shape", [dict(n_decode=64, decode_ctx=64 * 1024), dict(n_decode=0, decode_ctx=0,
+                                   prefill_tokens=512, prefill_pairs=512 * 513 / 2)])
+def test_step_time_is_the_engines_simulation_of_the_step_program(shape):
+    """The cached step time (ops' times summed) equals the training engine replaying the same per-device
+    step program on the slice (compute ops, then each collective on the links, in order)."""
+    from tpusim.engine import simulate
+
+    sw = serve_workload_from_dict(small(), source="small")
+    from tpusim.serving import StepModel
+    from tpusim.topology import parse_topology
+
+    topo = parse_topology("v5e:2x4")
+    m = StepModel(sw, topo, "calibrated")
+    n_logits = shape["n_decode"] or 1
+    program = m.program(**shape, n_logits=n_logits)
+    assert len(program.collective_ops) == 2 * 32 + 1  # two all-reduces per layer and the sampling gather
+    simulated = simulate(program, topo, mode="calibrated").step_time_s
+    assert m.cost(**shape, n_logits=n_logits).time_s == pytest.approx(simulated, rel=1e-6)
+
+
 def test_trace_file(tmp_path):
     f = tmp_path / "t.csv"
     f.write_text("arrival_s,input_tokens,output_tokens\n0,100,20\n0.5,200,10\n1.0,50,5\n")

@@ -39,7 +39,7 @@ from tpusim.compiler.shapes import derive_shapes
 from tpusim.costmodel import bound_by, compute_params, op_time
 from tpusim.errors import InfeasibleError
 from tpusim.mesh import resolve_mesh
-from tpusim.program import COLLECTIVE, COMPUTE, Op
+from tpusim.program import COLLECTIVE, COMPUTE, Memory, Op, Program
 from tpusim.serving.workload import ServeWorkload
 from tpusim.topology import Topology
 from tpusim.units import fmt_bytes
@@ -196,7 +196,12 @@ class StepModel:
             layer.append(Op(index=len(layer), name=name, stream=COMPUTE, category="matmul", flops=2.0 * rows * k * n,
                             hbm_bytes=wb * w_elems + ab * rows * (k + n), mxu_shape=(max(rows, 1), k, n)))
 
+        def coll(name, kind, nbytes, axes):
+            layer.append(Op(index=len(layer), name=name, stream=COLLECTIVE, category=kind, bytes=nbytes, axes=axes))
+
         mm("qkv_proj", D, (hl + 2 * kvl) * H)
+        if self.batch_sharded_kv and M:  # queries to the chips holding their sequences' cache, and back
+            coll("kv_all_to_all_in", "all-to-all", ab * M * hl * H, self.tensor_axes)
         kv_tok = 2 * kvl * H * self.kvb / (self.tp // m.num_kv_heads if self.batch_sharded_kv else 1)
         if n_decode:
             layer.append(Op(index=len(layer), name="attention_decode", stream=COMPUTE, category="attention",
@@ -206,7 +211,11 @@ class StepModel:
             layer.append(Op(index=len(layer), name="attention_prefill", stream=COMPUTE, category="attention",
                             flops=4.0 * hl * H * prefill_pairs,
                             hbm_bytes=kv_tok * (prefill_ctx + prefill_tokens) + 2 * ab * prefill_tokens * hl * H))
+        if self.batch_sharded_kv and M:
+            coll("kv_all_to_all_out", "all-to-all", ab * M * hl * H, self.tensor_axes)
         mm("o_proj", hl * H, D)
+        if self.replica_chips > 1:
+            coll("attn_all_reduce", "all-reduce", ab * M * D, self.tensor_axes)
         if m.num_experts > 1:
             e_local = m.num_experts // self.ep
             touched = e_local * (1.0 - (1.0 - 1.0 / m.num_experts) ** (M * m.experts_per_token))
@@ -217,17 +226,10 @@ class StepModel:
         else:
             mm("mlp_in", D, (m.mlp_matrices - 1) * fl)
             mm("mlp_out", fl, D)
+        if self.replica_chips > 1:
+            coll("mlp_all_reduce", "all-reduce", ab * M * D, self.model_axes)
         layer.append(Op(index=len(layer), name="norms_residuals", stream=COMPUTE, category="elementwise",
                         flops=12.0 * M * D + 4.0 * M * fl, hbm_bytes=ab * M * (8 * D + 2 * fl)))
-        if self.replica_chips > 1:
-            for name in ("attn_all_reduce", "mlp_all_reduce"):
-                axes = self.tensor_axes if name == "attn_all_reduce" else self.model_axes
-                layer.append(Op(index=len(layer), name=name, stream=COLLECTIVE, category="all-reduce",
-                                bytes=ab * M * D, axes=axes))
-        if self.batch_sharded_kv and M:
-            for name in ("kv_all_to_all_in", "kv_all_to_all_out"):
-                layer.append(Op(index=len(layer), name=name, stream=COLLECTIVE, category="all-to-all",
-                                bytes=ab * M * hl * H, axes=self.tensor_axes))
         outside = [Op(index=0, name="embed", stream=COMPUTE, category="embedding", hbm_bytes=(wb + ab) * M * D),
                    Op(index=1, name="unembed", stream=COMPUTE, category="matmul", flops=2.0 * n_logits * D * sh.vocab,
                       hbm_bytes=wb * D * sh.vocab + ab * n_logits * (D + sh.vocab),
@@ -272,6 +274,44 @@ class StepModel:
         total = sum(parts.values())
         cost = self._cache[key] = StepCost(total + self.sw.step_overhead_s, tuple(parts[p] for p in PARTS))
         return cost
+
+    def program(self, n_decode: int, decode_ctx: float, prefill_tokens: int = 0, prefill_pairs: float = 0.0,
+                prefill_ctx: float = 0.0, n_logits: int | None = None) -> Program:
+        """The step as a :class:`~tpusim.program.Program` for :func:`tpusim.engine.simulate`: every layer's
+        ops in order, each collective issued after the op before it and waited for by the op after it
+        (at decode nothing overlaps them). ``cost`` sums the same ops' times without simpy."""
+        layer, outside = self.ops(n_decode, decode_ctx, prefill_tokens, prefill_pairs, prefill_ctx,
+                                  n_decode if n_logits is None else n_logits)
+        ops: list[Op] = []
+        pending: list[int] = []
+
+        def add(op: Op, layer_index: int) -> None:
+            i = len(ops)
+            if op.stream == COLLECTIVE:
+                deps = (last[0],) if last[0] >= 0 else ()
+                pending.append(i)
+            else:
+                deps = tuple(pending)
+                pending.clear()
+                last[0] = i
+            ops.append(dataclasses.replace(op, index=i, layer=layer_index, deps=deps))
+
+        last = [-1]
+        add(outside[0], -1)
+        for li in range(self.model.num_layers):
+            for op in layer:
+                add(op, li)
+        for op in outside[1:]:
+            add(op, -1)
+        if pending:  # the sampling gather ends the step
+            ops.append(Op(index=len(ops), name="end", stream=COMPUTE, category="elementwise", deps=tuple(pending)))
+        mem = self.memory
+        return Program(name=f"{self.sw.name}:step", ops=tuple(ops), devices=self.topo.num_chips,
+                       model_flops_per_step=sum(op.flops for op in ops) * self.topo.num_chips,
+                       tokens_per_step=float(n_decode + prefill_tokens),
+                       memory=Memory(params=mem.weights, grads=0.0, optimizer=0.0, activations=mem.kv_cache,
+                                     working=mem.working, gathered_weights=0.0),
+                       hbm_capacity_bytes=mem.capacity)
 
     def kv_transfer_time(self, tokens: int, transfer: str) -> float:
         """Moving one request's KV cache from a prefill replica to a decode replica: each device sends its
