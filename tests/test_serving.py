@@ -228,6 +228,15 @@ def test_malformed_trace(tmp_path, body, message):
     assert r.exit_code == 2 and message in r.output and str(f) in r.output, r.output
 
 
+def test_dcn_transfer_needs_prefill_on_whole_slices():
+    with pytest.raises(TpusimError, match="different slices"):
+        run_small(disaggregation={"prefill_replicas": 1, "transfer": "dcn"})
+    data = small({"disaggregation": {"prefill_replicas": 4, "transfer": "dcn"}, "arrival": {"rate": 40.0}})
+    data["slices"] = 2
+    s = serve(serve_workload_from_dict(data, source="dcn")).summary
+    assert (s["replicas"], s["prefill_replicas"], s["chips"]) == (8, 4, 16)
+
+
 def test_disaggregation_needs_a_decode_replica():
     with pytest.raises(TpusimError, match="leave none of the 4 replicas to decode"):
         run_small(disaggregation={"prefill_replicas": 4})

@@ -289,6 +289,15 @@ def simulate_serving(model: StepModel, reqs: Requests) -> ServeResult:
 
         raise TpusimError(f"{sw.disaggregation.prefill_replicas} prefill replicas leave none of the {model.replicas} "
                           "replicas to decode", source=sw.source, key="serving.disaggregation.prefill_replicas")
+    d = sw.disaggregation
+    if d and d.transfer == "dcn":
+        per_slice = model.replicas // model.topo.slices
+        if model.topo.slices < 2 or d.prefill_replicas % per_slice:
+            from tpusim.errors import TpusimError
+
+            raise TpusimError(f"a KV transfer over DCN puts prefill and decode on different slices: give 2 or more "
+                              f"slices and a whole number of slices ({per_slice} replicas each) of prefill replicas",
+                              source=sw.source, key="serving.disaggregation.transfer")
     sim = _Sim(model, reqs)
     sim.run(sw.arrival.concurrency)
     return ServeResult(model=model, requests=sim.reqs, steps=sim.steps, itl_s=np.asarray(sim.gaps), end_s=sim.env.now,
