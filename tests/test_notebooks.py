@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import yaml
 from nbclient import NotebookClient
@@ -44,6 +45,7 @@ FACTS = {
                              " 'slice_links': {k: v.link_stats for k, v in slice_runs.items()},"
                              " 'tokens_per_chip': workload.step.per_device_batch_size * workload.step.seq_len,"
                              " 'congested': s, 'congested_links': congested.link_stats}",
+    "5_serving": "{'steps': frame.to_dict('records'), 'load': load.to_dict('records')}",
 }
 
 
@@ -93,9 +95,9 @@ def book(case_id: str, key: str, section: str = "expected") -> float:
     return float(book_cases()[case_id][section][key]["value"])
 
 
-def test_there_are_four_notebooks_stored_without_outputs():
+def test_there_are_five_notebooks_stored_without_outputs():
     assert [p.name for p in NOTEBOOKS] == ["1_quickstart.ipynb", "2_sharding_tradeoffs.ipynb",
-                                           "3_real_profile.ipynb", "4_topology_congestion.ipynb"]
+                                           "3_real_profile.ipynb", "4_topology_congestion.ipynb", "5_serving.ipynb"]
     assert sorted(FACTS) == [p.stem for p in NOTEBOOKS]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
@@ -112,7 +114,8 @@ def test_notebook_runs(path):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors
     charts = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-              if "vegaEmbed" in o.get("data", {}).get("text/html", "") or any("vegalite" in k for k in o.get("data", {}))]
+              if "vegaEmbed" in o.get("data", {}).get("text/html", "") or any("vegalite" in k for k in o.get("data", {}))
+              or "image/svg+xml" in o.get("data", {})]
     assert charts, f"{path.name} showed no chart"
 
 
@@ -208,12 +211,30 @@ def test_topology_conclusions():
 
 
 @pytest.mark.slow
+def check_serving(f: dict) -> None:
+    """Notebook 5: a decode step costs more as the batch grows (weights read once, KV cache per request),
+    and past saturation the co-located replicas' throughput flattens while the time to first token grows."""
+    steps = pd.DataFrame(f["steps"])
+    assert steps.groupby("batch").time_ms.sum().is_monotonic_increasing
+    load = pd.DataFrame(f["load"])
+    co = load[load.config == "co-located"].sort_values("rate")
+    low, high = co.iloc[0], co.iloc[-1]
+    assert high.ttft_p50_s > low.ttft_p50_s
+    # output tokens/s grows less than the offered rate: the replicas saturate
+    assert high.output_tokens_per_s / low.output_tokens_per_s < high.rate / low.rate
+
+
+def test_serving_conclusions():
+    check_serving(run("5_serving")[1])
+
+
 def test_conclusions_at_full_size():
     """The same conclusions at the size the docs quote (80 layers; both v5p slices of notebook 2)."""
     check_quickstart(run("1_quickstart", "full")[1])
     check_sharding(run("2_sharding_tradeoffs", "full")[1], shapes=("v5p:4x4x4",))
     check_real_profile(run("3_real_profile", "full")[1])
     check_topology(run("4_topology_congestion", "full")[1])
+    check_serving(run("5_serving", "full")[1])
 
 
 if __name__ == "__main__":

@@ -75,7 +75,12 @@ def test_every_shipped_workload_loads():
              if p.name not in ("models.yaml", "measured.yaml") and p.parent.name != "sweeps"]
     assert len(paths) >= 9
     for p in paths:
-        w = load_workload(p)
+        if p.name.startswith("serve_"):  # inference workloads (tpusim serve)
+            from tpusim.serving import load_serve_workload
+
+            w = load_serve_workload(p).workload
+        else:
+            w = load_workload(p)
         assert w.topology and w.chip, p
 
 

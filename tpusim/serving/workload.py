@@ -1,0 +1,363 @@
+"""Inference workloads: the model and its sharding in MaxText's keys, plus how requests arrive and are batched.
+
+A serving YAML has the training workload's ``model`` and ``sharding`` sections (read by
+:func:`tpusim.workload.workload_from_dict`, so ``model_name`` presets and every model key work as
+they do for ``tpusim run``), an ``inference`` section in MaxText's inference keys, and a
+``serving`` section::
+
+    name: serve_llama2_70b
+    chip: v5e
+    topology: v5e:4x8
+    model: {model_name: llama2-70b}
+    inference:
+      max_prefill_predict_length: 1024   # longest prompt (MaxText)
+      max_target_length: 2048            # prompt + output, the KV cache's length (MaxText)
+      per_device_batch_size: 6           # decode slots per chip (MaxText)
+      quantization: int8                 # "" (bf16), int8 (int8 x int8 MXU), int8_weight_only, fp8
+      quantize_kvcache: true             # KV cache in kv_quant_dtype (int8) instead of dtype
+    sharding: {ici_tensor_parallelism: 8}  # the rest of the slice: ici_data_parallelism = replicas
+    serving:
+      seed: 0
+      requests: 1000
+      arrival: {concurrency: 64}         # or {rate: 2.0} (Poisson, requests/s) or {trace: file.csv}
+      input_len: {dist: sharegpt}        # or {dist: fixed, value: N}, uniform low/high, lognormal mean/sigma
+      output_len: {dist: fixed, value: 256}
+      batching: {policy: continuous, token_budget: 2048, chunked_prefill: false, paged_kv: false}
+      disaggregation: {prefill_replicas: 1, transfer: ici}
+
+Replicas: ``ici_data_parallelism`` (and ``dcn_data_parallelism``) copies of the model, each on
+``tensor x expert`` chips with its own scheduler (a departure from MaxText's lock-step data axis,
+which serving frameworks run as independent engines).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tpusim.config import read_yaml, unknown_key_reason
+from tpusim.errors import TpusimError
+from tpusim.workload import DTYPE_BYTES, Workload, workload_from_dict
+
+QUANTIZATIONS = ("", "int8", "int8_weight_only", "fp8")
+POLICIES = ("continuous", "static")
+DISTRIBUTIONS = ("fixed", "uniform", "lognormal", "sharegpt")
+TRANSFERS = ("ici", "dcn")
+
+# The context each preset was trained for (its model card); a longer max_target_length is refused.
+MODEL_CONTEXT = {
+    "llama2-7b": 4096, "llama2-13b": 4096, "llama2-70b": 4096,   # Llama 2 paper, Touvron et al. 2023, sec. 2.2
+    "llama3-8b": 8192, "llama3-70b": 8192,                        # Meta Llama 3 model card
+    "llama3.1-8b": 131072, "llama3.1-70b": 131072, "llama3.1-405b": 131072,  # Llama 3.1 model card
+    "mixtral-8x7b": 32768,                                        # Mixtral of Experts, Jiang et al. 2024
+    "gemma-2b": 8192, "gemma-7b": 8192,                           # Gemma report, Gemma Team 2024, table 1
+}
+
+_INFERENCE_KEYS: dict[str, tuple[type, Any]] = {
+    "max_prefill_predict_length": (int, 1024),
+    "max_target_length": (int, 2048),
+    "per_device_batch_size": (float, None),
+    "dtype": (str, "bfloat16"),
+    "quantization": (str, ""),
+    "quantize_kvcache": (bool, False),
+    "kv_quant_dtype": (str, "int8"),
+    "max_context_length": (int, None),  # the model's trained context, for models without a preset
+}
+_INFERENCE_IGNORED = ("attention", "weight_dtype", "model_call_mode", "scan_layers", "tokenizer_path",
+                      "inference_server", "enable_model_warmup", "checkpoint_is_quantized", "kv_quant_axis",
+                      "replicate_quant_scale", "sharding_strategy", "allow_split_physical_axes")
+_SERVING_KEYS = ("seed", "requests", "arrival", "input_len", "output_len", "batching", "disaggregation",
+                 "step_overhead_s")
+_TOP_KEYS = ("name", "description", "chip", "topology", "slices", "model", "inference", "sharding", "serving")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LengthDist:
+    """Token counts of prompts or outputs: ``fixed`` value; ``uniform`` low..high; ``lognormal`` with this
+    mean and sigma (of the log); ``sharegpt`` the ShareGPT mix (see :mod:`tpusim.serving.requests`)."""
+
+    dist: str
+    value: int = 0
+    low: int = 0
+    high: int = 0
+    mean: float = 0.0
+    sigma: float = 0.0
+    max: int = 0          # cap (0: none beyond the workload's lengths), e.g. benchmark_serving's --sharegpt-output-len
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Arrival:
+    """How requests come: ``rate`` (Poisson, requests/s), ``concurrency`` (closed loop: C clients, each
+    sends its next request when the last one finishes), or ``trace`` (a CSV of arrival_s, input_tokens,
+    output_tokens). ``rate: .inf`` sends everything at once (benchmark_serving's default)."""
+
+    kind: str
+    rate_per_s: float = 0.0
+    concurrency: int = 0
+    trace: str = ""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Batching:
+    """``continuous``: slots refilled as requests finish; each step is a prefill of waiting prompts (up to
+    ``token_budget`` tokens) or a decode of every running request; with ``chunked_prefill`` each step
+    decodes every running request and fills the rest of the budget with prompt chunks.
+    ``static``: a batch is prefilled together and decoded until its last request ends."""
+
+    policy: str = "continuous"
+    max_batch: int = 0            # decode slots per replica; 0 = per_device_batch_size x replica chips
+    token_budget: int = 0         # tokens per step; 0 = max_prefill_predict_length
+    max_prefills_per_step: int = 0  # prompts one prefill step takes; 0 = as many as the budget holds (JetStream: 1)
+    paged_kv: bool = False        # KV cache in pages from a shared pool (vLLM) instead of a max-length slot each
+    chunked_prefill: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Disaggregation:
+    prefill_replicas: int
+    transfer: str = "ici"          # KV cache moved over ICI (same slice) or DCN (another slice)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServeWorkload:
+    name: str
+    source: str
+    workload: Workload             # model, sharding (and the step's dtype) for the shared compiler pieces
+    max_prefill_len: int
+    max_target_len: int
+    per_device_batch_size: float | None
+    quantization: str
+    kv_dtype: str
+    context_limit: int | None
+    seed: int
+    requests: int
+    arrival: Arrival
+    input_len: LengthDist
+    output_len: LengthDist
+    batching: Batching
+    disaggregation: Disaggregation | None = None
+    step_overhead_s: float = 0.0   # host time per step (0: device time only)
+    ignored_keys: tuple[str, ...] = field(default=())
+
+    @property
+    def weight_bytes(self) -> float:
+        return 1.0 if self.quantization else DTYPE_BYTES[self.workload.step.dtype]
+
+    @property
+    def kv_bytes(self) -> float:
+        return DTYPE_BYTES[self.kv_dtype]
+
+    @property
+    def int8_math(self) -> bool:
+        """MaxText's ``quantization: int8`` quantizes activations too, so matmuls run at the int8 MXU rate."""
+        return self.quantization == "int8"
+
+
+def load_serve_workload(path: str | Path, *, rate: float | None = None, concurrency: int | None = None,
+                        trace: str | None = None, requests: int | None = None) -> ServeWorkload:
+    """Read a serving YAML; ``rate`` / ``concurrency`` / ``trace`` / ``requests`` override its ``serving``."""
+    path = Path(path)
+    raw = read_yaml(path)
+    return serve_workload_from_dict(raw, source=str(path), rate=rate, concurrency=concurrency, trace=trace,
+                                    requests=requests)
+
+
+def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None, concurrency: int | None = None,
+                             trace: str | None = None, requests: int | None = None) -> ServeWorkload:
+    if not isinstance(raw, dict):
+        raise TpusimError("a serving workload is a mapping of keys to values", source=source)
+    for key in raw:
+        if key not in _TOP_KEYS:
+            raise TpusimError(unknown_key_reason(str(key), _TOP_KEYS), source=source, key=str(key))
+    inf = _section(raw, "inference", source)
+    ignored = []
+    values: dict[str, Any] = {}
+    for key, v in inf.items():
+        if key in _INFERENCE_IGNORED:
+            ignored.append(f"inference.{key}")
+            continue
+        if key not in _INFERENCE_KEYS:
+            raise TpusimError(unknown_key_reason(str(key), _INFERENCE_KEYS), source=source, key=f"inference.{key}")
+        values[key] = _typed(v, _INFERENCE_KEYS[key][0], source, f"inference.{key}")
+    for key, (_, default) in _INFERENCE_KEYS.items():
+        values.setdefault(key, default)
+    sharding = dict(_section(raw, "sharding", source))
+    for axis in ("fsdp", "sequence"):
+        if sharding.get(f"ici_{axis}_parallelism", 1) != 1:
+            raise TpusimError(f"ici_{axis}_parallelism is not modelled for serving (use tensor, expert and data)",
+                              source=source, key=f"sharding.ici_{axis}_parallelism")
+    sharding["ici_fsdp_parallelism"] = 1
+    if "ici_tensor_parallelism" not in sharding and "ici_data_parallelism" not in sharding:
+        sharding["ici_tensor_parallelism"] = -1  # one replica over the whole slice
+    elif sharding.get("ici_tensor_parallelism") != -1:
+        sharding.setdefault("ici_data_parallelism", -1)
+    step = {"per_device_batch_size": values["per_device_batch_size"] or 1.0,
+            "max_target_length": values["max_target_length"], "dtype": values["dtype"], "weight_dtype": values["dtype"]}
+    top = {k: raw[k] for k in ("name", "description", "chip", "topology", "slices") if k in raw}
+    w = workload_from_dict({**top, "model": _section(raw, "model", source), "step": step, "sharding": sharding},
+                           source=source)
+    for key in ("max_prefill_predict_length", "max_target_length"):
+        if values[key] < 1:
+            raise TpusimError(f"{values[key]} must be a positive integer", source=source, key=f"inference.{key}")
+    if values["max_prefill_predict_length"] >= values["max_target_length"]:
+        raise TpusimError(f"the longest prompt ({values['max_prefill_predict_length']}) leaves no room for output "
+                          f"in max_target_length {values['max_target_length']}", source=source,
+                          key="inference.max_prefill_predict_length")
+    limit = values["max_context_length"] or MODEL_CONTEXT.get(w.model.name)
+    if limit is not None and values["max_target_length"] > limit:
+        raise TpusimError(f"{values['max_target_length']} tokens is longer than {w.model.name}'s context of {limit}",
+                          source=source, key="inference.max_target_length")
+    pdbs = values["per_device_batch_size"]
+    if pdbs is not None and not pdbs > 0:
+        raise TpusimError(f"{pdbs!r} must be a positive number", source=source, key="inference.per_device_batch_size")
+    quant = _choice(values["quantization"], QUANTIZATIONS, source, "inference.quantization")
+    kv_dtype = values["dtype"]
+    if values["quantize_kvcache"]:
+        kv_dtype = _choice(values["kv_quant_dtype"], ("int8", "fp8"), source, "inference.kv_quant_dtype")
+
+    srv = _section(raw, "serving", source)
+    for key in srv:
+        if key not in _SERVING_KEYS:
+            raise TpusimError(unknown_key_reason(str(key), _SERVING_KEYS), source=source, key=f"serving.{key}")
+    seed = _typed(srv.get("seed", 0), int, source, "serving.seed")
+    n_req = requests if requests is not None else _typed(srv.get("requests", 1000), int, source, "serving.requests")
+    if n_req < 1:
+        raise TpusimError(f"{n_req} must be a positive number of requests",
+                          source="--requests" if requests is not None else source,
+                          key=None if requests is not None else "serving.requests")
+    arrival = _arrival(srv.get("arrival", {"concurrency": 1}), source, rate, concurrency, trace)
+    inp = _dist(srv.get("input_len", {"dist": "sharegpt"}), source, "serving.input_len")
+    out = _dist(srv.get("output_len", {"dist": "sharegpt"}), source, "serving.output_len")
+    batching = _batching(srv.get("batching", {}), source)
+    disagg = _disaggregation(srv.get("disaggregation"), source)
+    overhead = _typed(srv.get("step_overhead_s", 0.0), float, source, "serving.step_overhead_s")
+    if overhead < 0:
+        raise TpusimError(f"{overhead} must be >= 0", source=source, key="serving.step_overhead_s")
+    return ServeWorkload(name=w.name, source=source, workload=w, max_prefill_len=values["max_prefill_predict_length"],
+                         max_target_len=values["max_target_length"], per_device_batch_size=pdbs, quantization=quant,
+                         kv_dtype=kv_dtype, context_limit=limit, seed=seed, requests=n_req, arrival=arrival,
+                         input_len=inp, output_len=out, batching=batching, disaggregation=disagg,
+                         step_overhead_s=overhead, ignored_keys=tuple(ignored) + w.ignored_keys)
+
+
+def _section(raw: dict, name: str, source: str) -> dict:
+    v = raw.get(name, {})
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise TpusimError("expected a mapping", source=source, key=name)
+    return v
+
+
+def _typed(value: Any, typ: type, source: str, key: str) -> Any:
+    if typ is float and isinstance(value, str) and value.strip().lower() in (".inf", "inf"):
+        return math.inf
+    if typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if typ is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) and typ is not bool or not isinstance(value, typ):
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+        raise TpusimError(f"{value!r} is not {names[typ]}", source=source, key=key)
+    return value
+
+
+def _choice(value: str, choices: tuple[str, ...], source: str, key: str) -> str:
+    if value not in choices:
+        raise TpusimError(f"{value!r} is not one of {', '.join(repr(c) for c in choices)}", source=source, key=key)
+    return value
+
+
+def _arrival(spec: Any, source: str, rate, concurrency, trace) -> Arrival:
+    given = [(k, v) for k, v in (("rate", rate), ("concurrency", concurrency), ("trace", trace)) if v is not None]
+    if len(given) > 1:
+        raise TpusimError("give one of --rate, --concurrency, --trace", source=f"--{given[1][0]}")
+    if given:
+        key, value = given[0]
+        spec, where = {key: value}, f"--{key}"
+        src, k = where, None
+    else:
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise TpusimError("one of {rate: R}, {concurrency: C}, {trace: FILE}", source=source, key="serving.arrival")
+        src, k = source, f"serving.arrival.{next(iter(spec))}"
+    (kind, value), = spec.items()
+    if kind == "rate":
+        r = _typed(value, float, src, k)
+        if not r > 0 or math.isnan(r):
+            raise TpusimError(f"{value!r}: a rate must be a positive number of requests per second", source=src, key=k)
+        return Arrival(kind="rate", rate_per_s=r)
+    if kind == "concurrency":
+        c = _typed(value, int, src, k)
+        if c < 1:
+            raise TpusimError(f"{value!r}: concurrency must be a positive integer", source=src, key=k)
+        return Arrival(kind="concurrency", concurrency=c)
+    if kind == "trace":
+        p = Path(_typed(value, str, src, k))
+        if not p.is_absolute() and not given:
+            p = Path(source).parent / p
+        return Arrival(kind="trace", trace=str(p))
+    raise TpusimError(unknown_key_reason(str(kind), ("rate", "concurrency", "trace")), source=source,
+                      key=f"serving.arrival.{kind}")
+
+
+def _dist(spec: Any, source: str, key: str) -> LengthDist:
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        spec = {"dist": "fixed", "value": spec}
+    if not isinstance(spec, dict):
+        raise TpusimError("expected a token count or {dist: ...}", source=source, key=key)
+    dist = _choice(spec.get("dist", ""), DISTRIBUTIONS, source, f"{key}.dist")
+    need = {"fixed": ("value",), "uniform": ("low", "high"), "lognormal": ("mean", "sigma"), "sharegpt": ()}[dist]
+    for k in spec:
+        if k not in ("dist", "max") and k not in need:
+            raise TpusimError(unknown_key_reason(str(k), need) + f" for dist {dist}", source=source, key=f"{key}.{k}")
+    vals = {}
+    for k in need:
+        if k not in spec:
+            raise TpusimError(f"dist {dist} needs {k}", source=source, key=f"{key}.{k}")
+        vals[k] = _typed(spec[k], float if k in ("mean", "sigma") else int, source, f"{key}.{k}")
+        if not vals[k] > 0 and not (k == "sigma" and vals[k] == 0):
+            raise TpusimError(f"{vals[k]} must be positive", source=source, key=f"{key}.{k}")
+    if "max" in spec:
+        vals["max"] = _typed(spec["max"], int, source, f"{key}.max")
+        if vals["max"] < 1:
+            raise TpusimError(f"{vals['max']} must be a positive integer", source=source, key=f"{key}.max")
+    if dist == "uniform" and vals["low"] > vals["high"]:
+        raise TpusimError(f"low {vals['low']} > high {vals['high']}", source=source, key=f"{key}.low")
+    return LengthDist(dist=dist, **vals)
+
+
+def _batching(spec: Any, source: str) -> Batching:
+    if not isinstance(spec, dict):
+        raise TpusimError("expected a mapping", source=source, key="serving.batching")
+    keys = {"policy": str, "max_batch": int, "token_budget": int, "chunked_prefill": bool, "max_prefills_per_step": int,
+            "paged_kv": bool}
+    out = {}
+    for k, v in spec.items():
+        if k not in keys:
+            raise TpusimError(unknown_key_reason(str(k), keys), source=source, key=f"serving.batching.{k}")
+        out[k] = _typed(v, keys[k], source, f"serving.batching.{k}")
+    if "policy" in out:
+        _choice(out["policy"], POLICIES, source, "serving.batching.policy")
+    for k in ("max_batch", "token_budget", "max_prefills_per_step"):
+        if k in out and out[k] < 1:
+            raise TpusimError(f"{out[k]} must be a positive integer", source=source, key=f"serving.batching.{k}")
+    return Batching(**out)
+
+
+def _disaggregation(spec: Any, source: str) -> Disaggregation | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or "prefill_replicas" not in spec:
+        raise TpusimError("expected {prefill_replicas: N, transfer: ici|dcn}", source=source,
+                          key="serving.disaggregation")
+    for k in spec:
+        if k not in ("prefill_replicas", "transfer"):
+            raise TpusimError(unknown_key_reason(str(k), ("prefill_replicas", "transfer")), source=source,
+                              key=f"serving.disaggregation.{k}")
+    n = _typed(spec["prefill_replicas"], int, source, "serving.disaggregation.prefill_replicas")
+    if n < 1:
+        raise TpusimError(f"{n} must be a positive integer", source=source, key="serving.disaggregation.prefill_replicas")
+    transfer = _choice(spec.get("transfer", "ici"), TRANSFERS, source, "serving.disaggregation.transfer")
+    return Disaggregation(prefill_replicas=n, transfer=transfer)
