@@ -5,8 +5,9 @@
 keeps a bounded number in flight. Each row is appended to the journal by the process that computed it,
 as it finishes (see :mod:`tpusim.sweepstore`). ``stop()`` turning true ends a sweep gracefully: no new
 configuration starts, the running ones finish (and are journaled), then the iterator ends. An exception
-(a second Ctrl-C, or the consumer giving up) ends it at once: the worker processes are terminated and
-what they were computing is redone on resume. Worker processes also die with this process (Linux:
+(a second Ctrl-C, or the consumer giving up) ends it at once: the worker processes are killed and what
+they were computing is redone on resume. Workers ignore SIGINT and SIGTERM (a terminal's Ctrl-C and a
+service manager's stop reach the whole process group): the parent decides. Worker processes also die with this process (Linux:
 ``PR_SET_PDEATHSIG``; elsewhere they poll their parent), so even SIGKILL leaves no orphans.
 """
 
@@ -41,9 +42,10 @@ def _work(task) -> dict:
 
 def _init_worker(journal: str | None, parent_pid: int) -> None:
     global _journal
-    # The parent decides when to stop: it lets running configurations finish, or terminates us.
+    # The parent decides when to stop (Ctrl-C, or a service manager's SIGTERM, reaches the whole process
+    # group): it lets the running configurations finish, or kills us.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a forked worker inherits the CLI's graceful handler
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(parent_pid)
     _journal = Journal(journal) if journal is not None else None
 
@@ -117,8 +119,8 @@ def _pool_rows(tasks: Iterator, workers: int, journal: Journal | None, stop: Cal
         graceful = True
     finally:
         if not graceful:  # interrupted: what runs now is not finished; end it, it is redone on resume
-            for process in list((pool._processes or {}).values()):  # Python 3.14 has terminate_workers()
-                process.terminate()
+            for process in list((pool._processes or {}).values()):  # Python 3.14 has kill_workers()
+                process.kill()
         pool.shutdown(wait=True, cancel_futures=True)
 
 
