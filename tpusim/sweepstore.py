@@ -121,10 +121,9 @@ def read_rows(path: str | Path) -> list[dict]:
                           "--out", source=str(path)) from None
     if "config" not in df.columns or "index" not in df.columns:
         raise TpusimError("not a tpusim sweep output (no config column); choose another --out", source=str(path))
-    rows = row_dicts(df)
-    for row in rows:
-        row.setdefault("reason", "")  # CSV reads "" back as missing (a column of them as numbers)
-    return rows
+    # CSV reads an empty reason back as missing (a column of them as numbers): "" again, in its place
+    return [{k: "" if k == "reason" and pd.isna(v) else v for k, v in r.items() if k == "reason" or not pd.isna(v)}
+            for r in df.to_dict("records")]
 
 
 def write_rows(rows: Iterable[dict], path: str | Path) -> None:
