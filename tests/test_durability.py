@@ -177,6 +177,10 @@ def test_resume_with_other_varied_keys_is_refused_not_merged(small, tmp_path):
     assert r.exit_code == 2 and r.stdout == "" and r.stderr.count("\n") == 1
     assert "holds rows of another sweep: its rows have the keys" in r.stderr and "per_device_batch_size" in r.stderr
     assert (out.read_bytes(), journal_path(out).read_bytes()) == before
+    journal_path(out).unlink()  # the table of an older tpusim: refused too, and no journal made for it
+    with pytest.raises(TpusimError, match="holds rows of another sweep"):
+        run_sweep(make_sweep(small, {"remat_policy": ("full", "none"), "per_device_batch_size": (1, 2)}), out=out)
+    assert out.read_bytes() == before[0] and not journal_path(out).exists()
 
 
 def test_repeated_values_are_refused(small):
@@ -225,10 +229,24 @@ def _run_out(small: Path, out: Path, *extra: str):
     return CliRunner().invoke(main, ["run", str(small), "--out", str(out), *extra])
 
 
+@pytest.fixture(scope="module")
+def a_run(small, tmp_path_factory):
+    """A run folder, made once; tests copy it."""
+    out = tmp_path_factory.mktemp("r") / "run"
+    r = _run_out(small, out)
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_run_killed_while_writing_leaves_the_old_folder_whole(small, tmp_path):
-    out = tmp_path / "run"
-    assert _run_out(small, out).exit_code == 0
+def test_run_killed_while_writing_leaves_the_old_folder_whole(small, a_run, tmp_path):
+    out = _copy(a_run, tmp_path)
     old = _snapshot(out)
     reached = tmp_path / "writing"
     # The real command, its report writer made to hang (after the timeline and trace are written).
@@ -254,11 +272,10 @@ def test_run_killed_while_writing_leaves_the_old_folder_whole(small, tmp_path):
     check_run_folder(out)
 
 
-def test_run_that_fails_while_writing_leaves_the_old_folder_whole(small, tmp_path, monkeypatch):
+def test_run_that_fails_while_writing_leaves_the_old_folder_whole(small, a_run, tmp_path, monkeypatch):
     import tpusim.report
 
-    out = tmp_path / "run"
-    assert _run_out(small, out).exit_code == 0
+    out = _copy(a_run, tmp_path)
     old = _snapshot(out)
 
     def disk_full(path, *a, **k):
@@ -281,9 +298,9 @@ def test_run_refuses_a_folder_it_did_not_write(small, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["no manifest", "truncated timeline"])
-def test_compare_refuses_an_incomplete_run_folder(small, tmp_path, damage):
-    out = tmp_path / "run"
-    assert _run_out(small, out).exit_code == 0
+def test_compare_refuses_an_incomplete_run_folder(small, a_run, tmp_path, damage):
+    out = _copy(a_run, tmp_path)
+    check_run_folder(out)  # complete before the damage
     if damage == "no manifest":
         (out / "manifest.json").unlink()
     else:

@@ -313,10 +313,8 @@ def run_sweep(sweep: Sweep, *, out: str | Path | None = None, workers: int | Non
     """
     t0 = time.perf_counter()
     rows: dict[str, dict] = {}
-    store = SweepOutput(out) if out is not None else None
+    store = SweepOutput(out, check=lambda done: rows.update(_resumed_rows(sweep, out, done))) if out is not None else None
     try:
-        if store is not None:
-            rows = _resumed_rows(sweep, store, store.done)
         resumed = len(rows)
         todo = sweep.size - resumed
         tasks = (t for t in sweep.tasks() if t.key not in rows)  # the skip set, checked per task
@@ -339,7 +337,7 @@ def run_sweep(sweep: Sweep, *, out: str | Path | None = None, workers: int | Non
         finally:
             if store is not None:
                 if not finished:  # rows a worker journaled but had not handed over when interrupted
-                    rows = {**_resumed_rows(sweep, store, read_journal(store.journal_path)), **rows}
+                    rows = {**_resumed_rows(sweep, out, read_journal(store.journal_path)), **rows}
                 if rows:
                     write_rows(rows.values(), out)
     finally:
@@ -349,7 +347,7 @@ def run_sweep(sweep: Sweep, *, out: str | Path | None = None, workers: int | Non
                     wall_s=time.perf_counter() - t0)
 
 
-def _resumed_rows(sweep: Sweep, store: SweepOutput, journaled: list[dict]) -> dict[str, dict]:
+def _resumed_rows(sweep: Sweep, out: str | Path, journaled: list[dict]) -> dict[str, dict]:
     """The journal's rows by configuration, checked against the grid and indexed by it, errors left out."""
     index = sweep.indexer()
     rows: dict[str, dict] = {}
@@ -358,7 +356,7 @@ def _resumed_rows(sweep: Sweep, store: SweepOutput, journaled: list[dict]) -> di
             i = index(row["config"])
         except ValueError as e:
             raise TpusimError(f"holds rows of another sweep: {e} (e.g. {row['config']}); move it and "
-                              f"{store.journal_path.name} away, or choose another --out", source=str(store.out)) from None
+                              f"{journal_path(out).name} away, or choose another --out", source=str(out)) from None
         if row.get("status") == "error":
             rows.pop(row["config"], None)
         else:

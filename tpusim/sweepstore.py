@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -159,31 +159,40 @@ def check_out(path: str | Path) -> Path:
 
 class SweepOutput:
     """A sweep's output, open to add rows: the journal locked (one sweep writes an output at a time), a
-    torn last line cut off, an older tpusim's table copied into a new journal, and the rows done so far
-    (``done``, in the order they finished; a later row of a configuration replaces an earlier one)."""
+    torn last line cut off, and the rows done so far (``done``, in the order they finished; a later row
+    of a configuration replaces an earlier one). ``check(done)`` may refuse them (rows of another
+    grid): then nothing is left behind. An older tpusim's table (no journal) is copied into a new one."""
 
-    def __init__(self, out: str | Path):
+    def __init__(self, out: str | Path, check: Callable[[list[dict]], None] = lambda done: None):
         self.out = Path(out)
         self.journal_path = journal_path(self.out)
-        legacy = read_rows(self.out) if self.out.exists() and not self.journal_path.exists() else []
+        created = not self.journal_path.exists()
+        legacy = read_rows(self.out) if created and self.out.exists() else []
         self.journal = Journal(self.journal_path)
         try:
-            import fcntl
+            try:
+                import fcntl
 
-            fcntl.flock(self.journal.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock
-            pass
-        except BlockingIOError:
+                fcntl.flock(self.journal.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except ImportError:  # not POSIX: no lock
+                pass
+            except BlockingIOError:
+                created = False  # another sweep's
+                raise TpusimError(f"another tpusim sweep is writing it (its journal {self.journal_path.name} is "
+                                  "locked); wait for that one to end", source=str(self.out)) from None
+            self.done = read_journal(self.journal_path, repair=True) or legacy
+            check(self.done)
+        except BaseException:
             self.journal.close()
-            raise TpusimError(f"another tpusim sweep is writing it (its journal {self.journal_path.name} is "
-                              "locked); wait for that one to end", source=str(self.out)) from None
+            if created:
+                self.journal_path.unlink(missing_ok=True)
+            raise
         if legacy and self.journal_path.stat().st_size == 0:
             for row in legacy:
                 self.journal.append(row, sync=False)
             self.journal.sync()
         for stale in self.out.parent.glob(f".{self.out.name}.*.tmp"):  # tables being written when killed
             stale.unlink(missing_ok=True)
-        self.done = read_journal(self.journal_path, repair=True)
 
     def close(self) -> None:
         self.journal.close()
