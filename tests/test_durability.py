@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from tpusim.cli import main
 from tpusim.errors import TpusimError
 from tpusim.runfolder import check_run_folder
-from tpusim.sweep import journal_path, make_sweep, read_journal, read_rows, run_sweep
+from tpusim.sweep import journal_path, make_sweep, read_journal, run_sweep
 
 # LLaMA-3 8B widths, 2 layers, on a v5e 4x4: ~40 ms a configuration.
 SMALL = {"name": "small", "chip": "v5e", "topology": "v5e:4x4",

@@ -52,7 +52,7 @@ from tpusim.sweepstore import (  # noqa: F401  (re-exported)
     rows_frame,
     write_rows,
 )
-from tpusim.sweepworkers import iter_rows  # noqa: F401  (re-exported)
+from tpusim.sweepworkers import iter_rows  # re-exported (search uses it)
 
 MAX_GRID = 2000  # configurations a sweep runs without --yes
 SWEEP_KEYS = ("topology", "slices", "mode")  # varied by the sweep itself, not keys of the workload

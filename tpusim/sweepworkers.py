@@ -18,7 +18,6 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
 
 from tpusim.errors import TpusimError
 from tpusim.sweepstore import Journal, plain_row
