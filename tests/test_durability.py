@@ -297,6 +297,14 @@ def test_run_refuses_a_folder_it_did_not_write(small, tmp_path):
     assert _snapshot(out) == {"notes.txt": b"keep me"}
 
 
+def test_run_refuses_the_current_folder(small, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for here in (".", str(tmp_path.parent)):
+        r = _run_out(small, Path(here))
+        assert r.exit_code == 2 and "is the current folder (or holds it)" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("damage", ["no manifest", "truncated timeline"])
 def test_compare_refuses_an_incomplete_run_folder(small, a_run, tmp_path, damage):
     out = _copy(a_run, tmp_path)

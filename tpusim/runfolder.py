@@ -65,9 +65,11 @@ class RunFolder:
     drops it (a failed or interrupted run)."""
 
     def __init__(self, out_dir: str | Path):
-        out = Path(out_dir)
-        self.out = out.resolve() if out.is_symlink() else out  # replace the folder, not the link
+        self.out = Path(out_dir).resolve()  # a link: replace the folder it points to, not the link
         src = f"--out {out_dir}"
+        if self.out == Path.cwd().resolve() or self.out in Path.cwd().resolve().parents:
+            raise TpusimError("is the current folder (or holds it), which a run folder replaces whole; choose "
+                              "a new or empty folder", source=src)
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             _clean_up(self.out)
