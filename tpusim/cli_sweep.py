@@ -66,7 +66,7 @@ class GracefulStop:
             raise KeyboardInterrupt
         self.signum = signum
         # os.write, not print: a handler can run in the middle of another write to stderr
-        os.write(2, b"\ntpusim: stopping: the configurations running finish and are saved "
+        os.write(2, b"\ntpusim: stopping: no new configurations; the running ones finish "
                     b"(Ctrl-C again to stop now)\n")
 
     def __enter__(self) -> GracefulStop:
@@ -189,7 +189,7 @@ def register(main: click.Group) -> None:
                 stop.signum = stop.signum or signal.SIGINT
                 done = None
         bar.close()
-        if stop.signum is not None:
+        if stop.signum is not None and (done is None or done.resumed + done.simulated < done.total):
             where = (f"every finished row is in {journal_path(path)} (and {path.name}); run the same command "
                      "again to resume" if path else "nothing saved (give --out FILE to keep rows)")
             click.echo(f"tpusim: interrupted by {signal.Signals(stop.signum).name}: {where}", err=True)
