@@ -18,8 +18,8 @@ other nested fields become JSON strings.
 
 The grid is streamed: configurations are made one by one (itertools.product), never as a list.
 They run in local worker processes (every core), serially (``workers=1``), or as Ray tasks
-(:mod:`tpusim.sweepworkers`); the simulator is deterministic, so the rows are the same whichever way they ran, except
-``sim_wall_s`` (the wall time of the simulation).
+(:mod:`tpusim.sweepworkers`); the simulator is deterministic, so the rows are the same whichever
+way they ran, except ``sim_wall_s`` (the wall time of the simulation).
 
 >>> parse_vary(["per_device_batch_size=1,0.5", "remat_policy=full,minimal"])
 {'per_device_batch_size': (1, 0.5), 'remat_policy': ('full', 'minimal')}
