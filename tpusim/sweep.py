@@ -313,7 +313,7 @@ def run_sweep(sweep: Sweep, *, out: str | Path | None = None, workers: int | Non
     """
     t0 = time.perf_counter()
     rows: dict[str, dict] = {}
-    store = SweepOutput(out, check=lambda done: rows.update(_resumed_rows(sweep, out, done))) if out is not None else None
+    store = None if out is None else SweepOutput(out, check=lambda done: rows.update(_resumed_rows(sweep, out, done)))
     try:
         resumed = len(rows)
         todo = sweep.size - resumed

@@ -7,8 +7,8 @@ as it finishes (see :mod:`tpusim.sweepstore`). ``stop()`` turning true ends a sw
 configuration starts, the running ones finish (and are journaled), then the iterator ends. An exception
 (a second Ctrl-C, or the consumer giving up) ends it at once: the worker processes are killed and what
 they were computing is redone on resume. Workers ignore SIGINT and SIGTERM (a terminal's Ctrl-C and a
-service manager's stop reach the whole process group): the parent decides. Worker processes also die with this process (Linux:
-``PR_SET_PDEATHSIG``; elsewhere they poll their parent), so even SIGKILL leaves no orphans.
+service manager's stop reach the whole process group): the parent decides. Workers also die with
+their parent (Linux: ``PR_SET_PDEATHSIG``; elsewhere they poll it), so even SIGKILL leaves no orphans.
 """
 
 from __future__ import annotations
