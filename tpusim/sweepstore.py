@@ -168,7 +168,11 @@ class SweepOutput:
         self.journal_path = journal_path(self.out)
         created = not self.journal_path.exists()
         legacy = read_rows(self.out) if created and self.out.exists() else []
-        self.journal = Journal(self.journal_path)
+        try:
+            self.journal = Journal(self.journal_path)
+        except OSError as e:
+            raise TpusimError(f"cannot write its journal {self.journal_path.name}: {e.strerror or e}",
+                              source=f"--out {self.out}") from None
         try:
             try:
                 import fcntl
