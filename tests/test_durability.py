@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,8 +240,6 @@ def a_run(small, tmp_path_factory):
 
 
 def _copy(run: Path, tmp_path: Path) -> Path:
-    import shutil
-
     return Path(shutil.copytree(run, tmp_path / "run"))
 
 
@@ -317,3 +316,22 @@ def test_compare_refuses_an_incomplete_run_folder(small, a_run, tmp_path, damage
     r = CliRunner().invoke(main, ["compare", str(out), str(small)])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1
     assert f"{out}: not a complete run folder" in r.stderr
+
+
+def test_without_an_atomic_exchange_a_kill_between_the_renames_is_undone(small, a_run, tmp_path, monkeypatch):
+    """Where renameat2 is missing the swap is two renames; a run killed between them (old set aside, new
+    not yet in place) has the old folder put back by the next run into DIR."""
+    import tpusim.runfolder as rf
+
+    monkeypatch.setattr(rf, "_exchange", lambda a, b: False)
+    out = _copy(a_run, tmp_path)
+    assert _run_out(small, out, "--mode", "datasheet").exit_code == 0  # the two-rename path, uninterrupted
+    assert json.loads(_snapshot(out)["summary.json"])["mode"] == "datasheet"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    (tmp_path / "run").rename(tmp_path / f".run.tpusim-old.{dead.pid}")  # killed between the renames ...
+    shutil.copytree(a_run, tmp_path / f".run.tpusim-tmp.{dead.pid}.x")  # ... with its new folder beside
+    rf.RunFolder(out).discard()  # what the next run does first
+    assert json.loads(_snapshot(out)["summary.json"])["mode"] == "datasheet"  # the old one, back whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
