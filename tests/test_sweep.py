@@ -12,7 +12,18 @@ from click.testing import CliRunner
 from tpusim.cli import main
 from tpusim.errors import TpusimError
 from tpusim.summary import summarize
-from tpusim.sweep import MAX_GRID, make_sweep, parse_vary, read_rows, read_sweep_file, run_sweep, write_rows
+from tpusim.sweep import (
+    MAX_GRID,
+    journal_path,
+    make_sweep,
+    parse_vary,
+    read_journal,
+    read_rows,
+    read_sweep_file,
+    run_sweep,
+    write_rows,
+)
+from tpusim.sweepstore import encode_row
 
 # A small, fast workload (LLaMA-3 8B widths, 2 layers) on a v5e 4x4: a simulation takes ~10 ms.
 SMALL = {"name": "small", "chip": "v5e", "topology": "v5e:4x4",
@@ -100,14 +111,20 @@ def test_same_rows_on_ray(small):
 
 
 @pytest.mark.parametrize("suffix", [".parquet", ".csv"])
-def test_resume_redoes_nothing(small, tmp_path, suffix):
+@pytest.mark.parametrize("saved", ["journal", "table of an older tpusim"])
+def test_resume_redoes_nothing(small, tmp_path, suffix, saved):
     sweep = make_sweep(small, GRID)
     whole = tmp_path / f"whole{suffix}"
     full = run_sweep(sweep, out=whole, workers=1)
     out = tmp_path / f"cut{suffix}"
     run_sweep(sweep, out=out, workers=1)
     kept = read_rows(out)[::2]  # an interrupted run: half the rows, not the first half
-    write_rows(kept, out)
+    if saved == "journal":  # the truth: the table beside it, even if whole, is rewritten from it
+        kept = read_journal(journal_path(out))[::2]
+        journal_path(out).write_bytes(b"".join(encode_row(r) for r in kept))
+    else:
+        journal_path(out).unlink()
+        write_rows(kept, out)
     computed = []
     again = run_sweep(sweep, out=out, workers=2, on_row=lambda row: computed.append(row["config"]))
     assert again.resumed == 6 and again.simulated == 6
@@ -128,7 +145,7 @@ def test_interrupted_sweep_keeps_what_it_computed(small, tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_sweep(sweep, out=out, workers=1, on_row=interrupt_after_five, flush_rows=100, flush_s=1e9)
+        run_sweep(sweep, out=out, workers=1, on_row=interrupt_after_five, flush_s=1e9)
     assert len(read_rows(out)) == 5
     assert run_sweep(sweep, out=out, workers=1).simulated == 7
 

@@ -233,16 +233,23 @@ def run(workload: str | None, hlo_file: str | None, topology: str | None, slices
         prog = import_hlo(read_hlo(hlo_file), topo, source=hlo_file)
     else:
         w, topo, prog = compile_workload(workload, topology, slices=slices)
-    out = _prepare_out(out_dir) if out_dir else None  # before simulating, after what can be refused
-    n_compute = len(prog.compute_ops)
-    with _progress(n_compute, as_json) as bar:
-        result = simulate(prog, topo, mode=mode, stragglers=slow, progress=lambda n: bar.update(n - bar.n))
-        bar.update(n_compute - bar.n)
-    summary = summarize(result)
-    if out is not None:
-        _write_run(out, result, summary, all_devices)
-        summary["out"] = str(out)
-    _emit(as_json, summary, format_summary(summary) + (f"\n  wrote        {out}/" if out else ""))
+    folder = _prepare_out(out_dir) if out_dir else None  # before simulating, after what can be refused
+    try:
+        n_compute = len(prog.compute_ops)
+        with _progress(n_compute, as_json) as bar:
+            result = simulate(prog, topo, mode=mode, stragglers=slow, progress=lambda n: bar.update(n - bar.n))
+            bar.update(n_compute - bar.n)
+        summary = summarize(result)
+        if folder is not None:
+            _write_run(folder.tmp, result, summary, all_devices)
+            folder.commit()  # the old folder is replaced whole, or (killed before this) left whole
+            summary["out"] = str(out_dir)
+    except OSError as e:
+        raise TpusimError(f"cannot write the run: {e.strerror or e}", source=f"--out {out_dir}") from None
+    finally:
+        if folder is not None:
+            folder.discard()
+    _emit(as_json, summary, format_summary(summary) + (f"\n  wrote        {out_dir}/" if folder else ""))
 
 
 def _parse_stragglers(items: tuple[str, ...]) -> dict[int, float]:
@@ -257,20 +264,11 @@ def _parse_stragglers(items: tuple[str, ...]) -> dict[int, float]:
 
 
 def _prepare_out(out_dir: str):
-    """Create the output folder now, so an unwritable one fails before any simulation."""
-    import os
-    import tempfile
-    from pathlib import Path
+    """Check the output folder now (writable; new, empty or a run folder), so a bad one fails before
+    any simulation; the run is written beside it and swapped in whole (:mod:`tpusim.runfolder`)."""
+    from tpusim.runfolder import RunFolder
 
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".probe.")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise TpusimError(f"cannot write there: {e.strerror or e}", source=f"--out {out_dir}") from None
-    return out
+    return RunFolder(out_dir)
 
 
 def _progress(total: int, quiet: bool):

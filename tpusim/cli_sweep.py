@@ -6,6 +6,8 @@ to stderr: a tqdm bar on a terminal, otherwise a line every few seconds.
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 
@@ -13,7 +15,6 @@ import click
 
 from tpusim.errors import TpusimError
 
-EXIT_INTERRUPTED = 130
 SHOWN_ROWS = 40  # rows printed for people; the file (and --json) has them all
 _LINE_EVERY_S = 5.0
 
@@ -46,6 +47,40 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class GracefulStop:
+    """SIGINT and SIGTERM end a sweep gracefully: the first starts no new configuration and lets the
+    running ones finish (their rows are saved); a second ends it at once (KeyboardInterrupt). Calling
+    the object says whether a signal came; ``signum`` is the first one."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: dict = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        # os.write, not print: a handler can run in the middle of another write to stderr
+        os.write(2, b"\ntpusim: stopping: no new configurations; the running ones finish "
+                    b"(Ctrl-C again to stop now)\n")
+
+    def __enter__(self) -> GracefulStop:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
 
 
 def _sweep_table(df, varied: list[str], limit: int) -> list[str]:
@@ -126,6 +161,7 @@ def register(main: click.Group) -> None:
 
         from tpusim.sweep import (
             check_out,
+            journal_path,
             make_sweep,
             parse_vary,
             read_sweep_file,
@@ -146,14 +182,18 @@ def register(main: click.Group) -> None:
         for warning in sw.warnings:
             click.echo(f"tpusim: warning: {warning}", err=True)
         bar = Progress("sweep")
-        try:
-            done = run_sweep(sw, out=path, workers=workers, ray=ray_address, progress=bar)
-        except KeyboardInterrupt:
-            bar.close()
-            where = f"the rows done are in {path}; run the same command again to resume" if path else "nothing saved"
-            click.echo(f"tpusim: interrupted: {where}", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+        with GracefulStop() as stop:
+            try:
+                done = run_sweep(sw, out=path, workers=workers, ray=ray_address, progress=bar, stop=stop)
+            except KeyboardInterrupt:
+                stop.signum = stop.signum or signal.SIGINT
+                done = None
         bar.close()
+        if stop.signum is not None and (done is None or done.resumed + done.simulated < done.total):
+            where = (f"every finished row is in {journal_path(path)} (and {path.name}); run the same command "
+                     "again to resume" if path else "nothing saved (give --out FILE to keep rows)")
+            click.echo(f"tpusim: interrupted by {signal.Signals(stop.signum).name}: {where}", err=True)
+            sys.exit(128 + stop.signum)
         df = done.rows
         counts = {k: int(v) for k, v in df["status"].value_counts().items()}
         payload = {"workload": sw.context()["workload"], "total": done.total, "resumed": done.resumed,

@@ -28,7 +28,9 @@ def coarse_category(category: str) -> str:
 
 
 def load_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
-    run_dir = Path(run_dir)
+    from tpusim.runfolder import check_run_folder
+
+    run_dir = check_run_folder(run_dir)  # complete: tpusim run --out wrote its manifest last
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
         timeline = pd.read_parquet(run_dir / "timeline.parquet")

@@ -8,14 +8,18 @@ returns (and writes, as configurations finish) one row per configuration::
 
 ``status`` is ``ok``, ``infeasible`` (does not fit in HBM), ``invalid`` (the configuration is wrong:
 ``reason`` says why) or ``error`` (a bug in tpusim; redone on resume). ``config`` is the canonical
-JSON of every input (workload name, topology, slices, mode and the varied values): a sweep run again
-with the same output file skips the configurations already in it, so an interrupted sweep resumes
-and loses nothing. Summary mappings with fixed keys (``utilization``, ``memory``) become
-``parent.key`` columns; the other nested fields become JSON strings.
+JSON of every input (workload name, topology, slices, mode and the varied values). Each row is
+appended to a journal beside the output as it finishes (:mod:`tpusim.sweepstore`); a sweep run again
+with the same output skips the configurations already in the journal, so an interrupted or killed
+sweep resumes, loses no finished row and computes none twice. An output whose rows are of another
+grid (other keys, other fixed settings, values this grid does not have) is refused, not merged.
+Summary mappings with fixed keys (``utilization``, ``memory``) become ``parent.key`` columns; the
+other nested fields become JSON strings.
 
-Configurations run in local worker processes (every core), serially (``workers=1``), or as Ray
-tasks; the simulator is deterministic, so the rows are the same whichever way they ran, except
-``sim_wall_s`` (the wall time of the simulation).
+The grid is streamed: configurations are made one by one (itertools.product), never as a list.
+They run in local worker processes (every core), serially (``workers=1``), or as Ray tasks
+(:mod:`tpusim.sweepworkers`); the simulator is deterministic, so the rows are the same whichever
+way they ran, except ``sim_wall_s`` (the wall time of the simulation).
 
 >>> parse_vary(["per_device_batch_size=1,0.5", "remat_policy=full,minimal"])
 {'per_device_batch_size': (1, 0.5), 'remat_policy': ('full', 'minimal')}
@@ -38,7 +42,17 @@ import yaml
 
 from tpusim.config import read_yaml
 from tpusim.errors import InfeasibleError, TpusimError
-from tpusim.sweepstore import check_out, read_rows, row_dicts, rows_frame, write_rows  # noqa: F401  (re-exported)
+from tpusim.sweepstore import (  # noqa: F401  (re-exported)
+    SweepOutput,
+    check_out,
+    journal_path,
+    read_journal,
+    read_rows,
+    row_dicts,
+    rows_frame,
+    write_rows,
+)
+from tpusim.sweepworkers import iter_rows  # re-exported (search uses it)
 
 MAX_GRID = 2000  # configurations a sweep runs without --yes
 SWEEP_KEYS = ("topology", "slices", "mode")  # varied by the sweep itself, not keys of the workload
@@ -82,13 +96,45 @@ class Sweep:
         name = self.raw.get("name") or Path(self.workload).stem
         return {"workload": name, "topology": self.topology, "slices": self.slices, "mode": self.mode}
 
-    def tasks(self) -> list[Task]:
+    def tasks(self) -> Iterator[Task]:
+        """The configurations in order, made as they are asked for (a grid can have 10^8)."""
         keys = list(self.vary)
         context = self.context()
-        return [Task(index=i, key=config_key({**context, **inputs}), raw=self.raw, source=self.workload,
-                     topology=self.topology, slices=self.slices, mode=self.mode, inputs=inputs)
-                for i, inputs in enumerate(dict(zip(keys, combo, strict=True)) for combo in
-                                           itertools.product(*self.vary.values()))]
+        for i, combo in enumerate(itertools.product(*self.vary.values())):
+            inputs = dict(zip(keys, combo, strict=True))
+            yield Task(index=i, key=config_key({**context, **inputs}), raw=self.raw, source=self.workload,
+                       topology=self.topology, slices=self.slices, mode=self.mode, inputs=inputs)
+
+    def indexer(self) -> Callable[[str], int]:
+        """A configuration's key -> its index in the grid, by arithmetic (no enumeration); ValueError
+        saying what differs for a key that is not one of this grid's."""
+        context = self.context()
+        fixed = {k: config_key(v) for k, v in context.items() if k not in self.vary}
+        where = {k: {config_key(v): i for i, v in enumerate(values)} for k, values in self.vary.items()}
+        strides = {k: math.prod(len(v) for v in list(self.vary.values())[n + 1:]) for n, k in enumerate(self.vary)}
+        expected = set(fixed) | set(self.vary)
+
+        def index(key: str) -> int:
+            try:
+                inputs = json.loads(key)
+            except ValueError:
+                inputs = None
+            if not isinstance(inputs, dict):
+                raise ValueError(f"{key!r} is not a configuration")
+            if set(inputs) != expected:
+                raise ValueError(f"its rows have the keys {', '.join(sorted(inputs))}; this sweep's have "
+                                 f"{', '.join(sorted(expected))}")
+            for k, text in fixed.items():
+                if config_key(inputs[k]) != text:
+                    raise ValueError(f"its rows have {k} {inputs[k]!r}; this sweep has {context[k]!r}")
+            i = 0
+            for k, positions in where.items():
+                if config_key(inputs[k]) not in positions:
+                    raise ValueError(f"its rows have {k} {inputs[k]!r}, not one of this sweep's values")
+                i += positions[config_key(inputs[k])] * strides[k]
+            return i
+
+        return index
 
 
 def config_key(inputs: dict) -> str:
@@ -174,6 +220,10 @@ def make_sweep(workload: str | Path, vary: dict[str, tuple], *, topology: str | 
     for key, values in vary.items():
         if not values:
             raise TpusimError(f"{key} has no values", source="--vary")
+        seen = [config_key(v) for v in values]
+        if len(set(seen)) < len(seen):
+            twice = next(v for v in values if seen.count(config_key(v)) > 1)
+            raise TpusimError(f"{key} lists {twice!r} twice; give each value once", source="--vary")
         if key == "mode" and any(v not in MODES for v in values):
             raise TpusimError(f"mode values are {' or '.join(MODES)}; got {list(values)}", source="--vary")
         if key in SWEEP_KEYS:
@@ -238,71 +288,6 @@ def run_task(task: Task) -> dict:
     return row
 
 
-def iter_rows(tasks: list[Task], *, workers: int | None = None, ray: str | None = None) -> Iterator[dict]:
-    """Rows as configurations finish (any order): serially, in worker processes, or as Ray tasks."""
-    if not tasks:
-        return
-    if ray is not None:
-        yield from _ray_rows(tasks, ray)
-        return
-    workers = workers or os.cpu_count() or 1
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(run_task, tasks)
-        return
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(tasks)))
-    try:
-        for future in as_completed([pool.submit(run_task, t) for t in tasks]):
-            yield future.result()
-    finally:  # interrupted: drop what has not started, let the running ones end
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not minutes (Ray retries a dead address for a long time), if ``HOST:PORT`` is closed."""
-    import socket
-
-    if address == "auto":
-        return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise TpusimError(f"{address!r} is not auto or HOST:PORT (the head node's, e.g. 10.0.0.2:6379)",
-                          source="--ray")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except OSError as e:
-        raise TpusimError(f"cannot reach a Ray cluster at {address}: {e.strerror or e}", source="--ray") from None
-
-
-def _ray_rows(tasks: list[Task], address: str) -> Iterator[dict]:
-    """The same :func:`run_task` as Ray tasks. ``auto``: the running cluster (``RAY_ADDRESS`` or the one
-    last started on this machine), else a new local one; otherwise the cluster at ``address``. Workers
-    must have tpusim installed."""
-    try:
-        import ray
-    except ImportError:
-        raise TpusimError("Ray is not installed: pip install 'tpusim[ray]'", source="--ray") from None
-    started = not ray.is_initialized()
-    if started:
-        _check_reachable(address)
-        try:
-            ray.init(address=None if address == "auto" else address, include_dashboard=False,
-                     log_to_driver=False, logging_level="ERROR")
-        except (ConnectionError, ValueError, RuntimeError) as e:
-            raise TpusimError(f"cannot reach a Ray cluster at {address!r}: {e}", source="--ray") from None
-    try:
-        remote = ray.remote(run_task)
-        pending = [remote.remote(t) for t in tasks]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            more, pending = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
-            yield from ray.get(done + more)
-    finally:
-        if started:
-            ray.shutdown()
-
-
 @dataclass(slots=True, kw_only=True)
 class SweepRun:
     """What :func:`run_sweep` did: every row (resumed and new, ordered) and how many it simulated."""
@@ -316,44 +301,67 @@ class SweepRun:
 
 def run_sweep(sweep: Sweep, *, out: str | Path | None = None, workers: int | None = None, ray: str | None = None,
               progress: Callable[[int, int], None] | None = None, on_row: Callable[[dict], None] | None = None,
-              flush_rows: int = 64, flush_s: float = 5.0) -> SweepRun:
-    """Run every configuration of ``sweep`` not already in ``out`` (rows with ``status: error`` are redone).
+              stop: Callable[[], bool] | None = None, flush_s: float = 5.0) -> SweepRun:
+    """Run every configuration of ``sweep`` not already in ``out``'s journal (rows with ``status: error``
+    are redone).
 
-    The output is rewritten atomically every ``flush_rows`` new rows or ``flush_s`` seconds, and once
-    more at the end or when interrupted. ``progress(done, todo)`` and ``on_row(row)`` are called in
-    this process as rows arrive. Rows already in ``out`` that the grid does not have are an error (the
-    file belongs to another sweep).
+    Each row is journaled as it finishes; the table ``out`` is rewritten from the rows every ``flush_s``
+    seconds (less often when the table is large: at most ~5% of the time goes to it), and at the end,
+    however the sweep ends. ``stop()`` turning true stops it gracefully (see :mod:`tpusim.sweepworkers`).
+    ``progress(done, todo)`` and ``on_row(row)`` are called in this process as rows arrive. Rows in
+    ``out`` that are not of this grid are an error (the output belongs to another sweep).
     """
-    tasks = sweep.tasks()
-    by_key = {t.key: t for t in tasks}
+    t0 = time.perf_counter()
     rows: dict[str, dict] = {}
-    if out is not None and Path(out).exists():
-        for row in read_rows(out):
-            if row["config"] not in by_key:
-                raise TpusimError(f"holds rows of another sweep (e.g. {row['config']}); move it away or choose "
-                                  "another --out", source=str(out))
-            if row.get("status") != "error":
-                rows[row["config"]] = {**row, "index": by_key[row["config"]].index}
-    resumed = len(rows)
-    todo = [t for t in tasks if t.key not in rows]
-    t0 = last = time.perf_counter()
-    unsaved = 0
+    store = None if out is None else SweepOutput(out, check=lambda done: rows.update(_resumed_rows(sweep, out, done)))
     try:
-        for done, row in enumerate(iter_rows(todo, workers=workers, ray=ray), start=1):
-            rows[row["config"]] = row
-            unsaved += 1
-            if on_row is not None:
-                on_row(row)
-            if progress is not None:
-                progress(done, len(todo))
-            if out is not None and (unsaved >= flush_rows or time.perf_counter() - last >= flush_s):
-                write_rows(rows.values(), out)
-                unsaved, last = 0, time.perf_counter()
+        resumed = len(rows)
+        todo = sweep.size - resumed
+        tasks = (t for t in sweep.tasks() if t.key not in rows)  # the skip set, checked per task
+        last, every_s, simulated = time.perf_counter(), flush_s, 0
+        finished = False
+        try:
+            for simulated, row in enumerate(iter_rows(tasks, workers=workers, ray=ray,
+                                                      journal=store and store.journal, stop=stop), start=1):
+                rows[row["config"]] = row
+                if on_row is not None:
+                    on_row(row)
+                if progress is not None:
+                    progress(simulated, todo)
+                if store is not None and time.perf_counter() - last >= every_s:
+                    began = time.perf_counter()
+                    write_rows(rows.values(), out)
+                    last = time.perf_counter()
+                    every_s = max(flush_s, 20 * (last - began))  # a big table: rewrite it less often
+            finished = True
+        finally:
+            if store is not None:
+                if not finished:  # rows a worker journaled but had not handed over when interrupted
+                    rows = {**_resumed_rows(sweep, out, read_journal(store.journal_path)), **rows}
+                if rows:
+                    write_rows(rows.values(), out)
     finally:
-        if out is not None and unsaved:
-            write_rows(rows.values(), out)
-    return SweepRun(rows=rows_frame(rows.values()), total=len(tasks), resumed=resumed, simulated=len(todo),
+        if store is not None:
+            store.close()
+    return SweepRun(rows=rows_frame(rows.values()), total=sweep.size, resumed=resumed, simulated=simulated,
                     wall_s=time.perf_counter() - t0)
+
+
+def _resumed_rows(sweep: Sweep, out: str | Path, journaled: list[dict]) -> dict[str, dict]:
+    """The journal's rows by configuration, checked against the grid and indexed by it, errors left out."""
+    index = sweep.indexer()
+    rows: dict[str, dict] = {}
+    for row in journaled:
+        try:
+            i = index(row["config"])
+        except ValueError as e:
+            raise TpusimError(f"holds rows of another sweep: {e} (e.g. {row['config']}); move it and "
+                              f"{journal_path(out).name} away, or choose another --out", source=str(out)) from None
+        if row.get("status") == "error":
+            rows.pop(row["config"], None)
+        else:
+            rows[row["config"]] = {**row, "index": i}
+    return rows
 
 
 # ---- speed: python -m tpusim.sweep --bench -------------------------------------------------------------
