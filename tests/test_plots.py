@@ -263,5 +263,5 @@ def test_run_out_writes_an_offline_report(tmp_path):
     assert not SCRIPT_SRC.search(page) and "<script" not in page  # static: inline SVG, nothing fetched
     assert page.count("<svg") == 3  # breakdown, timeline, link heatmap
     assert f"{summary['mfu']:.1%}" in page and summary["bottleneck"] in page
-    assert sorted(p.name for p in out.iterdir()) == ["report.html", "summary.json", "timeline.parquet",
+    assert sorted(p.name for p in out.iterdir()) == ["plugins", "report.html", "summary.json", "timeline.parquet",
                                                      "trace.json.gz"]

@@ -206,7 +206,8 @@ def program(workload: str, topology: str | None, slices: int | None, as_json: bo
 @click.option("--slices", type=int, default=None, help="identical slices joined by DCN (default: the workload's)")
 @_mode_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="write summary.json, timeline.parquet, trace.json.gz (Perfetto / XProf) and report.html here")
+              help="write summary.json, timeline.parquet, trace.json.gz (Perfetto), report.html and "
+                   "plugins/profile/tpusim/simulated.xplane.pb (xprof --logdir DIR) here")
 @click.option("--all-devices", is_flag=True, help="expand the timeline to every device (large for big slices)")
 @click.option("--straggler", "stragglers", multiple=True, metavar="DEVICE=FACTOR",
               help="slow one device's compute by FACTOR (e.g. 3=1.2); repeatable")
@@ -287,6 +288,9 @@ def _write_run(out, result, summary: dict, all_devices: bool) -> None:
     df = timeline_frame(result, all_devices=all_devices)
     write_parquet(df, out / "timeline.parquet")
     write_chrome_trace(df, result, out / "trace.json.gz")
+    from tpusim.xspace import write_xspace
+
+    write_xspace(out, df, result)  # plugins/profile/tpusim/simulated.xplane.pb, for xprof --logdir out
     write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     from tpusim.report import write_report
 
@@ -347,7 +351,7 @@ def compare(run_dir: str, profile: str, trace_out: str | None, as_json: bool) ->
     """Compare a simulated run (tpusim run --out RUN_DIR) with a real profile."""
     from pathlib import Path
 
-    from tpusim.compare import compare as do_compare, load_run, write_merged_trace
+    from tpusim.compare import compare as do_compare, load_run, write_merged_trace, write_xprof_run
     from tpusim.profiles import read_profile
     from tpusim.units import fmt_time
 
@@ -357,6 +361,9 @@ def compare(run_dir: str, profile: str, trace_out: str | None, as_json: bool) ->
     out = Path(trace_out) if trace_out else Path(run_dir) / "compare.trace.json.gz"
     write_merged_trace(run_dir, prof, out)
     result["trace"] = str(out)
+    result["xprof_run"] = str(write_xprof_run(run_dir, summary, timeline, prof))
+    if result["warning"]:
+        click.echo(f"tpusim: warning: {result['warning']}", err=True)
     st = result["step_time_s"]
     lines = [f"{result['workload']} (simulated) against {result['module']} in {prof.source}",
              f"  step time    measured {fmt_time(st['measured'])}, simulated {fmt_time(st['simulated'])}"
@@ -366,6 +373,10 @@ def compare(run_dir: str, profile: str, trace_out: str | None, as_json: bool) ->
               for c in result["categories"]]
     lines.append(f"  ops matched by name: {result['ops_matched']}")
     lines.append(f"  both timelines: {out} (open in Perfetto)")
+    lines.append(f"  XProf: xprof --logdir {run_dir} (run {Path(result['xprof_run']).name}: hosts simulated"
+                 + (", measured)" if prof.format == "xplane" else "; the profile is not an XSpace)"))
+    if result["warning"]:
+        lines.insert(1, f"  WARNING      {result['warning']}")
     _emit(as_json, result, "\n".join(lines))
 
 
