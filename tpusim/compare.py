@@ -137,12 +137,12 @@ def write_xprof_run(run_dir: str | Path, summary: dict, timeline: pd.DataFrame, 
     is an XSpace, the profile as host ``measured`` (its file as it is): ``xprof --logdir RUN_DIR``
     shows the two side by side. Returns the folder."""
     from tpusim.timeline import write_atomic
-    from tpusim.topology import parse_topology
+    from tpusim.chips import get_chip
     from tpusim.xspace import profile_dir, xspace_bytes
 
     d = profile_dir(Path(run_dir), run)
     d.mkdir(parents=True, exist_ok=True)
-    chip = parse_topology(summary["topology"]).chip
+    chip = get_chip(str(summary["topology"]).split(":")[0])  # "v5p:2x2x2 x2 slices" -> v5p
     write_atomic(d / "simulated.xplane.pb", xspace_bytes(timeline, chip=chip, program_name=summary["workload"],
                                                          step_time_s=summary["step_time_s"], host="simulated"))
     if profile.format == "xplane":
