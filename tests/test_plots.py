@@ -261,7 +261,11 @@ def test_run_out_writes_an_offline_report(tmp_path):
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert not SCRIPT_SRC.search(page) and "<script" not in page  # static: inline SVG, nothing fetched
-    assert page.count("<svg") == 3  # breakdown, timeline, link heatmap
+    assert page.count("<svg") == 3  # breakdown, timeline, link utilisation
+    # Every chart fits the page (max-width 1,200 px), and the static SVG promises no zoom.
+    widths = [int(w) for w in re.findall(r'<svg[^>]* width="(\d+)"', page)]
+    assert widths and max(widths) <= 1200 and "scroll to zoom" not in page
+    assert all(f"{name}" in page for name in ("ICI x+", "ICI y-"))  # each link direction is shown once
     assert f"{summary['mfu']:.1%}" in page and summary["bottleneck"] in page
     assert sorted(p.name for p in out.iterdir()) == ["plugins", "report.html", "summary.json", "timeline.parquet",
                                                      "trace.json.gz"]
