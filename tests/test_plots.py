@@ -269,3 +269,24 @@ def test_run_out_writes_an_offline_report(tmp_path):
     assert f"{summary['mfu']:.1%}" in page and summary["bottleneck"] in page
     assert sorted(p.name for p in out.iterdir()) == ["plugins", "report.html", "summary.json", "timeline.parquet",
                                                      "trace.json.gz"]
+
+
+def test_notebook_charts_show_offline():
+    """Notebooks call offline_charts(): each chart carries its SVG (vl-convert) next to the Vega-Lite spec,
+    never an HTML page that loads Vega from a CDN."""
+    import altair as alt
+
+    active = alt.renderers.active
+    try:
+        plots.offline_charts()
+        bundle = alt.Chart(pd.DataFrame({"a": [1, 2]})).mark_point().encode(x="a:Q")._repr_mimebundle_()
+    finally:
+        alt.renderers.enable(active)
+    bundle = bundle[0] if isinstance(bundle, tuple) else bundle
+    assert bundle["image/svg+xml"].lstrip().startswith(("<svg", "<?xml")) and "text/html" not in bundle
+    assert any(k.startswith("application/vnd.vegalite") for k in bundle)
+
+
+def test_copy_categories_have_their_own_colours():
+    copies = ["copy-to-host", "copy-from-host", "copy-start", "copy-done"]
+    assert len({plots.COLORS[c] for c in copies}) == len(copies)

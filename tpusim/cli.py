@@ -332,11 +332,15 @@ def replay(profile: str, topology: str | None, mode: str, as_json: bool) -> None
         for r in result.module_times.itertuples(index=False):
             lines.append(f"  module {r.module}: measured {r.measured_s * 1e3:.3f} ms, simulated "
                          f"{r.simulated_s * 1e3:.3f} ms ({r.simulated_s / r.measured_s - 1:+.1%}), {r.runs} runs")
+    from tpusim.replay import MIN_MEASURED_S
+
     lines.append(f"  {'op':<28}{'kind':<16}{'measured':>12}{'simulated':>12}{'error':>9}")
     for r in df.itertuples(index=False):
         kind = getattr(r, "category", getattr(r, "kind", ""))
+        # no error for bookkeeping ops of a few ns (0 against 2.5 ns would read -100%)
+        err = f"{r.rel_error:>+9.1%}" if r.measured_s >= MIN_MEASURED_S else f"{'-':>9}"
         lines.append(f"  {str(r.name):<28}{str(kind)[:15]:<16}{r.measured_s * 1e3:>10.3f}ms{r.simulated_s * 1e3:>10.3f}ms"
-                     f"{r.rel_error:>+9.1%}")
+                     + err)
     lines.append(f"  median |error| {med:.1%} (ops of at least 1 us)")
     _emit(as_json, payload, "\n".join(lines))
 

@@ -28,8 +28,8 @@ from tpusim.plotdata import (  # the data helpers, re-exported
 )
 from tpusim.timeline import write_atomic
 
-__all__ = ["MAX_ROWS", "book_thresholds", "breakdown_chart", "breakdown_frame", "link_bars", "link_cells", "link_heatmap",
-           "profile_run", "replay_chart", "save_chart", "sweep_chart", "timeline_chart", "timeline_rows"]
+__all__ = ["MAX_ROWS", "book_thresholds", "breakdown_chart", "breakdown_frame", "link_bars", "link_cells",
+           "link_heatmap", "offline_charts", "profile_run", "replay_chart", "save_chart", "sweep_chart", "timeline_chart", "timeline_rows"]
 
 # Compute in blues and greens, collectives in warm colours, host traffic in yellows, waiting in grey.
 COLORS = {
@@ -37,7 +37,8 @@ COLORS = {
     "loss": "#88d27a", "optimizer": "#b279a2", "compute: MXU": "#4c78a8", "compute: HBM": "#72b7b2",
     "compute: VPU": "#9ecae9", "all-gather": "#f58518", "reduce-scatter": "#e45756", "all-reduce": "#c03d3e",
     "all-to-all": "#ff9da6", "collective-permute": "#9d755d", "copy-to-host": "#eeca3b",
-    "copy-from-host": "#d8a200", "copy-start": "#eeca3b", "copy-done": "#bab0ac", "idle": "#dddddd",
+    # copy-start / copy-done (a real profile's ops) apart from the simulated copies each way
+    "copy-from-host": "#d8a200", "copy-start": "#8c6d31", "copy-done": "#bab0ac", "idle": "#dddddd",
     "other": "#dddddd",
 }
 _EXTRA = ["#6baed6", "#3182bd", "#a1d99b", "#31a354", "#9e9ac8", "#756bb1", "#fdae6b", "#e6550d"]
@@ -295,6 +296,25 @@ def replay_chart(replay, *, min_measured_s: float = 1e-6, width: int = 520) -> a
 
 
 # ---- export ----------------------------------------------------------------------------------------
+
+def _offline_renderer(spec: dict, **metadata) -> dict:
+    """A notebook output both ways: the Vega-Lite spec (JupyterLab draws it with its own bundled Vega,
+    interactive, offline) and the chart as SVG by vl-convert (what every other front-end, an HTML export
+    or a viewer without network shows). Altair's default HTML output loads Vega from a CDN instead,
+    and is blank offline."""
+    from altair.utils.mimebundle import spec_to_mimebundle
+
+    svg = spec_to_mimebundle(spec, format="svg", mode="vega-lite")
+    return {f"application/vnd.vegalite.v{alt.SCHEMA_VERSION.split('.')[0].lstrip('v')}+json": spec, **svg,
+            "text/plain": "<tpusim chart: Vega-Lite / SVG>"}
+
+
+def offline_charts() -> None:
+    """Make altair charts in a notebook show offline: call once in a notebook's first cells."""
+    if "tpusim-offline" not in alt.renderers.names():
+        alt.renderers.register("tpusim-offline", _offline_renderer)
+    alt.renderers.enable("tpusim-offline")
+
 
 def chart_svg(chart: alt.TopLevelMixin) -> str:
     """The chart as SVG text, rendered without a browser (vl-convert)."""
