@@ -101,7 +101,7 @@ def _op_stats(r, pid: int, module: str) -> dict:
     return {"hlo_category": cat, "program_id": pid, "symbol_id": int(r.op_index) + 1,
             "flops": flops, "model_flops": flops, "bytes_accessed": nbytes, "raw_bytes_accessed": nbytes,
             "long_name": f"%{r.name} = {cat}(...), tpusim {r.category}, {scope}",
-            "tf_op": f"{module}/{scope.replace(' ', '_')}/{r.category}:", "hlo_module": module}
+            "tf_op": f"{module}/{scope.replace(' ', '_')}/{r.category}:"}
 
 
 def device_plane(space, plane_id: int, device: int, rows: pd.DataFrame, *, chip, module: str, pid: int,
@@ -138,18 +138,15 @@ def device_plane(space, plane_id: int, device: int, rows: pd.DataFrame, *, chip,
     ev = lines["Steps", 0].events.add(metadata_id=p.metadata("0", key=("step", 0)), offset_ps=0,
                                       duration_ps=step_ps)
     p.add_stats(ev.stats, {"step_num": 0, "group_id": 0})
-    cols = {c: rows[c].tolist() for c in ("stream", "name", "category", "layer", "phase", "flops", "bytes",
-                                          "op_index")}
     group_stat = p.stat_id("group_id")
-    for i in range(len(rows)):
-        r = _Row(*(cols[c][i] for c in _Row._fields))
+    start, end = start.tolist(), end.tolist()
+    for i, r in enumerate(map(_Row._make, zip(*(rows[c].tolist() for c in _Row._fields)))):
         if r.stream in ("XLA Ops", "Async XLA Ops"):  # an op: its stats as real profiles carry them
             mid = p.metadata(r.name, r.name, _op_stats(r, pid, module), key=("op", r.op_index))
         else:  # a link transfer: one stage of a collective (or a copy) on that link
             mid = p.metadata(r.name, r.name, {"hlo_category": hlo_category(r.category), "bytes": float(r.bytes)},
                              key=("link", r.name))
-        ev = lines[stream[i], lanes[i]].events.add(metadata_id=mid, offset_ps=int(start[i]),
-                                                  duration_ps=int(end[i] - start[i]))
+        ev = lines[stream[i], lanes[i]].events.add(metadata_id=mid, offset_ps=start[i], duration_ps=end[i] - start[i])
         if r.stream == "XLA Ops":  # XProf's overview page sums a step's ops by group_id (the step)
             ev.stats.add(metadata_id=group_stat, int64_value=0)
 
