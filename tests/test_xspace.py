@@ -98,6 +98,9 @@ def test_op_profile_counts_every_flop(fsdp, tools):
     prog = tools["op_profile"]["byProgram"]
     assert prog["metrics"]["rawFlops"] == pytest.approx(summary["flops_per_device"], rel=1e-9)
     assert prog["metrics"]["rawTime"] == pytest.approx(summary["step_time_s"] * 1e12, abs=1000)
+    ops = timeline[timeline.stream == "XLA Ops"]
+    assert prog["metrics"]["rawBytesAccessedArray"][0] == pytest.approx(ops.bytes.sum(), rel=1e-9)  # HBM
+    assert prog["metrics"]["bandwidthUtils"][0] == pytest.approx(summary["utilization"]["hbm"], rel=1e-6)
     cats = {c["name"] for m in prog["children"] for c in m["children"]}
     assert "convolution fusion" in cats and "loop fusion" in cats
 

@@ -14,7 +14,8 @@ the v6e capture in ``traces/real/tpu-v6e-host-offload`` (read with :func:`tpusim
   (``Async XLA Ops #2``), as in the Perfetto JSON (:mod:`tpusim.lanes`);
 * per-op stats in the op's XEventMetadata, as real profiles carry them: ``hlo_category``,
   ``program_id``, ``symbol_id`` (XProf's op profile, HLO stats and roofline key ops on these two and
-  come out empty without them), ``flops``, ``model_flops``, ``bytes_accessed``, ``long_name``, ``tf_op``.
+  come out empty without them), ``flops``, ``model_flops``, ``bytes_accessed`` and
+  ``memory_access_breakdown`` (HBM), ``long_name``, ``tf_op``.
 
 Deterministic: no wall-clock time inside (lines start at 0), ids in first-use order, maps serialized
 sorted; two identical runs write identical bytes.
@@ -93,6 +94,23 @@ class _Plane:
 _Row = namedtuple("_Row", "stream name category layer phase flops bytes op_index")
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def hbm_access(nbytes: int) -> bytes:
+    """A serialized MemoryAccessBreakdown with one entry: ``nbytes`` of HBM (memory_space 1), as the v6e
+    capture encodes it (``0a 0a 08 <op> 10 01 18 <bytes>``: operation 1 read, 2 write). tpusim counts an
+    op's HBM bytes read and written together, and XProf adds both for HBM bandwidth: one entry, read."""
+    entry = b"\x08\x01\x10\x01\x18" + _varint(nbytes)
+    return b"\x0a" + _varint(len(entry)) + entry
+
+
 def _op_stats(r, pid: int, module: str) -> dict:
     flops = int(round(r.flops)) if r.flops else 0
     nbytes = int(round(r.bytes)) if r.bytes else 0
@@ -100,6 +118,7 @@ def _op_stats(r, pid: int, module: str) -> dict:
     scope = f"layer {r.layer} {r.phase}" if r.layer >= 0 else r.phase
     return {"hlo_category": cat, "program_id": pid, "symbol_id": int(r.op_index) + 1,
             "flops": flops, "model_flops": flops, "bytes_accessed": nbytes, "raw_bytes_accessed": nbytes,
+            "memory_access_breakdown": hbm_access(nbytes) if nbytes and r.stream == "XLA Ops" else b"",
             "long_name": f"%{r.name} = {cat}(...), tpusim {r.category}, {scope}",
             "tf_op": f"{module}/{scope.replace(' ', '_')}/{r.category}:"}
 
