@@ -6,8 +6,8 @@
 Simulates fsdp_70b on v5e:16x16 with ``tpusim run --out``, puts the real capture
 (traces/real/tpu-v6e-host-offload/tpu_inference_2.xplane.pb) in the same log directory as a second run,
 serves it with XProf's own web server on 127.0.0.1 only, and has headless Chromium (a fresh profile,
-no network services) load each tool page and take a picture; the trace viewer's "Expand All" is
-clicked first. XProf's pages come from the pip package: nothing is fetched from the internet.
+no network services) load each tool page and take a picture; the trace viewer's "Expand All" and the
+op profile's first program are clicked first. XProf's pages come from the pip package: nothing is fetched from the internet.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ SHOTS = {  # file -> (run, host, tool)
     "xprof_op_profile_simulated.png": ("tpusim", "simulated", "op_profile"),
     "xprof_op_profile_v6e.png": ("v6e_capture", "tpu_inference_2", "op_profile"),
 }
-EXPAND_ALL_XY = (824, 134)  # the trace viewer's "Expand All" button in a 1600 px wide window
+# Clicked before the picture, in a 1600 px wide window: the trace viewer's "Expand All" button, and the
+# op profile's first program (to show its categories).
+CLICK_XY = {"trace_viewer@": (824, 134), "op_profile": (976, 392)}
 
 
 def browser():
@@ -81,11 +83,11 @@ def main() -> None:
             url = f"{base}/?run={run}&tool={tool}&host={host}"
             driver.get(url)
             time.sleep(args.wait)
-            if tool.startswith("trace_viewer"):
+            if tool in CLICK_XY:
                 from selenium.webdriver.common.actions.action_builder import ActionBuilder
 
                 click = ActionBuilder(driver)
-                click.pointer_action.move_to_location(*EXPAND_ALL_XY).click()
+                click.pointer_action.move_to_location(*CLICK_XY[tool]).click()
                 click.perform()
                 time.sleep(args.wait / 2)
             driver.save_screenshot(str(Path(args.out) / name))
