@@ -227,3 +227,19 @@ def test_host_copy_waits_are_not_compute():
     waits = sum(v for k, v in d["exposed_comm_by_kind_s"].items() if k.startswith("copy"))
     assert waits == pytest.approx(d["exposed_comm_s"], rel=1e-9)
     assert d["compute_s"] + d["exposed_comm_s"] == pytest.approx(d["step_time_s"], rel=1e-9)
+
+
+def test_rewriting_a_run_leaves_no_stale_xprof_data(tmp_path):
+    """XProf caches its tools' data beside the .xplane.pb; a rewritten run must not show the old data, and
+    a compare against a JSON trace must not keep an earlier compare's measured host."""
+    out = tmp_path / "run"
+    run("run", "--hlo", str(V6E_HLO), "--topology", "v6e:2x2", "--out", str(out))
+    run("compare", str(out), str(V6E))
+    stale = ["cache_version.txt", "simulated.SSTABLE", "ALL_HOSTS.op_stats_v2.pb", "jit_f(1).hlo_proto.pb"]
+    for folder in ("tpusim", "compare"):
+        for name in stale:
+            (out / "plugins" / "profile" / folder / name).write_text("old")
+    run("run", "--hlo", str(V6E_HLO), "--topology", "v6e:2x2", "--out", str(out))
+    run("compare", str(out), str(REAL_TRACES / "tpu-v6e-host-offload" / "tpu_inference_2.trace.json.gz"))
+    assert [p.name for p in (out / "plugins" / "profile" / "tpusim").iterdir()] == ["simulated.xplane.pb"]
+    assert [p.name for p in (out / "plugins" / "profile" / "compare").iterdir()] == ["simulated.xplane.pb"]

@@ -138,7 +138,7 @@ def write_xprof_run(run_dir: str | Path, summary: dict, timeline: pd.DataFrame, 
     shows the two side by side. Returns the folder."""
     from tpusim.timeline import write_atomic
     from tpusim.chips import get_chip
-    from tpusim.xspace import profile_dir, xspace_bytes
+    from tpusim.xspace import clear_xprof_cache, profile_dir, xspace_bytes
 
     d = profile_dir(Path(run_dir), run)
     d.mkdir(parents=True, exist_ok=True)
@@ -147,4 +147,7 @@ def write_xprof_run(run_dir: str | Path, summary: dict, timeline: pd.DataFrame, 
                                                          step_time_s=summary["step_time_s"], host="simulated"))
     if profile.format == "xplane":
         write_atomic(d / "measured.xplane.pb", Path(profile.source).read_bytes())
+    else:  # a trace JSON: XProf cannot read it; no stale profile from an earlier compare either
+        (d / "measured.xplane.pb").unlink(missing_ok=True)
+    clear_xprof_cache(d)
     return d

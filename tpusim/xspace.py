@@ -186,6 +186,17 @@ def profile_dir(out: Path, run: str) -> Path:
     return Path(out) / PROFILE_SUBDIR / run
 
 
+def clear_xprof_cache(run_dir: Path) -> None:
+    """Remove what XProf cached beside the ``.xplane.pb`` files of ``run_dir`` (``*.SSTABLE``,
+    ``*.op_stats_v2.pb``, ``*.hlo_proto.pb``, ``cache_version.txt``): it would show the previous run's
+    data for files rewritten in place."""
+    for f in Path(run_dir).iterdir():
+        if f.is_file() and not f.name.endswith(".xplane.pb") and (
+                f.suffix == ".SSTABLE" or f.name.endswith((".op_stats_v2.pb", ".hlo_proto.pb"))
+                or f.name == "cache_version.txt"):
+            f.unlink(missing_ok=True)
+
+
 def write_xspace(out: Path, df: pd.DataFrame, result, *, run: str = "tpusim", host: str = "simulated") -> Path:
     """Write ``out/plugins/profile/<run>/<host>.xplane.pb`` for a simulated step; returns its path."""
     from tpusim.timeline import write_atomic
@@ -193,6 +204,7 @@ def write_xspace(out: Path, df: pd.DataFrame, result, *, run: str = "tpusim", ho
     d = profile_dir(out, run)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{host}.xplane.pb"
+    clear_xprof_cache(d)
     write_atomic(path, xspace_bytes(df, chip=result.topology.chip, program_name=result.program.name,
                                     step_time_s=result.step_time_s, host=host))
     return path
