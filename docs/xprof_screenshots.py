@@ -7,7 +7,8 @@ Simulates fsdp_70b on v5e:16x16 with ``tpusim run --out``, puts the real capture
 (traces/real/tpu-v6e-host-offload/tpu_inference_2.xplane.pb) in the same log directory as a second run,
 serves it with XProf's own web server on 127.0.0.1 only, and has headless Chromium (a fresh profile,
 no network services) load each tool page and take a picture; the trace viewer's "Expand All" and the
-op profile's first program are clicked first. XProf's pages come from the pip package: nothing is fetched from the internet.
+op profile's first program are clicked first. XProf's pages come from the pip package: nothing is
+fetched from the internet.
 """
 
 from __future__ import annotations

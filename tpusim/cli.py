@@ -339,8 +339,8 @@ def replay(profile: str, topology: str | None, mode: str, as_json: bool) -> None
         kind = getattr(r, "category", getattr(r, "kind", ""))
         # no error for bookkeeping ops of a few ns (0 against 2.5 ns would read -100%)
         err = f"{r.rel_error:>+9.1%}" if r.measured_s >= MIN_MEASURED_S else f"{'-':>9}"
-        lines.append(f"  {str(r.name):<28}{str(kind)[:15]:<16}{r.measured_s * 1e3:>10.3f}ms{r.simulated_s * 1e3:>10.3f}ms"
-                     + err)
+        lines.append(f"  {str(r.name):<28}{str(kind)[:15]:<16}{r.measured_s * 1e3:>10.3f}ms"
+                     f"{r.simulated_s * 1e3:>10.3f}ms{err}")
     lines.append(f"  median |error| {med:.1%} (ops of at least 1 us)")
     _emit(as_json, payload, "\n".join(lines))
 

@@ -111,7 +111,8 @@ def merged_trace(sim_trace: dict, profile: Profile, module_ops: pd.DataFrame) ->
     start, end = to_ns(module_ops.start_s - t0).tolist(), to_ns(module_ops.end_s - t0).tolist()
     lanes = assign_lanes(start, end)
     for k in range(max(lanes, default=0) + 1):
-        events.append({"ph": "M", "pid": pid, "tid": k + 1, "name": "thread_name", "args": {"name": lane_name("XLA Ops", k)}})
+        events.append({"ph": "M", "pid": pid, "tid": k + 1, "name": "thread_name",
+                       "args": {"name": lane_name("XLA Ops", k)}})
     for i, r in enumerate(module_ops.itertuples(index=False)):
         events.append({"ph": "X", "pid": pid, "tid": lanes[i] + 1, "name": r.name, "ts": start[i] / 1000,
                        "dur": (end[i] - start[i]) / 1000, "args": {"category": r.category}})

@@ -29,7 +29,8 @@ from tpusim.plotdata import (  # the data helpers, re-exported
 from tpusim.timeline import write_atomic
 
 __all__ = ["MAX_ROWS", "book_thresholds", "breakdown_chart", "breakdown_frame", "link_bars", "link_cells",
-           "link_heatmap", "offline_charts", "profile_run", "replay_chart", "save_chart", "sweep_chart", "timeline_chart", "timeline_rows"]
+           "link_heatmap", "offline_charts", "profile_run", "replay_chart", "save_chart", "sweep_chart",
+           "timeline_chart", "timeline_rows"]
 
 # Compute in blues and greens, collectives in warm colours, host traffic in yellows, waiting in grey.
 COLORS = {

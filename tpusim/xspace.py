@@ -10,8 +10,9 @@ the v6e capture in ``traces/real/tpu-v6e-host-offload`` (read with :func:`tpusim
   ``peak_hbm_bw_gigabytes_per_second``;
 * lines ``XLA Modules`` (the step's module, ``jit_<workload>(<program id>)``), ``Steps`` (step 0),
   ``XLA Ops`` (the TensorCore's ops), ``XLA Collectives`` (collectives, start to done), ``Async XLA
-  Ops`` (host copies, which XProf shows as ``Host Offload Ops`` rows) and one line per link (``ICI x``, ``DCN``, ``PCIe``); ops overlapping on a line go to extra lines
-  (``Async XLA Ops #2``), as in the Perfetto JSON (:mod:`tpusim.lanes`);
+  Ops`` (host copies, which XProf shows as ``Host Offload Ops`` rows) and one line per link
+  (``ICI x``, ``DCN``, ``PCIe``); ops overlapping on a line go to extra lines (``XLA Collectives #2``),
+  as in the Perfetto JSON (:mod:`tpusim.lanes`);
 * per-op stats in the op's XEventMetadata, as real profiles carry them: ``hlo_category``,
   ``program_id``, ``symbol_id`` (XProf's op profile, HLO stats and roofline key ops on these two and
   come out empty without them), ``flops``, ``model_flops``, ``bytes_accessed`` and
