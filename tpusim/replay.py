@@ -196,7 +196,7 @@ def replay_pod_viewer(path, *, mode: str = "calibrated") -> pd.DataFrame:
     import json
     from pathlib import Path
 
-    from tpusim.collectives import collective_time, link_params, lower
+    from tpusim.collectives import collective_time, link_params
     from tpusim.profiles import read_pod_viewer
     from tpusim.topology import parse_topology
 
@@ -208,17 +208,26 @@ def replay_pod_viewer(path, *, mode: str = "calibrated") -> pd.DataFrame:
     except TpusimError:
         chip = "v2"  # the pod viewer's own demo is a v2
     topo = parse_topology(f"{chip}:{int(dims.get('xDimension', 2))}x{int(dims.get('yDimension', 2))}")
-    devices = topo.num_chips * topo.chip.cores_per_chip
-    lp = link_params(topo, mode)
+    lp = link_params(topo, mode, in_step=True)  # timed inside the step
     rows = []
     for name, g in entries.groupby("name", sort=False):
         kind = g.kind.iloc[0]
         data = float(g.data_bytes.iloc[0])
-        v = data / 2 if kind == "all-reduce" else data * devices / (devices + 1)
-        plan = lower(kind, v * topo.chip.cores_per_chip, topo, topo.axis_names)
+        v, plan = pod_viewer_plan(kind, data, topo)
         rows.append({"name": name, "kind": kind, "data_bytes": data, "v_bytes": v,
                      "measured_s": float(g.duration_s.median()),
                      "simulated_s": collective_time(plan, lp)})
     out = pd.DataFrame(rows)
     out["rel_error"] = out.simulated_s / out.measured_s - 1
     return out
+
+
+def pod_viewer_plan(kind: str, data_bytes: float, topo: Topology):
+    """(V per device, plan) of a pod-viewer collective over every axis of ``topo`` (see
+    :func:`replay_pod_viewer`: V is 8/9 of ``dataSize`` over 8 devices, half of it for an all-reduce;
+    each chip's links carry all its cores' shards)."""
+    from tpusim.collectives import lower
+
+    devices = topo.num_chips * topo.chip.cores_per_chip
+    v = data_bytes / 2 if kind == "all-reduce" else data_bytes * devices / (devices + 1)
+    return v, lower(kind, v * topo.chip.cores_per_chip, topo, topo.axis_names)
