@@ -322,3 +322,42 @@ def test_slow_dcn_paces_the_backward_pass():
     fast = simulate(compile_program(w, parse_topology("v5e:4x4", slices=2), check_memory=False),
                     parse_topology("v5e:4x4", slices=2), mode="datasheet")
     assert result.step_time_s > 1.5 * fast.step_time_s
+
+
+# ---- tensor parallelism as XLA schedules it ----------------------------------------------------------
+
+def test_tensor_parallel_collectives_sit_on_the_critical_path_as_in_xla():
+    """libtpu's compile of FSDP x TP (traces/xla_aot/fsdp_tp_L4, default flags): every tensor-parallel
+    activation all-reduce is synchronous (no async start/done, no windowed-einsum loop: no collective
+    matmul), while the FSDP weight all-gathers are asynchronous. Our program does the same: each
+    tensor-parallel collective is waited for by the next compute op (nothing hides it), each FSDP weight
+    gather is issued a layer ahead, with compute between its issue and its first use."""
+    from pathlib import Path
+
+    from tpusim.api import compile_workload
+    from tpusim.hlo.parse import extract_collectives
+
+    case = Path(__file__).resolve().parent.parent / "traces" / "xla_aot" / "fsdp_tp_L4"
+    xla = extract_collectives(_read_gz(case / "optimized_hlo.txt.gz"))["collectives"]
+    tp = [c for c in xla if c["kind"] == "all-reduce" and c["group_size"] == 4
+          and c["operand_shapes"] == ["bf16[2,512,512]"]]
+    assert len(tp) == 4 * 4 + 1  # 4 per layer (2 forward, 2 backward) and the unembedding's
+    assert not any(c["async"] or c["in_while"] for c in tp)
+    weights = [c for c in xla if c["kind"] == "all-gather" and "layer_" in c["op_name"]
+               and "jvp(layer_0)/" not in c["op_name"]]  # layer 0's forward has nothing to hide behind
+    assert len(weights) >= 7 * 6 and all(c["async"] for c in weights)
+
+    prog = compile_workload(case / "config.yaml")[2]
+    compute = [o for o in prog.ops if o.stream == COMPUTE]
+    position = {o.index: k for k, o in enumerate(compute)}
+    first_waiter = {}
+    for o in compute:
+        for d in o.deps:
+            first_waiter.setdefault(d, o)
+    for op in prog.collective_ops:
+        issued_after = max((position[d] for d in op.deps if d in position), default=-1)
+        waited_at = position[first_waiter[op.index].index]
+        if op.mesh_axes == ("tensor",):
+            assert waited_at == issued_after + 1, op.name  # on the critical path
+        elif op.category == "all-gather" and op.layer > 0:
+            assert waited_at > issued_after + 1, op.name  # prefetched behind compute
