@@ -198,6 +198,13 @@ def test_calibration_file_is_what_the_fit_gives():
         assert got.ici_link_efficiency == pytest.approx(want["ici_link_efficiency"], abs=2e-4)
         assert got.overhead_s == pytest.approx(want["overhead_s"], rel=1e-3)
         assert got.overlap_exponent == pytest.approx(want["overlap_exponent"], abs=2e-3)
+    for chip in ("v2", "v5e", "v5p"):
+        want = fitted[chip]["collectives"]
+        got = committed[chip].collectives
+        assert got.in_step_overhead_s == pytest.approx(want["in_step_overhead_s"], rel=1e-3)
+        assert got.dcn_efficiency == pytest.approx(want["dcn_efficiency"], abs=2e-4)
+    assert committed["v2"].collectives.ici_link_efficiency == pytest.approx(
+        fitted["v2"]["collectives"]["ici_link_efficiency"], abs=2e-4)
     # The fitted v5e efficiency is the book's "about 94-95% of the link rate" (sharding.md).
     assert committed["v5e"].collectives.ici_link_efficiency == pytest.approx(0.94, abs=0.01)
 
