@@ -10,8 +10,9 @@ data axes.
 
 XLA's latency-hiding scheduler is modelled by where each asynchronous collective is issued: a
 layer's weights are gathered one layer ahead (forward and backward), gradients are reduced as soon
-as their weight gradient exists and waited for only by the optimizer. Tensor- and
-sequence-parallel collectives sit on the critical path.
+as their weight gradient exists and waited for by the optimizer (and, across slices, also at the
+end of the next backward layer, as libtpu pipelines them). Tensor- and sequence-parallel
+collectives sit on the critical path (libtpu's default compile of FSDP x TP has them synchronous).
 """
 
 from __future__ import annotations
