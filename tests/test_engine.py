@@ -361,3 +361,21 @@ def test_tensor_parallel_collectives_sit_on_the_critical_path_as_in_xla():
             assert waited_at == issued_after + 1, op.name  # on the critical path
         elif op.category == "all-gather" and op.layer > 0:
             assert waited_at > issued_after + 1, op.name  # prefetched behind compute
+
+
+def test_tensor_parallel_stays_synchronous_with_the_v5p_runs_flags():
+    """The same at 32 MB per activation collective and with the MaxText v5p 32B run's LIBTPU flags (async
+    collective fusion, compute-collective overlap: traces/aot_tp_flags.py): XLA still all-reduces the
+    tensor-parallel activations synchronously, with no windowed-einsum loop; only FSDP traffic is
+    asynchronous. So charging tensor-parallel collectives on the critical path is what XLA does."""
+    from pathlib import Path
+
+    from tpusim.hlo.parse import extract_collectives
+
+    case = Path(__file__).resolve().parent.parent / "traces" / "xla_aot" / "fsdp_tp_v5pflags_big_L2"
+    found = extract_collectives(_read_gz(case / "optimized_hlo.txt.gz"))
+    tp = [c for c in found["collectives"] if c["kind"] == "all-reduce" and c["operand_shapes"] == ["bf16[2,2048,4096]"]]
+    assert len(tp) == 2 * 4 + 1 and not any(c["async"] or c["in_while"] for c in tp)
+    assert not found["windowed_einsum_loops"]
+    fsdp = [c for c in found["collectives"] if c["kind"] in ("all-gather", "collective-permute") and c["async"]]
+    assert len(fsdp) > 50
