@@ -9,7 +9,9 @@
   the chip's own rate (``ChipSpec.vpu_flops_per_s``: the book gives v5p's, 7e12 FLOP/s per core; the
   others are derived from their clocks or assumed, each with its source in chips.yaml). The VPU is
   1/32 of the MXU on v4/v5e/v5p but 1/128 on v6e, whose MXU grew 4.7x and whose VPU did not.
-* Either is capped by HBM: ``time = max(FLOPs / rate, bytes / (HBM bandwidth x hbm_efficiency))``.
+* A fused kernel's vector work (``Op.vpu_flops``: a flash kernel's softmax) runs alongside its
+  matmuls (VLIW bundles issue MXU and VPU work together), so it counts only when it is the longer.
+* All are capped by HBM: ``time = max(FLOPs / rate, vpu_flops / VPU, bytes / (HBM x hbm_efficiency))``.
 
 Efficiencies come from :mod:`tpusim.calibration` (1.0 and no size effect in datasheet mode, where the
 book's closed forms come out exactly). All of it is computed once per op before the engine runs.
@@ -88,11 +90,15 @@ def mxu_rate(op: Op, cp: ComputeParams) -> float:
 def op_time(op: Op, cp: ComputeParams) -> float:
     """Seconds for ``op`` on one chip (0 for an empty op)."""
     rate = mxu_rate(op, cp) if op.category in MXU_UNIT_CATEGORIES else cp.vpu_flops_per_s
-    return max(op.flops / rate if op.flops else 0.0, op.hbm_bytes / cp.hbm_bytes_per_s)
+    return max(op.flops / rate if op.flops else 0.0, op.vpu_flops / cp.vpu_flops_per_s,
+               op.hbm_bytes / cp.hbm_bytes_per_s)
 
 
 def bound_by(op: Op, cp: ComputeParams) -> str:
     """'mxu', 'vpu' or 'hbm': the side of the roofline the op sits on."""
     unit = "mxu" if op.category in MXU_UNIT_CATEGORIES else "vpu"
     rate = mxu_rate(op, cp) if unit == "mxu" else cp.vpu_flops_per_s
-    return unit if op.flops / rate >= op.hbm_bytes / cp.hbm_bytes_per_s else "hbm"
+    t_unit, t_vpu = op.flops / rate, op.vpu_flops / cp.vpu_flops_per_s
+    if t_vpu > t_unit:
+        unit, t_unit = "vpu", t_vpu
+    return unit if t_unit >= op.hbm_bytes / cp.hbm_bytes_per_s else "hbm"

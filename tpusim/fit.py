@@ -137,11 +137,12 @@ def calibration_document(fits: list[CurveFit]) -> dict:
         if m is not None and m["mxu"] is not None:
             chips[chip]["compute"] = {"mxu_efficiency": round(m["mxu"], 4), "hbm_efficiency": round(m["hbm"], 4),
                                       "mxu_size_efficiency": dict(size_eff), "fitted_on": f"{m['source']}; {size_src}"}
-        elif m is not None:
+        elif m is not None:  # v6e: its own HBM figure; the MXU of its 256-wide generation (TPU7x's GEMM)
             chips[chip]["compute"] = {
-                "mxu_efficiency": BOOK_MXU_EFFICIENCY, "hbm_efficiency": round(m["hbm"], 4),
+                "mxu_efficiency": round(measured[lender]["mxu"], 4), "hbm_efficiency": round(m["hbm"], 4),
                 "mxu_size_efficiency": dict(size_eff),
-                "fitted_on": f"MXU: the book's ~95% of peak FLOPs (roofline.md); HBM: {m['source']}; {size_src}"}
+                "fitted_on": f"MXU: borrowed from {lender}, the other 256-wide-MXU chip ({hbm['source']}); "
+                             f"HBM: {m['source']}; {size_src}"}
         else:
             chips[chip]["compute"] = {
                 "mxu_efficiency": BOOK_MXU_EFFICIENCY, "hbm_efficiency": round(hbm["hbm"], 4),

@@ -27,6 +27,14 @@ from tpusim.workload import Workload
 NORM_FLOPS, ROPE_FLOPS, ACT_FLOPS, ADD_FLOPS, SOFTMAX_XENT_FLOPS = 4, 6, 5, 1, 6
 ADAM_FLOPS_PER_PARAM, SGD_FLOPS_PER_PARAM = 12, 2
 FLASH_BWD_OVER_FWD = 2.5  # a flash backward recomputes QK^T: 5 matmuls against the forward's 2
+# Vector ops per attention score inside a flash kernel (counted from the algorithm, not fitted).
+# Forward: scale, running max, subtract, exp (EUP: one per lane per cycle, taken as a VPU op), row
+# sum, cast to bf16 = 6. Backward: recompute scale, subtract, exp, then dP - delta, x P, scale, cast
+# = 7. The causal mask costs a select on the diagonal blocks only (ignored).
+FLASH_VPU_OPS_FWD, FLASH_VPU_OPS_BWD = 6, 7
+# Weights kept in f32 and run in bf16 (weight_dtype float32, dtype bfloat16): each step casts the
+# local shard to bf16 (read 4 B, write 2 B) before it is gathered, once per pass that gathers it.
+CAST_FLOPS = 1
 DENSE_BWD_OVER_FWD = 2.0
 
 
@@ -43,12 +51,12 @@ class _Builder:
         self._pending += [i for i in idx if i is not None]
 
     def compute(self, name, category, *, flops, hbm, layer=-1, phase="forward", mxu=None, recompute=False,
-                deps=()) -> int:
+                deps=(), vpu=0.0) -> int:
         idx = len(self.ops)
         all_deps = tuple(dict.fromkeys([*self._pending, *(d for d in deps if d is not None)]))
         self.ops.append(Op(index=idx, name=name, stream=COMPUTE, category=category, layer=layer, phase=phase,
                            flops=float(flops), hbm_bytes=float(hbm), mxu_shape=mxu, deps=all_deps,
-                           recompute=recompute))
+                           recompute=recompute, vpu_flops=float(vpu)))
         self._pending = []
         self.last_compute = idx
         return idx
@@ -104,6 +112,10 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         return ws
 
     def gather_weights(layer: int, phase: str, deps) -> dict[str, int | None]:
+        if sh.weight_bytes > ab:  # f32 master weights: the local shard is cast to bf16 before the gather
+            local = sum(k * n / mesh.size(*axes) for _, k, n, axes in layer_weights())
+            deps = (b.compute(f"layer_{layer}/{phase}/weight_cast", "elementwise", flops=CAST_FLOPS * local,
+                              hbm=(sh.weight_bytes + ab) * local, layer=layer, phase=phase),)
         return {name: b.collective(f"all-gather/layer_{layer}/{phase}/{name}", "all-gather", v=k * n * ab,
                                    mesh_axes=axes, layer=layer, phase=phase, deps=deps)
                 for name, k, n, axes in layer_weights()}
@@ -130,6 +142,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
     q_width, kv_width = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
     causal_exec = 0.5 if w.step.flash else 1.0  # a causal flash kernel skips the masked half
     attn_fwd_flops = 4 * tok * t_full * q_width * causal_exec
+    scores = tok * t_full * sh.heads * causal_exec  # attention scores computed on this device
 
     def forward_layer(layer: int, weights: dict, *, phase: str, recompute: bool, on_start=None) -> None:
         """One decoder layer forward; during the backward pass, only what the remat policy drops.
@@ -156,7 +169,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         if not w.step.flash:  # scores and probabilities go through HBM in f32
             attn_hbm += 3 * 4 * sh.seqs * sh.heads * sh.t_local * t_full
         b.compute(f"{p}/attention", "attention", flops=attn_fwd_flops, hbm=attn_hbm, layer=layer, phase=phase,
-                  mxu=(int(tok), sh.head_dim, t_full), recompute=recompute)
+                  mxu=(int(tok), sh.head_dim, t_full), recompute=recompute,
+                  vpu=FLASH_VPU_OPS_FWD * scores if w.step.flash else 0.0)
         if redo("o_proj"):
             matmul(f"{p}/o_proj", tok, q_width, d, layer=layer, phase=phase, weight=weights["o_proj"],
                    recompute=recompute)
@@ -237,7 +251,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         ratio = FLASH_BWD_OVER_FWD if w.step.flash else DENSE_BWD_OVER_FWD
         b.compute(f"{p}/attention", "attention", flops=ratio * attn_fwd_flops,
                   hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width), layer=layer, phase="backward",
-                  mxu=(int(tok), sh.head_dim, t_full))
+                  mxu=(int(tok), sh.head_dim, t_full), vpu=FLASH_VPU_OPS_BWD * scores if w.step.flash else 0.0)
         for kv in ("k", "v"):
             b.wait(b.collective(f"reduce-scatter/{p}/{kv}_context", "reduce-scatter",
                                 v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,

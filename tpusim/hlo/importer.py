@@ -39,6 +39,19 @@ ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "e
                "convert", "clamp", "exponential-minus-one", "log-plus-one", "sign", "floor", "ceil", "cosine",
                "sine", "reduce"}
 HOST_MEMORY = "S(5)"
+COPY_OPCODES = {"copy", "transpose", "copy-start", "slice-start", "slice", "dynamic-slice", "dynamic-update-slice",
+                "concatenate", "pad", "broadcast", "reverse", "gather", "scatter", "custom-call"}
+_LAYER_RE = re.compile(r"layer_(\d+)")
+
+
+def layer_and_phase(ins: Instr) -> tuple[int, str]:
+    """Decoder layer (-1 outside the layers) and phase of an instruction, from its JAX op name
+    (``jvp(layer_3)`` forward, ``transpose(jvp(layer_3))`` backward)."""
+    m = re.search(r'op_name="([^"]*)"', ins.attrs.get("metadata", ""))
+    name = m.group(1) if m else ""
+    lm = _LAYER_RE.search(name)
+    phase = "backward" if "transpose(" in name else "forward"
+    return (int(lm.group(1)) if lm else -1), phase
 
 
 def read_hlo(path: str | Path) -> str:
@@ -269,6 +282,9 @@ def _compute_cost(ins: Instr, an: _Analysis) -> tuple[float, float, tuple[int, i
         for c in _callees(ins):
             body += an.mod.computations.get(c, [])
     flops, mxu, category = 0.0, None, "elementwise"
+    if ins.opcode in COPY_OPCODES or (ins.opcode == "fusion" and body and all(
+            sub.opcode in COPY_OPCODES or sub.opcode in FREE for sub in body)):
+        category = "copy"  # layout changes, transposes, slices, async DMAs: bytes, no arithmetic
     for sub in body:
         if sub.opcode in ("dot", "convolution"):
             f, shape = _matmul_flops(sub, an)
@@ -420,8 +436,9 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
             if ins.opcode in FREE or ins.opcode.endswith("-done"):
                 continue
             flops, nbytes, mxu, category = _compute_cost(ins, an)
+            layer, phase = layer_and_phase(ins)
             i = add(dict(name=prefix + ins.name, stream=COMPUTE, category=category, flops=flops, hbm_bytes=nbytes,
-                         mxu_shape=mxu, deps=tuple(pending)))
+                         mxu_shape=mxu, deps=tuple(pending), layer=layer, phase=phase))
             pending.clear()
             last_compute[0] = i
 
