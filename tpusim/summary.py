@@ -46,6 +46,11 @@ def summarize(result: SimResult) -> dict:
             kind = coll_kind[max(waited, key=lambda d: coll_end[d])] if waited else "other"
             exposed_by[kind] += gap
         dur = rec.end_s[i] - rec.start_s[i]
+        if op.category.endswith("-done"):  # an imported HLO's "-done": it lasts while it waits
+            waited = [d for d in op.deps if d in coll_end]
+            exposed_by[coll_kind[max(waited, key=lambda d: coll_end[d])] if waited else "other"] += dur
+            prev_end = rec.end_s[i]
+            continue
         compute_s += dur
         if dur > 0:
             by_bound[bound_by(op, result.compute_params)] += dur

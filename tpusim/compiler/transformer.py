@@ -32,6 +32,11 @@ FLASH_BWD_OVER_FWD = 2.5  # a flash backward recomputes QK^T: 5 matmuls against 
 # sum, cast to bf16 = 6. Backward: recompute scale, subtract, exp, then dP - delta, x P, scale, cast
 # = 7. The causal mask costs a select on the diagonal blocks only (ignored).
 FLASH_VPU_OPS_FWD, FLASH_VPU_OPS_BWD = 6, 7
+# Dense attention (einsums, no kernel) as XLA compiles it (traces/xla_aot_chips): bytes per score.
+# The QK^T matmul writes f32 scores (4) and the PV matmul reads bf16 probabilities (2); between them
+# the softmax reads the scores and writes the probabilities (4 + 2); its backward reads P and dP
+# and writes dS (2 + 4 + 2). VPU ops per score: max, subtract, exp, sum, divide.
+DENSE_SCORE_BYTES_MXU, DENSE_SOFTMAX_BYTES_FWD, DENSE_SOFTMAX_BYTES_BWD, DENSE_SOFTMAX_FLOPS = 6, 6, 8, 5
 # Weights kept in f32 and run in bf16 (weight_dtype float32, dtype bfloat16): each step casts the
 # local shard to bf16 (read 4 B, write 2 B) before it is gathered, once per pass that gathers it.
 CAST_FLOPS = 1
@@ -166,11 +171,14 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             b.wait(b.collective(f"all-gather/{p}/{kv}_context", "all-gather", v=sh.seqs * t_full * kv_width * ab,
                                 mesh_axes=("sequence",), layer=layer, phase=phase))
         attn_hbm = ab * (2 * tok * q_width + 2 * sh.seqs * t_full * kv_width)
-        if not w.step.flash:  # scores and probabilities go through HBM in f32
-            attn_hbm += 3 * 4 * sh.seqs * sh.heads * sh.t_local * t_full
+        if not w.step.flash:  # dense: QK^T writes f32 scores and PV reads bf16 probabilities through HBM
+            attn_hbm += DENSE_SCORE_BYTES_MXU * scores
         b.compute(f"{p}/attention", "attention", flops=attn_fwd_flops, hbm=attn_hbm, layer=layer, phase=phase,
                   mxu=(int(tok), sh.head_dim, t_full), recompute=recompute,
                   vpu=FLASH_VPU_OPS_FWD * scores if w.step.flash else 0.0)
+        if not w.step.flash and not recompute:  # ... and a softmax between them on the VPU (XLA's
+            # separate fusions; when rematerialised, XLA fuses it into the softmax backward)
+            elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_FWD, nbytes=1, **ew)
         if redo("o_proj"):
             matmul(f"{p}/o_proj", tok, q_width, d, layer=layer, phase=phase, weight=weights["o_proj"],
                    recompute=recompute)
@@ -249,6 +257,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         backward_matmul(p, "o_proj", tok, q_width, d, layer=layer, weight=weights["o_proj"],
                         wshape=ws["o_proj"][:2], axes=ws["o_proj"][2])
         ratio = FLASH_BWD_OVER_FWD if w.step.flash else DENSE_BWD_OVER_FWD
+        if not w.step.flash:  # dense softmax backward: dS = P (dP - rowsum(dP P)), through HBM
+            elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_BWD, nbytes=1, **ew)
         b.compute(f"{p}/attention", "attention", flops=ratio * attn_fwd_flops,
                   hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width), layer=layer, phase="backward",
                   mxu=(int(tok), sh.head_dim, t_full), vpu=FLASH_VPU_OPS_BWD * scores if w.step.flash else 0.0)

@@ -19,6 +19,7 @@ What becomes what (the entry computation is walked in XLA's schedule order, ``is
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -425,6 +426,14 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
                     coll_index[id(ins)] = i
                     ends_copy[ins.name] = i
                     continue
+            if ins.opcode in ("copy-start", "slice-start"):  # an async DMA inside the chip (HBM <-> VMEM)
+                dmas[ins.name] = (len(ops), _hbm_bytes(ins, an))
+                continue
+            if ins.opcode in ("copy-done", "slice-done") and ins.operands and \
+                    ins.operands[0].split()[-1].lstrip("%") in dmas:
+                start, nb = dmas.pop(ins.operands[0].split()[-1].lstrip("%"))
+                _spread_dma(ops, start, nb, carry)
+                continue
             if ins.opcode == "copy-done":
                 src = ins.operands[0].split()[-1].lstrip("%") if ins.operands else ""
                 if src in ends_copy:
@@ -436,6 +445,7 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
             if ins.opcode in FREE or ins.opcode.endswith("-done"):
                 continue
             flops, nbytes, mxu, category = _compute_cost(ins, an)
+            nbytes += carry.pop() if carry else 0.0
             layer, phase = layer_and_phase(ins)
             i = add(dict(name=prefix + ins.name, stream=COMPUTE, category=category, flops=flops, hbm_bytes=nbytes,
                          mxu_shape=mxu, deps=tuple(pending), layer=layer, phase=phase))
@@ -443,6 +453,8 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
             last_compute[0] = i
 
     ends_copy: dict[str, int] = {}
+    dmas: dict[str, tuple[int, float]] = {}
+    carry: list[float] = []
     walk(mod.entry)
     if pending:  # the step ends when its last collectives and copies are done
         add(dict(name="step-end", stream=COMPUTE, category="elementwise", deps=tuple(pending)))
@@ -451,6 +463,23 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
     return Program(name=name or mod.name, ops=tuple(ops), devices=topo.num_chips,
                    model_flops_per_step=flops * topo.num_chips, tokens_per_step=0.0, memory=zero,
                    hbm_capacity_bytes=topo.chip.hbm_bytes, notes=tuple(notes))
+
+
+def _spread_dma(ops: list[Op], start: int, nbytes: float, carry: list[float]) -> None:
+    """Share an async DMA's HBM bytes among the compute ops that ran while it was in flight.
+
+    XLA TPU's memory-space assignment prefetches buffers into VMEM (and evicts them) with DMAs that
+    run alongside the TensorCore: they cost HBM bandwidth, not TensorCore time. Adding their bytes to
+    the ops in flight makes an MXU-bound op hide them and an HBM-bound one pay for them. With no op
+    in between, the next compute op carries them.
+    """
+    window = [i for i in range(start, len(ops)) if ops[i].stream == COMPUTE and not ops[i].category.endswith("-done")]
+    if not window:
+        carry[:] = [(carry[0] if carry else 0.0) + nbytes]
+        return
+    share = nbytes / len(window)
+    for i in window:
+        ops[i] = dataclasses.replace(ops[i], hbm_bytes=ops[i].hbm_bytes + share)
 
 
 def _permute_axes(topo: Topology, pairs: str | None, n_dev: int) -> tuple[Axis, ...]:
