@@ -38,7 +38,7 @@ FLASH_VPU_OPS_FWD, FLASH_VPU_OPS_BWD = 6, 7
 # and writes dS (2 + 4 + 2). VPU ops per score: max, subtract, exp, sum, divide.
 DENSE_SCORE_BYTES_MXU, DENSE_SOFTMAX_BYTES_FWD, DENSE_SOFTMAX_BYTES_BWD, DENSE_SOFTMAX_FLOPS = 6, 6, 8, 5
 # Weights kept in f32 and run in bf16 (weight_dtype float32, dtype bfloat16): each step casts the
-# local shard to bf16 (read 4 B, write 2 B) before it is gathered, once per pass that gathers it.
+# local shard to bf16 once (read 4 B, write 2 B per parameter); the backward re-gathers that copy.
 CAST_FLOPS = 1
 DENSE_BWD_OVER_FWD = 2.0
 
@@ -117,10 +117,6 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         return ws
 
     def gather_weights(layer: int, phase: str, deps) -> dict[str, int | None]:
-        if sh.weight_bytes > ab:  # f32 master weights: the local shard is cast to bf16 before the gather
-            local = sum(k * n / mesh.size(*axes) for _, k, n, axes in layer_weights())
-            deps = (b.compute(f"layer_{layer}/{phase}/weight_cast", "elementwise", flops=CAST_FLOPS * local,
-                              hbm=(sh.weight_bytes + ab) * local, layer=layer, phase=phase),)
         return {name: b.collective(f"all-gather/layer_{layer}/{phase}/{name}", "all-gather", v=k * n * ab,
                                    mesh_axes=axes, layer=layer, phase=phase, deps=deps)
                 for name, k, n, axes in layer_weights()}
@@ -275,6 +271,10 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         elementwise(f"{p}/attn_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
 
     # ---- forward ---------------------------------------------------------------------------------
+    if sh.weight_bytes > ab:  # f32 master weights: this device's shard is cast to bf16 once, before
+        # anything is gathered (XLA converts before the all-gather, which then moves half the bytes)
+        b.compute("weight_cast", "elementwise", flops=CAST_FLOPS * local_params,
+                  hbm=(sh.weight_bytes + ab) * local_params, layer=-1, phase="forward")
     table = sh.vocab * d
     embed_ag = b.collective("all-gather/embedding", "all-gather", v=table * ab, mesh_axes=weight_axes, deps=())
     fwd_weights = {0: gather_weights(0, "forward", ())}
