@@ -148,8 +148,8 @@ def test_importer_bytes_follow_xla_cost_analysis(case_dir):
     """Counted the way XLA's cost analysis counts (every memory space, loop bodies once), the
     importer's bytes are XLA's own within 15%: slices of an operand cost the slice, in-place
     updates the update (XLA also prices per-operand utilisation we do not model; hence 15%)."""
+    import tpusim.hlo.hbm as im
     from tpusim.hlo.importer import FREE, _Analysis, _compute_cost, parse_module
-    import tpusim.hlo.importer as im
 
     mod = parse_module(read_hlo(case_dir / "optimized_hlo.txt.gz"))
     an = _Analysis(mod)
