@@ -173,7 +173,8 @@ def test_importer_bytes_follow_xla_cost_analysis(case_dir):
 
 @pytest.mark.libtpu
 def test_recompile_matches_committed(tmp_path):
-    """Recompile the v5e case with libtpu and check the fresh HLO gives the same Program figures."""
+    """Recompile the v5e case with libtpu and check the fresh HLO gives the same Program figures
+    (``TPUSIM_JAX_PYTHON=/work/venvs/jax/bin/python pytest -m libtpu tests/test_aot_compute.py``)."""
     import os
     import subprocess
     import sys
@@ -182,7 +183,8 @@ def test_recompile_matches_committed(tmp_path):
     out = tmp_path / "v5e"
     out.mkdir()
     env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-    subprocess.run([sys.executable, str(REPO / "traces" / "aot_compile.py"), "--case", case, "--layers", "2",
+    python = os.environ.get("TPUSIM_JAX_PYTHON", sys.executable)  # an interpreter with jax[tpu]
+    subprocess.run([python, str(REPO / "traces" / "aot_compile.py"), "--case", case, "--layers", "2",
                     "--out", str(out), "--topology", "v5e:4x4"], check=True, env=env)
     fresh = out / f"{case}_L2"
     _, topo, _, committed = programs(CHIPS / "v5e" / f"{case}_L2")
