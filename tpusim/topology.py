@@ -22,6 +22,7 @@ import networkx as nx
 
 from tpusim.chips import ChipSpec, get_chip
 from tpusim.errors import TpusimError
+from tpusim.limits import MAX_CHIPS, MAX_SLICES
 
 AXIS_NAMES = ("x", "y", "z")
 DCN = "dcn"
@@ -242,6 +243,9 @@ def make_topology(chip: ChipSpec, shape: tuple[int, ...], *, slices: int = 1, dc
                           source=source)
     if not isinstance(slices, int) or slices < 1:
         raise TpusimError(f"the number of slices must be a whole number >= 1; got {slices!r}", source="--slices")
+    if slices > MAX_SLICES or slices * math.prod(shape) > MAX_CHIPS:
+        raise TpusimError(f"{slices:,} slices of {shape_str} are {slices * math.prod(shape):,} chips; tpusim "
+                          f"simulates at most {MAX_SLICES:,} slices and {MAX_CHIPS:,} chips", source="--slices")
     if slices > 1 and chip.dcn_bytes_per_s is None:
         raise TpusimError(f"no DCN bandwidth is known for {chip.name}, so it cannot be simulated multi-slice",
                           source="--slices")

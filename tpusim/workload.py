@@ -279,6 +279,7 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
     # A model preset fills the dims the file does not give.
     preset_name = flat.get("model_name")
     if preset_name is not None:
+        preset_name = _typed(where["model_name"], preset_name, str, source)
         presets = model_presets()
         if preset_name not in presets:
             raise TpusimError(unknown_key_reason(str(preset_name), presets).replace("unknown key", "unknown model")
@@ -300,6 +301,13 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
     model = _model(values, preset_name, source, where)
     step = _step(values, source, where)
     parallelism = _parallelism(values, source, where)
+    if top.get("slices") is not None and top["slices"] < 1:
+        raise TpusimError(f"{top['slices']!r} must be a positive integer", source=source, key="slices")
+    ep = parallelism.ici.get("expert", 1)
+    if model.num_experts == 1 and ep != 1:
+        raise TpusimError(f"{ep} but the model is dense (num_experts 1): expert parallelism splits a mixture "
+                          f"of experts", source=source,
+                          key=where.get("ici_expert_parallelism", "ici_expert_parallelism"))
     name = top.get("name") or Path(source).stem
     return Workload(name=name, source=source, model=model, step=step, parallelism=parallelism,
                     chip=top.get("chip"), topology=top.get("topology"), slices=top.get("slices"),
@@ -348,6 +356,8 @@ def _model(values, preset_name, source, where) -> Model:
             raise TpusimError(f"head_dim not given and {d} is not divisible by {n} heads", source=source,
                               key="head_dim")
         h = d // n
+    elif h < 1:
+        raise TpusimError(f"{h!r} must be a positive integer", source=source, key=where.get("head_dim", "head_dim"))
     acts = values["mlp_activations"]
     if not 1 <= len(acts) <= 2:
         raise TpusimError(f"{acts!r}: one activation (plain MLP) or two (gated, e.g. [silu, linear])",
