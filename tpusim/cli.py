@@ -411,10 +411,16 @@ def compare(run_dir: str, profile: str, trace_out: str | None, as_json: bool) ->
     from tpusim.profiles import read_profile
     from tpusim.units import fmt_time
 
+    from tpusim.safeio import check_writable_file
+
     summary, timeline = load_run(run_dir)
+    out = Path(trace_out) if trace_out else Path(run_dir) / "compare.trace.json.gz"
+    check_writable_file(out, source=f"--trace {out}" if trace_out else str(out))  # before the work
+    if str(profile).endswith("pod_viewer.json"):
+        raise TpusimError("a pod viewer output has no timeline to compare with; its collectives replay with "
+                          f"`tpusim replay {profile}`", source=str(profile))
     prof = read_profile(profile)
     result = do_compare(summary, timeline, prof)
-    out = Path(trace_out) if trace_out else Path(run_dir) / "compare.trace.json.gz"
     write_merged_trace(run_dir, prof, out)
     result["trace"] = str(out)
     st = result["step_time_s"]

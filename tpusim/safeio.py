@@ -136,5 +136,6 @@ def check_writable_file(path: str | Path, *, source: str) -> Path:
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise TpusimError(f"cannot write there: {os_reason(e)}", source=source) from None
+        reason = "cannot create files in that folder" if e.errno == errno.ENOENT else os_reason(e)
+        raise TpusimError(f"cannot write there: {reason}", source=source) from None
     return path
