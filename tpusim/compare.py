@@ -42,7 +42,7 @@ def load_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
     src = str(run_dir)
     if not run_dir.is_dir():
         reason = "no such folder" if not run_dir.exists() else "not a folder"
-        raise TpusimError(f"{reason}: give a run folder (write one with tpusim run --out)", source=src)
+        raise TpusimError(f"not a run folder ({reason}; write one with tpusim run --out)", source=src)
     for name in ("summary.json", "timeline.parquet"):
         if not (run_dir / name).exists():
             raise TpusimError(f"not a run folder ({name} missing; write one with tpusim run --out)", source=src)
