@@ -62,8 +62,10 @@ def check_regular(path: str | Path, *, source: str | None = None) -> os.stat_res
     return st
 
 
-def gunzip(raw: bytes, *, source: str, limit: int = MAX_INPUT_BYTES) -> bytes:
-    """Decompress gzip (one or more members) in bounded pieces; refuse past ``limit`` bytes."""
+def gunzip(raw: bytes, *, source: str, limit: int | None = None) -> bytes:
+    """Decompress gzip (one or more members) in bounded pieces; refuse past ``limit`` bytes
+    (default :data:`MAX_INPUT_BYTES`)."""
+    limit = MAX_INPUT_BYTES if limit is None else limit
     out = bytearray()
     data = raw
     while data:

@@ -49,8 +49,11 @@ def read_hlo(path: str | Path) -> str:
     from tpusim.safeio import read_text
 
     text = read_text(path, what="HLO text")
-    if not re.search(r"^HloModule\s", text, re.M) or "ENTRY" not in text:
-        raise TpusimError("not HLO text (no 'HloModule' header or no ENTRY computation)", source=str(path))
+    if not re.search(r"^HloModule\s", text, re.M):
+        raise TpusimError("not HLO text (no 'HloModule' header)", source=str(path))
+    if "ENTRY" not in text:
+        raise TpusimError("HLO without an ENTRY computation: the file is cut short, or not a whole module",
+                          source=str(path))
     return text
 
 

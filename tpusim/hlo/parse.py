@@ -209,6 +209,7 @@ def parse_module(text: str) -> Module:
         if m:
             setattr(mod, key, int(m.group(1)))
     current: str | None = None
+    broken: ValueError | None = None
     for line in text.splitlines():
         if current is None:
             m = _COMP_HEADER_RE.match(line)
@@ -221,12 +222,18 @@ def parse_module(text: str) -> Module:
         if line.strip() == "}":
             current = None
             continue
-        ins = _parse_instr(line, current)
+        try:
+            ins = _parse_instr(line, current)
+        except ValueError as e:  # reported below, unless the file is cut short (which explains it)
+            broken = broken or e
+            continue
         if ins is not None:
             mod.computations[current].append(ins)
             mod.by_name[ins.name] = ins
     if current is not None:
         raise ValueError(f"computation %{current} is not closed: the file is cut short")
+    if broken is not None:
+        raise broken
     return mod
 
 
