@@ -24,3 +24,11 @@ def book_cases() -> dict[str, dict]:
 def value(case: dict, section: str, key: str) -> float:
     """A number from a book case (YAML may hold it as a string like '4.5e10')."""
     return float(case[section][key]["value"])
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How many generated inputs the fuzz tests (tests/test_fuzz.py) drove through the CLI."""
+    counts, ok = getattr(config, "tpusim_fuzz_counts", ({}, {}))
+    if counts:
+        detail = ", ".join(f"{k} {v} ({ok.get(k, 0)} ok)" for k, v in sorted(counts.items()))
+        terminalreporter.write_line(f"fuzz: {sum(counts.values()):,} generated inputs through the CLI ({detail})")

@@ -36,6 +36,10 @@ class _Group(click.Group):
         except TpusimError as e:
             click.echo(f"tpusim: error: {_one_line(e.message)}", err=True)
             sys.exit(EXIT_USER_ERROR)
+        except click.exceptions.UsageError as e:  # a bad option value or a missing argument: one line too
+            where = f" (see tpusim {e.ctx.info_name} --help)" if e.ctx is not None and e.ctx.parent is not None else ""
+            click.echo(f"tpusim: error: {_one_line(e.format_message())}{where}", err=True)
+            sys.exit(EXIT_USER_ERROR)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
         except Exception as e:  # noqa: BLE001 (the backstop, see the docstring)

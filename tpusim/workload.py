@@ -25,6 +25,7 @@ from typing import Any
 from tpusim.config import read_yaml, unknown_key_reason
 from tpusim.data import data_dir
 from tpusim.errors import TpusimError
+from tpusim.limits import MAX_LAYERS
 
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "int8": 1,
                "float8": 1, "fp8": 1}
@@ -345,6 +346,9 @@ def _model(values, preset_name, source, where) -> Model:
     for k in ("base_emb_dim", "base_num_query_heads", "base_mlp_dim", "base_num_decoder_layers", "vocab_size",
               "num_experts", "num_experts_per_tok"):
         _positive(values, k, source, where)
+    if values["base_num_decoder_layers"] > MAX_LAYERS:
+        raise TpusimError(f"{values['base_num_decoder_layers']:,} layers; tpusim compiles at most {MAX_LAYERS:,}",
+                          source=source, key=where.get("base_num_decoder_layers", "base_num_decoder_layers"))
     d, n = values["base_emb_dim"], values["base_num_query_heads"]
     k = values["base_num_kv_heads"] if values["base_num_kv_heads"] is not None else n
     if k < 1 or n % k:
