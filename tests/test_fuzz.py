@@ -45,8 +45,8 @@ AOT_HLO = sorted((REPO / "traces" / "xla_aot").glob("*/optimized_hlo.txt.gz"))
 FUZZ = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                 suppress_health_check=list(HealthCheck))
 # Examples per test in the default tier (they sum to DEFAULT_TOTAL), and the slow tier's multiplier.
-N = {"program": 260, "run": 70, "topology": 170, "collective": 170, "run_hlo": 170, "replay_pod_viewer": 120,
-     "replay_trace": 60, "replay_xplane": 6, "compare": 25, "sweep": 12, "search": 6}
+N = {"program": 300, "run": 80, "topology": 250, "collective": 250, "run_hlo": 250, "replay_pod_viewer": 150,
+     "replay_trace": 80, "replay_xplane": 6, "compare": 30, "sweep": 15, "search": 8}
 DEFAULT_TOTAL = 1000
 SLOW_FACTOR = 10
 COUNTS: dict[str, int] = {}
@@ -76,6 +76,12 @@ HOSTILE = st.one_of(
 )
 
 
+PLAUSIBLE_STRINGS = ["v5e:16x16", "v5e:8x16", "v5e:4x4", "v5p:4x4x4", "v5p:4x4x8", "v6e:8x8", "v4:4x4x4", "tpu7x:4x4x4",
+                     "v5e", "v5p", "v6e", "llama3-8b", "llama3-70b", "mixtral-8x7b", "full", "minimal", "none",
+                     "save_dot_except_mlp", "bfloat16", "float32", "fp8", "adamw", "sgd", "flash", "dot_product",
+                     "causal", "calibrated", "datasheet", "xy", "x", "z", "TPU v2", "TPU v6 Lite"]
+
+
 def _paths(obj, prefix=()):
     yield prefix
     if isinstance(obj, dict):
@@ -93,24 +99,32 @@ def mutate_tree(data, obj, extra_keys=(), max_ops: int = 3):
     for _ in range(data.draw(st.integers(1, max_ops))):
         paths = list(_paths(obj))
         path = data.draw(st.sampled_from(paths))
-        op = data.draw(st.sampled_from(["replace", "replace", "replace", "delete", "add"]))
+        op = data.draw(st.sampled_from(["perturb", "perturb", "perturb", "replace", "replace", "delete", "add"]))
         if not path:
             if op == "replace" and data.draw(st.booleans()):
-                obj = data.draw(HOSTILE)
+                obj = copy.deepcopy(data.draw(HOSTILE))
             continue
         parent = obj
         for p in path[:-1]:
             parent = parent[p]
         key = path[-1]
-        if op == "replace":
-            parent[key] = data.draw(HOSTILE)
+        value = parent[key]
+        if (op == "perturb" and isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value) and abs(value) < 1e15):
+            # A near miss: the kind of value a person would write, scaled (often still valid).
+            scaled = value * data.draw(st.sampled_from([0, -1, 0.5, 2, 3, 4, 1000, 1e6, 1e-3]))
+            parent[key] = int(scaled) if isinstance(value, int) and float(scaled).is_integer() else scaled
+        elif op == "perturb" and isinstance(value, str):
+            parent[key] = data.draw(st.sampled_from(PLAUSIBLE_STRINGS))
+        elif op in ("replace", "perturb"):
+            parent[key] = copy.deepcopy(data.draw(HOSTILE))
         elif op == "delete":
             del parent[key]
         elif isinstance(parent, dict):
             names = list(extra_keys) + [str(k) + data.draw(st.sampled_from(["", "x", "_"])) for k in parent]
-            parent[data.draw(st.sampled_from(names or ["x"]))] = data.draw(HOSTILE)
+            parent[data.draw(st.sampled_from(names or ["x"]))] = copy.deepcopy(data.draw(HOSTILE))
         else:
-            parent.append(data.draw(HOSTILE))
+            parent.append(copy.deepcopy(data.draw(HOSTILE)))
     return obj
 
 
@@ -169,10 +183,13 @@ def mutate_hlo(data, text: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-TOPOLOGIES = st.one_of(
-    st.sampled_from(["v5e:16x16", "v5e:4x4", "v5e:2x2", "v5e:1x1", "v5p:4x4x4", "v5p:2x2x2", "v4:4x4x4", "v6e:2x4",
-                     "v6e:8x8", "tpu7x:4x4x4", "16x16", "4x4x4", "v2:2x2", "v3:4x4", "v5e:3x3", "v5e:16x17",
-                     "v5e:0x4", "v5e:-1x4", "v5e:1000000x1000000", "v9:4x4", "", ":", "x", "v5e:", "4x4x4x4"]),
+VALID_TOPOLOGIES = st.sampled_from(["v5e:16x16", "v5e:4x4", "v5e:2x2", "v5e:1x1", "v5e:8x16", "v5p:4x4x4",
+                                    "v5p:2x2x2", "v5p:4x4x8", "v4:4x4x4", "v6e:2x4", "v6e:8x8", "tpu7x:4x4x4",
+                                    "16x16", "4x4x4", "v2:2x2", "v3:4x4"])
+TOPOLOGIES = st.one_of(  # valid specs half the time, so that results are checked as often as refusals
+    VALID_TOPOLOGIES, VALID_TOPOLOGIES,
+    st.sampled_from(["v5e:3x3", "v5e:16x17", "v5e:0x4", "v5e:-1x4", "v5e:1000000x1000000", "v9:4x4", "", ":", "x",
+                     "v5e:", "4x4x4x4"]),
     st.builds(lambda c, dims: f"{c}:{'x'.join(map(str, dims))}",
               st.sampled_from(["v5e", "v5p", "v6e", "v4", "tpu7x", "v2", "v3", "TPU v6 Lite", "bogus"]),
               st.lists(st.sampled_from([0, 1, 2, 3, 4, 8, 12, 16, 32, 64, 10**6]), min_size=1, max_size=4)),
@@ -288,8 +305,8 @@ def fuzz_run(factor=1):
 
 
 def fuzz_topology(factor=1):
-    @given(TOPOLOGIES, st.sampled_from(["1", "2", "0", "-1", "4096", "4097", "1000000000", "1.5"]),
-           st.sampled_from(["1", "2.5", "0.5", "nan", "inf", "-1"]))
+    @given(TOPOLOGIES, st.sampled_from(["1", "1", "2", "4", "0", "-1", "4096", "4097", "1000000000", "1.5"]),
+           st.sampled_from(["1", "1", "2.5", "0.5", "nan", "inf", "-1"]))
     def t(spec, slices, over):
         d = invoke("topology", ["topology", spec, "--slices", slices, "--dcn-oversubscription", over, "--json"])
         if d is not None:
@@ -301,11 +318,12 @@ def fuzz_topology(factor=1):
 def fuzz_collective(factor=1):
     @given(st.sampled_from(["all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute",
                             "psum", "", "ALL-GATHER"]),
-           st.one_of(st.sampled_from(["34e6", "34MB", "1GiB", "1e30", "1e15", "0", "-5", "nan", "inf", "1 kB",
-                                      "1e-300", "", "x", "1e400", "5KiB"]), st.text(max_size=8)),
+           st.one_of(st.sampled_from(["34e6", "34MB", "1GiB", "1e9", "2.5e8", "1e15", "1 kB", "5KiB", "1e-300"]),
+                     st.sampled_from(["1e30", "0", "-5", "nan", "inf", "", "x", "1e400"]), st.text(max_size=8)),
            TOPOLOGIES,
-           st.sampled_from(["x", "y", "z", "xy", "xyz", "dcn", "xy,dcn", "x,x", "q", "", "dcn,dcn", "yx"]),
-           st.sampled_from(["1", "2", "0", "5000"]))
+           st.sampled_from(["x", "y", "z", "xy", "x", "y", "xy", "xyz", "dcn", "xy,dcn", "x,x", "q", "", "dcn,dcn",
+                            "yx"]),
+           st.sampled_from(["1", "1", "1", "2", "0", "5000"]))
     def t(kind, nbytes, topo, axes, slices):
         d = invoke("collective", ["collective", kind, "--bytes", nbytes, "--topology", topo, "--axes", axes,
                                   "--slices", slices, "--json"])
@@ -369,7 +387,7 @@ def fuzz_replay_trace(small_trace, factor=1):
             if data.draw(st.integers(0, 3)) == 0:
                 raw = mutate_bytes(data, raw)
             p = write(Path(tmp), "x.trace.json.gz", raw)
-            args = ["replay", p, "--json"] + (["--topology", "v6e:2x4"] if data.draw(st.booleans()) else [])
+            args = ["replay", p, "--json"] + (["--topology", "v6e:2x4"] if data.draw(st.integers(0, 4)) else [])
             d = invoke("replay_trace", args)
             if d is not None:
                 assert all(o["simulated_s"] is None or 0 <= o["simulated_s"] < math.inf for o in d["ops"])

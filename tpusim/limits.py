@@ -19,6 +19,9 @@ simulated for an hour. Why each number:
   An 80-layer 70B step is 5,374 ops (0.2 s to simulate); 250,000 ops take about 10 s.
 * ``MAX_LAYERS`` (2,048): decoder layers of a workload. The deepest published dense models have
   126 (Llama 3.1 405B); a layer compiles to ~70 ops, so 2,048 layers stay under ``MAX_PROGRAM_OPS``.
+* ``MAX_SIZE`` (2^40, about 1.1e12): any one size of a workload (a model width, heads, vocabulary,
+  sequence length, batch per device). The largest real ones are near 1e6 (a 128k vocabulary, a 1M
+  token context); products of three such sizes times 2,048 layers stay far inside float64.
 * ``MAX_STRAGGLER_FACTOR`` (1,000): a device 1,000 times slower than its peers is a dead device,
   not a straggler; an infinite factor made the step infinite.
 * ``MAX_TIMELINE_ROWS`` (5,000,000): rows ``--all-devices`` may expand a timeline to (ops x chips).
@@ -34,6 +37,7 @@ MAX_BYTES = 1e15
 MAX_INPUT_BYTES = 2**30
 MAX_PROGRAM_OPS = 250_000
 MAX_LAYERS = 2048
+MAX_SIZE = 2**40
 MAX_STRAGGLER_FACTOR = 1000.0
 MAX_TIMELINE_ROWS = 5_000_000
 MAX_CONV_POSITIONS = 2**24

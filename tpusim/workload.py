@@ -16,7 +16,6 @@ dataclasses; sizes of ``-1`` ("the rest") are resolved against a topology by :mo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Any
 from tpusim.config import read_yaml, unknown_key_reason
 from tpusim.data import data_dir
 from tpusim.errors import TpusimError
-from tpusim.limits import MAX_LAYERS
+from tpusim.limits import MAX_LAYERS, MAX_SIZE
 
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "int8": 1,
                "float8": 1, "fp8": 1}
@@ -339,6 +338,9 @@ def _positive(values, key, source, where, allow_minus_one=False):
     if v < 1 and not (allow_minus_one and v == -1):
         more = " or -1 (the rest)" if allow_minus_one else ""
         raise TpusimError(f"{v!r} must be a positive integer{more}", source=source, key=where.get(key, key))
+    if v > MAX_SIZE:
+        raise TpusimError(f"{v:.3g} is more than {MAX_SIZE:,}, tpusim's limit for a size", source=source,
+                          key=where.get(key, key))
     return v
 
 
@@ -360,8 +362,8 @@ def _model(values, preset_name, source, where) -> Model:
             raise TpusimError(f"head_dim not given and {d} is not divisible by {n} heads", source=source,
                               key="head_dim")
         h = d // n
-    elif h < 1:
-        raise TpusimError(f"{h!r} must be a positive integer", source=source, key=where.get("head_dim", "head_dim"))
+    else:
+        _positive(values, "head_dim", source, where)
     acts = values["mlp_activations"]
     if not 1 <= len(acts) <= 2:
         raise TpusimError(f"{acts!r}: one activation (plain MLP) or two (gated, e.g. [silu, linear])",
@@ -385,7 +387,7 @@ def _choice(values, key, choices, source, where):
 
 def _step(values, source, where) -> Step:
     pdbs = values["per_device_batch_size"]
-    if not pdbs > 0 or not math.isfinite(pdbs):
+    if not 0 < pdbs <= MAX_SIZE:
         raise TpusimError(f"{pdbs!r} must be a positive number", source=source,
                           key=where.get("per_device_batch_size", "per_device_batch_size"))
     for k in ("max_target_length", "num_vocab_tiling"):

@@ -108,8 +108,9 @@ def module_devices(mod: Module, n_chips: int, cores_per_chip: int, topo_name: st
         return declared
     if declared == 1 and n_chips > 1:
         return n_chips  # a one-device module (e.g. an un-sharded jit) run on each chip alike
+    chips = f"{n_chips} chip{'s' if n_chips > 1 else ''}"
     raise TpusimError(f"compiled for {declared} devices (num_partitions={mod.num_partitions or 1}, "
-                      f"replica_count={mod.replica_count or 1}) but {topo_name} has {n_chips} chip{'s' if n_chips > 1 else ''}; "
+                      f"replica_count={mod.replica_count or 1}) but {topo_name} has {chips}; "
                       f"give a --topology with {declared} chips", source=source)
 
 

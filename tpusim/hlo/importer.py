@@ -319,13 +319,16 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
                     continue
             if ins.opcode in FREE or ins.opcode.endswith("-done"):
                 continue
-            flops, nbytes, mxu, category = _compute_cost(ins, an)
+            if ins.name not in costs:  # once per instruction, however many times a loop runs it
+                costs[ins.name] = _compute_cost(ins, an)
+            flops, nbytes, mxu, category = costs[ins.name]
             i = add(dict(name=prefix + ins.name, stream=COMPUTE, category=category, flops=flops, hbm_bytes=nbytes,
                          mxu_shape=mxu, deps=tuple(pending)))
             pending.clear()
             last_compute[0] = i
 
     ends_copy: dict[str, int] = {}
+    costs: dict[str, tuple] = {}
     walk(mod.entry)
     if unknown:
         notes.append("opcodes tpusim does not know, simulated by their bytes alone: "

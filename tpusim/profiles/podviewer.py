@@ -140,7 +140,8 @@ def read_pod_viewer(path: str | Path) -> pd.DataFrame:
                                   "all-to-all, collective-permute)", source=src, key=f"{at}.description")
             rows.append({"step": step_num, "name": _field(op, "name", str, "", where=at, source=src),
                          "kind": _kind(description), "data_bytes": data,
-                         "duration_s": _field(op, "durationUs", float, _REQUIRED, where=at, source=src, minimum=0) * 1e-6,
+                         "duration_s": 1e-6 * _field(op, "durationUs", float, _REQUIRED, where=at, source=src,
+                                                     minimum=0),
                          "occurrences": _field(op, "occurrences", int, 0, where=at, source=src, minimum=0),
                          "replica_groups": groups or None, "description": description})
     if not rows:

@@ -67,7 +67,8 @@ def _row(device: int, stream: str, e: dict, args: dict) -> dict:
     flops = args.get("model_flops", args.get("flops"))
     return {
         "device": device, "stream": stream, "name": _text(e.get("name")),
-        "hlo_category": _text(args.get("hlo_category")), "long_name": _text(args.get("long_name")), "start_ps": start, "end_ps": start + float(e.get("dur", 0)) * 1e6,
+        "hlo_category": _text(args.get("hlo_category")), "long_name": _text(args.get("long_name")),
+        "start_ps": start, "end_ps": start + float(e.get("dur", 0)) * 1e6,
         "device_start_ps": dev_start if on_device else None,
         "device_end_ps": dev_start + dev_dur if on_device else None,
         "flops": float(flops) if flops is not None else None,

@@ -145,7 +145,8 @@ def _plane_rows(plane, *, cpu: bool, origin_ps: int) -> list[dict]:
             if cpu:
                 ordinal = st.get("device_ordinal", 0)
                 if not isinstance(ordinal, int) or not 0 <= ordinal < 8 * MAX_CHIPS:
-                    raise TpusimError(f"an XLA CPU op on device_ordinal {ordinal!r}: ordinals are 0..{8 * MAX_CHIPS - 1}")
+                    raise TpusimError(f"an XLA CPU op on device_ordinal {ordinal!r}: ordinals are "
+                                      f"0..{8 * MAX_CHIPS - 1}")
                 rows.append(_row(ordinal, "XLA Ops", line_ps, ev, meta, st))
             else:
                 rows.append(_row(device, line.name, line_ps, ev, meta, st))
