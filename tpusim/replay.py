@@ -25,7 +25,8 @@ from tpusim.chips import get_chip
 from tpusim.engine import simulate
 from tpusim.errors import TpusimError
 from tpusim.hlo.importer import group_axes, host_copy_kind
-from tpusim.hlo.parse import array_bytes, array_shapes
+from tpusim.hlo.parse import DTYPE_BYTES, array_bytes, array_shapes
+from tpusim.limits import MAX_BYTES
 from tpusim.program import COLLECTIVE, COMPUTE, HOST, Memory, Op, Program
 from tpusim.profiles import Profile, op_stats, replica_groups
 from tpusim.timeline import timeline_frame
@@ -130,7 +131,13 @@ def _module_program(profile: Profile, module: str, topo: Topology, to_chip) -> P
         if kind is not None:
             result = array_shapes(text.split("=", 1)[1].split("(")[0]) if "=" in text else []
             operand = array_shapes(text.split("(", 1)[1]) if "(" in text else []
+            for dtype, dims in result + operand:
+                if any(d < 0 for d in dims) or math.prod(dims) * DTYPE_BYTES[dtype] > MAX_BYTES:
+                    raise TpusimError(f"{r.name}: the array {dtype}{list(dims)} is negative or more than 1 PB, "
+                                      "tpusim's limit", source=profile.source)
             v = sum(array_bytes(*a) for a in (result if kind == "all-gather" else operand[:1] or result))
+            if not v > 0:
+                continue  # moves nothing (an empty array): nothing to simulate
             groups = replica_groups(text) or [list(range(topo.num_chips))]
             axes = group_axes(topo, [to_chip(d) for d in groups[0]], topo.num_chips)
             i = len(ops)
@@ -169,6 +176,13 @@ def _check_topology(profile: Profile, topo: Topology, n_devices: int) -> None:
 
 def replay(profile: Profile, *, topology: Topology | None = None, mode: str = "calibrated") -> Replay:
     """Simulate every module of ``profile`` and compare op by op (median of the measured occurrences)."""
+    try:
+        return _replay(profile, topology=topology, mode=mode)
+    except TpusimError as e:
+        raise e.within(profile.source) from None
+
+
+def _replay(profile: Profile, *, topology: Topology | None, mode: str) -> Replay:
     stats = op_stats(profile)
     groups = [g for text in stats.long_name.dropna() for g in (replica_groups(text) or [])]
     n = max([len(profile.devices)] + [max(g) + 1 for g in groups if g])

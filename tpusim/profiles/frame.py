@@ -93,7 +93,10 @@ def replica_groups(long_name: str) -> list[list[int]] | None:
     [[0, 1], [2, 3]]
     """
     m = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?|\{(?:\{[\d,\s]*\},?\s*)*\})", long_name)
-    return expand_replica_groups(m.group(1)) if m else None
+    try:
+        return expand_replica_groups(m.group(1)) if m else None
+    except ValueError as e:  # an iota form naming millions of devices, or a bad permutation
+        raise TpusimError(" ".join(str(e).split())[:200]) from None
 
 
 def _fill_modules(df: pd.DataFrame) -> None:
