@@ -20,6 +20,7 @@ import copy
 import gzip
 import json
 import math
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -202,6 +203,9 @@ def invoke(kind: str, args: list, out_paths: tuple[Path, ...] = ()) -> dict | No
     """Run one command; check the property; return the JSON result when it succeeded with --json."""
     COUNTS[kind] = COUNTS.get(kind, 0) + 1
     r = CliRunner().invoke(main, [str(a) for a in args])
+    if os.environ.get("TPUSIM_FUZZ_LOG"):  # one line per input, to diff two runs
+        with open(os.environ["TPUSIM_FUZZ_LOG"], "a") as f:
+            f.write(f"{kind}\t{r.exit_code}\t{' '.join(r.stderr.split())[:200]}\n")
     assert INTERNAL_ERROR not in r.output, (args, r.output)
     if r.exception is not None and not isinstance(r.exception, SystemExit):
         raise AssertionError(f"{args}: {r.exception!r}") from r.exception
