@@ -13,8 +13,13 @@ What becomes what (the entry computation is walked in XLA's schedule order, ``is
   the topology's axes from the first group's device coordinates.
 * ``copy-start``/``copy-done`` into or out of host memory (memory space ``S(5)``): host copies over
   PCIe. Each ``-done`` becomes a zero-cost op that lasts while it waits, as in XLA's profiles.
-* ``while`` loops: their body, trip-count times (1 when the count cannot be read; noted).
-* bookkeeping (parameters, constants, tuples, bitcasts, ...) costs nothing.
+* ``while`` loops: their body, trip-count times (1 when the count cannot be read; noted); a module
+  that unrolls to more than ``tpusim.limits.MAX_PROGRAM_OPS`` ops is refused (:mod:`.checks`).
+* bookkeeping (parameters, constants, tuples, bitcasts, ...) costs nothing; an opcode tpusim does
+  not know is costed by its bytes and named in a note.
+
+Before any of this, :mod:`tpusim.hlo.checks` refuses what cannot be simulated honestly (a file cut
+short, a device count other than the slice's, replica groups naming devices it lacks, absurd shapes).
 """
 
 from __future__ import annotations
