@@ -308,10 +308,21 @@ def fuzz_run(factor=1):
     _fuzz("run", t, factor)
 
 
+# A coherent command half the time (valid topology, slices and oversubscription, axes the slice has),
+# so that results are checked as often as refusals; a mix of anything otherwise.
+COHERENT = st.sampled_from([("v5e:16x16", "x"), ("v5e:16x16", "xy"), ("v5e:8x16", "y"), ("v5p:4x4x4", "xyz"),
+                            ("v5p:4x4x8", "z"), ("v4:4x4x4", "xy"), ("v6e:8x8", "x"), ("tpu7x:4x4x4", "yz"),
+                            ("v5e:2x2", "x"), ("16x16", "xy"), ("4x4x4", "x")])
+
+
 def fuzz_topology(factor=1):
-    @given(TOPOLOGIES, st.sampled_from(["1", "1", "2", "4", "0", "-1", "4096", "4097", "1000000000", "1.5"]),
-           st.sampled_from(["1", "1", "2.5", "0.5", "nan", "inf", "-1"]))
-    def t(spec, slices, over):
+    @given(st.one_of(st.tuples(COHERENT.map(lambda c: c[0]), st.sampled_from(["1", "2", "4", "64"]),
+                               st.sampled_from(["1", "1.5", "4"])),
+                     st.tuples(TOPOLOGIES,
+                               st.sampled_from(["1", "2", "0", "-1", "4096", "4097", "1000000000", "1.5"]),
+                               st.sampled_from(["1", "2.5", "0.5", "nan", "inf", "-1"]))))
+    def t(args):
+        spec, slices, over = args
         d = invoke("topology", ["topology", spec, "--slices", slices, "--dcn-oversubscription", over, "--json"])
         if d is not None:
             assert d["chips"] == math.prod(d["shape"]) * d["slices"] and d["ici_links"] >= 0
@@ -320,15 +331,21 @@ def fuzz_topology(factor=1):
 
 
 def fuzz_collective(factor=1):
-    @given(st.sampled_from(["all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute",
-                            "psum", "", "ALL-GATHER"]),
-           st.one_of(st.sampled_from(["34e6", "34MB", "1GiB", "1e9", "2.5e8", "1e15", "1 kB", "5KiB", "1e-300"]),
-                     st.sampled_from(["1e30", "0", "-5", "nan", "inf", "", "x", "1e400"]), st.text(max_size=8)),
-           TOPOLOGIES,
-           st.sampled_from(["x", "y", "z", "xy", "x", "y", "xy", "xyz", "dcn", "xy,dcn", "x,x", "q", "", "dcn,dcn",
-                            "yx"]),
-           st.sampled_from(["1", "1", "1", "2", "0", "5000"]))
-    def t(kind, nbytes, topo, axes, slices):
+    kinds = ["all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute"]
+    good_bytes = st.sampled_from(["34e6", "34MB", "1GiB", "1e9", "2.5e8", "1e15", "1 kB", "5KiB", "1e-300", "1"])
+    coherent = st.tuples(st.sampled_from(kinds), good_bytes, COHERENT, st.sampled_from(["1", "2"])).map(
+        lambda a: (a[0], a[1], a[2][0], (a[2][1] if a[0] != "collective-permute" else a[2][1][:1])
+                   + (",dcn" if a[3] == "2" and a[0] != "collective-permute" else ""), a[3]))
+    anything = st.tuples(
+        st.sampled_from([*kinds, "psum", "", "ALL-GATHER"]),
+        st.one_of(good_bytes, st.sampled_from(["1e30", "0", "-5", "nan", "inf", "", "x", "1e400"]), st.text(max_size=8)),
+        TOPOLOGIES,
+        st.sampled_from(["x", "y", "z", "xy", "xyz", "dcn", "xy,dcn", "x,x", "q", "", "dcn,dcn", "yx"]),
+        st.sampled_from(["1", "2", "0", "5000"]))
+
+    @given(st.one_of(coherent, anything))
+    def t(args):
+        kind, nbytes, topo, axes, slices = args
         d = invoke("collective", ["collective", kind, "--bytes", nbytes, "--topology", topo, "--axes", axes,
                                   "--slices", slices, "--json"])
         if d is not None:
