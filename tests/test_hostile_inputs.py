@@ -130,6 +130,14 @@ def test_bad_pod_viewer_files(name, words):
     assert "--bytes" not in line  # the message names the file's key, never an option the user did not give
 
 
+def test_the_unmutated_pod_viewer_file_replays():
+    """The control: every file above is this one with one field broken."""
+    r = invoke("replay", HOSTILE / "ok.pod_viewer.json", "--json")
+    assert r.exit_code == 0, r.output
+    d = strict_json(r.stdout)
+    assert len(d["ops"]) == 1 and d["ops"][0]["category"] == "all-gather" and d["ops"][0]["simulated_s"] > 0
+
+
 def test_pod_viewer_with_zero_duration_gives_valid_json():
     r = invoke("replay", HOSTILE / "zero_duration.pod_viewer.json", "--json")
     assert r.exit_code == 0, r.output
