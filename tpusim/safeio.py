@@ -98,7 +98,12 @@ def read_input(path: str | Path, *, source: str | None = None, decompress: bool 
         raise TpusimError(f"{_mib(st.st_size)}, more than {_mib(MAX_INPUT_BYTES)}, tpusim's limit for one input",
                           source=src)
     try:
-        with open(path, "rb") as f:
+        # Non-blocking, and checked again once open: a file swapped for a FIFO after the stat above
+        # must not block the read either.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise TpusimError("not a regular file: tpusim reads regular files only", source=src)
             raw = f.read(MAX_INPUT_BYTES + 1)
     except OSError as e:
         raise TpusimError(f"cannot read: {os_reason(e)}", source=src) from None
