@@ -45,7 +45,8 @@ def layer_residual_bytes(w: Workload, sh: Shapes) -> float:
     """Bytes one layer keeps for its backward without remat, tensor by tensor as JAX's autodiff keeps
     them (``jax.ad_checkpoint.print_saved_residuals`` on the MaxText-like layer of aot_memory.py):
 
-    * each RMSNorm: its input upcast to float32, the normalised and the scaled output (compute dtype);
+    * each RMSNorm: its input upcast to float32, the normalised and the scaled output (compute dtype),
+      all D wide (gathered over tensor);
     * attention: Q, K, V in the kernel's layout, the kernel's output and the context after the layout
       change, and the float32 log-sum-exp per head and token (flash); dense attention its probabilities;
     * the gated MLP: gate, up, SiLU's three intermediates and the product (six F-wide tensors; four
@@ -56,7 +57,9 @@ def layer_residual_bytes(w: Workload, sh: Shapes) -> float:
     ab = sh.act_bytes
     t = _widths(w, sh)
     tok = sh.tok
-    norms = 2 * tok * sh.d / sh.tp * (F32 + 2 * ab)
+    # The norms run on the activations gathered over tensor (their float32 inputs are full width in
+    # XLA's buffers with tensor parallelism: v5e_1b_tp4_minimal), ahead of the column-parallel matmuls.
+    norms = 2 * tok * sh.d * (F32 + 2 * ab)
     q = sh.heads * sh.head_dim
     attn = ab * (t["q_proj"] + t["k_proj"] + t["v_proj"] + 2 * tok * q) + F32 * tok * sh.heads
     if not w.step.flash:
