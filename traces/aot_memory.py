@@ -57,6 +57,8 @@ CASES: dict[str, dict[str, Any]] = {
     "v5p_4b_tp4_minimal": _C(topology="v5p:2x2x4", dims="4b", layers=16, pdbs=4, fsdp=4, tensor=4, remat="minimal"),
     "v5p_4b_qkv_offloaded": _C(topology="v5p:2x2x4", dims="4b", layers=16, pdbs=8, fsdp=16, tensor=1,
                                remat="qkv_proj_offloaded"),
+    "v5p_4b_dot_except_mlp": _C(topology="v5p:2x2x4", dims="4b", layers=16, pdbs=2, fsdp=16, tensor=1,
+                                remat="save_dot_except_mlp"),
     "v6e_4b_custom": _C(topology="v6e:4x4", dims="4b", layers=16, pdbs=2, fsdp=16, tensor=1, remat="custom",
                         weight_dtype="bfloat16"),
     "v6e_4b_full": _C(topology="v6e:4x4", dims="4b", layers=16, pdbs=2, fsdp=16, tensor=1, remat="full"),
@@ -80,6 +82,7 @@ def remat_policy(name: str) -> Any:
         "full": cp.nothing_saveable,
         "minimal": cp.checkpoint_dots_with_no_batch_dims,
         "save_qkv_proj": cp.save_only_these_names(*QKV),
+        "save_dot_except_mlp": cp.save_only_these_names(*QKV, "out_proj"),
         "minimal_offloaded": cp.offload_dot_with_no_batch_dims(offload_src="device", offload_dst="pinned_host"),
         "qkv_proj_offloaded": cp.save_and_offload_only_these_names(
             names_which_can_be_saved=[], names_which_can_be_offloaded=list(QKV),
