@@ -58,8 +58,9 @@ OFFLOADING = [p for p in CASES if _offloads(p)]
 
 # Cases the model misses, each with why (strict: a fix shows up as an unexpected pass).
 KNOWN_MISSES = {
-    "v5e_1b_tp2_full_bf16": "-7.5%: with bfloat16 weights and tensor parallelism XLA's backward holds 0.21 GB "
-                            "(13 KB per token) beyond the layer's residuals; which buffers is not yet known",
+    "v5e_1b_tp2_full_bf16": "-7.5% (0.21 GB short): here XLA's peak also holds a logits-sized bf16 buffer "
+                            "(524 MB, from the loss's backward) while the backward loop runs, i.e. it schedules "
+                            "the unembedding's weight gradient late; the model has no such schedule-dependent term",
 }
 
 
@@ -87,12 +88,15 @@ def test_xla_peak_excludes_the_generated_code(path):
     assert ma["generated_code_size_in_bytes"] > 0
 
 
-@pytest.mark.xfail(len(ON_DEVICE) < 12, strict=True,
-                   reason=f"issue 11 asks for 12 configurations within 5%; {len(ON_DEVICE)} on-device cases are "
-                   "compiled (each takes 7-25 min on the shared 2 cores), and the offloading ones have no HBM peak "
+_COMPARED = [p for p in ON_DEVICE if p.stem not in KNOWN_MISSES]
+
+
+@pytest.mark.xfail(len(_COMPARED) < 12, strict=True,
+                   reason=f"issue 11 asks for 12 configurations within 5%; {len(_COMPARED)} on-device cases compiled "
+                   "are (each took 7-25 min on the shared 2 cores), and the offloading ones have no HBM peak "
                    "to compare: add cases to traces/aot_memory.py")
-def test_at_least_12_configurations_compared_on_hbm():
-    assert len(ON_DEVICE) >= 12
+def test_at_least_12_configurations_within_5_percent_on_hbm():
+    assert len(_COMPARED) >= 12
 
 
 def _host_bytes(case: dict) -> float:
@@ -195,17 +199,22 @@ def test_recompiling_a_case_gives_the_committed_numbers(tmp_path):
 
 def table() -> str:
     """The VALIDATION.md table: ``python tests/test_memory_xla.py``."""
-    lines = ["| case | chip | mesh (fsdp x tensor) | batch/device | remat | weights | XLA peak (GB) | tpusim (GB) "
-             "| error | XLA host (GB) | XLA code (MB) |", "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | chip | fsdp x tensor | batch/device | remat | weights | XLA peak (GB) | tpusim (GB) | error "
+             "| XLA host (GB) | tpusim host (GB) | XLA code (MB) |",
+             "| --- | --- | --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for path in CASES:
         case = _load(path)
         c, ma = case["config"], case["memory_analysis"]
         xla, ours = ma["peak_memory_in_bytes"], _tpusim_memory(case).total
+        host = ma["host_temp_size_in_bytes"]
+        err = f"{ours / xla - 1:+.1%}" if not host else "n/a: XLA's peak = arguments + host"
+        ours_host = f"{_host_bytes(case) / 1e9:.3f}" if host else "0"
         lines.append(f"| {case['case']} | {c['topology']} | {c['ici_fsdp_parallelism']} x {c['ici_tensor_parallelism']} "
                      f"| {c['per_device_batch_size']} | {c['remat_policy']} | {c['weight_dtype']} | {xla / 1e9:.3f} "
-                     f"| {ours / 1e9:.3f} | {ours / xla - 1:+.1%} | {ma['host_temp_size_in_bytes'] / 1e9:.3f} "
+                     f"| {ours / 1e9:.3f} | {err} | {host / 1e9:.3f} | {ours_host} "
                      f"| {ma['generated_code_size_in_bytes'] / 1e6:.0f} |")
     return "\n".join(lines)
+
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ What the policy saves is what the backward reads: the down-projection's output i
 layer's output is the next layer's input, and an add needs no residual), so policies naming it keep
 nothing for it. Offloading policies keep their tensors in host memory, not HBM. No whole gathered
 layer of weights is counted: XLA's FSDP gathers feed collective matmuls (windowed einsums) and its
-peaks hold none (every on-device case within 3% without them).
+peaks hold none (the on-device cases are within 4% without them, but one).
 
 Not modelled, for want of a compiled case: expert layers (their residuals counted as a dense MLP's on
 the routed rows), non-gated MLPs (four F-wide residuals assumed), sequence parallelism's effect on the
