@@ -12,7 +12,7 @@ gives XLA's buffer assignment: argument, output, alias, temp, host (offloaded) a
 Writes ``xla_aot_memory/<case>.json``: the case in MaxText key names (tpusim reads it as a workload),
 ``memory_analysis``, the largest buffers of XLA's memory-usage report, versions and compile time.
 
-    /work/venvs/jax/bin/python traces/aot_memory.py                  # every case (~15 min on 2 cores)
+    /work/venvs/jax/bin/python traces/aot_memory.py                  # every case (7-25 min each on 2 busy cores)
     /work/venvs/jax/bin/python traces/aot_memory.py --case v5e_1b_full --out /tmp/x
 """
 
@@ -127,7 +127,6 @@ def build_step(cfg: dict[str, Any], mesh: Any) -> tuple[Any, tuple]:
               "w_gate": ((L, D, F), P(None, fs, tp)), "w_up": ((L, D, F), P(None, fs, tp)),
               "w_down": ((L, F, D), P(None, tp, fs))}
     p_sh = {k: NamedSharding(mesh, s) for k, (_, s) in shapes.items()}
-    act = NamedSharding(mesh, P(fs, None, tp))
 
     def c(x, *spec):
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
@@ -206,7 +205,6 @@ def build_step(cfg: dict[str, Any], mesh: Any) -> tuple[Any, tuple]:
                      donate_argnums=(0,))
     abstract = {k: jax.ShapeDtypeStruct(s, wdt, sharding=p_sh[k]) for k, (s, _) in shapes.items()}
     tokens = jax.ShapeDtypeStruct((B, T), jnp.int32, sharding=tok_sh)
-    del act
     return jitted, ((abstract, abstract, abstract, jax.ShapeDtypeStruct((), jnp.int32, sharding=rep)),
                     tokens, tokens)
 

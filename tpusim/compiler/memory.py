@@ -15,7 +15,8 @@ What the policy saves is what the backward reads: the down-projection's output i
 layer's output is the next layer's input, and an add needs no residual), so policies naming it keep
 nothing for it. Offloading policies keep their tensors in host memory, not HBM. No whole gathered
 layer of weights is counted: XLA's FSDP gathers feed collective matmuls (windowed einsums) and its
-peaks hold none (the on-device cases are within 4% without them, but one).
+peaks hold none (10 of 12 on-device cases are within 4% without them; at a small batch XLA
+prefetches about one layer more: v6e_4b_full).
 
 Not modelled, for want of a compiled case: expert layers (their residuals counted as a dense MLP's on
 the routed rows), non-gated MLPs (four F-wide residuals assumed), sequence parallelism's effect on the
@@ -57,8 +58,10 @@ def layer_residual_bytes(w: Workload, sh: Shapes) -> float:
     * attention: Q, K, V in the kernel's layout, the kernel's output and the context after the layout
       change, and the float32 log-sum-exp per head and token (flash); dense attention its probabilities;
     * the gated MLP: gate, up, SiLU's three intermediates and the product (six F-wide tensors; four
-      without the gate);
-    * the weights cast to the compute dtype (this device's shard) when they are stored wider.
+      without the gate).
+
+    Without remat, ``peak_memory`` adds the weights cast to the compute dtype (this device's shard)
+    when they are stored wider: they are residuals too.
     """
     m = w.model
     ab = sh.act_bytes
