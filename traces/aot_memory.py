@@ -57,6 +57,8 @@ CASES: dict[str, dict[str, Any]] = {
     "v5p_4b_tp4_minimal": _C(topology="v5p:2x2x4", dims="4b", layers=16, pdbs=4, fsdp=4, tensor=4, remat="minimal"),
     "v5p_4b_qkv_offloaded": _C(topology="v5p:2x2x4", dims="4b", layers=16, pdbs=8, fsdp=16, tensor=1,
                                remat="qkv_proj_offloaded"),
+    "v5p_4b_minimal": _C(topology="v5p:2x2x4", dims="4b", layers=16, pdbs=4, fsdp=16, tensor=1, remat="minimal"),
+    "v5e_1b_tp2_minimal": _C(topology="v5e:4x4", dims="1b", layers=16, pdbs=4, fsdp=8, tensor=2, remat="minimal"),
     "v5p_4b_dot_except_mlp": _C(topology="v5p:2x2x4", dims="4b", layers=16, pdbs=2, fsdp=16, tensor=1,
                                 remat="save_dot_except_mlp"),
     "v6e_4b_custom": _C(topology="v6e:4x4", dims="4b", layers=16, pdbs=2, fsdp=16, tensor=1, remat="custom",

@@ -15,7 +15,7 @@ What the policy saves is what the backward reads: the down-projection's output i
 layer's output is the next layer's input, and an add needs no residual), so policies naming it keep
 nothing for it. Offloading policies keep their tensors in host memory, not HBM. No whole gathered
 layer of weights is counted: XLA's FSDP gathers feed collective matmuls (windowed einsums) and its
-peaks hold none (10 of 12 on-device cases are within 4% without them; at a small batch XLA
+peaks hold none (12 of 14 on-device cases are within 4% without them; at a small batch XLA
 prefetches about one layer more: v6e_4b_full).
 
 Not modelled, for want of a compiled case: expert layers (their residuals counted as a dense MLP's on
