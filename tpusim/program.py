@@ -52,9 +52,10 @@ class Memory:
     params: float
     grads: float
     optimizer: float
-    activations: float          # kept across the step by the remat policy
-    working: float              # the largest transient set: a layer's full activations, logits
-    gathered_weights: float     # FSDP-gathered weights in flight (current + prefetched layer)
+    activations: float          # saved in HBM by the remat policy for the backward, every layer
+    working: float              # the transients at the peak: one layer's backward residuals, or the logits
+    gathered_weights: float     # whole gathered weights held at the peak (0 for XLA's steps: its
+    #                             collective matmuls stream them; see compiler/memory.py)
 
     @property
     def total(self) -> float:

@@ -178,7 +178,7 @@ def plans(workload: str | Path, topology: str | None = None, *, slices: int | No
             sh = derive_shapes(w, mesh, topo.num_chips)
             local, layer, table = local_parameter_counts(w, sh)
             mem = peak_memory(w, sh, local_params=local, gathered_layer_params=layer, gathered_table_params=table,
-                              fsdp=sh.weight_shards > 1)
+                              fsdp=sh.weight_shards > 1, capacity_bytes=topo.chip.hbm_bytes)
         except TpusimError:
             counts["invalid"] += 1
             continue

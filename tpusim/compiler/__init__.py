@@ -75,9 +75,11 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     sh = derive_shapes(w, mesh, devices)
     local, gathered_layer, table = local_parameter_counts(w, sh)
     fsdp = sh.weight_shards > 1
-    memory = peak_memory(w, sh, local_params=local, gathered_layer_params=gathered_layer,
-                         gathered_table_params=table, fsdp=fsdp)
     capacity = topo.chip.hbm_bytes
+    natural = peak_memory(w, sh, local_params=local, gathered_layer_params=gathered_layer,
+                          gathered_table_params=table, fsdp=fsdp)
+    memory = peak_memory(w, sh, local_params=local, gathered_layer_params=gathered_layer,
+                         gathered_table_params=table, fsdp=fsdp, capacity_bytes=capacity)
     if check_memory and memory.total > capacity:
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in memory.as_dict().items() if k != "total")
         raise InfeasibleError(f"does not fit in HBM: needs {fmt_bytes(memory.total)} per device of "
@@ -89,6 +91,10 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     if w.step.remat_policy in ("minimal_offloaded", "qkv_proj_offloaded", "custom"):
         notes.append(f"remat_policy {w.step.remat_policy}: saved activations live in host memory, copied "
                      "over PCIe after each layer's forward and back before its backward")
+    if memory.working < natural.working:
+        notes.append(f"memory: XLA would keep {fmt_bytes(natural.total)} of transients and saved tensors; over the "
+                     f"{fmt_bytes(capacity)} HBM it rematerialises {fmt_bytes(natural.working - memory.working)} of the "
+                     "backward's transients to fit (recomputation not timed)")
     if topo.chip.devices_per_chip > 1:
         notes.append(f"{topo.chip.name} has {topo.chip.devices_per_chip} cores per chip; simulated as one device")
     return Program(name=w.name, ops=tuple(ops), devices=devices,

@@ -26,7 +26,7 @@ OFFLOADED = ("minimal_offloaded", "qkv_proj_offloaded", "custom")
 # What each offloading policy copies to host memory after a layer's forward (MaxText's policies; the
 # tpu-recipes' "custom" offloads the decoder layer input and the out/q/k/v projections).
 OFFLOADED_TENSORS = {
-    "minimal_offloaded": _SAVED["minimal"],
+    "minimal_offloaded": tuple(t for t in _SAVED["minimal"] if t != "mlp_down"),  # never a residual
     "qkv_proj_offloaded": ("q_proj", "k_proj", "v_proj"),
     "custom": ("input", "q_proj", "k_proj", "v_proj", "o_proj"),
 }
