@@ -166,3 +166,17 @@ def test_run_writes_nothing_when_refused(tmp_path):
     r = CliRunner().invoke(main, ["run", "workloads/fsdp_70b.yaml", "--topology", "v5e:4x4", "--out", str(out)])
     assert r.exit_code == 2
     assert not out.exists()
+
+
+def test_two_identical_runs_write_identical_folders(tmp_path):
+    """Issue 10: two identical `run --out` give byte-identical files (summary.json, the Parquet, the
+    Perfetto trace, the XSpace, the report, the manifest): nothing in them depends on the wall clock."""
+    folders = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        r = CliRunner().invoke(main, ["run", "workloads/llama3_8b_2slice_dp.yaml", "--topology", "v5p:2x2x2",
+                                      "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        folders.append({p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()})
+    assert folders[0].keys() == folders[1].keys() and len(folders[0]) >= 6
+    assert [name for name in folders[0] if folders[0][name] != folders[1][name]] == []

@@ -10,6 +10,7 @@ it, so that the chart fits the 1,200 px page.
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -89,7 +90,15 @@ def report_html(result: SimResult, summary: dict | None = None, frame: pd.DataFr
                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
     body.append(f"<h2>Summary</h2><pre>{html.escape(format_summary(s))}</pre>")
     return (f"<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8><title>{html.escape(title)} - tpusim</title>"
-            f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            f"<style>{_STYLE}</style></head><body>\n" + _number_clips("\n".join(body)) + "\n</body></html>\n")
+
+
+def _number_clips(text: str) -> str:
+    """Vega's SVG renderer names clip paths from a counter that lives as long as the process (clip1,
+    clip2, ... across every chart it ever drew): renumber them by first appearance in the page, so the
+    same run gives the same bytes in a fresh process or the hundredth run of a notebook."""
+    ids: dict[str, str] = {}
+    return re.sub(r"\bclip(\d+)\b", lambda m: ids.setdefault(m.group(0), f"clip{len(ids) + 1}"), text)
 
 
 def _inline(svg: str) -> str:

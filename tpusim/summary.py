@@ -113,7 +113,8 @@ def format_summary(s: dict) -> str:
         (f"  HBM          {fmt_bytes(s['peak_hbm_bytes_per_device'])} of {fmt_bytes(s['hbm_capacity_bytes'])} "
          f"({s['peak_hbm_bytes_per_device'] / s['hbm_capacity_bytes']:.0%})") if s["peak_hbm_bytes_per_device"]
         else "  HBM          - (not modelled for imported HLO)",
-        f"  simulated    {s['ops']} ops, {s['events']} events in {s['sim_wall_s']:.2f} s",
+        f"  simulated    {s['ops']} ops, {s['events']} events"
+        + (f" in {s['sim_wall_s']:.2f} s" if "sim_wall_s" in s else ""),
     ]
     lines += [f"  note         {n}" for n in s["notes"]]
     return "\n".join(lines)
