@@ -127,8 +127,9 @@ def test_run_json_and_out(tmp_path):
         assert key in d, key
     assert d["chips"] == 256 and 0 < d["mfu"] < 1
     assert d["mfu"] == pytest.approx(d["model_flops_per_step"] / (256 * 1.97e14 * d["step_time_s"]))
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "report.html", "summary.json", "timeline.parquet",
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "plugins", "report.html", "summary.json", "timeline.parquet",
                                                      "trace.json.gz"]
+    assert [p.name for p in (out / "plugins" / "profile").rglob("*.pb")] == ["simulated.xplane.pb"]
     import gzip
 
     import pandas as pd

@@ -160,8 +160,10 @@ def test_dcn_all_reduce_is_hierarchical():
     ("fig-v5e-8x16-allgather-curve", "v5e:8x16", "all-gather", "y"),
     ("fig-v5p-4x4x4-allreduce-curve", "v5p:4x4x4", "all-reduce", "x"),
 ])
-def test_calibrated_reproduces_measured_curves(book_cases, curve_id, spec, kind, axis):
-    """Within 10% for every message of 1 MiB and more (the issue's budget); residuals printed."""
+def test_calibrated_goodness_of_fit(book_cases, curve_id, spec, kind, axis):
+    """Goodness of fit, not a prediction: the constants were fitted on these very points. Within 10% for
+    every message of 1 MiB and more (the issue's budget); residuals printed. The out-of-sample check is
+    test_calibration_out_of_sample."""
     case = book_cases[curve_id]
     sizes = [float(x) for x in case["inputs"]["sizes_bytes"]["value"]]
     runtimes = case["expected"]["runtime"]["value"]
@@ -196,8 +198,39 @@ def test_calibration_file_is_what_the_fit_gives():
         assert got.ici_link_efficiency == pytest.approx(want["ici_link_efficiency"], abs=2e-4)
         assert got.overhead_s == pytest.approx(want["overhead_s"], rel=1e-3)
         assert got.overlap_exponent == pytest.approx(want["overlap_exponent"], abs=2e-3)
+    for chip in ("v2", "v5e", "v5p"):
+        want = fitted[chip]["collectives"]
+        got = committed[chip].collectives
+        assert got.in_step_overhead_s == pytest.approx(want["in_step_overhead_s"], rel=1e-3)
+        assert got.dcn_efficiency == pytest.approx(want["dcn_efficiency"], abs=2e-4)
+    assert committed["v2"].collectives.ici_link_efficiency == pytest.approx(
+        fitted["v2"]["collectives"]["ici_link_efficiency"], abs=2e-4)
     # The fitted v5e efficiency is the book's "about 94-95% of the link rate" (sharding.md).
     assert committed["v5e"].collectives.ici_link_efficiency == pytest.approx(0.94, abs=0.01)
+
+
+@pytest.mark.parametrize("curve, held_out", [
+    ("v5e-8x16-allgather", 0), ("v5e-8x16-allgather", 1), ("v5p-4x4x4-allreduce", 0),
+    pytest.param("v5p-4x4x4-allreduce", 1, marks=pytest.mark.xfail(strict=True, reason=(
+        "v5p's knee: without the 16 MiB point (where the ~130 us floor meets the bandwidth line) the three "
+        "constants put the knee elsewhere and the held-out 16 MiB point comes out +13%"))),
+])
+def test_calibration_out_of_sample(curve, held_out):
+    """Fit on alternate points of a measured curve, predict the others: every held-out message of
+    1 MiB and more within the issue's 10%."""
+    pytest.importorskip("scipy")
+    from tpusim.config import read_yaml
+    from tpusim.data import data_dir
+    from tpusim.fit import fit_curve
+
+    data = read_yaml(data_dir("topologies") / "collective_measurements.yaml")["curves"][curve]
+    n = len(data["bytes"])
+    keep = [i % 2 != held_out for i in range(n)]
+    fit = fit_curve(curve, data, keep=keep)
+    errors = [e for i, (b, e) in enumerate(zip(fit.bytes, fit.rel_errors)) if not keep[i] and b >= 2**20]
+    print(curve, f"fitted on {sum(keep)} points, held-out errors:", [f"{e:+.1%}" for e in errors])
+    assert len(errors) >= 3
+    assert max(abs(e) for e in errors) < 0.10
 
 
 # ---- structure and bad input ---------------------------------------------------------------------
@@ -252,3 +285,70 @@ def test_spans_of_an_axis():
     # Latency: each strided hop crosses 4 links.
     tiny = lower("all-gather", 8.0, topo, (Span("x", 4, 4),))
     assert collective_time(tiny, lp) == pytest.approx(2 * 4 * 1e-6, rel=1e-12)
+
+
+# ---- across slices: the DCN model's pieces --------------------------------------------------------
+
+def test_dcn_calibrated_all_reduce_closed_form():
+    """Calibrated, inside a step: RS over the ICI axes at eta, a ring over S slices at dcn_efficiency of
+    the per-chip egress (S-1 steps of at least the DCN latency), AG over ICI, plus the in-step fixed cost."""
+    from tpusim.calibration import get_calibration
+
+    s, v, spec = 8, 4e9, "v5e:16x16"
+    topo = parse_topology(spec, slices=s)
+    fit = get_calibration("v5e", "calibrated").collectives
+    lp = link_params(topo, "calibrated", in_step=True)
+    ici = 2 * (1 - 1 / 256) * v / (2 * 2 * 4.5e10 * fit.ici_link_efficiency)  # RS + AG over x and y
+    dcn = 2 * (s - 1) / s * (v / 256) / (3.125e9 * fit.dcn_efficiency)
+    got = collective_time(lower("all-reduce", v, topo, parse_axes("xy,dcn", topo)), lp)
+    assert got == pytest.approx(ici + dcn + fit.in_step_overhead_s, rel=1e-12)
+    # Latency-bound: a tiny all-reduce over DCN alone takes 2 (S-1) DCN latencies (datasheet mode).
+    tiny = collective_time(lower("all-reduce", 8.0, topo, ("dcn",)), link_params(topo, "datasheet"))
+    assert tiny == pytest.approx(2 * (s - 1) * topo.chip.dcn_latency_s, rel=1e-12)
+
+
+def test_dcn_efficiency_is_the_psum_microbenchmark():
+    """Goodness of fit (the constant is computed from this one point): the v6e psum over DCN of a
+    0.606 GB bf16 matrix sharded over 2 slices, 4.113 GB/s by the benchmark's definition (ring bytes per
+    device over the time, 73.7 ms), against 12.5 GB/s of datasheet egress per chip (book tpus.md)."""
+    from tpusim.calibration import get_calibration
+
+    topo = parse_topology("v6e:16x16", slices=2)
+    v = 606076928 / 2
+    t = collective_time(lower("all-reduce", v, topo, ("dcn",)), link_params(topo, "calibrated"))
+    overhead = get_calibration("v6e", "calibrated").collectives.overhead_s
+    assert t == pytest.approx(v / 4.1130934137328214e9, rel=0.01, abs=overhead)
+    assert get_calibration("v6e", "calibrated").collectives.dcn_efficiency == pytest.approx(4.113 / 12.5, abs=1e-3)
+
+
+def test_dcn_parameters_cite_their_sources():
+    """Every DCN number of the chip catalog has a source (or says ASSUMED), and every calibrated chip's DCN
+    efficiency names the microbenchmark it comes from."""
+    import yaml
+
+    from tpusim.calibration import get_calibration
+    from tpusim.data import data_dir
+
+    chips = yaml.safe_load((data_dir("topologies") / "chips.yaml").read_text())
+    for name, chip in chips.items():
+        for key in ("dcn_bandwidth_per_chip", "dcn_latency"):
+            if key in chip:
+                assert chip[key].get("src"), f"{name}.{key} has no source"
+        fit = get_calibration(name, "calibrated").collectives
+        assert "recipes-trillium-psum-ici-dcn-sample" in fit.dcn_fitted_on
+        assert "pod_viewer" in fit.in_step_fitted_on
+
+
+def test_in_step_overhead_is_below_the_host_timed_ones():
+    """Inside a step a collective pays microseconds (the v2 step's collectives), far below the host-timed
+    curves' fixed costs (13 us on v5e, a ~130 us floor on v5p) that include a host dispatch."""
+    from tpusim.calibration import get_calibration
+
+    for chip in ("v2", "v5e", "v5p", "v4", "v6e", "tpu7x"):
+        fit = get_calibration(chip, "calibrated").collectives
+        assert 1e-6 < fit.in_step_overhead_s < 10e-6
+    assert get_calibration("v5p", "calibrated").collectives.overhead_s > 100e-6
+    topo = parse_topology("v5p:4x4x4")
+    small = lower("all-gather", 1e5, topo, ("x",))
+    assert (collective_time(small, link_params(topo, "calibrated", in_step=True))
+            < collective_time(small, link_params(topo, "calibrated")) / 10)

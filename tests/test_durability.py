@@ -223,7 +223,7 @@ def test_a_grid_of_10_8_streams(small, tmp_path):
 # ---- run --out: the folder is replaced whole or not at all ---------------------------------------------
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def _run_out(small: Path, out: Path, *extra: str):

@@ -54,7 +54,8 @@ def test_single_collective_equals_the_model(mode, spec, slices, kind, axes, nbyt
     prog = program_of([collective_op(0, kind, nbytes, axes), waiter(1, [0])])
     result = simulate(prog, topo, mode=mode)
     row = async_rows(result).loc[0]
-    expected = collective_time(lower(kind, nbytes, topo, axes), link_params(topo, mode))
+    # A collective in a program pays the in-step fixed cost (calibrated mode), not the host-timed one.
+    expected = collective_time(lower(kind, nbytes, topo, axes), link_params(topo, mode, in_step=True))
     assert row.end_s - row.start_s == pytest.approx(expected, rel=1e-9)
     assert result.step_time_s == pytest.approx(expected, rel=1e-9)
 
@@ -257,3 +258,131 @@ def test_host_offload_moves_saved_activations_over_pcie():
         first_bwd = next(x for x in prog.ops if x.layer == o.layer and x.phase == "backward" and x.stream == "compute")
         assert df[(df.op_index == first_bwd.index) & (df.stream == "XLA Ops")].start_s.iloc[0] >= \
             df[(df.op_index == o.index) & (df.stream == "PCIe")].end_s.iloc[0]
+
+
+# ---- across slices: the cross-slice gradient reduction as XLA schedules it ---------------------------
+
+def _read_gz(path):
+    import gzip
+
+    return gzip.decompress(path.read_bytes()).decode()
+
+
+def test_xla_pipelines_the_cross_slice_gradient_all_reduce():
+    """libtpu's multi-slice compile of a scanned model (traces/aot_multislice.py, 2 v5e 4x4 slices): each
+    layer's gradient shard (bf16, 1/16 of a weight) is all-reduced across slices by megascale host
+    transfers issued at the start of the next backward iteration and waited for at its end, after the
+    iteration's ICI reduction; the last layer's after the loop."""
+    import re
+    from pathlib import Path
+
+    text = _read_gz(Path(__file__).resolve().parent.parent / "traces" / "xla_aot" / "multislice_scan_L4"
+                    / "optimized_hlo.txt.gz")
+    bodies = re.split(r"\n(?=%\S+ \(|ENTRY )", text)
+    with_dcn = [b for b in bodies if '_xla_megascale_transfer_type="ALL_REDUCE"' in b]
+    assert len(with_dcn) == 2 and with_dcn[-1].startswith("ENTRY")  # the loop body, and after the loop
+    body = with_dcn[0]
+    lines = body.splitlines()
+    first = lambda word: next(i for i, ln in enumerate(lines) if word in ln)
+    last = lambda word: max(i for i, ln in enumerate(lines) if word in ln)
+    assert last(" send(") < first(" all-reduce(") < first(" send-done(")  # issued before, waited after
+    assert first(" recv-done(") > first("convolution")  # the layer's matmuls run in between
+    # What crosses slices: bf16[256,8,128], 1024 x 4096 / 16 elements, the layer gradient's FSDP shard.
+    assert re.search(r"%send\.\d+ = \(bf16\[256,8,128\]", body)
+
+
+def test_compiled_program_waits_for_the_previous_layers_cross_slice_reduction():
+    """Our program: the cross-slice all-reduces of backward layer l are waited for by the first op after
+    layer l-1's backward (and all by the optimizer); in the simulation no backward layer l-2 starts
+    before layer l's cross-slice reductions end."""
+    topo = parse_topology("v5e:4x4", slices=2)
+    w = small_workload(sharding={"ici_fsdp_parallelism": -1, "dcn_data_parallelism": 2})
+    prog = compile_program(w, topo, check_memory=False)
+    dcn = [o for o in prog.ops if o.stream == COLLECTIVE and "dcn" in o.axes]
+    layers = w.model.num_layers
+    assert {o.layer for o in dcn} == set(range(-1, layers))
+    result = simulate(prog, topo, mode="calibrated")
+    df = timeline_frame(result)
+    ends = df[df.stream == "Async XLA Ops"].set_index("op_index").end_s
+    starts = df[df.stream == "XLA Ops"].groupby("op_index").start_s.min()
+    for layer in range(2, layers):
+        waited = [o.index for o in dcn if o.layer == layer]
+        first_next = min(o.index for o in prog.ops if o.stream == COMPUTE and o.layer == layer - 2
+                         and o.phase == "backward")
+        assert starts[first_next] >= max(ends[i] for i in waited) - 1e-12
+        after = next(o for o in prog.ops if o.stream == COMPUTE and o.index > max(
+            x.index for x in prog.ops if x.stream == COMPUTE and x.layer == layer - 1 and x.phase == "backward"))
+        assert set(waited) <= set(after.deps)
+
+
+def test_slow_dcn_paces_the_backward_pass():
+    """With DCN 1000x oversubscribed, the cross-slice reductions cannot hide: the NIC is busy exactly its
+    bytes over its rate, and the step lasts at least from the first reduction's start through all of them."""
+    topo = parse_topology("v5e:4x4", slices=2, dcn_oversubscription=1000)
+    w = small_workload(sharding={"ici_fsdp_parallelism": -1, "dcn_data_parallelism": 2})
+    result = simulate(compile_program(w, topo, check_memory=False), topo, mode="datasheet")
+    nic = result.link_stats["DCN"]
+    assert nic["busy_s"] == pytest.approx(nic["bytes"] / nic["bytes_per_s"], rel=1e-6)
+    df = timeline_frame(result)
+    first = df[df.stream == "DCN"].start_s.min()
+    assert result.step_time_s >= first + nic["busy_s"] * (1 - 1e-9)
+    fast = simulate(compile_program(w, parse_topology("v5e:4x4", slices=2), check_memory=False),
+                    parse_topology("v5e:4x4", slices=2), mode="datasheet")
+    assert result.step_time_s > 1.5 * fast.step_time_s
+
+
+# ---- tensor parallelism as XLA schedules it ----------------------------------------------------------
+
+def test_tensor_parallel_collectives_sit_on_the_critical_path_as_in_xla():
+    """libtpu's compile of FSDP x TP (traces/xla_aot/fsdp_tp_L4, default flags): every tensor-parallel
+    activation all-reduce is synchronous (no async start/done, no windowed-einsum loop: no collective
+    matmul), while the FSDP weight all-gathers are asynchronous. Our program does the same: each
+    tensor-parallel collective is waited for by the next compute op (nothing hides it), each FSDP weight
+    gather is issued a layer ahead, with compute between its issue and its first use."""
+    from pathlib import Path
+
+    from tpusim.api import compile_workload
+    from tpusim.hlo.parse import extract_collectives
+
+    case = Path(__file__).resolve().parent.parent / "traces" / "xla_aot" / "fsdp_tp_L4"
+    xla = extract_collectives(_read_gz(case / "optimized_hlo.txt.gz"))["collectives"]
+    tp = [c for c in xla if c["kind"] == "all-reduce" and c["group_size"] == 4
+          and c["operand_shapes"] == ["bf16[2,512,512]"]]
+    assert len(tp) == 4 * 4 + 1  # 4 per layer (2 forward, 2 backward) and the unembedding's
+    assert not any(c["async"] or c["in_while"] for c in tp)
+    weights = [c for c in xla if c["kind"] == "all-gather" and "layer_" in c["op_name"]
+               and "jvp(layer_0)/" not in c["op_name"]]  # layer 0's forward has nothing to hide behind
+    assert len(weights) >= 7 * 6 and all(c["async"] for c in weights)
+
+    prog = compile_workload(case / "config.yaml")[2]
+    compute = [o for o in prog.ops if o.stream == COMPUTE]
+    position = {o.index: k for k, o in enumerate(compute)}
+    first_waiter = {}
+    for o in compute:
+        for d in o.deps:
+            first_waiter.setdefault(d, o)
+    for op in prog.collective_ops:
+        issued_after = max((position[d] for d in op.deps if d in position), default=-1)
+        waited_at = position[first_waiter[op.index].index]
+        if op.mesh_axes == ("tensor",):
+            assert waited_at == issued_after + 1, op.name  # on the critical path
+        elif op.category == "all-gather" and op.layer > 0:
+            assert waited_at > issued_after + 1, op.name  # prefetched behind compute
+
+
+def test_tensor_parallel_stays_synchronous_with_the_v5p_runs_flags():
+    """The same at 32 MB per activation collective and with the MaxText v5p 32B run's LIBTPU flags (async
+    collective fusion, compute-collective overlap: traces/aot_tp_flags.py): XLA still all-reduces the
+    tensor-parallel activations synchronously, with no windowed-einsum loop; only FSDP traffic is
+    asynchronous. So charging tensor-parallel collectives on the critical path is what XLA does."""
+    from pathlib import Path
+
+    from tpusim.hlo.parse import extract_collectives
+
+    case = Path(__file__).resolve().parent.parent / "traces" / "xla_aot" / "fsdp_tp_v5pflags_big_L2"
+    found = extract_collectives(_read_gz(case / "optimized_hlo.txt.gz"))
+    tp = [c for c in found["collectives"] if c["kind"] == "all-reduce" and c["operand_shapes"] == ["bf16[2,2048,4096]"]]
+    assert len(tp) == 2 * 4 + 1 and not any(c["async"] or c["in_while"] for c in tp)
+    assert not found["windowed_einsum_loops"]
+    fsdp = [c for c in found["collectives"] if c["kind"] in ("all-gather", "collective-permute") and c["async"]]
+    assert len(fsdp) > 50

@@ -1,17 +1,41 @@
-"""Published end-to-end runs (workloads/measured/) against the simulator, with an error budget.
+"""Published end-to-end runs (workloads/measured/) against the simulator: the issue's budget, 10% of
+the measured step time both ways, for every run of the development set.
 
-The simulator models what the hardware could do with the program we compile; the real runs also pay
-for kernel inefficiencies we do not model (flash attention, XLA fusions and layout copies, matmuls
-below the MXU's asymptotic rate). So a prediction may be optimistic, by at most 40% of the measured
-step time (today: 5 to 36%, docs/VALIDATION.md), and never pessimistic by more than 10%. The issue's
-aim is 10% both ways; the closing note says what stands in the way.
+Nothing is fitted on these runs. A run still outside the budget is a strict xfail that says why;
+the single-slice compute model (matmuls below the MXU's asymptotic rate, attention kernels, fusions:
+the compute side of issue 11) is what keeps most of them optimistic today (docs/VALIDATION.md).
+
+The multi-slice series (the 16B step on 1 to 32 v5e-256 slices) is also judged by its growth,
+T_N / T_1 - 1, within 3 percentage points of the measured one. The measured step times are derived
+from TFLOP/s per chip published to 3 digits (about +-0.7 pp on a growth), so 3 pp is the goal, not
+the uncertainty.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from tpusim.validate import compare_measured
+from tpusim.validate import compare_measured, scaling_growth
+
+BUDGET = 0.10  # the issue's aim: within 10% of the measured step time, both ways
+GROWTH_BUDGET_PP = 3.0
+
+COMPUTE = ("single-slice compute optimistic: the cost model runs every matmul and attention kernel at 95% of "
+           "peak and models no fusion or layout overhead (compute side of issue 11, not the network)")
+MULTISLICE = ("the one-slice step is {} optimistic (" + COMPUTE + "); the multi-slice growth adds under 0.1% "
+              "(see test_multislice_growth)")
+
+RUNS = [
+    pytest.param("maxtext_v5e_16b", marks=pytest.mark.xfail(strict=True, reason=COMPUTE + " (today -16%)")),
+    "maxtext_v5p_32b",
+    pytest.param("maxtext_v4_22b", marks=pytest.mark.xfail(strict=True, reason=COMPUTE + " (today -23%)")),
+    pytest.param("recipes_v6e8_llama31_8b", marks=pytest.mark.xfail(
+        strict=True, reason=COMPUTE + "; the v6e runs also use XLA flags and host offload we model only in part "
+                                      "(today -28%)")),
+    pytest.param("recipes_v6e64_llama31_70b", marks=pytest.mark.xfail(strict=True, reason=COMPUTE + " (today -35%)")),
+    *[pytest.param(f"maxtext_v5e_16b_{n}slices", marks=pytest.mark.xfail(strict=True, reason=MULTISLICE.format("16%")))
+      for n in (2, 4, 8, 16, 32)],
+]
 
 
 @pytest.fixture(scope="module")
@@ -19,17 +43,40 @@ def rows():
     return {r["name"]: r for r in compare_measured("calibrated")}
 
 
-@pytest.mark.parametrize("name", ["maxtext_v5e_16b", "maxtext_v5p_32b", "maxtext_v4_22b", "recipes_v6e8_llama31_8b",
-                                  "recipes_v6e64_llama31_70b"])
+def test_the_development_set_is_all_there(rows):
+    assert len(rows) == 10
+    assert sorted(r["slices"] for r in rows.values() if r["name"].startswith("maxtext_v5e_16b")) == [1, 2, 4, 8, 16, 32]
+
+
+@pytest.mark.parametrize("name", RUNS)
 def test_step_time_within_budget(rows, name):
     r = rows[name]
     print(f"{name}: measured {r['measured_step_s']:.3f} s, simulated {r['simulated_step_s']:.3f} s ({r['error']:+.1%})")
-    assert -0.40 <= r["error"] <= 0.10
+    assert abs(r["error"]) <= BUDGET
 
 
-def test_tensor_parallel_run_is_closest(rows):
+def test_tensor_parallel_run_is_communication_bound(rows):
     """The one run whose step the simulator finds communication-bound (tensor parallelism on the
-    critical path) is within the issue's 10%."""
-    r = rows["maxtext_v5p_32b"]
-    assert r["bottleneck"].startswith("communication")
-    assert abs(r["error"]) < 0.10
+    critical path, as XLA's HLO has it: see test_xla_aot's tensor-parallel checks)."""
+    assert rows["maxtext_v5p_32b"]["bottleneck"].startswith("communication")
+
+
+_GROWTH_GAP = ("growth not reproduced: with XLA's schedule (each layer's cross-slice gradient all-reduce overlapped "
+               "with the next backward layer) and DCN at the v6e psum microbenchmark's rate, the cross-slice "
+               "reduction of the 16B model (3.3 MB per chip per layer, 3-6 ms against ~240 ms of compute) is hidden; "
+               "what grows with the slice count (per-layer cross-slice waits on host-mediated DCN transfers, "
+               "stragglers, fabric) has no sourced parameter in the project's data (docs/VALIDATION.md)")
+
+
+@pytest.mark.parametrize("slices", [
+    2, 4,  # measured +2.6%: within 3 pp of zero, so these pass even with no growth at all
+    pytest.param(8, marks=pytest.mark.xfail(strict=True, reason=_GROWTH_GAP + "; measured +4.3%")),
+    pytest.param(16, marks=pytest.mark.xfail(strict=True, reason=_GROWTH_GAP + "; measured +8.1%")),
+    pytest.param(32, marks=pytest.mark.xfail(strict=True, reason=_GROWTH_GAP + "; measured +11.1%")),
+])
+def test_multislice_growth(rows, slices):
+    """Simulated T_N / T_1 - 1 of the 16B series within 3 percentage points of the measured one."""
+    growth = {g["slices"]: g for g in scaling_growth(list(rows.values()))}
+    g = growth[slices]
+    print(f"{slices} slices: measured {g['measured_growth']:+.2%}, simulated {g['simulated_growth']:+.2%}")
+    assert abs(g["difference_pp"]) <= GROWTH_BUDGET_PP

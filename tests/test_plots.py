@@ -261,7 +261,32 @@ def test_run_out_writes_an_offline_report(tmp_path):
     page = (out / "report.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     assert not SCRIPT_SRC.search(page) and "<script" not in page  # static: inline SVG, nothing fetched
-    assert page.count("<svg") == 3  # breakdown, timeline, link heatmap
+    assert page.count("<svg") == 3  # breakdown, timeline, link utilisation
+    # Every chart fits the page (max-width 1,200 px), and the static SVG promises no zoom.
+    widths = [int(w) for w in re.findall(r'<svg[^>]* width="(\d+)"', page)]
+    assert widths and max(widths) <= 1200 and "scroll to zoom" not in page
+    assert all(f"{name}" in page for name in ("ICI x+", "ICI y-"))  # each link direction is shown once
     assert f"{summary['mfu']:.1%}" in page and summary["bottleneck"] in page
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "report.html", "summary.json",
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "plugins", "report.html", "summary.json",
                                                      "timeline.parquet", "trace.json.gz"]
+
+
+def test_notebook_charts_show_offline():
+    """Notebooks call offline_charts(): each chart carries its SVG (vl-convert) next to the Vega-Lite spec,
+    never an HTML page that loads Vega from a CDN."""
+    import altair as alt
+
+    active = alt.renderers.active
+    try:
+        plots.offline_charts()
+        bundle = alt.Chart(pd.DataFrame({"a": [1, 2]})).mark_point().encode(x="a:Q")._repr_mimebundle_()
+    finally:
+        alt.renderers.enable(active)
+    bundle = bundle[0] if isinstance(bundle, tuple) else bundle
+    assert bundle["image/svg+xml"].lstrip().startswith(("<svg", "<?xml")) and "text/html" not in bundle
+    assert any(k.startswith("application/vnd.vegalite") for k in bundle)
+
+
+def test_copy_categories_have_their_own_colours():
+    copies = ["copy-to-host", "copy-from-host", "copy-start", "copy-done"]
+    assert len({plots.COLORS[c] for c in copies}) == len(copies)

@@ -1,5 +1,13 @@
 """Replaying real TPU data: the v6e host-offload capture op by op, and the v2 pod demo's collectives.
-Nothing is fitted on either; the budgets are the ones docs/VALIDATION.md states."""
+
+Nothing is fitted on the v6e capture. The v2 pod demo's all-gathers and reduce-scatters are what the
+in-step collective fixed cost is fitted on (tpusim.fit): in calibrated mode their replay is goodness of
+fit, and test_v2_in_step_fit_out_of_sample is the held-out check; the datasheet replay fits nothing.
+
+Budgets: most of these were set just above the errors of the day they were written, not derived from
+the captures' uncertainty; each docstring says which. Modelling choices made while looking at a capture
+are named as such: the v6e device numbering (host tray by host tray), the PCIe copies served in issue
+order, the HBM efficiency borrowed from TPU7x, and the reading of the v2 all-reduce's dataSize."""
 
 from __future__ import annotations
 
@@ -35,7 +43,8 @@ def test_v6e_topology_and_ops(v6e):
 
 def test_v6e_hbm_bound_fusion(v6e):
     """10.7 GB through HBM: 7.92-8.15 ms measured; simulated at 87% of 1.6e12 B/s (the TPU7x copy
-    microbenchmark's fraction, borrowed), within 6%."""
+    microbenchmark's fraction, borrowed: a choice made while looking at this capture, where the datasheet
+    rate gives -16%), within 6% (a budget set just above today's -2 to -5%)."""
     for name in ("broadcast_add_fusion", "broadcast_add_fusion.1", "broadcast_add_fusion.2"):
         r = op(v6e, name)
         assert r.measured_s == pytest.approx(xprof_avg_s(name), rel=0.01)  # median vs xprof's mean: runs spread < 1%
@@ -44,7 +53,8 @@ def test_v6e_hbm_bound_fusion(v6e):
 
 def test_v6e_host_offload_copy(v6e):
     """5.37 GB from host memory over PCIe: 189 ms measured for the first copy; datasheet 3.2e10 B/s gives
-    168 ms. The later copies measure 194 ms (about 27.6 GB/s); within 18% all."""
+    168 ms. The later copies measure 194 ms (about 27.6 GB/s); within 18% all (budgets set just above
+    today's -11% and -18%; the copies are served in issue order, a choice made from this capture)."""
     first = op(v6e, "copy-done")
     assert first.simulated_s == pytest.approx(5368709120 / 3.2e10, rel=1e-6)
     assert abs(first.rel_error) < 0.12
@@ -54,8 +64,11 @@ def test_v6e_host_offload_copy(v6e):
 
 def test_v6e_two_chip_all_reduce(v6e):
     """The 5.37 GB all-reduce of 2-device groups {0,4}, {1,5}, ...: with devices numbered host tray
-    by host tray, the partners are two chips apart and the four pairs share the links between the
-    trays; 121.7 ms measured, within 5%."""
+    by host tray (a choice made while looking at this capture: numbered row-major the model gives half
+    the measured time), the partners are two chips apart and the four pairs share the links between
+    the trays; 121.7 ms measured, within 5% (set just above today's +4%; v6e borrows v5e's link
+    efficiency). At 5.37 GB the in-step fixed cost (microseconds) is invisible: this all-reduce bounds
+    it only below a few milliseconds."""
     r = op(v6e, "all-reduce")
     assert r.measured_s == pytest.approx(xprof_avg_s("all-reduce"), rel=0.01)
     assert abs(r.rel_error) < 0.05
@@ -63,16 +76,52 @@ def test_v6e_two_chip_all_reduce(v6e):
 
 
 def test_v2_pod_collectives():
-    """37 collectives of a v2 2x2 (8 cores) with measured durations. Datasheet mode: median |error|
-    under 12%, all-gathers and reduce-scatters within 40%; the one tuple all-reduce (18.5 MB of many
-    small tensors) is 2.2x slower than the model, which the note explains."""
+    """37 collectives of a v2 2x2 (8 cores) with measured durations, datasheet mode (nothing fitted):
+    median |error| under 12% and every one within 40% (budgets set above today's 9.8% and -38%)."""
     df = replay_pod_viewer(V2, mode="datasheet")
     assert len(df) == 37
     assert df.rel_error.abs().median() < 0.12
-    ag_rs = df[df.kind != "all-reduce"]
-    assert ag_rs.rel_error.abs().max() < 0.40
+    assert df.rel_error.abs().max() < 0.40
+
+
+def test_v2_tuple_all_reduce():
+    """The one all-reduce, a tuple of 141 gradients (18.0 MB; most tensors under 10 KB), within 40% like
+    the others (today -14%). V is its result tuple, read from the HLO text: the replay used to take half
+    its dataSize (as for the all-gathers' operand + result), which made the model 2.2x too fast; the
+    HLO shows dataSize is the result alone here (a reading made while looking at this capture)."""
+    df = replay_pod_viewer(V2, mode="datasheet")
     ar = df[df.kind == "all-reduce"].iloc[0]
-    assert ar.measured_s > 2 * ar.simulated_s
+    assert ar.v_bytes == 17999020  # the 141 result tensors, unpadded
+    assert abs(ar.rel_error) < 0.40
+
+
+def test_v2_in_step_goodness_of_fit():
+    """Calibrated: v2's collectives run at the in-step fit (link efficiency and fixed cost fitted on these
+    36 all-gathers and reduce-scatters), so this is goodness of fit: median |error| 4.5%."""
+    df = replay_pod_viewer(V2, mode="calibrated")
+    assert df[df.kind != "all-reduce"].rel_error.abs().median() < 0.06
+
+
+@pytest.mark.parametrize("held_out", [0, 1])
+def test_v2_in_step_fit_out_of_sample(held_out):
+    """Fit the in-step fixed cost and link efficiency on alternate collectives (by size), predict the
+    others: held-out median |error| within 10% (the issue's collective budget) and each within 40%."""
+    pytest.importorskip("scipy")
+    import numpy as np
+
+    from tpusim.config import read_yaml
+    from tpusim.data import data_dir
+    from tpusim.fit import fit_in_step
+
+    entry = read_yaml(data_dir("topologies") / "collective_measurements.yaml")["in_step"]["v2-2x2-pod-demo"]
+    order = np.argsort([float(p[2]) for p in entry["points"]], kind="stable")
+    keep = np.zeros(len(order), dtype=bool)
+    keep[order[held_out::2]] = True
+    fit = fit_in_step("v2", entry, keep=keep)
+    errors = np.abs(fit.rel_errors[~keep])
+    print(f"fitted t0 = {fit.overhead_s * 1e6:.2f} us, eta = {fit.eta:.3f}; held-out median {np.median(errors):.1%}")
+    assert 1e-6 < fit.overhead_s < 10e-6
+    assert np.median(errors) < 0.10 and errors.max() < 0.40
 
 
 def test_cli_replay_json():

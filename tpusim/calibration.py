@@ -29,17 +29,25 @@ MODES: tuple[str, ...] = ("datasheet", "calibrated")
 class CollectiveFit:
     """How a chip's real collectives depart from the datasheet model.
 
-    The calibrated time of a collective is ``(overhead_s**p + T(eta)**p) ** (1/p)`` with
-    ``p = overlap_exponent`` and ``T(eta)`` the datasheet model with links at ``ici_link_efficiency``
-    of their rate. ``p = 1`` adds a fixed launch overhead; a larger ``p`` hides it behind long
-    transfers (the shape of the v5p curve).
+    The calibrated time of a collective timed on its own from the host (the measured curves) is
+    ``(overhead_s**p + T(eta)**p) ** (1/p)`` with ``p = overlap_exponent`` and ``T(eta)`` the
+    datasheet model with links at ``ici_link_efficiency`` of their rate. ``p = 1`` adds a fixed launch
+    overhead; a larger ``p`` hides it behind long transfers (the shape of the v5p curve).
+
+    Inside a compiled step a collective is launched by the TPU's own program, not by a host dispatch,
+    so it pays ``in_step_overhead_s`` (added, ``p = 1``) instead: fitted on collectives timed inside a
+    real step (``in_step_fitted_on``). DCN phases run at ``dcn_efficiency`` of the datasheet egress per
+    chip (``dcn_fitted_on``).
     """
 
     ici_link_efficiency: float = 1.0
     dcn_efficiency: float = 1.0
     overhead_s: float = 0.0
     overlap_exponent: float = 1.0
+    in_step_overhead_s: float = 0.0
     fitted_on: str = "nothing (datasheet)"
+    in_step_fitted_on: str = "nothing (datasheet)"
+    dcn_fitted_on: str = "nothing (datasheet)"
     borrowed_from: str | None = None
     residuals: dict[str, float] | None = None  # size label -> relative error of the fit, for the record
 

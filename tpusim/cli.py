@@ -206,7 +206,8 @@ def program(workload: str, topology: str | None, slices: int | None, as_json: bo
 @click.option("--slices", type=int, default=None, help="identical slices joined by DCN (default: the workload's)")
 @_mode_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
-              help="write summary.json, timeline.parquet, trace.json.gz (Perfetto / XProf) and report.html here")
+              help="write summary.json, timeline.parquet, trace.json.gz (Perfetto), report.html and "
+                   "plugins/profile/tpusim/simulated.xplane.pb (xprof --logdir DIR) here")
 @click.option("--all-devices", is_flag=True, help="expand the timeline to every device (large for big slices)")
 @click.option("--straggler", "stragglers", multiple=True, metavar="DEVICE=FACTOR",
               help="slow one device's compute by FACTOR (e.g. 3=1.2); repeatable")
@@ -285,6 +286,9 @@ def _write_run(out, result, summary: dict, all_devices: bool) -> None:
     df = timeline_frame(result, all_devices=all_devices)
     write_parquet(df, out / "timeline.parquet")
     write_chrome_trace(df, result, out / "trace.json.gz")
+    from tpusim.xspace import write_xspace
+
+    write_xspace(out, df, result)  # plugins/profile/tpusim/simulated.xplane.pb, for xprof --logdir out
     write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     _skip_iri_grammar()
     from tpusim.report import write_report
@@ -336,11 +340,15 @@ def replay(profile: str, topology: str | None, mode: str, as_json: bool) -> None
         for r in result.module_times.itertuples(index=False):
             lines.append(f"  module {r.module}: measured {r.measured_s * 1e3:.3f} ms, simulated "
                          f"{r.simulated_s * 1e3:.3f} ms ({r.simulated_s / r.measured_s - 1:+.1%}), {r.runs} runs")
+    from tpusim.replay import MIN_MEASURED_S
+
     lines.append(f"  {'op':<28}{'kind':<16}{'measured':>12}{'simulated':>12}{'error':>9}")
     for r in df.itertuples(index=False):
         kind = getattr(r, "category", getattr(r, "kind", ""))
-        lines.append(f"  {str(r.name):<28}{str(kind)[:15]:<16}{r.measured_s * 1e3:>10.3f}ms{r.simulated_s * 1e3:>10.3f}ms"
-                     f"{r.rel_error:>+9.1%}")
+        # no error for bookkeeping ops of a few ns (0 against 2.5 ns would read -100%)
+        err = f"{r.rel_error:>+9.1%}" if r.measured_s >= MIN_MEASURED_S else f"{'-':>9}"
+        lines.append(f"  {str(r.name):<28}{str(kind)[:15]:<16}{r.measured_s * 1e3:>10.3f}ms"
+                     f"{r.simulated_s * 1e3:>10.3f}ms{err}")
     lines.append(f"  median |error| {med:.1%} (ops of at least 1 us)")
     _emit(as_json, payload, "\n".join(lines))
 
@@ -355,7 +363,7 @@ def compare(run_dir: str, profile: str, trace_out: str | None, as_json: bool) ->
     """Compare a simulated run (tpusim run --out RUN_DIR) with a real profile."""
     from pathlib import Path
 
-    from tpusim.compare import compare as do_compare, load_run, write_merged_trace
+    from tpusim.compare import compare as do_compare, load_run, write_merged_trace, write_xprof_run
     from tpusim.profiles import read_profile
     from tpusim.units import fmt_time
 
@@ -365,6 +373,9 @@ def compare(run_dir: str, profile: str, trace_out: str | None, as_json: bool) ->
     out = Path(trace_out) if trace_out else Path(run_dir) / "compare.trace.json.gz"
     write_merged_trace(run_dir, prof, out)
     result["trace"] = str(out)
+    result["xprof_run"] = str(write_xprof_run(run_dir, summary, timeline, prof))
+    if result["warning"]:
+        click.echo(f"tpusim: warning: {result['warning']}", err=True)
     st = result["step_time_s"]
     lines = [f"{result['workload']} (simulated) against {result['module']} in {prof.source}",
              f"  step time    measured {fmt_time(st['measured'])}, simulated {fmt_time(st['simulated'])}"
@@ -374,6 +385,10 @@ def compare(run_dir: str, profile: str, trace_out: str | None, as_json: bool) ->
               for c in result["categories"]]
     lines.append(f"  ops matched by name: {result['ops_matched']}")
     lines.append(f"  both timelines: {out} (open in Perfetto)")
+    lines.append(f"  XProf: xprof --logdir {run_dir} (run {Path(result['xprof_run']).name}: hosts simulated"
+                 + (", measured)" if prof.format == "xplane" else "; the profile is not an XSpace)"))
+    if result["warning"]:
+        lines.insert(1, f"  WARNING      {result['warning']}")
     _emit(as_json, result, "\n".join(lines))
 
 

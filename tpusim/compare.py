@@ -14,6 +14,9 @@ from tpusim.errors import TpusimError
 from tpusim.profiles import Profile
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+# Below this fraction of the profile's op names found in the simulation, the two are different programs
+# (a simulation of the profile's own HLO matches them all; a workload's names match none).
+MIN_MATCHED = 0.5
 
 
 def coarse_category(category: str) -> str:
@@ -82,26 +85,39 @@ def compare(summary: dict, timeline: pd.DataFrame, profile: Profile) -> dict:
     ops = [{"name": n, "measured_s": float(real_med[n]), "simulated_s": float(sim_dur[n]),
             "rel_error": float(sim_dur[n] / real_med[n] - 1) if real_med[n] > 0 else None} for n in common]
     real_busy = float(real_by.get("compute", 0.0))
+    real_names = set(real_med.index)
+    warning = None
+    if len(ops) < MIN_MATCHED * len(real_names):
+        warning = (f"different programs: only {len(ops)} of the {len(real_names)} op names of {module} are in the "
+                   f"simulation of {summary.get('workload')}; step time and categories compare two different programs")
     return {
         "profile": profile.source, "module": module, "workload": summary.get("workload"),
         "step_time_s": {"measured": real_step, "simulated": summary["step_time_s"],
                         "rel_error": summary["step_time_s"] / real_step - 1 if real_step else None},
         "compute_s": {"measured": real_busy, "simulated": summary.get("compute_s")},
         "exposed_comm_s": {"measured": max(real_step - real_busy, 0.0), "simulated": summary.get("exposed_comm_s")},
-        "categories": categories, "ops": ops, "ops_matched": len(ops),
+        "categories": categories, "ops": ops, "ops_matched": len(ops), "profile_ops": len(real_names),
+        "warning": warning,
     }
 
 
 def merged_trace(sim_trace: dict, profile: Profile, module_ops: pd.DataFrame) -> dict:
-    """The simulated trace (pids as they are) plus the profile's device 0 ops as one more process."""
+    """The simulated trace (pids as they are) plus the profile's device 0 ops as one more process
+    (whole nanoseconds, overlapping ops on extra rows: see :mod:`tpusim.lanes`)."""
+    from tpusim.lanes import assign_lanes, lane_name, to_ns
+
     events = list(sim_trace["traceEvents"])
     pid = 1 + max([e.get("pid", 0) for e in events] + [0])
     events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": f"measured: {profile.source}"}})
-    events.append({"ph": "M", "pid": pid, "tid": 1, "name": "thread_name", "args": {"name": "XLA Ops"}})
     t0 = module_ops.start_s.min() if len(module_ops) else 0.0
-    for r in module_ops.itertuples(index=False):
-        events.append({"ph": "X", "pid": pid, "tid": 1, "name": r.name, "ts": (r.start_s - t0) * 1e6,
-                       "dur": (r.end_s - r.start_s) * 1e6, "args": {"category": r.category}})
+    start, end = to_ns(module_ops.start_s - t0).tolist(), to_ns(module_ops.end_s - t0).tolist()
+    lanes = assign_lanes(start, end)
+    for k in range(max(lanes, default=0) + 1):
+        events.append({"ph": "M", "pid": pid, "tid": k + 1, "name": "thread_name",
+                       "args": {"name": lane_name("XLA Ops", k)}})
+    for i, r in enumerate(module_ops.itertuples(index=False)):
+        events.append({"ph": "X", "pid": pid, "tid": lanes[i] + 1, "name": r.name, "ts": start[i] / 1000,
+                       "dur": (end[i] - start[i]) / 1000, "args": {"category": r.category}})
     return {"displayTimeUnit": "ns", "traceEvents": events}
 
 
@@ -116,3 +132,25 @@ def write_merged_trace(run_dir: str | Path, profile: Profile, out: str | Path) -
     _, ops, _ = _profile_step(profile)
     text = json.dumps(merged_trace(sim_trace, profile, ops), separators=(",", ":")).encode()
     write_atomic(Path(out), gzip.compress(text, mtime=0))
+
+
+def write_xprof_run(run_dir: str | Path, summary: dict, timeline: pd.DataFrame, profile: Profile,
+                    run: str = "compare") -> Path:
+    """``RUN_DIR/plugins/profile/<run>/`` with the simulation as host ``simulated`` and, when the profile
+    is an XSpace, the profile as host ``measured`` (its file as it is): ``xprof --logdir RUN_DIR``
+    shows the two side by side. Returns the folder."""
+    from tpusim.timeline import write_atomic
+    from tpusim.chips import get_chip
+    from tpusim.xspace import clear_xprof_cache, profile_dir, xspace_bytes
+
+    d = profile_dir(Path(run_dir), run)
+    d.mkdir(parents=True, exist_ok=True)
+    chip = get_chip(str(summary["topology"]).split(":")[0])  # "v5p:2x2x2 x2 slices" -> v5p
+    write_atomic(d / "simulated.xplane.pb", xspace_bytes(timeline, chip=chip, program_name=summary["workload"],
+                                                         step_time_s=summary["step_time_s"], host="simulated"))
+    if profile.format == "xplane":
+        write_atomic(d / "measured.xplane.pb", Path(profile.source).read_bytes())
+    else:  # a trace JSON: XProf cannot read it; no stale profile from an earlier compare either
+        (d / "measured.xplane.pb").unlink(missing_ok=True)
+    clear_xprof_cache(d)
+    return d

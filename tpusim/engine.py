@@ -154,7 +154,7 @@ class Engine:
         self.program, self.topo, self.mode = program, topo, mode
         self.progress = progress  # called with the number of compute ops done by the reference device
         self.cp = compute_params(topo.chip, mode)
-        self.lp = link_params(topo, mode)
+        self.lp = link_params(topo, mode, in_step=True)  # collectives inside a compiled step
         self.events = 0
         self.classes = _device_classes(topo.num_chips, stragglers or {})
 

@@ -9,6 +9,17 @@ per-collective overhead t0, and the exponent p with which that overhead combines
 time (``(t0^p + T(eta)^p)^(1/p)``). The loss is the squared log error, weighted 1 for messages of
 1 MiB and more (the range the model must hold within 10%) and 0.05 below (those points are
 digitized near the plot's axis and are imprecise). Deterministic: a fixed start and Nelder-Mead.
+
+Two more constants come from other op-level data in the same file:
+
+* ``in_step_overhead_s``: the fixed cost of a collective *inside a compiled step*, with the link
+  efficiency, fitted (``t0 + T(eta)``) on the all-gathers and reduce-scatters a real TPU v2 step
+  timed (``in_step``). The host-timed curves' overheads (13 us on v5e, a ~130 us floor on v5p) include
+  a host dispatch per op that a compiled step does not pay. Every chip borrows it: it is the only
+  in-program evidence where the fixed cost can be resolved (the v6e capture's one all-reduce lasts
+  120 ms, where microseconds are invisible).
+* ``dcn_efficiency``: the fraction of the datasheet DCN egress per chip a cross-slice psum reaches
+  (``dcn``: a v6e microbenchmark), borrowed by every chip.
 """
 
 from __future__ import annotations
@@ -69,11 +80,15 @@ def curve_model(curve: dict):
     return nbytes, measured, predict
 
 
-def fit_curve(name: str, curve: dict) -> CurveFit:
+def fit_curve(name: str, curve: dict, *, keep=None) -> CurveFit:
+    """Fit (eta, t0, p) to ``curve``; ``keep`` (a boolean mask over its points) fits on a subset only
+    (the out-of-sample check fits on alternate points and predicts the others)."""
     from scipy.optimize import minimize  # a development-time dependency (the `test` extra)
 
     nbytes, measured, predict = curve_model(curve)
     weight = np.where(nbytes >= MIB, 1.0, SMALL_WEIGHT)
+    if keep is not None:
+        weight = weight * np.asarray(keep, dtype=float)
 
     # Unconstrained parameters: eta = sigmoid(a), t0 = exp(b) us, p = 1 + 3 sigmoid(c) in [1, 4].
     def unpack(x):
@@ -96,23 +111,107 @@ def fit_all(path: Path | None = None) -> list[CurveFit]:
     return [fit_curve(name, curve) for name, curve in data["curves"].items()]
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InStepFit:
+    name: str
+    chip: str
+    source: str
+    eta: float
+    overhead_s: float
+    measured_s: tuple[float, ...]
+    predicted_s: tuple[float, ...]
+
+    @property
+    def rel_errors(self) -> np.ndarray:
+        return np.array(self.predicted_s) / np.array(self.measured_s) - 1.0
+
+
+def in_step_model(entry: dict):
+    """(measured seconds, datasheet transfer seconds) of collectives timed inside a step."""
+    from tpusim.collectives.timing import link_params, transfer_time
+    from tpusim.replay import pod_viewer_plan
+
+    topo = parse_topology(entry["topology"])
+    lp = link_params(topo, "datasheet")
+    transfer = np.array([transfer_time(pod_viewer_plan(kind, float(data), topo)[1], lp)
+                         for _, kind, data, _ in entry["points"]])
+    measured = np.array([float(t) for *_, t in entry["points"]])
+    return measured, transfer
+
+
+def fit_in_step(name: str, entry: dict, *, keep=None) -> InStepFit:
+    """``t = t0 + T_datasheet / eta`` by least squares on the log error (closed form in 1/eta and t0
+    would weight the large points; the log loss weighs every collective alike)."""
+    from scipy.optimize import minimize
+
+    measured, transfer = in_step_model(entry)
+    weight = np.ones_like(measured) if keep is None else np.asarray(keep, dtype=float)
+
+    def unpack(x):
+        return 1 / (1 + math.exp(-x[0])), math.exp(x[1]) * 1e-6
+
+    def loss(x):
+        eta, t0 = unpack(x)
+        return float(np.sum(weight * np.log((t0 + transfer / eta) / measured) ** 2))
+
+    res = minimize(loss, x0=[2.0, math.log(5.0)], method="Nelder-Mead",
+                   options=dict(xatol=1e-10, fatol=1e-15, maxiter=20000, maxfev=20000))
+    eta, t0 = unpack(res.x)
+    return InStepFit(name=name, chip=entry["chip"], source=" ".join(entry["source"].split()), eta=eta,
+                     overhead_s=t0, measured_s=tuple(measured), predicted_s=tuple(t0 + transfer / eta))
+
+
+def dcn_efficiency(entry: dict) -> float:
+    """Datasheet DCN time of the microbenchmark's psum over the measured time (the benchmark's
+    bandwidth is the ring all-reduce's bytes per device, 2 (S-1)/S x matrix / S, over its time)."""
+    from tpusim.collectives.timing import collective_time, link_params
+
+    s = int(entry["slices"])
+    topo = parse_topology(entry["topology"], slices=s)
+    v = float(entry["matrix_bytes"]) / s  # each device holds the slice's shard of the matrix
+    measured_s = 2 * (s - 1) / s * v / float(entry["achieved_bytes_per_s"])
+    return collective_time(lower("all-reduce", v, topo, ("dcn",)), link_params(topo, "datasheet")) / measured_s
+
+
 # Chips without a measured curve borrow the fit of the closest generation (same torus family).
-BORROW = {"v2": "v5e", "v3": "v5e", "v6e": "v5e", "v4": "v5p", "tpu7x": "v5p"}
+BORROW = {"v3": "v5e", "v6e": "v5e", "v4": "v5p", "tpu7x": "v5p"}
 BOOK_MXU_EFFICIENCY = 0.95  # book roofline.md: TPUs reach about 95% of peak FLOPs
+
+
+def in_step_fits() -> list[InStepFit]:
+    data = read_yaml(data_dir("topologies") / "collective_measurements.yaml")
+    return [fit_in_step(name, entry) for name, entry in data.get("in_step", {}).items()]
 
 
 def calibration_document(fits: list[CurveFit]) -> dict:
     measurements = read_yaml(data_dir("topologies") / "collective_measurements.yaml")
+    (in_step,) = in_step_fits()
+    (dcn_name, dcn_entry), = measurements["dcn"].items()
+    dcn = {"dcn_efficiency": round(dcn_efficiency(dcn_entry), 4),
+           "dcn_fitted_on": f"{dcn_name}: {' '.join(dcn_entry['source'].split())}; every chip borrows it "
+                            "(the only cross-slice measurement)"}
+    step = {"in_step_overhead_s": float(f"{in_step.overhead_s:.4g}"),
+            "in_step_fitted_on": f"{in_step.name}: {in_step.source} (t0 + T/eta, eta = {in_step.eta:.4f}); "
+                                 "every chip borrows it (the only in-step collectives whose fixed cost is resolved)"}
     chips: dict[str, dict] = {}
     for f in fits:
         chips[f.chip] = {"collectives": {
             "ici_link_efficiency": round(f.eta, 4),
             "overhead_s": float(f"{f.overhead_s:.4g}"),
             "overlap_exponent": round(f.exponent, 3),
+            **step, **dcn,
             "fitted_on": f"{f.name}: {f.source}",
             "residuals": {_size_label(b): round(float(e), 4) for b, e in zip(f.bytes, f.rel_errors)},
         }}
+    # The in-step data are a chip's only collective measurement for v2: its link efficiency and
+    # fixed cost come from them (a single op of v2 costs what it costs inside the step).
+    chips[in_step.chip] = {"collectives": {
+        "ici_link_efficiency": round(in_step.eta, 4), "overhead_s": step["in_step_overhead_s"],
+        "overlap_exponent": 1.0, **step, **dcn,
+        "fitted_on": f"{in_step.name}: {in_step.source} (collectives inside a step; no host-timed curve)"}}
     for chip, lender in BORROW.items():
+        if chip in chips:
+            continue
         chips.setdefault(chip, {})["collectives"] = {"borrowed_from": lender,
                                                      "fitted_on": f"no measurement of its own; uses {lender}'s fit"}
     # Compute: a chip's own microbenchmark where there is one (TPU7x); else the book's ~95% of peak
@@ -148,7 +247,8 @@ HEADER = """\
 # Calibrated-mode constants: what real TPUs reach, apart from the datasheet (chips.yaml).
 # WRITTEN BY `python -m tpusim.fit --write` from collective_measurements.yaml; do not edit by hand.
 # Collectives: calibrated time = (overhead_s^p + T(eta)^p)^(1/p), p = overlap_exponent, where T(eta) is
-# the datasheet collective model with ICI links at ici_link_efficiency of their rate.
+# the datasheet collective model with ICI links at ici_link_efficiency of their rate (one collective timed
+# from the host); inside a compiled step in_step_overhead_s + T(eta); DCN at dcn_efficiency of the egress.
 # residuals: (predicted - measured) / measured at each measured size.
 # Compute: mxu_efficiency and hbm_efficiency scale peak FLOP/s and HBM bandwidth (see fitted_on).
 """
@@ -156,6 +256,11 @@ HEADER = """\
 
 def report(fits: list[CurveFit]) -> str:
     lines = []
+    for f in in_step_fits():
+        lines.append(f"{f.name} (inside a step): eta={f.eta:.4f}  in-step overhead={f.overhead_s * 1e6:.2f} us  "
+                     f"median |error| {np.median(np.abs(f.rel_errors)):.1%}  max {np.max(np.abs(f.rel_errors)):.1%}")
+    for name, entry in read_yaml(data_dir("topologies") / "collective_measurements.yaml")["dcn"].items():
+        lines.append(f"{name}: dcn_efficiency={dcn_efficiency(entry):.4f}")
     for f in fits:
         lines.append(f"{f.name}: eta={f.eta:.4f}  overhead={f.overhead_s * 1e6:.1f} us  p={f.exponent:.3f}  "
                      f"max |error| >= 1 MiB: {f.max_abs_error():.1%}")

@@ -28,8 +28,9 @@ from tpusim.plotdata import (  # the data helpers, re-exported
 )
 from tpusim.timeline import write_atomic
 
-__all__ = ["MAX_ROWS", "book_thresholds", "breakdown_chart", "breakdown_frame", "link_cells", "link_heatmap",
-           "profile_run", "replay_chart", "save_chart", "sweep_chart", "timeline_chart", "timeline_rows"]
+__all__ = ["MAX_ROWS", "book_thresholds", "breakdown_chart", "breakdown_frame", "link_bars", "link_cells",
+           "link_heatmap", "offline_charts", "profile_run", "replay_chart", "save_chart", "sweep_chart",
+           "timeline_chart", "timeline_rows"]
 
 # Compute in blues and greens, collectives in warm colours, host traffic in yellows, waiting in grey.
 COLORS = {
@@ -37,7 +38,8 @@ COLORS = {
     "loss": "#88d27a", "optimizer": "#b279a2", "compute: MXU": "#4c78a8", "compute: HBM": "#72b7b2",
     "compute: VPU": "#9ecae9", "all-gather": "#f58518", "reduce-scatter": "#e45756", "all-reduce": "#c03d3e",
     "all-to-all": "#ff9da6", "collective-permute": "#9d755d", "copy-to-host": "#eeca3b",
-    "copy-from-host": "#d8a200", "copy-start": "#eeca3b", "copy-done": "#bab0ac", "idle": "#dddddd",
+    # copy-start / copy-done (a real profile's ops) apart from the simulated copies each way
+    "copy-from-host": "#d8a200", "copy-start": "#8c6d31", "copy-done": "#bab0ac", "idle": "#dddddd",
     "other": "#dddddd",
 }
 _EXTRA = ["#6baed6", "#3182bd", "#a1d99b", "#31a354", "#9e9ac8", "#756bb1", "#fdae6b", "#e6550d"]
@@ -55,8 +57,9 @@ def _color_scale(categories) -> alt.Scale:
 
 def timeline_chart(sim: SimResult | pd.DataFrame | None = None, real=None, *, device: int | None = None,
                    window: tuple[float, float] | None = None, module: str | None = None,
-                   max_rows: int = MAX_ROWS, width: int = 900) -> alt.Chart:
-    """One device's streams over the step, as a Gantt chart that zooms and pans along time.
+                   max_rows: int = MAX_ROWS, width: int = 900, interactive: bool = True) -> alt.Chart:
+    """One device's streams over the step, as a Gantt chart that zooms and pans along time
+    (``interactive=False``: a static picture, e.g. SVG, with the legend below so it stays ``width`` wide).
 
     Parameters
     ----------
@@ -91,16 +94,19 @@ def timeline_chart(sim: SimResult | pd.DataFrame | None = None, real=None, *, de
     rows = rows.assign(start=rows.start_s * k, end=rows.end_s * k, duration_ms=rows.busy_s * 1e3)
     title = "simulated above, measured below" if both else ("measured" if real is not None else "simulated")
     edges = {"stroke": "white", "strokeWidth": 0.5} if len(rows) <= 600 else {}  # op edges, when few enough
-    return alt.Chart(rows, title=f"timeline of one device ({title}); scroll to zoom, drag to pan").mark_bar(
+    hint = "; scroll to zoom, drag to pan" if interactive else ""
+    legend = alt.Legend() if interactive else alt.Legend(orient="bottom", columns=6)
+    chart = alt.Chart(rows, title=f"timeline of one device ({title}){hint}").mark_bar(
         clip=True, **edges).encode(
         x=alt.X("start:Q", title=f"time ({unit})", scale=alt.Scale(domain=[lo * k, hi * k], nice=False)),
         x2="end:Q",
-        y=alt.Y("lane:N", sort=lanes, title=None,  # a lane's extra rows, "lane (2)" ..., go unlabelled
-                axis=alt.Axis(labelLimit=260, labelExpr="test(/ \\(\\d\\)$/, datum.label) ? '' : datum.label")),
-        color=alt.Color("category:N", scale=_color_scale(rows.category), title="category"),
+        y=alt.Y("lane:N", sort=lanes, title=None,  # a lane's extra rows (overlapping ops): "lane (2)", ...
+                axis=alt.Axis(labelLimit=260)),
+        color=alt.Color("category:N", scale=_color_scale(rows.category), title="category", legend=legend),
         tooltip=["source", "name", "category", alt.Tooltip("start:Q", title=f"start ({unit})", format=".4~f"),
                  alt.Tooltip("duration_ms:Q", title="busy (ms)", format=".4~f"), "ops"],
-    ).properties(width=width, height=24 * len(lanes)).interactive(bind_y=False)
+    ).properties(width=width, height=24 * len(lanes))
+    return chart.interactive(bind_y=False) if interactive else chart
 
 
 # ---- step breakdown --------------------------------------------------------------------------------
@@ -191,6 +197,26 @@ def link_heatmap(result: SimResult, *, max_rows: int = MAX_ROWS, cell_px: int | 
     return chart.properties(title=title)
 
 
+def link_bars(result: SimResult) -> alt.Chart:
+    """Busy time over the step of each link direction (ICI per axis and sign, DCN, PCIe), with the bytes
+    it carried: what a symmetric run has to show, since all links of a direction behave the same."""
+    step = result.step_time_s
+    rows = []
+    for name, st in result.link_stats.items():
+        rows.append({"link": name, "utilisation": st["busy_s"] / step if step else 0.0, "bytes": st["bytes"],
+                     "label": f"{st['busy_s'] / step:.0%} busy, {st['bytes'] / 1e9:.3g} GB" if step else ""})
+    df = pd.DataFrame(rows, columns=["link", "utilisation", "bytes", "label"])
+    color = alt.Color("utilisation:Q", scale=alt.Scale(domain=[0, 1], scheme="orangered"), legend=None)
+    y = alt.Y("link:N", title=None, sort=list(df.link))
+    bars = alt.Chart(df).mark_bar().encode(
+        y=y, x=alt.X("utilisation:Q", scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"),
+                     title="busy / step"), color=color, tooltip=["link", alt.Tooltip("utilisation:Q", format=".1%")])
+    text = alt.Chart(df).mark_text(align="left", dx=4).encode(y=y, x=alt.value(4), text="label:N")
+    return alt.layer(bars, text).properties(width=480, height=24 * max(1, len(df)), title=alt.Title(
+        f"link utilisation on {result.topology.name}",
+        subtitle="every chip runs alike, so each direction's links are all this busy (per link, each way)"))
+
+
 # ---- sweeps ----------------------------------------------------------------------------------------
 
 def book_thresholds(chip, *, fsdp_axes: int = 3, mixed_axes: tuple[int, int] = (2, 1), d_ff: int | None = None,
@@ -271,6 +297,25 @@ def replay_chart(replay, *, min_measured_s: float = 1e-6, width: int = 520) -> a
 
 
 # ---- export ----------------------------------------------------------------------------------------
+
+def _offline_renderer(spec: dict, **metadata) -> dict:
+    """A notebook output both ways: the Vega-Lite spec (JupyterLab draws it with its own bundled Vega,
+    interactive, offline) and the chart as SVG by vl-convert (what every other front-end, an HTML export
+    or a viewer without network shows). Altair's default HTML output loads Vega from a CDN instead,
+    and is blank offline."""
+    from altair.utils.mimebundle import spec_to_mimebundle
+
+    svg = spec_to_mimebundle(spec, format="svg", mode="vega-lite")
+    return {f"application/vnd.vegalite.v{alt.SCHEMA_VERSION.split('.')[0].lstrip('v')}+json": spec, **svg,
+            "text/plain": "<tpusim chart: Vega-Lite / SVG>"}
+
+
+def offline_charts() -> None:
+    """Make altair charts in a notebook show offline: call once in a notebook's first cells."""
+    if "tpusim-offline" not in alt.renderers.names():
+        alt.renderers.register("tpusim-offline", _offline_renderer)
+    alt.renderers.enable("tpusim-offline")
+
 
 def chart_svg(chart: alt.TopLevelMixin) -> str:
     """The chart as SVG text, rendered without a browser (vl-convert)."""

@@ -188,15 +188,20 @@ def replay_pod_viewer(path, *, mode: str = "calibrated") -> pd.DataFrame:
     """The collectives of a TensorBoard pod-viewer output (``allReduceOpDb``), each simulated alone on the
     slice the run used, against its measured duration (median over the steps).
 
-    ``dataSize`` counts operand and result bytes, so V (the book's) is 8/9 of it for an all-gather or a
-    reduce-scatter over 8 devices and half of it for an all-reduce. The groups span every core; a v2
-    chip has two cores, each a device, so a chip's links carry both cores' shards: V per chip is
-    cores x V (the exchange between a chip's two cores is on the chip and not modelled).
+    V (the book's: the larger of operand and result) is read from the op's HLO text where it lists the
+    shapes, else from ``dataSize``. For the all-gathers and reduce-scatters ``dataSize`` is operand +
+    result (8/9 of it is V over 8 devices, which the HLO agrees with); for the one tuple all-reduce it
+    is its result alone (its 141 result tensors add up to 18.0 MB of its 18.5 MB ``dataSize``; the
+    rest is tile padding), so V is the result, not half the ``dataSize`` (that reading made the
+    all-reduce 2.2x slower than modelled; it was found while looking at this capture). The groups
+    span every core; a v2 chip has two cores, each a device with its own HBM, so a chip's links carry
+    both cores' shards: V per chip is cores x V (the exchange between a chip's two cores is on the
+    chip and not modelled).
     """
     import json
     from pathlib import Path
 
-    from tpusim.collectives import collective_time, link_params, lower
+    from tpusim.collectives import collective_time, link_params
     from tpusim.profiles import read_pod_viewer
     from tpusim.topology import parse_topology
 
@@ -208,17 +213,33 @@ def replay_pod_viewer(path, *, mode: str = "calibrated") -> pd.DataFrame:
     except TpusimError:
         chip = "v2"  # the pod viewer's own demo is a v2
     topo = parse_topology(f"{chip}:{int(dims.get('xDimension', 2))}x{int(dims.get('yDimension', 2))}")
-    devices = topo.num_chips * topo.chip.cores_per_chip
-    lp = link_params(topo, mode)
+    lp = link_params(topo, mode, in_step=True)  # timed inside the step
     rows = []
     for name, g in entries.groupby("name", sort=False):
         kind = g.kind.iloc[0]
         data = float(g.data_bytes.iloc[0])
-        v = data / 2 if kind == "all-reduce" else data * devices / (devices + 1)
-        plan = lower(kind, v * topo.chip.cores_per_chip, topo, topo.axis_names)
+        v, plan = pod_viewer_plan(kind, data, topo, description=g.description.iloc[0])
         rows.append({"name": name, "kind": kind, "data_bytes": data, "v_bytes": v,
                      "measured_s": float(g.duration_s.median()),
                      "simulated_s": collective_time(plan, lp)})
     out = pd.DataFrame(rows)
     out["rel_error"] = out.simulated_s / out.measured_s - 1
     return out
+
+
+def pod_viewer_plan(kind: str, data_bytes: float, topo: Topology, *, description: str = ""):
+    """(V per device, plan) of a pod-viewer collective over every axis of ``topo`` (see
+    :func:`replay_pod_viewer`): V is the larger side of the HLO instruction in ``description``, else
+    8/9 of ``dataSize`` over 8 devices (half of it for an all-reduce); each chip's links carry all its
+    cores' shards."""
+    from tpusim.collectives import lower
+
+    devices = topo.num_chips * topo.chip.cores_per_chip
+    v = data_bytes / 2 if kind == "all-reduce" else data_bytes * devices / (devices + 1)
+    opcode = re.search(r"\s([a-z][\w\-]*)\(", description.partition("=")[2])
+    if opcode:  # result shapes before the opcode, operand shapes inside its parentheses
+        text = description.partition("=")[2]
+        result = sum(array_bytes(*a) for a in array_shapes(text[:opcode.start()]))
+        operand = sum(array_bytes(*a) for a in array_shapes(text[opcode.end():].split("), ")[0]))
+        v = max(result, operand) or v
+    return v, lower(kind, v * topo.chip.cores_per_chip, topo, topo.axis_names)

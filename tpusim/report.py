@@ -1,9 +1,10 @@
-"""``report.html`` for a simulated run: the summary, the step breakdown, one device's timeline and the
-link heatmap in one file that opens offline.
+"""``report.html`` for a simulated run: the summary, the step breakdown, one device's timeline and each
+link direction's utilisation in one file that opens offline.
 
 The charts are rendered to inline SVG by vl-convert (no browser, no scripts, nothing fetched), so
 the page, under a megabyte, shows as it is in any browser, online or not; ``trace.json.gz`` beside it
-holds every op for Perfetto or XProf.
+holds every op for Perfetto, ``plugins/profile/`` for XProf. The static timeline has its legend below
+it, so that the chart fits the 1,200 px page.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from tpusim.engine import SimResult
-from tpusim.plots import breakdown_chart, chart_svg, link_heatmap, timeline_chart
+from tpusim.plots import breakdown_chart, chart_svg, link_bars, timeline_chart
 from tpusim.summary import format_summary, summarize
 from tpusim.timeline import write_atomic
 from tpusim.units import fmt_bytes, fmt_time
@@ -71,12 +72,14 @@ def report_html(result: SimResult, summary: dict | None = None, frame: pd.DataFr
          ("Compute split by the roofline side that bounds it; exposed communication is the TensorCore waiting "
           "on a collective or copy, charged to the one it waited for; idle is the rest.")),
         (f"Timeline of device {device}", timeline_chart(frame if frame is not None else result, device=device,
-                                                        max_rows=TIMELINE_ROWS, width=1000),
+                                                        max_rows=TIMELINE_ROWS, width=900, interactive=False),
          ("One representative device (devices that run alike are simulated once). Ops too short to see at this "
-          "scale are merged; open trace.json.gz beside this file in Perfetto or TensorBoard for every op.")),
-        ("ICI links", link_heatmap(result),
-         ("Busy time over the step time of each link direction. The engine simulates one representative link "
-          "per axis direction, so all links of a direction show the same value.")),
+          "scale are merged; open trace.json.gz beside this file in Perfetto, or this folder with "
+          "xprof --logdir, for every op.")),
+        ("Links", link_bars(result),
+         ("Busy time over the step time of each link direction, and the bytes it carried. The engine simulates "
+          "one representative link per axis direction (all links of a direction are equally busy), so a heatmap "
+          "of the slice would be one colour per direction: each direction is shown once.")),
     ]
     body = [f"<h1>{html.escape(title)}</h1>",
             f"<p class=sub>tpusim simulation of one training step, {html.escape(s['mode'])} costs</p>",

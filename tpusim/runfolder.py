@@ -22,7 +22,8 @@ from tpusim.errors import TpusimError
 
 MANIFEST = "manifest.json"
 # What an older tpusim (no manifest) wrote, and what tpusim compare adds to a run folder.
-KNOWN_FILES = {"summary.json", "timeline.parquet", "trace.json.gz", "report.html", "compare.trace.json.gz"}
+KNOWN_FILES = {"summary.json", "timeline.parquet", "trace.json.gz", "report.html", "compare.trace.json.gz",
+               "plugins"}  # plugins/profile/<run>/*.xplane.pb: the XProf runs (tpusim.xspace; compare adds one)
 _TMP, _OLD = "tpusim-tmp", "tpusim-old"
 
 
@@ -78,7 +79,7 @@ class RunFolder:
         if self.out.exists():
             if not self.out.is_dir():
                 raise TpusimError("is a file, not a folder", source=src)
-            allowed = KNOWN_FILES | {MANIFEST} | set(_manifest_files(self.out))
+            allowed = KNOWN_FILES | {MANIFEST} | {Path(name).parts[0] for name in _manifest_files(self.out)}
             foreign = sorted(p.name for p in self.out.iterdir() if p.name not in allowed)
             if foreign:
                 raise TpusimError(f"holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
@@ -93,7 +94,7 @@ class RunFolder:
         os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder the usual permissions
 
     def commit(self) -> None:
-        files = {p.name: p.stat().st_size for p in sorted(self.tmp.iterdir())}
+        files = {p.relative_to(self.tmp).as_posix(): p.stat().st_size for p in sorted(self.tmp.rglob("*")) if p.is_file()}
         manifest = {"tpusim_run": 1, "files": files}
         with open(self.tmp / MANIFEST, "w") as f:
             f.write(json.dumps(manifest, indent=2) + "\n")

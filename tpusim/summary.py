@@ -3,7 +3,8 @@
 Read from the engine's record (plain lists), never from engine internals.
 
 * MFU (MaxText's and the book's): model FLOPs / (chips x peak bf16 FLOP/s x step time).
-* compute_s: time the reference device's TensorCore is busy.
+* compute_s: time the reference device's TensorCore is busy (a ``-done`` op of imported HLO waits,
+  so it counts as exposed communication or host transfer, not compute).
 * exposed_comm_s: step time minus compute time: the TensorCore waiting on collectives. Each wait
   is charged to the collective it waited for last (the one that ended latest), by kind.
 * bottleneck: the largest exposed collective kind when communication exposes more than 10% of the
@@ -46,6 +47,15 @@ def summarize(result: SimResult) -> dict:
             kind = coll_kind[max(waited, key=lambda d: coll_end[d])] if waited else "other"
             exposed_by[kind] += gap
         dur = rec.end_s[i] - rec.start_s[i]
+        if op.category.endswith("-done"):
+            # A "-done" op (imported HLO) lasts while the TensorCore waits for its copy or collective:
+            # exposed waiting charged to what it waited for, not compute (it has no FLOPs or bytes).
+            waited = [d for d in op.deps if d in coll_end]
+            kind = coll_kind[max(waited, key=lambda d: coll_end[d])] if waited else op.category[:-5]
+            if dur > 0:
+                exposed_by[kind] += dur
+            prev_end = rec.end_s[i]
+            continue
         compute_s += dur
         if dur > 0:
             by_bound[bound_by(op, result.compute_params)] += dur

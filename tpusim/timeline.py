@@ -74,29 +74,45 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
 
 
 def chrome_trace(df: pd.DataFrame, result: SimResult) -> dict:
-    """Chrome trace-event JSON: one process per device (``/device:TPU:N``), rows as XLA names them."""
+    """Chrome trace-event JSON: one process per device (``/device:TPU:N``), rows as XLA names them.
+
+    Times are whole nanoseconds and ops that overlap on a row go to extra rows (``Async XLA Ops #2``):
+    Perfetto drops events that overlap partially on one thread (see :mod:`tpusim.lanes`).
+    """
+    from tpusim.lanes import assign_lanes, lane_name, to_ns
+
     events: list[dict] = []
-    step_us = result.step_time_s * 1e6
+    step_ns = int(to_ns(result.step_time_s))
     module = f"jit_train_step({result.program.name})"
     for device, rows in df.groupby("device", sort=True):
         pid = int(device) + 1
         events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": f"/device:TPU:{device}"}})
         events.append({"ph": "M", "pid": pid, "name": "process_sort_index", "args": {"sort_index": pid}})
-        streams = [s for s in STREAM_ORDER if s == "XLA Modules" or s in set(rows.stream)]
-        tids = {s: i + 1 for i, s in enumerate(streams)}
-        for s, tid in tids.items():
-            events.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": s}})
+        start_ns, end_ns = to_ns(rows.start_s).tolist(), to_ns(rows.end_s).tolist()
+        stream = rows.stream.tolist()
+        lane = [0] * len(rows)
+        for s in set(stream):
+            idx = [i for i, x in enumerate(stream) if x == s]
+            for i, k in zip(idx, assign_lanes([start_ns[i] for i in idx], [end_ns[i] for i in idx])):
+                lane[i] = k
+        present = set(zip(stream, lane))
+        threads = [("XLA Modules", 0)] + sorted(
+            (p for p in present if p[0] != "XLA Modules"),
+            key=lambda p: (STREAM_ORDER.index(p[0]) if p[0] in STREAM_ORDER else len(STREAM_ORDER), p[0], p[1]))
+        tids = {p: i + 1 for i, p in enumerate(threads)}
+        for (s, k), tid in tids.items():
+            events.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": lane_name(s, k)}})
             events.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_sort_index", "args": {"sort_index": tid}})
-        events.append({"ph": "X", "pid": pid, "tid": tids["XLA Modules"], "name": module, "ts": 0.0, "dur": step_us,
-                       "args": {"run": "tpusim", "mode": result.mode}})
-        for r in rows.itertuples(index=False):
+        events.append({"ph": "X", "pid": pid, "tid": tids["XLA Modules", 0], "name": module, "ts": 0,
+                       "dur": step_ns / 1000, "args": {"run": "tpusim", "mode": result.mode}})
+        for i, r in enumerate(rows.itertuples(index=False)):
             args = {"category": r.category, "phase": r.phase, "layer": int(r.layer)}
             if r.flops:
                 args["model_flops"] = float(r.flops)
             if r.bytes:
                 args["bytes_accessed" if r.stream == "XLA Ops" else "bytes"] = float(r.bytes)
-            events.append({"ph": "X", "pid": pid, "tid": tids[r.stream], "name": r.name,
-                           "ts": r.start_s * 1e6, "dur": (r.end_s - r.start_s) * 1e6, "args": args})
+            events.append({"ph": "X", "pid": pid, "tid": tids[stream[i], lane[i]], "name": r.name,
+                           "ts": start_ns[i] / 1000, "dur": (end_ns[i] - start_ns[i]) / 1000, "args": args})
     return {"displayTimeUnit": "ns", "metadata": {"tpusim": {"topology": result.topology.name, "mode": result.mode,
                                                               "workload": result.program.name}},
             "traceEvents": events}

@@ -17,7 +17,8 @@ Every torus axis is driven in both directions at once (TPU ICI links are full du
   V X / 8 each way, so T = V X / (4 W) = V_book max(X) / (4 N W) (book, corrected Aug 2025).
 * **DCN** (across slices): hierarchical. ICI inside each slice, and over DCN only the 1/N_ici of the
   data each chip owns: reduce-scatter over ICI, then DCN, then all-gather over ICI. Every chip sends
-  through its host's NIC into a non-blocking fabric (per-chip egress W_dcn / oversubscription).
+  through its host's NIC into a non-blocking fabric (per-chip egress W_dcn / oversubscription), in a
+  ring over the S slices: S - 1 steps, each costing at least the DCN latency, (S-1)/S V on the NIC.
 
 A phase's time is ``steps * max(hop latency, link_bytes / steps / W_link)`` (book: a hop costs at
 least ~1 us; a transfer is latency-bound when its per-hop bytes < W_one_way * 1 us). The plan records,
@@ -182,8 +183,8 @@ def _geom(topo: Topology, a: Axis) -> _Geom:
 def _gather_phase(g: _Geom, v: float, op: str) -> Phase:
     """All-gather (or reduce-scatter) on one axis, from V/X to V bytes per device (or back)."""
     x = g.size
-    if g.axis == DCN:
-        return Phase(g.axis, "dcn", op, x, 1, (x - 1) / x * v, 1)
+    if g.axis == DCN:  # a ring over the slices: x - 1 steps, each paying the DCN latency at least
+        return Phase(g.axis, "dcn", op, x, x - 1, (x - 1) / x * v, 1)
     if g.wraps:
         return Phase(g.axis, "ring", op, x, x // 2, (x - 1) / x * v / 2 * g.stride, 2, g.stride)
     return Phase(g.axis, "line", op, x, x - 1, (x - 1) / x * v * g.stride, 2, g.stride)

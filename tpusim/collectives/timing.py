@@ -21,8 +21,13 @@ class LinkParams:
     overlap_exponent: float = 1.0  # how the overhead combines with the transfer time (see CollectiveFit)
 
 
-def link_params(topo: Topology, mode: str = "datasheet") -> LinkParams:
-    """Link rates of ``topo`` in ``mode`` (``datasheet`` or ``calibrated``)."""
+def link_params(topo: Topology, mode: str = "datasheet", *, in_step: bool = False) -> LinkParams:
+    """Link rates of ``topo`` in ``mode`` (``datasheet`` or ``calibrated``).
+
+    ``in_step``: the fixed cost of a collective inside a compiled step (issued by the TPU's program:
+    what the engine simulates), instead of that of one collective timed alone from the host (what
+    the measured curves and ``tpusim collective`` give). See :class:`tpusim.calibration.CollectiveFit`.
+    """
     fit = get_calibration(topo.chip.name, mode).collectives
     chip = topo.chip
     return LinkParams(
@@ -30,8 +35,8 @@ def link_params(topo: Topology, mode: str = "datasheet") -> LinkParams:
         ici_hop_latency_s=chip.ici_hop_latency_s,
         dcn_bytes_per_s=topo.dcn_bytes_per_s_per_chip * fit.dcn_efficiency,
         dcn_latency_s=chip.dcn_latency_s or 0.0,
-        overhead_s=fit.overhead_s,
-        overlap_exponent=fit.overlap_exponent,
+        overhead_s=fit.in_step_overhead_s if in_step else fit.overhead_s,
+        overlap_exponent=1.0 if in_step else fit.overlap_exponent,
     )
 
 

@@ -10,8 +10,9 @@ data axes.
 
 XLA's latency-hiding scheduler is modelled by where each asynchronous collective is issued: a
 layer's weights are gathered one layer ahead (forward and backward), gradients are reduced as soon
-as their weight gradient exists and waited for only by the optimizer. Tensor- and
-sequence-parallel collectives sit on the critical path.
+as their weight gradient exists and waited for by the optimizer (and, across slices, also at the
+end of the next backward layer, as libtpu pipelines them). Tensor- and sequence-parallel
+collectives sit on the critical path (libtpu's default compile of FSDP x TP has them synchronous).
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
                                    mesh_axes=axes, layer=layer, phase=phase, deps=deps)
                 for name, k, n, axes in layer_weights()}
 
+    # Gradient all-reduces across slices, by the backward layer that issued them. XLA pipelines them
+    # by one layer (libtpu AOT compile of a scanned model on 2 slices, docs/VALIDATION.md): issued as
+    # host transfers (megascale send/recv) at the start of the next layer's loop iteration and waited
+    # for at its end, so every backward layer ends with a cross-slice wait.
+    dcn_grad_syncs: dict[int, list[int]] = {}
+
     def reduce_grad(name: str, layer: int, nbytes: float, axes: tuple, wgrad: int) -> None:
         rs = b.collective(f"reduce-scatter/{name}", "reduce-scatter", v=nbytes, mesh_axes=axes, layer=layer,
                           phase="backward", deps=(wgrad,))
@@ -115,6 +122,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         ar = b.collective(f"all-reduce/{name}", "all-reduce", v=nbytes / shards, mesh_axes=data_axes, layer=layer,
                           phase="backward", deps=(rs if rs is not None else wgrad,))
         grad_syncs.append(ar if ar is not None else rs)
+        if ar is not None and mesh.size("dcn_data") > 1:
+            dcn_grad_syncs.setdefault(layer if layer >= 0 else L, []).append(ar)
 
     def matmul(name, m_, k_, n_, *, layer, phase, weight=None, recompute=False):
         return b.compute(name, "matmul", flops=2 * m_ * k_ * n_, hbm=ab * (m_ * k_ + k_ * n_ + m_ * n_),
@@ -308,6 +317,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
                 fetch(layer - 1, first)
         b.wait(from_host.get(layer))
         backward_layer(layer, bwd_weights[layer], on_start=prefetch)
+        b.wait(*dcn_grad_syncs.pop(layer + 1, ()))  # the layer before's cross-slice reduction, pipelined
     wg = elementwise("embedding/bwd/scatter_add", tok * d, 1, 2, layer=-1, phase="backward", category="embedding")
     if not m.tied_embeddings:
         reduce_grad("embedding", -1, table * ab, weight_axes, wg)
