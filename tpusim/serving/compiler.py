@@ -96,7 +96,7 @@ class StepModel:
         self.cp = cp
         self.cp_matmul = (dataclasses.replace(cp, mxu_flops_per_s=cp.mxu_flops_per_s * topo.chip.int8_flops_per_s
                                               / topo.chip.bf16_flops_per_s) if sw.int8_math else cp)
-        self.lp = link_params(topo, mode)
+        self.lp = link_params(topo, mode, in_step=True)  # collectives inside a compiled step, as the engine times them
         self.model_axes = mesh.axes_of("tensor", "expert")
         self.tensor_axes = mesh.axes_of("tensor")
         self.ab = w.step.act_bytes
