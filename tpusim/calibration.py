@@ -54,10 +54,17 @@ class CollectiveFit:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ComputeFit:
-    """Achievable fraction of peak MXU FLOP/s and HBM bandwidth (book roofline.md: ~95% of peak FLOPs)."""
+    """Achievable fraction of peak MXU FLOP/s and HBM bandwidth.
+
+    ``mxu_efficiency`` is a large matmul's fraction of peak. ``mxu_size_efficiency`` maps a matmul's
+    size, in multiples of the MXU side (the geometric mean of M, K, N over ``mxu_dim``), to its
+    throughput relative to a large one: smaller matmuls fill the MXU pipeline less (interpolated in
+    log size; 1 beyond the last point). None: every size runs at ``mxu_efficiency``.
+    """
 
     mxu_efficiency: float = 1.0
     hbm_efficiency: float = 1.0
+    mxu_size_efficiency: dict[float, float] | None = None
     fitted_on: str = "nothing (datasheet)"
 
 

@@ -51,6 +51,7 @@ class ChipSpec:
     megacore: bool
     mxu_dim: int
     mxus_per_core: int
+    vpu_flops_per_s: float  # the vector units of all cores (elementwise, reductions, casts)
     host_shape: tuple[int, ...]
     max_slice_shape: tuple[int, ...]
     wraparound: Wraparound
@@ -128,6 +129,7 @@ class _ChipEntry:
     megacore: bool
     mxu_dim: _Quantity
     mxus_per_core: _Quantity
+    vpu_flops_per_s: _Quantity
     host_shape: tuple[int, ...]
     host_shape_src: str
     max_slice_shape: tuple[int, ...]
@@ -167,6 +169,7 @@ def _to_spec(name: str, e: _ChipEntry, source: str) -> ChipSpec:
         megacore=e.megacore,
         mxu_dim=int(e.mxu_dim.value),
         mxus_per_core=int(e.mxus_per_core.value),
+        vpu_flops_per_s=si("vpu_flops_per_s"),
         host_shape=e.host_shape,
         max_slice_shape=e.max_slice_shape,
         wraparound=e.wraparound,

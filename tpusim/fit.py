@@ -218,21 +218,36 @@ def calibration_document(fits: list[CurveFit]) -> dict:
     # FLOPs (roofline.md) and, since the book states no achievable HBM fraction, the measured one of
     # the only HBM microbenchmark we have (TPU7x copy bandwidth), borrowed.
     from tpusim.chips import get_chip
-    measured = {chip: {"mxu": float(m["mxu_flops_per_s_per_chip"]) / get_chip(chip).bf16_flops_per_s,
+    measured = {chip: {"mxu": (float(m["mxu_flops_per_s_per_chip"]) / get_chip(chip).bf16_flops_per_s
+                               if "mxu_flops_per_s_per_chip" in m else None),
                        "hbm": float(m["hbm_bytes_per_s_per_chip"]) / get_chip(chip).hbm_bytes_per_s,
+                       "gemm": m.get("gemm_tflops_per_device"),
                        "source": " ".join(m["source"].split())}
                 for chip, m in measurements.get("compute", {}).items()}
     lender, hbm = next(iter(measured.items()))
+    # Matmul size: the GEMM curve relative to its largest point, sizes in MXU widths (256 on TPU7x).
+    gemm = {int(n): float(t) for n, t in hbm["gemm"].items()}
+    top = gemm[max(gemm)]
+    size_eff = {round(n / 256, 4): round(t / top, 4) for n, t in sorted(gemm.items())}
+    size_src = (f"matmul size: {lender}'s bf16 GEMM curve m=n=k (measured-dev.yaml id ironwood-gemm-bf16), "
+                f"relative to m=n=k={max(gemm)}, sizes in units of the MXU width")
     for chip in chips:
-        if chip in measured:
-            m = measured[chip]
+        m = measured.get(chip)
+        if m is not None and m["mxu"] is not None:
             chips[chip]["compute"] = {"mxu_efficiency": round(m["mxu"], 4), "hbm_efficiency": round(m["hbm"], 4),
-                                      "fitted_on": m["source"]}
+                                      "mxu_size_efficiency": dict(size_eff), "fitted_on": f"{m['source']}; {size_src}"}
+        elif m is not None:  # v6e: its own HBM figure; the MXU of its 256-wide generation (TPU7x's GEMM)
+            chips[chip]["compute"] = {
+                "mxu_efficiency": round(measured[lender]["mxu"], 4), "hbm_efficiency": round(m["hbm"], 4),
+                "mxu_size_efficiency": dict(size_eff),
+                "fitted_on": f"MXU: borrowed from {lender}, the other 256-wide-MXU chip ({hbm['source']}); "
+                             f"HBM: {m['source']}; {size_src}"}
         else:
             chips[chip]["compute"] = {
                 "mxu_efficiency": BOOK_MXU_EFFICIENCY, "hbm_efficiency": round(hbm["hbm"], 4),
+                "mxu_size_efficiency": dict(size_eff),
                 "fitted_on": f"MXU: the book's ~95% of peak FLOPs (roofline.md); HBM: borrowed from {lender}'s "
-                             f"copy-bandwidth microbenchmark ({hbm['source']})"}
+                             f"copy-bandwidth microbenchmark ({hbm['source']}); {size_src}"}
     return {"chips": chips}
 
 

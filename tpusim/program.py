@@ -37,6 +37,7 @@ class Op:
     flops: float = 0.0          # executed FLOPs on this device (recomputation included)
     hbm_bytes: float = 0.0      # bytes read + written from HBM
     mxu_shape: tuple[int, int, int] | None = None  # (M, K, N) of a matmul on this device
+    vpu_flops: float = 0.0      # vector work inside an MXU op (a flash kernel's softmax), run alongside it
     bytes: float = 0.0          # collectives: the book's V (see tpusim.collectives); host copies: bytes moved
     mesh_axes: tuple[str, ...] = ()
     axes: tuple[Axis, ...] = ()  # physical axes / spans the collective runs over

@@ -63,6 +63,19 @@ CASES: dict[str, dict[str, Any]] = {
     "fsdp_remat_no_windowed_einsum": {"fsdp": 16, "tensor": 1, "remat": "full",
                                       "compiler_options": NO_WINDOWED_EINSUM},
 }
+# Cases at training sizes (``--cases chips``): every activation is far larger than VMEM (128 MiB on
+# v5e/v5p; the small default dims above fit it, so XLA keeps whole layers in VMEM and HBM traffic
+# is not what a real run sees). Compiled for v5e:4x4, v5p:2x2x4 and v6e:4x4 into
+# ``xla_aot_chips/<chip>/`` (tests/test_aot_compute.py).
+BIG_MODEL = {"emb_dim": 2048, "num_query_heads": 16, "num_kv_heads": 8, "head_dim": 128, "mlp_dim": 8192,
+             "vocab_size": 32768, "seq_len": 1024, "batch_per_fsdp_shard": 4}
+CHIP_CASES: dict[str, dict[str, Any]] = {
+    "big_fsdp": {"fsdp": 16, "tensor": 1, "remat": "none", "compiler_options": {}, "model": BIG_MODEL},
+    "big_fsdp_remat": {"fsdp": 16, "tensor": 1, "remat": "full", "compiler_options": {}, "model": BIG_MODEL},
+    "big_fsdp_tp": {"fsdp": 4, "tensor": 4, "remat": "none", "compiler_options": {}, "model": BIG_MODEL},
+}
+CASES.update(CHIP_CASES)
+CHIP_TOPOLOGIES = {"v5e": ("v5e:4x4", "default"), "v5p": ("v5p:2x2x4", "megacore"), "v6e": ("v6e:4x4", "default")}
 LAYER_COUNTS = (2, 4)
 DEFAULT_TOPOLOGY = "v5e:4x4"
 MAX_REPORT_BYTES = 1 << 20  # keep XLA's memory usage report only if smaller than 1 MiB
@@ -157,7 +170,7 @@ def compile_one(case: str, layers: int, out_root: Path, topology: str, chip_conf
     import model
 
     spec = CASES[case]
-    cfg = model.ModelConfig(num_layers=layers, remat=spec["remat"])
+    cfg = model.ModelConfig(num_layers=layers, remat=spec["remat"], **spec.get("model", {}))
     topo = get_topology(topology, chip_config)
     mesh = make_mesh(list(topo.devices), spec["fsdp"], spec["tensor"])
     step = model.jit_train_step(cfg, mesh)
@@ -310,8 +323,23 @@ def main() -> None:
                     help='chip_config_name; "megacore" for v4/v5p')
     ap.add_argument("--in-process", action="store_true",
                     help="compile here instead of one subprocess per (case, L)")
+    ap.add_argument("--chip", dest="chips", choices=sorted(CHIP_TOPOLOGIES), action="append",
+                    help="compile the training-size cases for this chip into xla_aot_chips/CHIP (repeatable)")
     ns = ap.parse_args()
-    cases = ns.case or list(CASES)
+    cases = ns.case or [c for c in CASES if c not in CHIP_CASES]
+    if ns.chips:  # the training-size cases for each chip, each into its own folder
+        for chip in ns.chips:
+            topology, chip_config = CHIP_TOPOLOGIES[chip]
+            out = HERE / "xla_aot_chips" / chip
+            out.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, __file__, "--out", str(out), "--topology", topology, "--chip-config", chip_config]
+            for case in ns.case or CHIP_CASES:
+                cmd += ["--case", case]
+            for layers in ns.layers or []:
+                cmd += ["--layers", str(layers)]
+            if subprocess.run(cmd).returncode:
+                sys.exit(f"failed: {chip}")
+        return
     layer_counts = ns.layers or list(LAYER_COUNTS)
 
     if ns.in_process:

@@ -28,6 +28,19 @@ from tpusim.workload import Workload
 NORM_FLOPS, ROPE_FLOPS, ACT_FLOPS, ADD_FLOPS, SOFTMAX_XENT_FLOPS = 4, 6, 5, 1, 6
 ADAM_FLOPS_PER_PARAM, SGD_FLOPS_PER_PARAM = 12, 2
 FLASH_BWD_OVER_FWD = 2.5  # a flash backward recomputes QK^T: 5 matmuls against the forward's 2
+# Vector ops per attention score inside a flash kernel (counted from the algorithm, not fitted).
+# Forward: scale, running max, subtract, exp (EUP: one per lane per cycle, taken as a VPU op), row
+# sum, cast to bf16 = 6. Backward: recompute scale, subtract, exp, then dP - delta, x P, scale, cast
+# = 7. The causal mask costs a select on the diagonal blocks only (ignored).
+FLASH_VPU_OPS_FWD, FLASH_VPU_OPS_BWD = 6, 7
+# Dense attention (einsums, no kernel) as XLA compiles it (traces/xla_aot_chips): bytes per score.
+# The QK^T matmul writes f32 scores (4) and the PV matmul reads bf16 probabilities (2); between them
+# the softmax reads the scores and writes the probabilities (4 + 2); its backward reads P and dP
+# and writes dS (2 + 4 + 2). VPU ops per score: max, subtract, exp, sum, divide.
+DENSE_SCORE_BYTES_MXU, DENSE_SOFTMAX_BYTES_FWD, DENSE_SOFTMAX_BYTES_BWD, DENSE_SOFTMAX_FLOPS = 6, 6, 8, 5
+# Weights kept in f32 and run in bf16 (weight_dtype float32, dtype bfloat16): each step casts the
+# local shard to bf16 once (read 4 B, write 2 B per parameter); the backward re-gathers that copy.
+CAST_FLOPS = 1
 DENSE_BWD_OVER_FWD = 2.0
 
 
@@ -44,12 +57,12 @@ class _Builder:
         self._pending += [i for i in idx if i is not None]
 
     def compute(self, name, category, *, flops, hbm, layer=-1, phase="forward", mxu=None, recompute=False,
-                deps=()) -> int:
+                deps=(), vpu=0.0) -> int:
         idx = len(self.ops)
         all_deps = tuple(dict.fromkeys([*self._pending, *(d for d in deps if d is not None)]))
         self.ops.append(Op(index=idx, name=name, stream=COMPUTE, category=category, layer=layer, phase=phase,
                            flops=float(flops), hbm_bytes=float(hbm), mxu_shape=mxu, deps=all_deps,
-                           recompute=recompute))
+                           recompute=recompute, vpu_flops=float(vpu)))
         self._pending = []
         self.last_compute = idx
         return idx
@@ -139,6 +152,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
     q_width, kv_width = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
     causal_exec = 0.5 if w.step.flash else 1.0  # a causal flash kernel skips the masked half
     attn_fwd_flops = 4 * tok * t_full * q_width * causal_exec
+    scores = tok * t_full * sh.heads * causal_exec  # attention scores computed on this device
 
     def forward_layer(layer: int, weights: dict, *, phase: str, recompute: bool, on_start=None) -> None:
         """One decoder layer forward; during the backward pass, only what the remat policy drops.
@@ -162,10 +176,14 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             b.wait(b.collective(f"all-gather/{p}/{kv}_context", "all-gather", v=sh.seqs * t_full * kv_width * ab,
                                 mesh_axes=("sequence",), layer=layer, phase=phase))
         attn_hbm = ab * (2 * tok * q_width + 2 * sh.seqs * t_full * kv_width)
-        if not w.step.flash:  # scores and probabilities go through HBM in f32
-            attn_hbm += 3 * 4 * sh.seqs * sh.heads * sh.t_local * t_full
+        if not w.step.flash:  # dense: QK^T writes f32 scores and PV reads bf16 probabilities through HBM
+            attn_hbm += DENSE_SCORE_BYTES_MXU * scores
         b.compute(f"{p}/attention", "attention", flops=attn_fwd_flops, hbm=attn_hbm, layer=layer, phase=phase,
-                  mxu=(int(tok), sh.head_dim, t_full), recompute=recompute)
+                  mxu=(int(tok), sh.head_dim, t_full), recompute=recompute,
+                  vpu=FLASH_VPU_OPS_FWD * scores if w.step.flash else 0.0)
+        if not w.step.flash and not recompute:  # ... and a softmax between them on the VPU (XLA's
+            # separate fusions; when rematerialised, XLA fuses it into the softmax backward)
+            elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_FWD, nbytes=1, **ew)
         if redo("o_proj"):
             matmul(f"{p}/o_proj", tok, q_width, d, layer=layer, phase=phase, weight=weights["o_proj"],
                    recompute=recompute)
@@ -244,9 +262,11 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         backward_matmul(p, "o_proj", tok, q_width, d, layer=layer, weight=weights["o_proj"],
                         wshape=ws["o_proj"][:2], axes=ws["o_proj"][2])
         ratio = FLASH_BWD_OVER_FWD if w.step.flash else DENSE_BWD_OVER_FWD
+        if not w.step.flash:  # dense softmax backward: dS = P (dP - rowsum(dP P)), through HBM
+            elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_BWD, nbytes=1, **ew)
         b.compute(f"{p}/attention", "attention", flops=ratio * attn_fwd_flops,
                   hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width), layer=layer, phase="backward",
-                  mxu=(int(tok), sh.head_dim, t_full))
+                  mxu=(int(tok), sh.head_dim, t_full), vpu=FLASH_VPU_OPS_BWD * scores if w.step.flash else 0.0)
         for kv in ("k", "v"):
             b.wait(b.collective(f"reduce-scatter/{p}/{kv}_context", "reduce-scatter",
                                 v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,
@@ -260,6 +280,10 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         elementwise(f"{p}/attn_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
 
     # ---- forward ---------------------------------------------------------------------------------
+    if sh.weight_bytes > ab:  # f32 master weights: this device's shard is cast to bf16 once, before
+        # anything is gathered (XLA converts before the all-gather, which then moves half the bytes)
+        b.compute("weight_cast", "elementwise", flops=CAST_FLOPS * local_params,
+                  hbm=(sh.weight_bytes + ab) * local_params, layer=-1, phase="forward")
     table = sh.vocab * d
     embed_ag = b.collective("all-gather/embedding", "all-gather", v=table * ab, mesh_axes=weight_axes, deps=())
     fwd_weights = {0: gather_weights(0, "forward", ())}

@@ -2,10 +2,13 @@
 
 What becomes what (the entry computation is walked in XLA's schedule order, ``is_scheduled=true``):
 
-* fusions, convolutions, dots, copies, reduces and other array ops: compute ops. HBM bytes are the
-  operands' plus the results' bytes (XLA's ``bytes_accessed`` convention); FLOPs are 2 x output
-  elements x contraction for each dot / convolution in the fusion, plus one per output element of
-  each elementwise instruction. MXU shape: (output elements / N, K, N).
+* fusions, convolutions, dots, copies, reduces and other array ops: compute ops. HBM bytes are what
+  the op moves to and from HBM (:mod:`tpusim.hlo.hbm`: VMEM buffers are free, sliced operands cost
+  the slices, in-place updates the update); async HBM <-> VMEM DMAs (``copy-start``/``slice-start``)
+  add their bytes to the ops in flight. FLOPs are 2 x output elements x contraction for each dot /
+  convolution in the fusion, plus one per output element of each elementwise instruction. MXU
+  shape: (output elements / N, K, N). Category: matmul, copy (layout and data movement) or
+  elementwise; layer and phase from the JAX op name.
 * collectives (plain, ``-start``/``-done``, async-wrapped, XLA TPU's async collective fusions and
   all-reduce-scatter fusions; grouped by :mod:`tpusim.hlo.parse`): collective ops issued where the
   start is and waited for where the done is. ``V`` follows the book: all-gather its result,
@@ -19,6 +22,7 @@ What becomes what (the entry computation is walked in XLA's schedule order, ``is
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from pathlib import Path
@@ -29,6 +33,7 @@ from tpusim.hlo.parse import (
     DTYPE_BYTES, Instr, _Analysis, _callees, _split_top, array_bytes, array_shapes, expand_replica_groups,
     extract_collectives, parse_module,
 )
+from tpusim.hlo.hbm import hbm_bytes as _hbm_bytes
 from tpusim.program import COLLECTIVE, COMPUTE, HOST, Memory, Op, Program
 from tpusim.topology import Topology
 
@@ -39,6 +44,19 @@ ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "e
                "convert", "clamp", "exponential-minus-one", "log-plus-one", "sign", "floor", "ceil", "cosine",
                "sine", "reduce"}
 HOST_MEMORY = "S(5)"
+COPY_OPCODES = {"copy", "transpose", "copy-start", "slice-start", "slice", "dynamic-slice", "dynamic-update-slice",
+                "concatenate", "pad", "broadcast", "reverse", "gather", "scatter", "custom-call"}
+_LAYER_RE = re.compile(r"layer_(\d+)")
+
+
+def layer_and_phase(ins: Instr) -> tuple[int, str]:
+    """Decoder layer (-1 outside the layers) and phase of an instruction, from its JAX op name
+    (``jvp(layer_3)`` forward, ``transpose(jvp(layer_3))`` backward)."""
+    m = re.search(r'op_name="([^"]*)"', ins.attrs.get("metadata", ""))
+    name = m.group(1) if m else ""
+    lm = _LAYER_RE.search(name)
+    phase = "backward" if "transpose(" in name else "forward"
+    return (int(lm.group(1)) if lm else -1), phase
 
 
 def read_hlo(path: str | Path) -> str:
@@ -129,14 +147,16 @@ def _matmul_flops(ins: Instr, an: _Analysis) -> tuple[float, tuple[int, int, int
 
 def _compute_cost(ins: Instr, an: _Analysis) -> tuple[float, float, tuple[int, int, int] | None, str]:
     """(FLOPs, HBM bytes, MXU shape, category) of one scheduled instruction."""
-    nbytes = sum(array_bytes(*a) for a in an.operand_arrays(ins)) + \
-        sum(array_bytes(*a) for a in array_shapes(ins.result_type))
+    nbytes = _hbm_bytes(ins, an)
     body = [ins]
     if ins.opcode == "fusion":
         body = []
         for c in _callees(ins):
             body += an.mod.computations.get(c, [])
     flops, mxu, category = 0.0, None, "elementwise"
+    if ins.opcode in COPY_OPCODES or (ins.opcode == "fusion" and body and all(
+            sub.opcode in COPY_OPCODES or sub.opcode in FREE for sub in body)):
+        category = "copy"  # layout changes, transposes, slices, async DMAs: bytes, no arithmetic
     for sub in body:
         if sub.opcode in ("dot", "convolution"):
             f, shape = _matmul_flops(sub, an)
@@ -277,6 +297,14 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
                     coll_index[id(ins)] = i
                     ends_copy[ins.name] = i
                     continue
+            if ins.opcode in ("copy-start", "slice-start"):  # an async DMA inside the chip (HBM <-> VMEM)
+                dmas[ins.name] = (len(ops), _hbm_bytes(ins, an))
+                continue
+            if ins.opcode in ("copy-done", "slice-done") and ins.operands and \
+                    ins.operands[0].split()[-1].lstrip("%") in dmas:
+                start, nb = dmas.pop(ins.operands[0].split()[-1].lstrip("%"))
+                _spread_dma(ops, start, nb, carry)
+                continue
             if ins.opcode == "copy-done":
                 src = ins.operands[0].split()[-1].lstrip("%") if ins.operands else ""
                 if src in ends_copy:
@@ -288,12 +316,16 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
             if ins.opcode in FREE or ins.opcode.endswith("-done"):
                 continue
             flops, nbytes, mxu, category = _compute_cost(ins, an)
+            nbytes += carry.pop() if carry else 0.0
+            layer, phase = layer_and_phase(ins)
             i = add(dict(name=prefix + ins.name, stream=COMPUTE, category=category, flops=flops, hbm_bytes=nbytes,
-                         mxu_shape=mxu, deps=tuple(pending)))
+                         mxu_shape=mxu, deps=tuple(pending), layer=layer, phase=phase))
             pending.clear()
             last_compute[0] = i
 
     ends_copy: dict[str, int] = {}
+    dmas: dict[str, tuple[int, float]] = {}
+    carry: list[float] = []
     walk(mod.entry)
     if pending:  # the step ends when its last collectives and copies are done
         add(dict(name="step-end", stream=COMPUTE, category="elementwise", deps=tuple(pending)))
@@ -302,6 +334,23 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
     return Program(name=name or mod.name, ops=tuple(ops), devices=topo.num_chips,
                    model_flops_per_step=flops * topo.num_chips, tokens_per_step=0.0, memory=zero,
                    hbm_capacity_bytes=topo.chip.hbm_bytes, notes=tuple(notes))
+
+
+def _spread_dma(ops: list[Op], start: int, nbytes: float, carry: list[float]) -> None:
+    """Share an async DMA's HBM bytes among the compute ops that ran while it was in flight.
+
+    XLA TPU's memory-space assignment prefetches buffers into VMEM (and evicts them) with DMAs that
+    run alongside the TensorCore: they cost HBM bandwidth, not TensorCore time. Adding their bytes to
+    the ops in flight makes an MXU-bound op hide them and an HBM-bound one pay for them. With no op
+    in between, the next compute op carries them.
+    """
+    window = [i for i in range(start, len(ops)) if ops[i].stream == COMPUTE and not ops[i].category.endswith("-done")]
+    if not window:
+        carry[:] = [(carry[0] if carry else 0.0) + nbytes]
+        return
+    share = nbytes / len(window)
+    for i in window:
+        ops[i] = dataclasses.replace(ops[i], hbm_bytes=ops[i].hbm_bytes + share)
 
 
 def _permute_axes(topo: Topology, pairs: str | None, n_dev: int) -> tuple[Axis, ...]:

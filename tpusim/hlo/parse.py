@@ -34,6 +34,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import functools
 import re
 import sys
 from collections import Counter, defaultdict
@@ -196,8 +197,11 @@ def _parse_instr(line: str, computation: str) -> Instr | None:
                  operands=operands, attrs=attrs, is_root=is_root)
 
 
+@functools.lru_cache(maxsize=2)
 def parse_module(text: str) -> Module:
-    """Parse HLO module text into computations and instructions."""
+    """Parse HLO module text into computations and instructions (the last two texts are cached:
+    the importer and :func:`extract_collectives` read the same module; treat the result as
+    read-only)."""
     name_m = re.search(r"^HloModule\s+([\w.\-]+)", text, re.M)
     mod = Module(name=name_m.group(1) if name_m else "?", entry="")
     for key in ("num_partitions", "replica_count"):
