@@ -44,3 +44,11 @@ def xprof_avg_s(name: str) -> float:
     """xprof's average self time of one HLO op of the v6e capture, in seconds (over 4 devices x runs)."""
     (row,) = [r for r in xprof_hlo_stats() if r["hlo_op_name"] == name]
     return row["avg_self_time"] * 1e-6
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """How many generated inputs the fuzz tests (tests/test_fuzz.py) drove through the CLI."""
+    counts, ok = getattr(config, "tpusim_fuzz_counts", ({}, {}))
+    if counts:
+        detail = ", ".join(f"{k} {v} ({ok.get(k, 0)} ok)" for k, v in sorted(counts.items()))
+        terminalreporter.write_line(f"fuzz: {sum(counts.values()):,} generated inputs through the CLI ({detail})")

@@ -25,7 +25,8 @@ def workload_and_topology(workload: str | Path | Workload, topology: str | None 
                           source=w.source)
     n = slices if slices is not None else (w.slices or 1)
     topo = parse_topology(spec, default_chip=w.chip, slices=n,
-                          source="--topology" if topology else f"{w.source}: topology")
+                          source="--topology" if topology else f"{w.source}: topology",
+                          slices_source="--slices" if slices is not None else f"{w.source}: slices")
     return w, topo
 
 

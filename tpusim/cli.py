@@ -7,6 +7,8 @@ what the user gave ends with one line on stderr naming the option or file, and e
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
 import sys
 from typing import Any
@@ -14,19 +16,42 @@ from typing import Any
 import click
 
 from tpusim.errors import TpusimError
+from tpusim.limits import MAX_BYTES, MAX_STRAGGLER_FACTOR, MAX_TIMELINE_ROWS
 
 EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+INTERNAL_ERROR = "tpusim: internal error"  # the fuzz tests assert this line never appears
 
 
 class _Group(click.Group):
-    """Turns TpusimError into one clear line and exit 2, never a traceback."""
+    """Turns TpusimError into one clear line and exit 2, never a traceback.
+
+    Anything else that escapes a command is a bug in tpusim, not the user's mistake: as a last
+    resort it becomes one line asking for a report, exit 1 (the fuzz tests check it never fires).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except TpusimError as e:
-            click.echo(f"tpusim: error: {e.message}", err=True)
+            click.echo(f"tpusim: error: {_one_line(e.message)}", err=True)
             sys.exit(EXIT_USER_ERROR)
+        except click.exceptions.UsageError as e:  # a bad option value or a missing argument: one line too
+            where = f" (see tpusim {e.ctx.info_name} --help)" if e.ctx is not None and e.ctx.parent is not None else ""
+            click.echo(f"tpusim: error: {_one_line(e.format_message())}{where}", err=True)
+            sys.exit(EXIT_USER_ERROR)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:  # noqa: BLE001 (the backstop, see the docstring)
+            if os.environ.get("TPUSIM_DEBUG"):  # developers: the traceback
+                raise
+            click.echo(f"{INTERNAL_ERROR}: {e.__class__.__name__}: {_one_line(str(e))[:300]} "
+                       f"(please report it with the command and its input)", err=True)
+            sys.exit(EXIT_INTERNAL_ERROR)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,11 +75,32 @@ def parse_bytes(text: str, *, source: str = "--bytes") -> float:
     value = to_si(float(m.group(1)), unit, source=source)
     if not value > 0:
         raise TpusimError(f"bytes must be a positive number; got {text!r}", source=source)
+    if value > MAX_BYTES:
+        raise TpusimError(f"{text!r} is more than {MAX_BYTES:.0e} bytes (1 PB), tpusim's limit for one collective",
+                          source=source)
     return value
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        return json_safe(value.item())
+    return value
+
+
+def dumps(payload: dict, **kwargs) -> str:
+    """Strict JSON: ``allow_nan=False`` after :func:`json_safe`, so the output always parses."""
+    return json.dumps(json_safe(payload), allow_nan=False, **kwargs)
+
+
 def _emit(as_json: bool, payload: dict, human: str) -> None:
-    click.echo(json.dumps(payload, indent=2, sort_keys=False) if as_json else human)
+    click.echo(dumps(payload, indent=2, sort_keys=False) if as_json else human)
 
 
 _topology_option = click.option("--topology", "-t", "topology", required=True, metavar="[CHIP:]SHAPE",
@@ -234,12 +280,27 @@ def run(workload: str | None, hlo_file: str | None, topology: str | None, slices
         prog = import_hlo(read_hlo(hlo_file), topo, source=hlo_file)
     else:
         w, topo, prog = compile_workload(workload, topology, slices=slices)
+    for d in slow:
+        if not 0 <= d < topo.num_chips:
+            raise TpusimError(f"device {d} is not on {topo.name}: devices are 0..{topo.num_chips - 1}",
+                              source="--straggler")
+    if all_devices and out_dir and len(prog.ops) * topo.num_chips > MAX_TIMELINE_ROWS:
+        raise TpusimError(f"{len(prog.ops):,} ops on {topo.num_chips:,} chips would be "
+                          f"{len(prog.ops) * topo.num_chips:,} timeline rows; at most {MAX_TIMELINE_ROWS:,} "
+                          f"(leave it out for one device per class)", source="--all-devices")
     folder = _prepare_out(out_dir) if out_dir else None  # before simulating, after what can be refused
     try:
         n_compute = len(prog.compute_ops)
         with _progress(n_compute, as_json) as bar:
             result = simulate(prog, topo, mode=mode, stragglers=slow, progress=lambda n: bar.update(n - bar.n))
             bar.update(n_compute - bar.n)
+        if not math.isfinite(result.step_time_s):
+            raise RuntimeError(f"the simulated step time is {result.step_time_s}")  # inputs are bounded: a bug
+        if not result.step_time_s > 0:
+            what = hlo_file or workload
+            raise TpusimError(f"nothing to simulate: the program takes no time on {topo.name} ({len(prog.ops)} ops, "
+                              "none of them moving bytes or doing FLOPs, e.g. collectives over one device)",
+                              source=what)
         summary = summarize(result)
         if folder is not None:
             _write_run(folder.tmp, result, summary, all_devices)
@@ -261,6 +322,9 @@ def _parse_stragglers(items: tuple[str, ...]) -> dict[int, float]:
             slow[int(dev)] = float(factor)
         except ValueError:
             raise TpusimError(f"{item!r} is not DEVICE=FACTOR (e.g. 3=1.2)", source="--straggler") from None
+        if not 0 < slow[int(dev)] <= MAX_STRAGGLER_FACTOR:
+            raise TpusimError(f"{item!r}: the factor must be a number above 0 and at most {MAX_STRAGGLER_FACTOR:g} "
+                              "(a device slower than that is down, not straggling)", source="--straggler")
     return slow
 
 
@@ -289,7 +353,7 @@ def _write_run(out, result, summary: dict, all_devices: bool) -> None:
     from tpusim.xspace import write_xspace
 
     write_xspace(out, df, result)  # plugins/profile/tpusim/simulated.xplane.pb, for xprof --logdir out
-    write_atomic(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    write_atomic(out / "summary.json", (dumps(summary, indent=2) + "\n").encode())
     _skip_iri_grammar()
     from tpusim.report import write_report
 
@@ -367,10 +431,16 @@ def compare(run_dir: str, profile: str, trace_out: str | None, as_json: bool) ->
     from tpusim.profiles import read_profile
     from tpusim.units import fmt_time
 
+    from tpusim.safeio import check_writable_file
+
     summary, timeline = load_run(run_dir)
+    out = Path(trace_out) if trace_out else Path(run_dir) / "compare.trace.json.gz"
+    check_writable_file(out, source=f"--trace {out}" if trace_out else str(out))  # before the work
+    if str(profile).endswith("pod_viewer.json"):
+        raise TpusimError("a pod viewer output has no timeline to compare with; its collectives replay with "
+                          f"`tpusim replay {profile}`", source=str(profile))
     prof = read_profile(profile)
     result = do_compare(summary, timeline, prof)
-    out = Path(trace_out) if trace_out else Path(run_dir) / "compare.trace.json.gz"
     write_merged_trace(run_dir, prof, out)
     result["trace"] = str(out)
     result["xprof_run"] = str(write_xprof_run(run_dir, summary, timeline, prof))

@@ -180,6 +180,10 @@ def register(main: click.Group) -> None:
             mode = settings.get("mode", mode)
         _check_workers(workers)
         path = check_out(out) if out else None
+        if path is not None:  # an unwritable folder is refused now, not after the first configuration
+            from tpusim.safeio import check_writable_file
+
+            check_writable_file(path, source=f"--out {out}")
         sw = make_sweep(settings["workload"], vary, topology=topology or settings.get("topology"),
                         slices=slices if slices is not None else settings.get("slices"), mode=mode, yes=yes)
         for warning in sw.warnings:

@@ -4,6 +4,7 @@ and both timelines in one Chrome trace (the simulation above, the profile's devi
 from __future__ import annotations
 
 import gzip
+import io
 import json
 from pathlib import Path
 
@@ -30,18 +31,44 @@ def coarse_category(category: str) -> str:
     return "compute"
 
 
+RUN_COLUMNS = {"device": "integer", "stream": "string", "name": "string", "category": "string",
+               "start_s": "number", "end_s": "number"}  # what compare reads of timeline.parquet
+
+
 def load_run(run_dir: str | Path) -> tuple[dict, pd.DataFrame]:
+    """``summary.json`` and ``timeline.parquet`` of a run folder (``tpusim run --out``), each checked:
+    a missing or unreadable file, a summary without a positive step time, or a timeline without the
+    columns compare reads (or with no rows) is a TpusimError naming the folder and the file."""
     from tpusim.runfolder import check_run_folder
+    from tpusim.safeio import check_regular, read_input
 
     run_dir = check_run_folder(run_dir)  # complete: tpusim run --out wrote its manifest last
+    src = str(run_dir)
+    for name in ("summary.json", "timeline.parquet"):
+        if not (run_dir / name).exists():
+            raise TpusimError(f"not a run folder ({name} missing; write one with tpusim run --out)", source=src)
+        check_regular(run_dir / name)
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        timeline = pd.read_parquet(run_dir / "timeline.parquet")
-    except FileNotFoundError as e:
-        raise TpusimError(f"not a run folder ({Path(e.filename).name} missing; write one with tpusim run --out)",
-                          source=str(run_dir)) from None
-    except (ValueError, OSError, json.JSONDecodeError) as e:
-        raise TpusimError(f"cannot read the run: {e.__class__.__name__}", source=str(run_dir)) from None
+        summary = json.loads(read_input(run_dir / "summary.json"))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise TpusimError(f"summary.json is not JSON ({e.__class__.__name__})", source=src) from None
+    step = summary.get("step_time_s") if isinstance(summary, dict) else None
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < float("inf"):
+        raise TpusimError(f"summary.json has no positive step_time_s (got {step!r})", source=src)
+    if not isinstance(summary.get("exposed_comm_by_kind_s", {}), dict):
+        raise TpusimError("summary.json: exposed_comm_by_kind_s is not a mapping", source=src)
+    try:
+        timeline = pd.read_parquet(io.BytesIO(read_input(run_dir / "timeline.parquet", decompress=False)))
+    except (ValueError, OSError, TypeError) as e:  # pyarrow's ArrowInvalid is a ValueError
+        raise TpusimError(f"timeline.parquet does not read ({e.__class__.__name__})", source=src) from None
+    kinds = {"integer": pd.api.types.is_integer_dtype, "number": pd.api.types.is_numeric_dtype,
+             "string": lambda s: pd.api.types.is_string_dtype(s) or pd.api.types.is_object_dtype(s)}
+    for col, kind in RUN_COLUMNS.items():
+        if col not in timeline.columns or not kinds[kind](timeline[col]):
+            raise TpusimError(f"timeline.parquet has no {kind} column {col!r} (columns: "
+                              f"{', '.join(map(str, timeline.columns))[:200]})", source=src)
+    if timeline.empty:
+        raise TpusimError("timeline.parquet has no rows", source=src)
     return summary, timeline
 
 
@@ -107,7 +134,7 @@ def merged_trace(sim_trace: dict, profile: Profile, module_ops: pd.DataFrame) ->
     from tpusim.lanes import assign_lanes, lane_name, to_ns
 
     events = list(sim_trace["traceEvents"])
-    pid = 1 + max([e.get("pid", 0) for e in events] + [0])
+    pid = 1 + max([e["pid"] for e in events if isinstance(e.get("pid"), int)] + [0])
     events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": f"measured: {profile.source}"}})
     t0 = module_ops.start_s.min() if len(module_ops) else 0.0
     start, end = to_ns(module_ops.start_s - t0).tolist(), to_ns(module_ops.end_s - t0).tolist()
@@ -124,14 +151,24 @@ def merged_trace(sim_trace: dict, profile: Profile, module_ops: pd.DataFrame) ->
 def write_merged_trace(run_dir: str | Path, profile: Profile, out: str | Path) -> None:
     from tpusim.timeline import write_atomic
 
+    from tpusim.safeio import read_input
+
     run_dir = Path(run_dir)
     try:
-        sim_trace = json.loads(gzip.decompress((run_dir / "trace.json.gz").read_bytes()))
-    except (OSError, ValueError) as e:
+        sim_trace = json.loads(read_input(run_dir / "trace.json.gz", source=f"{run_dir}: trace.json.gz"))
+    except (ValueError, RecursionError) as e:
         raise TpusimError(f"cannot read trace.json.gz: {e.__class__.__name__}", source=str(run_dir)) from None
+    events = sim_trace.get("traceEvents") if isinstance(sim_trace, dict) else None
+    if not isinstance(events, list) or not all(isinstance(e, dict) for e in events):
+        raise TpusimError("trace.json.gz is not a trace (no list of traceEvents)", source=str(run_dir))
     _, ops, _ = _profile_step(profile)
     text = json.dumps(merged_trace(sim_trace, profile, ops), separators=(",", ":")).encode()
-    write_atomic(Path(out), gzip.compress(text, mtime=0))
+    try:
+        write_atomic(Path(out), gzip.compress(text, mtime=0))
+    except OSError as e:  # checked before the work (cli), but the disk can still fill up or vanish
+        from tpusim.safeio import os_reason
+
+        raise TpusimError(f"cannot write the trace: {os_reason(e)}", source=str(out)) from None
 
 
 def write_xprof_run(run_dir: str | Path, summary: dict, timeline: pd.DataFrame, profile: Profile,

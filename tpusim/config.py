@@ -21,14 +21,11 @@ from tpusim.errors import TpusimError
 
 
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; a missing file or bad YAML is a :class:`TpusimError` naming the file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise TpusimError("file not found", source=str(path)) from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        raise TpusimError(f"cannot read: {e.__class__.__name__}", source=str(path)) from None
+    """Parse a YAML file; a missing, unreadable or non-regular file, or bad YAML, is a
+    :class:`TpusimError` naming the file (see :func:`tpusim.safeio.read_text`)."""
+    from tpusim.safeio import read_text
+
+    text = read_text(path, what="YAML text")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -36,6 +33,10 @@ def read_yaml(path: str | Path) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise TpusimError(f"not valid YAML{where}: {problem}", source=str(path)) from None
+    except RecursionError:
+        # PyYAML composes nested collections recursively; a document nested ~1,000 deep exhausts
+        # Python's stack. No tpusim file nests more than 3 deep.
+        raise TpusimError("not a tpusim file: nested too deeply", source=str(path)) from None
 
 
 def unknown_key_reason(key: str, known: typing.Iterable[str]) -> str:

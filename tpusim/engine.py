@@ -31,6 +31,7 @@ import simpy
 from tpusim.collectives.lowering import CollectivePlan, lower
 from tpusim.collectives.timing import LinkParams, combine_overhead, link_params
 from tpusim.costmodel import ComputeParams, compute_params, op_time
+from tpusim.limits import MAX_STRAGGLER_FACTOR
 from tpusim.program import ASYNC_STREAMS, COLLECTIVE, COMPUTE, HOST, Program
 from tpusim.topology import DCN, Topology
 
@@ -312,8 +313,8 @@ def simulate(program: Program, topo: Topology, *, mode: str = "calibrated",
     """Replay ``program`` on ``topo``; ``stragglers`` maps device ids to a compute slowdown (> 1);
     ``progress(n)`` is called as the reference device completes compute ops."""
     for d, f in (stragglers or {}).items():
-        if not 0 <= d < topo.num_chips or not f > 0:
+        if not 0 <= d < topo.num_chips or not 0 < f <= MAX_STRAGGLER_FACTOR:
             from tpusim.errors import TpusimError
-            raise TpusimError(f"device {d} slowed by {f}: devices are 0..{topo.num_chips - 1}, factors > 0",
-                              source="--straggler")
+            raise TpusimError(f"device {d} slowed by {f}: devices are 0..{topo.num_chips - 1}, factors in "
+                              f"(0, {MAX_STRAGGLER_FACTOR:g}]", source="--straggler")
     return Engine(program, topo, mode=mode, stragglers=stragglers, progress=progress).run()

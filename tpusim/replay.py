@@ -25,7 +25,8 @@ from tpusim.chips import get_chip
 from tpusim.engine import simulate
 from tpusim.errors import TpusimError
 from tpusim.hlo.importer import group_axes, host_copy_kind
-from tpusim.hlo.parse import array_bytes, array_shapes
+from tpusim.hlo.parse import DTYPE_BYTES, array_bytes, array_shapes
+from tpusim.limits import MAX_BYTES
 from tpusim.program import COLLECTIVE, COMPUTE, HOST, Memory, Op, Program
 from tpusim.profiles import Profile, op_stats, replica_groups
 from tpusim.timeline import timeline_frame
@@ -130,7 +131,13 @@ def _module_program(profile: Profile, module: str, topo: Topology, to_chip) -> P
         if kind is not None:
             result = array_shapes(text.split("=", 1)[1].split("(")[0]) if "=" in text else []
             operand = array_shapes(text.split("(", 1)[1]) if "(" in text else []
+            for dtype, dims in result + operand:
+                if any(d < 0 for d in dims) or math.prod(dims) * DTYPE_BYTES[dtype] > MAX_BYTES:
+                    raise TpusimError(f"{r.name}: the array {dtype}{list(dims)} is negative or more than 1 PB, "
+                                      "tpusim's limit", source=profile.source)
             v = sum(array_bytes(*a) for a in (result if kind == "all-gather" else operand[:1] or result))
+            if not v > 0:
+                continue  # moves nothing (an empty array): nothing to simulate
             groups = replica_groups(text) or [list(range(topo.num_chips))]
             axes = group_axes(topo, [to_chip(d) for d in groups[0]], topo.num_chips)
             i = len(ops)
@@ -151,11 +158,36 @@ def _module_program(profile: Profile, module: str, topo: Topology, to_chip) -> P
                    tokens_per_step=0.0, memory=zero, hbm_capacity_bytes=topo.chip.hbm_bytes)
 
 
+def _check_topology(profile: Profile, topo: Topology, n_devices: int) -> None:
+    """A replay compares with the profile's measured times, so it runs on the profile's chip and on at
+    least as many chips as the profile's collectives name: refuse any other --topology."""
+    try:
+        chip = chip_of(profile)
+    except TpusimError:
+        chip = None  # the profile does not say (a CPU capture, a trace JSON): the user's chip stands
+    if chip is not None and chip != topo.chip.name:
+        raise TpusimError(f"the profile ran on {chip}, not {topo.chip.name}: a replay is judged against the measured "
+                          f"times, so it runs on the profile's chip (give --topology {chip}:SHAPE, or leave it out)",
+                          source="--topology")
+    if n_devices > topo.num_chips * topo.chip.cores_per_chip:
+        raise TpusimError(f"the profile's collectives span {n_devices} devices but {topo.name} has "
+                          f"{topo.num_chips} chip{'s' if topo.num_chips > 1 else ''}", source="--topology")
+
+
 def replay(profile: Profile, *, topology: Topology | None = None, mode: str = "calibrated") -> Replay:
     """Simulate every module of ``profile`` and compare op by op (median of the measured occurrences)."""
+    try:
+        return _replay(profile, topology=topology, mode=mode)
+    except TpusimError as e:
+        raise e.within(profile.source) from None
+
+
+def _replay(profile: Profile, *, topology: Topology | None, mode: str) -> Replay:
     stats = op_stats(profile)
     groups = [g for text in stats.long_name.dropna() for g in (replica_groups(text) or [])]
     n = max([len(profile.devices)] + [max(g) + 1 for g in groups if g])
+    if topology is not None:
+        _check_topology(profile, topology, n)
     topo = topology or profile_topology(profile, n)
     to_chip = _device_to_chip(topo, len(profile.devices)) if n > len(profile.devices) else (lambda d: d)
     rows, module_rows = [], []
@@ -198,21 +230,17 @@ def replay_pod_viewer(path, *, mode: str = "calibrated") -> pd.DataFrame:
     both cores' shards: V per chip is cores x V (the exchange between a chip's two cores is on the
     chip and not modelled).
     """
-    import json
-    from pathlib import Path
-
     from tpusim.collectives import collective_time, link_params
-    from tpusim.profiles import read_pod_viewer
+    from tpusim.profiles.podviewer import load_pod_viewer, pod_viewer_slice, read_pod_viewer
     from tpusim.topology import parse_topology
 
     entries = read_pod_viewer(path)
-    env = json.loads(Path(path).read_text()).get("runEnvironment", {})
-    dims = env.get("topology", {})
+    tpu_type, x, y = pod_viewer_slice(load_pod_viewer(path), source=str(path))
     try:
-        chip = get_chip(env.get("tpuType", "")).name
+        chip = get_chip(tpu_type).name
     except TpusimError:
         chip = "v2"  # the pod viewer's own demo is a v2
-    topo = parse_topology(f"{chip}:{int(dims.get('xDimension', 2))}x{int(dims.get('yDimension', 2))}")
+    topo = parse_topology(f"{chip}:{x}x{y}", source=f"{path}: runEnvironment.topology")
     lp = link_params(topo, mode, in_step=True)  # timed inside the step
     rows = []
     for name, g in entries.groupby("name", sort=False):
@@ -223,7 +251,8 @@ def replay_pod_viewer(path, *, mode: str = "calibrated") -> pd.DataFrame:
                      "measured_s": float(g.duration_s.median()),
                      "simulated_s": collective_time(plan, lp)})
     out = pd.DataFrame(rows)
-    out["rel_error"] = out.simulated_s / out.measured_s - 1
+    measured = out.measured_s.where(out.measured_s > 0)  # a 0 us measurement has no relative error
+    out["rel_error"] = out.simulated_s / measured - 1
     return out
 
 

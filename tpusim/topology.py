@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from tpusim.chips import ChipSpec, get_chip
 from tpusim.errors import TpusimError
+from tpusim.limits import MAX_CHIPS, MAX_SLICES
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -198,7 +199,8 @@ _SHAPE_RE = re.compile(r"^\d+(x\d+)*$")
 
 
 def parse_topology(spec: str, *, default_chip: str | None = None, slices: int = 1,
-                   dcn_oversubscription: float = 1.0, source: str = "--topology") -> Topology:
+                   dcn_oversubscription: float = 1.0, source: str = "--topology",
+                   slices_source: str = "--slices") -> Topology:
     """A topology from JAX-style ``CHIP:SHAPE`` (``v5e:16x16``, ``v5p:4x4x8``, ``tpu7x:4x4x4``).
 
     A bare ``SHAPE`` takes ``default_chip`` (e.g. the workload's chip), else v5e for 2D and v5p for 3D.
@@ -218,11 +220,13 @@ def parse_topology(spec: str, *, default_chip: str | None = None, slices: int = 
         chip = get_chip(chip_name)
     except TpusimError as e:
         raise TpusimError(e.reason, source=source) from None
-    return make_topology(chip, shape, slices=slices, dcn_oversubscription=dcn_oversubscription, source=source)
+    return make_topology(chip, shape, slices=slices, dcn_oversubscription=dcn_oversubscription, source=source,
+                         slices_source=slices_source)
 
 
 def make_topology(chip: ChipSpec, shape: tuple[int, ...], *, slices: int = 1, dcn_oversubscription: float = 1.0,
-                  wraparound: tuple[bool, ...] | None = None, source: str = "--topology") -> Topology:
+                  wraparound: tuple[bool, ...] | None = None, source: str = "--topology",
+                  slices_source: str = "--slices") -> Topology:
     """Validate ``shape`` for ``chip`` and build the topology; ``wraparound`` overrides the chip's rule."""
     shape_str = "x".join(map(str, shape))
     rank = chip.torus_rank
@@ -243,7 +247,10 @@ def make_topology(chip: ChipSpec, shape: tuple[int, ...], *, slices: int = 1, dc
         raise TpusimError(f"{chip.name} slices have power-of-two sides (1, 2, 4, 8, 16); got {shape_str}",
                           source=source)
     if not isinstance(slices, int) or slices < 1:
-        raise TpusimError(f"the number of slices must be a whole number >= 1; got {slices!r}", source="--slices")
+        raise TpusimError(f"the number of slices must be a whole number >= 1; got {slices!r}", source=slices_source)
+    if slices > MAX_SLICES or slices * math.prod(shape) > MAX_CHIPS:
+        raise TpusimError(f"{slices:,} slices of {shape_str} are {slices * math.prod(shape):,} chips; tpusim "
+                          f"simulates at most {MAX_SLICES:,} slices and {MAX_CHIPS:,} chips", source=slices_source)
     if slices > 1 and chip.dcn_bytes_per_s is None:
         raise TpusimError(f"no DCN bandwidth is known for {chip.name}, so it cannot be simulated multi-slice",
                           source="--slices")

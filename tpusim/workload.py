@@ -16,7 +16,6 @@ dataclasses; sizes of ``-1`` ("the rest") are resolved against a topology by :mo
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 from tpusim.config import read_yaml, unknown_key_reason
 from tpusim.data import data_dir
 from tpusim.errors import TpusimError
+from tpusim.limits import MAX_LAYERS, MAX_SIZE
 
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "int8": 1,
                "float8": 1, "fp8": 1}
@@ -279,6 +279,7 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
     # A model preset fills the dims the file does not give.
     preset_name = flat.get("model_name")
     if preset_name is not None:
+        preset_name = _typed(where["model_name"], preset_name, str, source)
         presets = model_presets()
         if preset_name not in presets:
             raise TpusimError(unknown_key_reason(str(preset_name), presets).replace("unknown key", "unknown model")
@@ -300,6 +301,13 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
     model = _model(values, preset_name, source, where)
     step = _step(values, source, where)
     parallelism = _parallelism(values, source, where)
+    if top.get("slices") is not None and top["slices"] < 1:
+        raise TpusimError(f"{top['slices']!r} must be a positive integer", source=source, key="slices")
+    ep = parallelism.ici.get("expert", 1)
+    if model.num_experts == 1 and ep != 1:
+        raise TpusimError(f"{ep} but the model is dense (num_experts 1): expert parallelism splits a mixture "
+                          f"of experts", source=source,
+                          key=where.get("ici_expert_parallelism", "ici_expert_parallelism"))
     name = top.get("name") or Path(source).stem
     return Workload(name=name, source=source, model=model, step=step, parallelism=parallelism,
                     chip=top.get("chip"), topology=top.get("topology"), slices=top.get("slices"),
@@ -330,6 +338,9 @@ def _positive(values, key, source, where, allow_minus_one=False):
     if v < 1 and not (allow_minus_one and v == -1):
         more = " or -1 (the rest)" if allow_minus_one else ""
         raise TpusimError(f"{v!r} must be a positive integer{more}", source=source, key=where.get(key, key))
+    if v > MAX_SIZE:
+        raise TpusimError(f"{v:.3g} is more than {MAX_SIZE:,}, tpusim's limit for a size", source=source,
+                          key=where.get(key, key))
     return v
 
 
@@ -337,6 +348,9 @@ def _model(values, preset_name, source, where) -> Model:
     for k in ("base_emb_dim", "base_num_query_heads", "base_mlp_dim", "base_num_decoder_layers", "vocab_size",
               "num_experts", "num_experts_per_tok"):
         _positive(values, k, source, where)
+    if values["base_num_decoder_layers"] > MAX_LAYERS:
+        raise TpusimError(f"{values['base_num_decoder_layers']:,} layers; tpusim compiles at most {MAX_LAYERS:,}",
+                          source=source, key=where.get("base_num_decoder_layers", "base_num_decoder_layers"))
     d, n = values["base_emb_dim"], values["base_num_query_heads"]
     k = values["base_num_kv_heads"] if values["base_num_kv_heads"] is not None else n
     if k < 1 or n % k:
@@ -348,6 +362,8 @@ def _model(values, preset_name, source, where) -> Model:
             raise TpusimError(f"head_dim not given and {d} is not divisible by {n} heads", source=source,
                               key="head_dim")
         h = d // n
+    else:
+        _positive(values, "head_dim", source, where)
     acts = values["mlp_activations"]
     if not 1 <= len(acts) <= 2:
         raise TpusimError(f"{acts!r}: one activation (plain MLP) or two (gated, e.g. [silu, linear])",
@@ -371,7 +387,7 @@ def _choice(values, key, choices, source, where):
 
 def _step(values, source, where) -> Step:
     pdbs = values["per_device_batch_size"]
-    if not pdbs > 0 or not math.isfinite(pdbs):
+    if not 0 < pdbs <= MAX_SIZE:
         raise TpusimError(f"{pdbs!r} must be a positive number", source=source,
                           key=where.get("per_device_batch_size", "per_device_batch_size"))
     for k in ("max_target_length", "num_vocab_tiling"):

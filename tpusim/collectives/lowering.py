@@ -255,7 +255,7 @@ def lower(kind: str, nbytes: float, topo: Topology, axes: tuple[Axis, ...], *, s
     """
     kind = parse_kind(kind)
     if not (isinstance(nbytes, (int, float)) and math.isfinite(nbytes) and nbytes > 0):
-        raise TpusimError(f"bytes must be a positive number; got {nbytes!r}", source="--bytes")
+        raise TpusimError(f"a collective of {nbytes!r} bytes: bytes must be a positive number")
     geoms = [_geom(topo, a) for a in axes]
     ici = [g for g in geoms if g.axis != DCN and g.size > 1]
     dcn_list = [g for g in geoms if g.axis == DCN and g.size > 1]

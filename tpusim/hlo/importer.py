@@ -16,8 +16,13 @@ What becomes what (the entry computation is walked in XLA's schedule order, ``is
   the topology's axes from the first group's device coordinates.
 * ``copy-start``/``copy-done`` into or out of host memory (memory space ``S(5)``): host copies over
   PCIe. Each ``-done`` becomes a zero-cost op that lasts while it waits, as in XLA's profiles.
-* ``while`` loops: their body, trip-count times (1 when the count cannot be read; noted).
-* bookkeeping (parameters, constants, tuples, bitcasts, ...) costs nothing.
+* ``while`` loops: their body, trip-count times (1 when the count cannot be read; noted); a module
+  that unrolls to more than ``tpusim.limits.MAX_PROGRAM_OPS`` ops is refused (:mod:`.checks`).
+* bookkeeping (parameters, constants, tuples, bitcasts, ...) costs nothing; an opcode tpusim does
+  not know is costed by its bytes and named in a note.
+
+Before any of this, :mod:`tpusim.hlo.checks` refuses what cannot be simulated honestly (a file cut
+short, a device count other than the slice's, replica groups naming devices it lacks, absurd shapes).
 """
 
 from __future__ import annotations
@@ -29,11 +34,13 @@ from pathlib import Path
 
 from tpusim.collectives.lowering import Axis, Span
 from tpusim.errors import TpusimError
+from tpusim.hlo import checks
 from tpusim.hlo.parse import (
     DTYPE_BYTES, Instr, _Analysis, _callees, _split_top, array_bytes, array_shapes, expand_replica_groups,
     extract_collectives, parse_module,
 )
 from tpusim.hlo.hbm import hbm_bytes as _hbm_bytes
+from tpusim.limits import MAX_BYTES, MAX_CONV_POSITIONS
 from tpusim.program import COLLECTIVE, COMPUTE, HOST, Memory, Op, Program
 from tpusim.topology import Topology
 
@@ -60,19 +67,16 @@ def layer_and_phase(ins: Instr) -> tuple[int, str]:
 
 
 def read_hlo(path: str | Path) -> str:
-    """HLO text from a ``.hlo.txt`` (or ``.gz``) file; a TpusimError names the file if it is not HLO."""
-    import gzip
+    """HLO text from a ``.hlo.txt`` (or ``.gz``) file; a TpusimError names the file if it is not HLO
+    (or not a readable regular file, or larger than tpusim's input limit; see :mod:`tpusim.safeio`)."""
+    from tpusim.safeio import read_text
 
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-        text = gzip.decompress(raw).decode() if raw[:2] == b"\x1f\x8b" else raw.decode()
-    except FileNotFoundError:
-        raise TpusimError("file not found", source=str(path)) from None
-    except (OSError, UnicodeDecodeError, EOFError) as e:
-        raise TpusimError(f"cannot read HLO text: {e.__class__.__name__}", source=str(path)) from None
-    if not re.search(r"^HloModule\s", text, re.M) or "ENTRY" not in text:
-        raise TpusimError("not HLO text (no 'HloModule' header or no ENTRY computation)", source=str(path))
+    text = read_text(path, what="HLO text")
+    if not re.search(r"^HloModule\s", text, re.M):
+        raise TpusimError("not HLO text (no 'HloModule' header)", source=str(path))
+    if "ENTRY" not in text:
+        raise TpusimError("HLO without an ENTRY computation: the file is cut short, or not a whole module",
+                          source=str(path))
     return text
 
 
@@ -88,15 +92,26 @@ def _window(attr: str, key: str, n: int, default: int) -> list[int]:
 
 
 def _valid_taps(in_size: int, out_size: int, k: int, stride: int, pad_lo: int, dilate: int) -> int:
-    """(output position, kernel tap) pairs that read a real input element, not padding or a dilation hole."""
+    """(output position, kernel tap) pairs that read a real input element, not padding or a dilation hole.
+
+    Output position ``o`` reads dilated input positions ``x = o * stride - pad_lo + t`` for taps
+    ``t < k``; the real ones are the multiples of ``dilate`` in ``[0, extent)``. Counted per position
+    in closed form (multiples of d in [lo, hi) = ceil(hi/d) - ceil(lo/d)), vectorised over positions,
+    so a huge window costs nothing and a long output at most :data:`MAX_CONV_POSITIONS` steps.
+    """
+    import numpy as np
+
+    if out_size > MAX_CONV_POSITIONS or in_size > MAX_CONV_POSITIONS * max(1, stride):
+        raise TpusimError(f"a convolution with {max(out_size, in_size):,} positions along one spatial dimension; "
+                          f"tpusim counts its taps for at most {MAX_CONV_POSITIONS:,}")
+    if in_size < 1 or out_size < 1 or k < 1 or stride < 1 or dilate < 1:
+        return 0
     extent = (in_size - 1) * dilate + 1
-    count = 0
-    for o in range(out_size):
-        for t in range(k):
-            x = o * stride + t - pad_lo
-            if 0 <= x < extent and x % dilate == 0:
-                count += 1
-    return count
+    o = np.arange(out_size, dtype=np.int64)
+    start = o * stride - pad_lo
+    lo = np.clip(start, 0, extent)
+    hi = np.clip(start + k, 0, extent)
+    return int(np.maximum(0, -(-hi // dilate) - -(-lo // dilate)).sum())
 
 
 def _matmul_flops(ins: Instr, an: _Analysis) -> tuple[float, tuple[int, int, int] | None]:
@@ -215,15 +230,28 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
     """The Program of one HLO module, for ``topo`` (its device count should match the module's)."""
     try:
         mod = parse_module(text)
+        if not mod.entry:
+            raise TpusimError("HLO has no ENTRY computation", source=source)
+        checks.check_shapes(mod, source=source)
+        checks.check_calls(mod, source=source)
         summary = extract_collectives(text)
+        an = _Analysis(mod)
+        checks.unrolled_ops(mod, an, FREE, source=source)
+        program = _import(mod, an, summary, topo, name=name, source=source)
+    except TpusimError as e:
+        raise e.within(source) from None
     except (ValueError, IndexError, KeyError) as e:
-        raise TpusimError(f"HLO does not parse: {e}", source=source) from None
-    if not mod.entry:
-        raise TpusimError("HLO has no ENTRY computation", source=source)
-    an = _Analysis(mod)
-    n_dev = (mod.num_partitions or 1) * (mod.replica_count or 1)
-    if n_dev == 1:
-        n_dev = topo.num_chips
+        raise TpusimError(f"HLO does not parse: {' '.join(str(e).split())[:200]}", source=source) from None
+    if not any(o.flops > 0 or o.hbm_bytes > 0 or (o.bytes > 0 and (o.axes or o.stream == HOST))
+               for o in program.ops):
+        raise TpusimError(f"nothing to simulate on {topo.name}: the entry computation has no op that computes or "
+                          "moves data (a header alone, or collectives over one device)", source=source)
+    return program
+
+
+def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | None, source: str) -> Program:
+    n_dev = checks.module_devices(mod, topo.num_chips, topo.chip.cores_per_chip, topo.name, source=source)
+    unknown = checks.unknown_opcodes(mod)
     # Which scheduled instruction starts / ends each logical collective.
     starts: dict[str, dict] = {}
     ends: dict[str, dict] = {}
@@ -259,7 +287,16 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
             if ins.name in starts:
                 rec = starts[ins.name]
                 v = rec["result_bytes"] if rec["kind"] == "all-gather" else rec["operand_bytes"]
+                if not v > 0:
+                    continue  # of empty arrays or tokens: moves nothing (its -done, if any, is skipped too)
                 groups = replica_groups(rec.get("replica_groups"), n_dev)
+                checks.check_devices(rec["name"], groups, n_dev, source=source)
+                if rec["kind"] == "collective-permute":
+                    checks.check_devices(rec["name"], checks.permute_pairs(rec.get("source_target_pairs")), n_dev,
+                                         source=source, what="source_target_pairs")
+                if v > MAX_BYTES:
+                    raise TpusimError(f"%{rec['name']} moves {v:.3g} bytes, more than {MAX_BYTES:.0e} (1 PB), "
+                                      "tpusim's limit for one collective", source=source)
                 axes = group_axes(topo, groups[0], n_dev) if rec["kind"] != "collective-permute" else \
                     _permute_axes(topo, rec.get("source_target_pairs"), n_dev)
                 kind = rec["kind"] if rec["kind"] in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
@@ -315,7 +352,9 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
                     continue
             if ins.opcode in FREE or ins.opcode.endswith("-done"):
                 continue
-            flops, nbytes, mxu, category = _compute_cost(ins, an)
+            if ins.name not in costs:  # once per instruction, however many times a loop runs it
+                costs[ins.name] = _compute_cost(ins, an)
+            flops, nbytes, mxu, category = costs[ins.name]
             nbytes += carry.pop() if carry else 0.0
             layer, phase = layer_and_phase(ins)
             i = add(dict(name=prefix + ins.name, stream=COMPUTE, category=category, flops=flops, hbm_bytes=nbytes,
@@ -326,7 +365,11 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
     ends_copy: dict[str, int] = {}
     dmas: dict[str, tuple[int, float]] = {}
     carry: list[float] = []
+    costs: dict[str, tuple] = {}
     walk(mod.entry)
+    if unknown:
+        notes.append("opcodes tpusim does not know, simulated by their bytes alone: "
+                     + ", ".join(f"{k} (x{n})" for k, n in sorted(unknown.items())))
     if pending:  # the step ends when its last collectives and copies are done
         add(dict(name="step-end", stream=COMPUTE, category="elementwise", deps=tuple(pending)))
     flops = sum(o.flops for o in ops)

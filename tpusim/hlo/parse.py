@@ -41,6 +41,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+# Device ids an iota replica-group form may expand to (tpusim.limits.MAX_CHIPS x 8 cores; kept
+# here as a number so that this module needs nothing but the standard library).
+MAX_GROUP_DEVICES = 2**23
+
 # Base opcodes of the collectives we report.
 COLLECTIVE_KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                     "collective-permute", "collective-broadcast", "ragged-all-to-all")
@@ -209,6 +213,7 @@ def parse_module(text: str) -> Module:
         if m:
             setattr(mod, key, int(m.group(1)))
     current: str | None = None
+    broken: ValueError | None = None
     for line in text.splitlines():
         if current is None:
             m = _COMP_HEADER_RE.match(line)
@@ -221,10 +226,18 @@ def parse_module(text: str) -> Module:
         if line.strip() == "}":
             current = None
             continue
-        ins = _parse_instr(line, current)
+        try:
+            ins = _parse_instr(line, current)
+        except ValueError as e:  # reported below, unless the file is cut short (which explains it)
+            broken = broken or e
+            continue
         if ins is not None:
             mod.computations[current].append(ins)
             mod.by_name[ins.name] = ins
+    if current is not None:
+        raise ValueError(f"computation %{current} is not closed: the file is cut short")
+    if broken is not None:
+        raise broken
     return mod
 
 
@@ -288,6 +301,9 @@ def expand_replica_groups(rg: str | None, num_devices: int | None = None) -> lis
     if m:
         dims = [int(x) for x in m.group(3).split(",")]
         perm = [int(x) for x in m.group(4).split(",")] if m.group(4) else list(range(len(dims)))
+        if math.prod(dims) > MAX_GROUP_DEVICES or sorted(perm) != list(range(len(dims))):
+            raise ValueError(f"replica_groups {rg}: more than {MAX_GROUP_DEVICES:,} devices, or not a "
+                             "permutation of the dims")
         tdims = [dims[p] for p in perm]
         strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
         ids = []
@@ -397,7 +413,9 @@ class _Analysis:
         return chain
 
     def _const_int(self, ins: Instr | None) -> int | None:
-        while ins is not None and ins.opcode in ("copy", "bitcast", "convert", "reshape"):
+        for _ in range(16):  # bounded: a malformed module may make an instruction its own operand
+            if ins is None or ins.opcode not in ("copy", "bitcast", "convert", "reshape"):
+                break
             ins = self.operand_instr(ins, 0)
         if ins is None or ins.opcode != "constant":
             return None

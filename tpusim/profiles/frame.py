@@ -93,7 +93,10 @@ def replica_groups(long_name: str) -> list[list[int]] | None:
     [[0, 1], [2, 3]]
     """
     m = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?|\{(?:\{[\d,\s]*\},?\s*)*\})", long_name)
-    return expand_replica_groups(m.group(1)) if m else None
+    try:
+        return expand_replica_groups(m.group(1)) if m else None
+    except ValueError as e:  # an iota form naming millions of devices, or a bad permutation
+        raise TpusimError(" ".join(str(e).split())[:200]) from None
 
 
 def _fill_modules(df: pd.DataFrame) -> None:
@@ -122,6 +125,30 @@ def _id_array(values: pd.Series, dtype: str) -> pd.api.extensions.ExtensionArray
     return pd.array([None if x is None or pd.isna(x) else wrap(int(x)) for x in values], dtype=dtype)
 
 
+def _check_times(df: pd.DataFrame, source: str) -> None:
+    """Refuse events with a non-finite time or a negative duration (host or device clock), and
+    negative or non-finite flops or bytes: a profile cannot have them, and they would make every
+    figure computed from it meaningless."""
+    def floats(col: str) -> np.ndarray:
+        try:
+            return pd.to_numeric(df[col], errors="raise").astype(float).to_numpy()
+        except (TypeError, ValueError, OverflowError):
+            raise TpusimError(f"profile events have a non-numeric {col.removesuffix('_ps')}", source=source) from None
+
+    start, end = floats("start_ps"), floats("end_ps")
+    dev_start, dev_end = floats("device_start_ps"), floats("device_end_ps")
+    on_dev = ~np.isnan(dev_start) & ~np.isnan(dev_end)
+    bad = ~np.isfinite(start) | ~np.isfinite(end) | (end < start)
+    bad |= on_dev & (~np.isfinite(dev_start) | ~np.isfinite(dev_end) | (dev_end < dev_start))
+    for col in ("flops", "bytes"):
+        v = floats(col)
+        bad |= ~np.isnan(v) & (~np.isfinite(v) | (v < 0))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise TpusimError(f"{int(bad.sum()):,} events have a negative duration or a non-finite time, flops or bytes "
+                          f"(the first: {str(df.name.iloc[i])[:60]!r} on device {df.device.iloc[i]})", source=source)
+
+
 def timeline_frame(rows: list[dict], *, source: str) -> pd.DataFrame:
     """The simulator's timeline columns from raw reader rows (see the module docstring for clocks).
 
@@ -135,6 +162,7 @@ def timeline_frame(rows: list[dict], *, source: str) -> pd.DataFrame:
     # Ids as Python ints in object columns: XLA program ids exceed int64 and float64 would round them.
     df = pd.DataFrame({c: pd.Series([r.get(c) for r in rows], dtype=object if c in _IDS else None)
                        for c in RAW_COLUMNS})
+    _check_times(df, source)
     is_mod = df.stream == MODULES
     for i in df.index[is_mod]:
         m = _MODULE_NAME.match(df.at[i, "name"])

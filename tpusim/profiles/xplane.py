@@ -23,6 +23,7 @@ from pathlib import Path
 from google.protobuf.message import DecodeError
 
 from tpusim.errors import TpusimError
+from tpusim.limits import MAX_CHIPS
 from tpusim.profiles._messages import message_classes
 from tpusim.profiles.frame import Device
 from tpusim.profiles.hloproto import HloModule, parse_hlo_module
@@ -55,12 +56,9 @@ _HLO_NAME = re.compile(r"^%([^\s=]+) = ")  # "%fusion.16 = f32[...] fusion(...)"
 
 def load_xspace(path: Path) -> XSpace:
     """The XSpace message in ``path``; a TpusimError names the file if it is missing, empty or corrupt."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise TpusimError("file not found", source=str(path)) from None
-    except OSError as e:
-        raise TpusimError(f"cannot read the file ({e.strerror})", source=str(path)) from None
+    from tpusim.safeio import read_input
+
+    data = read_input(path, decompress=False)  # regular files only, at most tpusim's input limit
     if not data:
         raise TpusimError("empty file (0 bytes), not an XSpace profile", source=str(path))
     try:
@@ -98,10 +96,17 @@ def _op_name(meta) -> str:
 def _device(plane, plane_stats: dict) -> Device:
     tflops = plane_stats.get("peak_teraflops_per_second")
     hbm_gbs = plane_stats.get("peak_hbm_bw_gigabytes_per_second")
-    return Device(id=int(_TPU_PLANE.match(plane.name)[1]), name=plane.name,
+    return Device(id=_plane_device(plane), name=plane.name,
                   kind=plane_stats.get("device_type_string"),
                   peak_flops_per_s=tflops * 1e12 if tflops else None,   # TFLOP/s -> FLOP/s
                   hbm_bytes_per_s=hbm_gbs * 1e9 if hbm_gbs else None)    # GB/s -> bytes/s
+
+
+def _plane_device(plane) -> int:
+    d = int(_TPU_PLANE.match(plane.name)[1])
+    if d >= 8 * MAX_CHIPS:
+        raise TpusimError(f"plane {plane.name[:40]!r}: device ids are 0..{8 * MAX_CHIPS - 1}")
+    return d
 
 
 def _row(device: int, stream: str, line_ps: int, event, meta, st: dict) -> dict:
@@ -124,7 +129,7 @@ def _plane_rows(plane, *, cpu: bool, origin_ps: int) -> list[dict]:
     names = {k: v.name for k, v in plane.stat_metadata.items()}
     if cpu and "hlo_op" not in names.values():
         return []  # a host plane without XLA CPU ops (e.g. the host of a TPU capture)
-    device = None if cpu else int(_TPU_PLANE.match(plane.name)[1])
+    device = None if cpu else _plane_device(plane)
     meta_stats = {k: stats_of(m.stats, names) for k, m in plane.event_metadata.items() if m.stats}
     rows = []
     for line in plane.lines:
@@ -138,7 +143,11 @@ def _plane_rows(plane, *, cpu: bool, origin_ps: int) -> list[dict]:
             meta = plane.event_metadata[ev.metadata_id]
             st = {**meta_stats.get(ev.metadata_id, {}), **st}
             if cpu:
-                rows.append(_row(int(st.get("device_ordinal", 0)), "XLA Ops", line_ps, ev, meta, st))
+                ordinal = st.get("device_ordinal", 0)
+                if not isinstance(ordinal, int) or not 0 <= ordinal < 8 * MAX_CHIPS:
+                    raise TpusimError(f"an XLA CPU op on device_ordinal {ordinal!r}: ordinals are "
+                                      f"0..{8 * MAX_CHIPS - 1}")
+                rows.append(_row(ordinal, "XLA Ops", line_ps, ev, meta, st))
             else:
                 rows.append(_row(device, line.name, line_ps, ev, meta, st))
     return rows
@@ -165,6 +174,13 @@ def read_xplane(path: Path) -> tuple[list[dict], list[Device], dict[str, HloModu
     TpusimError
         The file is missing, empty or not an XSpace, or it has no TPU plane and no XLA CPU ops.
     """
+    try:
+        return _read_xplane(path)
+    except TpusimError as e:
+        raise e.within(str(path)) from None
+
+
+def _read_xplane(path: Path) -> tuple[list[dict], list[Device], dict[str, HloModule]]:
     space = load_xspace(path)
     # Line timestamps may be Unix-epoch nanoseconds (~1e21 ps, beyond float64's exact integers):
     # times are taken from the earliest line in exact integer arithmetic, before any float.

@@ -86,7 +86,7 @@ class StepModel:
         self.sw, self.topo, self.mode = sw, topo, mode
         w = sw.workload
         self.mesh = mesh = resolve_mesh(w.parallelism, topo, source=w.source)
-        self.sh = sh = derive_shapes(w, mesh, topo.num_chips)
+        self.sh = derive_shapes(w, mesh, topo.num_chips)
         self.tp, self.ep = mesh.ici["tensor"], mesh.ici["expert"]
         self.replica_chips = self.tp * self.ep
         self.replicas = topo.num_chips // self.replica_chips
