@@ -52,3 +52,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if counts:
         detail = ", ".join(f"{k} {v} ({ok.get(k, 0)} ok)" for k, v in sorted(counts.items()))
         terminalreporter.write_line(f"fuzz: {sum(counts.values()):,} generated inputs through the CLI ({detail})")
+
+
+def copy_run_folder(run_dir: Path, dest: Path) -> Path:
+    """A copy of a run folder (``tpusim run --out``), subfolders included."""
+    import shutil
+
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def reseal_run_folder(folder: Path) -> None:
+    """Rewrite ``manifest.json`` with the sizes of the files it lists as they are now: a folder that is
+    complete but whose contents are wrong (what the content checks of ``tpusim compare`` are for, once
+    the manifest check has passed)."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"] = {name: (folder / name).stat().st_size for name in manifest["files"] if (folder / name).is_file()}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")

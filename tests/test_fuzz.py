@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tpusim.cli import INTERNAL_ERROR, main
+from conftest import copy_run_folder, reseal_run_folder
 
 REPO = Path(__file__).resolve().parent.parent
 V6E = REPO / "traces" / "real" / "tpu-v6e-host-offload"
@@ -441,16 +442,14 @@ def fuzz_compare(run_dir, small_trace, factor=1):
     @given(st.data())
     def t(data):
         with tempfile.TemporaryDirectory() as tmp:
-            run = Path(tmp) / "run"
-            run.mkdir()
-            for f in run_dir.iterdir():
-                (run / f.name).write_bytes(f.read_bytes())
+            run = copy_run_folder(run_dir, Path(tmp) / "run")
             target = data.draw(st.sampled_from(["summary", "timeline", "trace", "profile"]))
             if target == "summary":
                 write(run, "summary.json", json.dumps(mutate_tree(data, summary)))
             elif target in ("timeline", "trace"):
                 name = "timeline.parquet" if target == "timeline" else "trace.json.gz"
                 write(run, name, mutate_bytes(data, (run / name).read_bytes()))
+            reseal_run_folder(run)  # past the manifest check, to the content checks
             events = copy.deepcopy(small_trace)
             if target == "profile":
                 i = data.draw(st.integers(0, len(events) - 1))

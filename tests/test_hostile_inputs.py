@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from tpusim.cli import INTERNAL_ERROR, main
+from conftest import copy_run_folder, reseal_run_folder
 
 REPO = Path(__file__).resolve().parent.parent
 HOSTILE = REPO / "tests" / "data" / "hostile"
@@ -255,10 +256,7 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def _copy_run(run_dir: Path, dest: Path) -> Path:
-    dest.mkdir()
-    for f in run_dir.iterdir():
-        (dest / f.name).write_bytes(f.read_bytes())
-    return dest
+    return copy_run_folder(run_dir, dest)
 
 
 def test_compare_bad_run_folders(tmp_path, run_dir):
@@ -267,21 +265,26 @@ def test_compare_bad_run_folders(tmp_path, run_dir):
     profile = V6E / "tpu_inference_2.xplane.pb"
     d = _copy_run(run_dir, tmp_path / "no_parquet")
     (d / "timeline.parquet").unlink()
-    refused(invoke("compare", d, profile), "timeline.parquet missing")
+    refused(invoke("compare", d, profile), "timeline.parquet is missing")
     d = _copy_run(run_dir, tmp_path / "empty_summary")
     (d / "summary.json").write_text("{}")
+    reseal_run_folder(d)  # complete by its manifest, wrong inside
     refused(invoke("compare", d, profile), "no positive step_time_s")
     d = _copy_run(run_dir, tmp_path / "null_summary")
     (d / "summary.json").write_text("null")
+    reseal_run_folder(d)  # complete by its manifest, wrong inside
     refused(invoke("compare", d, profile), "no positive step_time_s")
     d = _copy_run(run_dir, tmp_path / "wrong_columns")
     pd.DataFrame({"a": [1]}).to_parquet(d / "timeline.parquet")
+    reseal_run_folder(d)  # complete by its manifest, wrong inside
     refused(invoke("compare", d, profile), "no integer column 'device'")
     d = _copy_run(run_dir, tmp_path / "empty_timeline")
     pd.read_parquet(d / "timeline.parquet").iloc[:0].to_parquet(d / "timeline.parquet")
+    reseal_run_folder(d)  # complete by its manifest, wrong inside
     refused(invoke("compare", d, profile), "no rows")
     d = _copy_run(run_dir, tmp_path / "garbage_parquet")
     (d / "timeline.parquet").write_bytes(b"PAR1 not really")
+    reseal_run_folder(d)  # complete by its manifest, wrong inside
     refused(invoke("compare", d, profile), "timeline.parquet does not read")
     before = sorted(p.name for p in tmp_path.rglob("*"))
     refused(invoke("compare", run_dir, REPO / "traces/real/tpu-v2-pod-demo/cloud-tpu-v2.pod_viewer.json"),

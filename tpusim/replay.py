@@ -268,7 +268,11 @@ def pod_viewer_plan(kind: str, data_bytes: float, topo: Topology, *, description
     opcode = re.search(r"\s([a-z][\w\-]*)\(", description.partition("=")[2])
     if opcode:  # result shapes before the opcode, operand shapes inside its parentheses
         text = description.partition("=")[2]
-        result = sum(array_bytes(*a) for a in array_shapes(text[:opcode.start()]))
-        operand = sum(array_bytes(*a) for a in array_shapes(text[opcode.end():].split("), ")[0]))
-        v = max(result, operand) or v
+        try:
+            result = sum(array_bytes(*a) for a in array_shapes(text[:opcode.start()]))
+            operand = sum(array_bytes(*a) for a in array_shapes(text[opcode.end():].split("), ")[0]))
+        except (ValueError, KeyError):  # the description is a hint from the file: unreadable, use dataSize
+            result = operand = 0
+        if 0 < max(result, operand) <= MAX_BYTES:
+            v = max(result, operand)
     return v, lower(kind, v * topo.chip.cores_per_chip, topo, topo.axis_names)
