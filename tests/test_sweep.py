@@ -101,7 +101,10 @@ def test_same_rows_serially_and_in_processes(small):
 
 def test_same_rows_on_ray(small):
     import ray  # in the test extra: this test must run, not skip
+    from tpusim.sweepworkers import RAY_BATCH
+
     sweep = make_sweep(small, GRID)
+    assert sweep.size % RAY_BATCH and sweep.size > RAY_BATCH  # batches of configurations, the last one partial
     serial = _frame(run_sweep(sweep, workers=1))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

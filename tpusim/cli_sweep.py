@@ -129,7 +129,10 @@ def _check_workers(workers: int | None) -> None:
 def register(main: click.Group) -> None:
     """Add ``sweep`` and ``search`` to the ``tpusim`` command group."""
     from tpusim.cli import _emit, _json_option, _mode_option
-    from tpusim.sweep import MAX_GRID
+
+    # tpusim.sweep (pandas, pyarrow, the engine) is imported inside the commands, never here: every
+    # command, --help included, would pay its 0.5 s. test_startup checks this number is sweep.MAX_GRID.
+    max_grid = 2000
 
     ray_option = click.option("--ray", "ray_address", metavar="auto|ADDRESS",
                               help="run on Ray: auto = the running cluster (RAY_ADDRESS, or the last one started "
@@ -148,7 +151,7 @@ def register(main: click.Group) -> None:
                                                 "same command again to resume")
     @workers_option
     @ray_option
-    @click.option("--yes", is_flag=True, help=f"run grids of more than {MAX_GRID:,} configurations")
+    @click.option("--yes", is_flag=True, help=f"run grids of more than {max_grid:,} configurations")
     @_json_option
     @click.pass_context
     def sweep(ctx: click.Context, spec: str, topology: str | None, vary_items: tuple[str, ...], slices: int | None,

@@ -17,12 +17,14 @@ import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
-
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from tpusim.chips import ChipSpec, get_chip
 from tpusim.errors import TpusimError
 from tpusim.limits import MAX_CHIPS, MAX_SLICES
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 AXIS_NAMES = ("x", "y", "z")
 DCN = "dcn"
@@ -278,6 +280,8 @@ def build_graph(topo: Topology) -> nx.MultiDiGraph:
     Coordinates are built by hand rather than with ``nx.grid_graph``, whose ``dim`` lists axes in
     reverse and which merges the two links of a wrapped axis of length 2 into one.
     """
+    import networkx as nx  # here, not at the top: 0.1-0.25 s of start-up that only this function needs
+
     chip = topo.chip
     g = nx.MultiDiGraph(name=topo.name)
     for cid in range(topo.num_chips):

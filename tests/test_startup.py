@@ -1,0 +1,69 @@
+"""Start-up: each command imports only what it needs (issue 13). Not timed (timings live in
+``python -m tpusim.bench``): these check which heavy modules a command loads, which does not depend on
+how busy the machine is. pandas + pyarrow, altair, networkx and vl-convert cost 0.1-2.4 s each to
+import; ``tpusim --help`` and ``tpusim run`` without ``--out`` need none of them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEAVY = ("pandas", "pyarrow", "altair", "networkx", "vl_convert", "tpusim.sweep", "tpusim.plots")
+
+_CHILD = """
+import json, sys
+from tpusim.cli import main
+try:
+    main(sys.argv[1:], standalone_mode=False)
+except SystemExit:
+    pass
+sys.stdout.flush()
+print("\\n@@" + json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {heavy!r}
+                                  or m in {heavy!r})))
+"""
+
+
+def _loaded(*args: str, expect: str = "") -> set[str]:
+    code = _CHILD.format(heavy=set(HEAVY) | {m.split(".")[0] for m in HEAVY if not m.startswith("tpusim")})
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT, check=True)
+    printed, mods = out.stdout.rsplit("@@", 1)
+    assert expect in printed, out.stdout + out.stderr  # the command ran to its end
+    mods = json.loads(mods)
+    return {m for m in mods if m in HEAVY or m.split(".")[0] in {"pandas", "pyarrow", "altair", "networkx",
+                                                                   "vl_convert"}}
+
+
+def test_help_imports_nothing_heavy():
+    assert _loaded("--help", expect="Commands:") == set()
+
+
+def test_sweep_help_imports_nothing_heavy():
+    assert _loaded("sweep", "--help", expect="--vary") == set()
+
+
+def test_run_without_out_imports_nothing_heavy():
+    assert _loaded("run", "workloads/fsdp_70b.yaml", "--topology", "16x16", expect="step time") == set()
+
+
+def test_sweep_help_names_the_grid_limit():
+    """cli_sweep writes the limit without importing tpusim.sweep; it must be the one sweep enforces."""
+    from tpusim.sweep import MAX_GRID
+
+    out = subprocess.run([sys.executable, "-m", "tpusim", "sweep", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, check=True).stdout
+    assert f"more than {MAX_GRID:,}" in " ".join(out.split())
+
+
+def test_run_out_keeps_jsonschema_from_building_the_iri_grammar(tmp_path):
+    """``run --out`` imports altair (for report.html) without ``rfc3987-syntax`` (a 1.6 s grammar at
+    import, when jupyterlab installed it): blocked in the command's process, whether installed or not."""
+    code = ("import sys\nfrom tpusim.cli import main\ntry:\n    main(sys.argv[1:], standalone_mode=False)\n"
+            "finally:\n    print('rfc3987_syntax' in sys.modules, sys.modules.get('rfc3987_syntax'), "
+            "'altair' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, "run", "workloads/fsdp_70b.yaml", "--topology", "16x16",
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.split("\n")[-2] == "True None True", out.stdout + out.stderr
+    assert (tmp_path / "run" / "report.html").stat().st_size > 0
