@@ -178,3 +178,14 @@ def test_bad_out_is_one_line_exit_2_and_nothing_written(case, tmp_path):
         assert os.listdir(target) == ["notes.txt"]
     else:
         assert not target.exists()
+
+
+def test_a_profile_directory_is_replayed_from_its_xplane(tmp_path):
+    run_dir = tmp_path / "logdir" / "plugins" / "profile" / "2026_01_01"
+    run_dir.mkdir(parents=True)
+    shutil.copy(V6E, run_dir / "host.xplane.pb")
+    out = tmp_path / "out"
+    assert invoke("replay", tmp_path / "logdir", "--out", out).exit_code == 0
+    run = out / "plugins" / "profile" / "replay"
+    assert (run / "measured.xplane.pb").read_bytes() == V6E.read_bytes()
+    assert metadata_plane((run / "simulated.xplane.pb").read_bytes()) == metadata_plane(V6E.read_bytes())

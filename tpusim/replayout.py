@@ -43,17 +43,21 @@ def _varint(data: bytes, i: int) -> tuple[int, int]:
 
 
 def raw_planes(data: bytes) -> list[bytes]:
-    """The serialized XPlanes of a serialized XSpace, as they are in it (field 1; XSpace's fields are
-    all length-delimited), so a plane can be copied without re-encoding it."""
+    """The serialized XPlanes of a serialized XSpace (field 1), as they are in it, so a plane can be
+    copied without re-encoding it. ``data`` has parsed as an XSpace; other fields are skipped."""
     planes, i = [], 0
     while i < len(data):
         tag, i = _varint(data, i)
-        if tag & 7 != 2:
-            raise ValueError(f"XSpace field {tag >> 3} has wire type {tag & 7}, not length-delimited")
-        size, i = _varint(data, i)
-        if tag >> 3 == 1:
-            planes.append(data[i:i + size])
-        i += size
+        wire = tag & 7
+        if wire == 0:
+            _, i = _varint(data, i)
+        elif wire in (1, 5):  # fixed 64 / 32 bits
+            i += 8 if wire == 1 else 4
+        else:  # length-delimited (XSpace's own fields are all so)
+            size, i = _varint(data, i)
+            if tag >> 3 == 1:
+                planes.append(data[i:i + size])
+            i += size
     return planes
 
 
