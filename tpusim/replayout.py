@@ -110,12 +110,19 @@ def replay_xspace_bytes(result, profile: Profile, data: bytes | None = None, *, 
     ``.xplane.pb``) as it is."""
     pids = _program_ids(profile)
     stats = _profile_op_stats(XSpace.FromString(data)) if data else {}
+    t = profile.timeline
+    on_ops = {m: set(g) for m, g in t[t.stream == "XLA Ops"].groupby("module").name}
     runs, frames, at_ns = [], [], 0
     for module, simulated_s in zip(result.module_times.module, result.module_times.simulated_s):
         df = result.timelines.get(module)
         if df is None or not len(df):
             continue
         rows = df[(df.device == df.device.min()) & (df.name != MODULE_END)].copy()  # device 0's HLO ops
+        # A collective the profile ran on its XLA Ops line (a synchronous one, jit__psum's all-reduce) goes
+        # there too: on XLA Collectives, XProf's op profile would book its time as idle.
+        sync = (rows.stream == "Async XLA Ops") & ~rows.category.str.startswith("copy") & rows.name.isin(
+            on_ops.get(module, ()))
+        rows.loc[sync, "stream"] = "XLA Ops"
         dur_ns = int(to_ns(simulated_s))
         rows["start_s"] += at_ns * 1e-9
         rows["end_s"] += at_ns * 1e-9
