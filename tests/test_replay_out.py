@@ -161,7 +161,7 @@ def test_two_identical_replays_write_identical_bytes(written, tmp_path):
     assert sim_pb(again).read_bytes() == sim_pb(out).read_bytes()
 
 
-@pytest.mark.parametrize("case", ["file", "foreign", "pod_viewer"])
+@pytest.mark.parametrize("case", ["file", "foreign", "pod_viewer", "the profile's logdir"])
 def test_bad_out_is_one_line_exit_2_and_nothing_written(case, tmp_path):
     target = tmp_path / "target"
     profile = V6E
@@ -170,8 +170,12 @@ def test_bad_out_is_one_line_exit_2_and_nothing_written(case, tmp_path):
     elif case == "foreign":
         target.mkdir()
         (target / "notes.txt").write_text("mine")
-    else:
+    elif case == "pod_viewer":
         profile = REAL_TRACES / "tpu-v2-pod-demo" / "cloud-tpu-v2.pod_viewer.json"
+    else:  # a logdir has plugins/, as a run folder has: replacing it would delete the profile
+        profile = target / "plugins" / "profile" / "run1" / "host.xplane.pb"
+        profile.parent.mkdir(parents=True)
+        shutil.copy(V6E, profile)
     before = sorted(os.listdir(tmp_path))
     r = invoke("replay", profile, "--out", target)
     assert r.exit_code == 2
@@ -181,8 +185,12 @@ def test_bad_out_is_one_line_exit_2_and_nothing_written(case, tmp_path):
         assert target.read_text() == "mine"
     elif case == "foreign":
         assert os.listdir(target) == ["notes.txt"]
-    else:
+    elif case == "pod_viewer":
         assert not target.exists()
+    else:
+        assert "holds the profile being replayed" in r.output
+        assert [p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()] == \
+            ["plugins/profile/run1/host.xplane.pb"]
 
 
 def test_a_profile_directory_is_replayed_from_its_xplane(tmp_path):

@@ -404,6 +404,10 @@ def replay(profile: str, topology: str | None, mode: str, out_dir: str | None, a
 
         prof = read_profile(profile)
         topo = parse_topology(topology) if topology else None
+        if out_dir:
+            from tpusim.replayout import check_out
+
+            check_out(out_dir, prof)
         folder = _prepare_out(out_dir) if out_dir else None  # before simulating, after what can be refused
         try:
             result = run_replay(prof, topology=topo, mode=mode)
@@ -438,9 +442,9 @@ def replay(profile: str, topology: str | None, mode: str, out_dir: str | None, a
                      f"{r.simulated_s * 1e3:>10.3f}ms{err}")
     lines.append(f"  median |error| {med:.1%} (ops of at least 1 us)")
     if out_dir:
-        lines.append(f"  wrote        {out_dir}/ (xprof --logdir {out_dir}: run replay, hosts simulated"
-                     + (", measured)" if prof.format == "xplane" else "; a trace JSON has no HLO modules, so no "
-                        "graph or memory viewer)"))
+        lines.append(f"  wrote        {out_dir}/ (xprof --logdir {out_dir}: run replay, "
+                     + ("hosts simulated, measured)" if prof.format == "xplane" else "host simulated; a trace JSON "
+                        "has no HLO modules, so no graph or memory viewer)"))
     _emit(as_json, payload, "\n".join(lines))
 
 

@@ -140,6 +140,17 @@ def replay_xspace_bytes(result, profile: Profile, data: bytes | None = None, *, 
     return out + _field(1, meta) if meta is not None else out  # a repeated field: appended, it is one more plane
 
 
+def check_out(out_dir: str | Path, profile: Profile) -> None:
+    """Refuse an ``--out`` folder holding the profile: it is replaced whole (a profile's logdir has a
+    ``plugins`` folder, as a run folder does, so :class:`tpusim.runfolder.RunFolder` alone would take it)."""
+    from tpusim.errors import TpusimError
+
+    out = Path(out_dir).resolve()
+    if out in Path(profile.source).resolve().parents:
+        raise TpusimError(f"holds the profile being replayed ({profile.source}); the folder is replaced whole, so "
+                          "choose a new or empty one", source=f"--out {out_dir}")
+
+
 def write_replay(out: Path, result, profile: Profile, summary_json: str) -> Path:
     """Write ``out/replay.json`` (``summary_json``) and ``out/plugins/profile/replay/`` (see the module
     docstring); returns the XProf run's folder. ``out`` is a new folder (:class:`tpusim.runfolder.RunFolder`)."""
