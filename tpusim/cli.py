@@ -376,14 +376,20 @@ def _skip_iri_grammar() -> None:
 @click.argument("profile", metavar="PROFILE")
 @click.option("--topology", "-t", "topology", metavar="CHIP:SHAPE", help="default: read from the profile")
 @_mode_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="write replay.json and plugins/profile/replay/ (hosts simulated and measured, with the "
+                   "profile's HLO modules: xprof --logdir DIR) here")
 @_json_option
-def replay(profile: str, topology: str | None, mode: str, as_json: bool) -> None:
+def replay(profile: str, topology: str | None, mode: str, out_dir: str | None, as_json: bool) -> None:
     """Simulate what a real profile ran, op by op, and compare with the measured times.
 
     PROFILE: an .xplane.pb, a trace-viewer / Perfetto JSON, a profile directory, or a TensorBoard
     pod_viewer JSON (its collectives)."""
     from tpusim.topology import parse_topology
 
+    if out_dir and str(profile).endswith("pod_viewer.json"):
+        raise TpusimError("a pod viewer output has no timeline to write; --out takes an .xplane.pb, a trace "
+                          "JSON or a profile directory", source=f"--out {out_dir}")
     if str(profile).endswith("pod_viewer.json"):
         from tpusim.replay import replay_pod_viewer
 
@@ -397,12 +403,30 @@ def replay(profile: str, topology: str | None, mode: str, as_json: bool) -> None
         from tpusim.replay import replay as run_replay
 
         prof = read_profile(profile)
-        result = run_replay(prof, topology=parse_topology(topology) if topology else None, mode=mode)
-        df = result.ops
-        med = result.median_abs_rel_error
-        payload = {"profile": prof.source, "topology": result.topology.name, "mode": mode,
-                   "median_abs_rel_error": med, "ops": df.to_dict("records"),
-                   "modules": result.module_times.to_dict("records")}
+        topo = parse_topology(topology) if topology else None
+        if out_dir:
+            from tpusim.replayout import check_out
+
+            check_out(out_dir, prof)
+        folder = _prepare_out(out_dir) if out_dir else None  # before simulating, after what can be refused
+        try:
+            result = run_replay(prof, topology=topo, mode=mode)
+            df = result.ops
+            med = result.median_abs_rel_error
+            payload = {"profile": prof.source, "topology": result.topology.name, "mode": mode,
+                       "median_abs_rel_error": med, "ops": df.to_dict("records"),
+                       "modules": result.module_times.to_dict("records")}
+            if folder is not None:
+                from tpusim.replayout import write_replay
+
+                write_replay(folder.tmp, result, prof, dumps(payload, indent=2) + "\n")
+                folder.commit()
+                payload["out"] = str(out_dir)
+        except OSError as e:
+            raise TpusimError(f"cannot write the replay: {e.strerror or e}", source=f"--out {out_dir}") from None
+        finally:
+            if folder is not None:
+                folder.discard()
         lines = [f"{prof.source} on {result.topology.name} ({mode})"]
         for r in result.module_times.itertuples(index=False):
             lines.append(f"  module {r.module}: measured {r.measured_s * 1e3:.3f} ms, simulated "
@@ -417,6 +441,10 @@ def replay(profile: str, topology: str | None, mode: str, as_json: bool) -> None
         lines.append(f"  {str(r.name):<28}{str(kind)[:15]:<16}{r.measured_s * 1e3:>10.3f}ms"
                      f"{r.simulated_s * 1e3:>10.3f}ms{err}")
     lines.append(f"  median |error| {med:.1%} (ops of at least 1 us)")
+    if out_dir:
+        lines.append(f"  wrote        {out_dir}/ (xprof --logdir {out_dir}: run replay, "
+                     + ("hosts simulated, measured)" if prof.format == "xplane" else "host simulated; a trace JSON "
+                        "has no HLO modules, so no graph or memory viewer)"))
     _emit(as_json, payload, "\n".join(lines))
 
 

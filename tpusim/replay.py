@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ from tpusim.timeline import timeline_frame
 from tpusim.topology import Topology, make_topology
 
 KINDS = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+MODULE_END = "module-end"  # the op a module's last waits hang on: tpusim's, not an HLO op of the profile
 MIN_MEASURED_S = 1e-6  # ops shorter than this are bookkeeping (copy-starts, done ops of finished copies)
 
 
@@ -41,6 +42,8 @@ class Replay:
     topology: Topology
     ops: pd.DataFrame  # module, name, category, measured_s, simulated_s, rel_error
     module_times: pd.DataFrame  # module, measured_s, simulated_s
+    # module -> its simulated run's timeline (tpusim.timeline.timeline_frame), what replay --out writes
+    timelines: dict[str, pd.DataFrame] = field(default_factory=dict, repr=False)
 
     @property
     def median_abs_rel_error(self) -> float:
@@ -152,7 +155,7 @@ def _module_program(profile: Profile, module: str, topo: Topology, to_chip) -> P
         pending.clear()
         last = i
     if pending:
-        ops.append(Op(index=len(ops), name="module-end", stream=COMPUTE, category="elementwise", deps=tuple(pending)))
+        ops.append(Op(index=len(ops), name=MODULE_END, stream=COMPUTE, category="elementwise", deps=tuple(pending)))
     zero = Memory(params=0, grads=0, optimizer=0, activations=0, working=0, gathered_weights=0)
     return Program(name=module, ops=tuple(ops), devices=topo.num_chips, model_flops_per_step=1.0,
                    tokens_per_step=0.0, memory=zero, hbm_capacity_bytes=topo.chip.hbm_bytes)
@@ -190,11 +193,11 @@ def _replay(profile: Profile, *, topology: Topology | None, mode: str) -> Replay
         _check_topology(profile, topology, n)
     topo = topology or profile_topology(profile, n)
     to_chip = _device_to_chip(topo, len(profile.devices)) if n > len(profile.devices) else (lambda d: d)
-    rows, module_rows = [], []
+    rows, module_rows, timelines = [], [], {}
     for module in sorted(stats.module.dropna().unique()):
         prog = _module_program(profile, module, topo, to_chip)
         result = simulate(prog, topo, mode=mode)
-        df = timeline_frame(result)
+        df = timelines[module] = timeline_frame(result)
         sim_rows = df[df.stream.isin(["XLA Ops", "Async XLA Ops"])]
         sim = {}
         for r in sim_rows.itertuples(index=False):
@@ -213,7 +216,7 @@ def _replay(profile: Profile, *, topology: Topology | None, mode: str) -> Replay
     if len(ops):
         ops["rel_error"] = np.where(ops.measured_s > 0, ops.simulated_s / ops.measured_s.where(ops.measured_s > 0) - 1,
                                     np.nan)
-    return Replay(topology=topo, ops=ops, module_times=pd.DataFrame(module_rows))
+    return Replay(topology=topo, ops=ops, module_times=pd.DataFrame(module_rows), timelines=timelines)
 
 
 def replay_pod_viewer(path, *, mode: str = "calibrated") -> pd.DataFrame:

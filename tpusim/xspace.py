@@ -125,8 +125,16 @@ def _op_stats(r, pid: int, module: str) -> dict:
 
 
 def device_plane(space, plane_id: int, device: int, rows: pd.DataFrame, *, chip, module: str, pid: int,
-                 step_ns: int) -> None:
-    """Add ``/device:TPU:<device>`` with the rows of that device (timeline schema) to ``space``."""
+                 step_ns: int, runs: list[tuple[str, int, int, int]] | None = None, op_stats=None) -> None:
+    """Add ``/device:TPU:<device>`` with the rows of that device (timeline schema) to ``space``.
+
+    ``runs``: the module runs the plane holds, ``(module, program id, start ns, duration ns)`` each, with
+    ``rows`` carrying a ``run`` column (the index of the row's run) and times from the plane's start (a
+    replay's modules one after the other); by default one run of ``module`` over the step. Each run is a
+    step (its ops' ``group_id``). ``op_stats(run, name)``: stats put over an op's own, e.g. the profile's
+    ``symbol_id`` and ``long_name`` for an op the replay took from it (None: keep tpusim's)."""
+    runs = runs if runs is not None else [(module, pid, 0, int(step_ns))]
+    run_of = rows["run"].tolist() if "run" in rows else [0] * len(rows)
     p = _Plane(space.planes.add(id=plane_id, name=f"/device:TPU:{device}"))
     p.add_stats(p.plane.stats, {
         "device_type_string": DEVICE_TYPE.get(chip.name, chip.display_name),
@@ -148,27 +156,31 @@ def device_plane(space, plane_id: int, device: int, rows: pd.DataFrame, *, chip,
     keys = sorted({(s, k) for s, k in zip(stream, lanes)} | {("XLA Modules", 0), ("Steps", 0)},
                   key=lambda t: (LINE_ORDER.index(t[0]) if t[0] in LINE_ORDER else len(LINE_ORDER), t[0], t[1]))
     lines = {}
+    span_ps = max(int(a) + int(d) for _, _, a, d in runs) * 1000
     for n, (s, k) in enumerate(keys):
         lines[s, k] = p.plane.lines.add(id=n + 1, display_id=n + 1, name=lane_name(s, k), timestamp_ns=0,
-                                        duration_ps=int(step_ns) * 1000)
-    step_ps = int(step_ns) * 1000
-    ev = lines["XLA Modules", 0].events.add(metadata_id=p.metadata(f"{module}({pid})"), offset_ps=0,
-                                            duration_ps=step_ps)
-    p.add_stats(ev.stats, {"run_id": 1, "program_id": pid})
-    ev = lines["Steps", 0].events.add(metadata_id=p.metadata("0", key=("step", 0)), offset_ps=0,
-                                      duration_ps=step_ps)
-    p.add_stats(ev.stats, {"step_num": 0, "group_id": 0})
+                                        duration_ps=span_ps)
+    for n, (name, run_pid, start_ns, dur_ns) in enumerate(runs):
+        ev = lines["XLA Modules", 0].events.add(metadata_id=p.metadata(f"{name}({run_pid})"),
+                                                offset_ps=int(start_ns) * 1000, duration_ps=int(dur_ns) * 1000)
+        p.add_stats(ev.stats, {"run_id": n + 1, "program_id": run_pid})
+        ev = lines["Steps", 0].events.add(metadata_id=p.metadata(str(n), key=("step", n)),
+                                          offset_ps=int(start_ns) * 1000, duration_ps=int(dur_ns) * 1000)
+        p.add_stats(ev.stats, {"step_num": n, "group_id": n})
     group_stat = p.stat_id("group_id")
     start, end = start.tolist(), end.tolist()
     for i, r in enumerate(map(_Row._make, zip(*(rows[c].tolist() for c in _Row._fields)))):
+        run = run_of[i]
         if r.stream in ("XLA Ops", "Async XLA Ops"):  # an op: its stats as real profiles carry them
-            mid = p.metadata(r.name, r.name, _op_stats(r, pid, module), key=("op", r.op_index))
+            stats = _op_stats(r, runs[run][1], runs[run][0])
+            stats.update((op_stats(run, r.name) or {}) if op_stats else {})
+            mid = p.metadata(r.name, r.name, stats, key=("op", run, r.op_index))
         else:  # a link transfer: one stage of a collective (or a copy) on that link
             mid = p.metadata(r.name, r.name, {"hlo_category": hlo_category(r.category), "bytes": float(r.bytes)},
                              key=("link", r.name))
         ev = lines[stream[i], lanes[i]].events.add(metadata_id=mid, offset_ps=start[i], duration_ps=end[i] - start[i])
         if r.stream == "XLA Ops":  # XProf's overview page sums a step's ops by group_id (the step)
-            ev.stats.add(metadata_id=group_stat, int64_value=0)
+            ev.stats.add(metadata_id=group_stat, int64_value=run)
 
 
 def xspace_bytes(df: pd.DataFrame, *, chip, program_name: str, step_time_s: float, host: str = "tpusim") -> bytes:
