@@ -14,7 +14,7 @@ from __future__ import annotations
 from tpusim.compiler.memory import peak_memory
 from tpusim.compiler.shapes import Shapes, derive_shapes
 from tpusim.compiler.transformer import build_ops
-from tpusim.errors import InfeasibleError
+from tpusim.errors import InfeasibleError, TpusimError
 from tpusim.mesh import Mesh, resolve_mesh
 from tpusim.program import Program
 from tpusim.topology import Topology
@@ -32,7 +32,7 @@ def model_flops_breakdown(w: Workload, global_batch: float) -> dict[str, float]:
     """
     m = w.model
     tokens = global_batch * w.step.seq_len
-    mlp_active = m.mlp_matrices * m.d_model * m.d_ff * m.experts_per_token
+    mlp_active = m.mlp_matrices * m.d_model * (m.expert_ff if m.num_experts > 1 else m.d_ff) * m.experts_per_token
     router = m.d_model * m.num_experts if m.num_experts > 1 else 0
     causal = 0.5 if w.step.attention_flops == "causal" else 1.0
     return {
@@ -70,6 +70,7 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     unevenly, and :class:`~tpusim.errors.InfeasibleError` (with the breakdown) when it does not fit
     in HBM and ``check_memory`` is set.
     """
+    _check_modelled(w)
     mesh = mesh or resolve_mesh(w.parallelism, topo, source=w.source)
     devices = topo.num_chips
     sh = derive_shapes(w, mesh, devices)
@@ -84,6 +85,9 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
                               f"{fmt_bytes(capacity)} on {topo.chip.name} ({parts})", source=w.source)
     ops = build_ops(w, sh, mesh, local_params=local)
     notes = []
+    if w.notes:
+        notes.append(f"MaxText keys set away from base.yml that tpusim does not model (small effects): "
+                     f"{', '.join(w.notes)}")
     if w.ignored_keys:
         notes.append(f"ignored (no effect on performance): {', '.join(w.ignored_keys)}")
     if w.step.remat_policy in ("minimal_offloaded", "qkv_proj_offloaded", "custom"):
@@ -95,6 +99,20 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
                    model_flops_per_step=model_flops_per_step(w, sh.global_batch),
                    tokens_per_step=sh.global_batch * w.step.seq_len, memory=memory,
                    hbm_capacity_bytes=capacity, notes=tuple(notes))
+
+
+def _check_modelled(w: Workload) -> None:
+    """Refuse the model features the compiled step lacks (its layers are all alike), naming them.
+
+    Sliding-window layers are exact while the sequence fits in the window (they attend to all of it).
+    """
+    m = w.model
+    missing = list(m.heterogeneous)
+    if m.local_layers and w.step.seq_len > m.sliding_window:
+        missing.append(f"sliding-window attention beyond its window ({w.step.seq_len} tokens > {m.sliding_window})")
+    if missing:
+        raise TpusimError(f"{m.name}: not modelled yet in tpusim's compiled step: {'; '.join(missing)} "
+                          f"(its parameter count is: {m.params / 1e9:.1f} B)", source=w.source, key="model_name")
 
 
 __all__ = ["compile_program", "model_flops_breakdown", "model_flops_per_step", "local_parameter_counts"]

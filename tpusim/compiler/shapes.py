@@ -88,7 +88,7 @@ def derive_shapes(w: Workload, mesh: Mesh, devices: int) -> Shapes:
     else:
         raise TpusimError(f"kv heads {m.num_kv_heads} and tensor parallelism {tp} do not divide one another",
                           source=src, key="ici_tensor_parallelism")
-    ff = divide(m.d_ff, tp, "MLP width", "ici_tensor_parallelism")
+    ff = divide(m.expert_ff if m.num_experts > 1 else m.d_ff, tp, "MLP width", "ici_tensor_parallelism")
     weight_shards = mesh.size("fsdp", "sequence", "expert", "dcn_fsdp")
     expert_weight_shards = mesh.size("fsdp", "sequence", "dcn_fsdp")
     divide(m.d_model, weight_shards, "embedding width (sharded over fsdp x sequence x expert)", "ici_fsdp_parallelism")

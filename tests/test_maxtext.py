@@ -1,0 +1,110 @@
+"""MaxText's own configs: base.yml merged with each model file loads, and simulates or is refused for
+a physical reason (issue 15). Data: workloads/maxtext/ (copied from MaxText, see its README)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import yaml
+
+from tpusim import maxtext as mx
+from tpusim.compiler import compile_program
+from tpusim.data import data_dir
+from tpusim.engine import simulate
+from tpusim.errors import InfeasibleError, TpusimError
+from tpusim.summary import summarize
+from tpusim.topology import parse_topology
+from tpusim.workload import _ALIASES, _SECTIONS, workload_from_dict
+
+MODELLED = {k for keys in _SECTIONS.values() for k in keys} | set(_ALIASES) | {"num_slices"}
+CLASSES = {"modelled": MODELLED, "ignored": set(mx.IGNORED_KEYS), "noted": set(mx.NOTED_KEYS),
+           "refused": set(mx.REFUSED_KEYS)}
+SOURCE = str(data_dir("workloads") / "maxtext_case.yaml")  # base_config resolves to workloads/maxtext/
+
+
+def test_every_base_key_is_in_exactly_one_class():
+    base = mx.base_config()
+    assert len(base) == 696  # MaxText e591f30's base.yml, as its README says
+    for key in base:
+        homes = [name for name, keys in CLASSES.items() if key in keys]
+        assert len(homes) == 1, (key, homes)
+
+
+def _text_models() -> list[str]:
+    """Model files for text training: those that do not switch on a vision or audio encoder."""
+    out = []
+    for name in mx.model_names():
+        f = mx.model_file(name)
+        if not (f.get("use_multimodal") or f.get("use_audio")):
+            out.append(name)
+    return out
+
+
+# Models whose layers tpusim does not build yet: each refused with "not modelled yet" naming the
+# feature. A strict xfail: it fails (and must be removed from here) once the feature is modelled.
+NOT_YET = {
+    **dict.fromkeys(["deepseek2-16b", "deepseek2-236b", "deepseek3-671b", "deepseek3-671b-2dfsdp", "deepseek3-test",
+                     "deepseek3-tiny", "kimi-k2-1t"], "compiled step: MLA, shared experts, first dense layers"),
+    **dict.fromkeys(["llama4-17b-16e", "llama4-17b-128e"], "compiled step: shared experts (128e: interleaved MoE)"),
+    "deepseek-custom": "engram_layers (Engram memory)", "deepseek3.2-671b": "use_indexer (DeepSeek sparse attention)",
+    "deepseek3-671b-batchsplit": "use_batch_split_schedule",
+    **dict.fromkeys(["deepseek4-284b", "deepseek4-tiny"], "first_num_hash_layers, compressed attention"),
+    **dict.fromkeys(["envy-switch-base", "envy-switch-large", "envy-switch-xxl"], "decoder_block envy"),
+    "envy-test": "sparse_matmul false (dense MoE matmuls)",
+    **dict.fromkeys(["gemma4-26b", "gemma4-31b", "gemma4-e2b", "gemma4-e4b"], "Gemma 4's global_head_dim, per-layer inputs"),
+    **dict.fromkeys(["gpt-oss-120b", "gpt-oss-20b"], "decoder_block gpt_oss"),
+    **dict.fromkeys(["olmo3-32b", "olmo3-7b", "olmo3-7b-pt"], "decoder_block olmo3"),
+    **dict.fromkeys(["qwen2.5-1.5b", "qwen2.5-14b", "qwen2.5-7b"], "decoder_block qwen2"),
+    "qwen3-custom-30b-a3b": "attention_output_dim", "qwen3-next-80b-a3b": "decoder_block qwen3_next (gated delta net)",
+    **dict.fromkeys(["qwen3.5-35b-a3b", "qwen3.5-397b-a17b"], "decoder_block qwen3_5"),
+}
+
+
+def _case(name: str):
+    return pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=TpusimError,
+                                                      reason=f"not modelled yet: {NOT_YET[name]}")) \
+        if name in NOT_YET else name
+
+
+@pytest.mark.parametrize("name", [_case(n) for n in _text_models()])
+def test_base_yml_with_each_model_simulates_or_is_refused_physically(name):
+    w = workload_from_dict({"base_config": "base.yml", "model_name": name, "per_device_batch_size": 1,
+                            "max_target_length": 1024, "ici_fsdp_parallelism": -1}, source=SOURCE)
+    assert w.ignored_keys == ()  # base.yml's and the model file's ignored keys are not the user's
+    topo = parse_topology("v5p:2x2x2")
+    try:
+        program = compile_program(w, topo)
+    except InfeasibleError as e:
+        assert "does not fit in HBM" in e.reason
+        return
+    s = summarize(simulate(program, topo))
+    assert math.isfinite(s["step_time_s"]) and s["step_time_s"] > 0
+    assert 0 < s["mfu"] <= 1
+
+
+def test_known_maxtext_keys_are_never_unknown():
+    base = {"base_config": "base.yml", "model_name": "llama2-7b", "per_device_batch_size": 1}
+    w = workload_from_dict({**base, "abort_on_inf_loss": True, "sa_block_q": 1024, "steps": 5}, source=SOURCE)
+    assert set(w.ignored_keys) == {"abort_on_inf_loss", "steps"}
+    assert "sa_block_q=1024" in w.notes  # (llama2-7b.yml also sets logical_axis_rules: noted too)
+    with pytest.raises(TpusimError) as e:
+        workload_from_dict({**base, "ici_pipeline_parallelism": 4}, source=SOURCE)
+    assert e.value.key == "ici_pipeline_parallelism" and "not modelled yet" in e.value.reason
+    with pytest.raises(TpusimError) as e:
+        workload_from_dict({**base, "abort_on_inf_los": True}, source=SOURCE)
+    assert e.value.reason == "unknown key (did you mean 'abort_on_inf_loss'?)"
+
+
+def test_model_file_overrides_base_and_user_overrides_both():
+    w = workload_from_dict({"base_config": "base.yml", "model_name": "llama2-7b", "per_device_batch_size": 1,
+                            "base_num_decoder_layers": 2}, source=SOURCE)
+    assert w.model.d_model == 4096  # the model file's, not base.yml's 2048
+    assert w.model.num_layers == 2  # the user's
+    assert mx.base_config()["base_emb_dim"] == 2048
+
+
+def test_missing_base_config_is_one_clear_error(tmp_path):
+    with pytest.raises(TpusimError) as e:
+        workload_from_dict({"base_config": "nope.yml", "per_device_batch_size": 1}, source=str(tmp_path / "w.yaml"))
+    assert e.value.key == "base_config" and "no such file" in e.value.reason
