@@ -184,7 +184,7 @@ NOTED: dict[str, tuple[str, str]] = {
         matmul_precision activations_in_float32 logits_dot_in_fp32 cast_logits_to_fp32 float32_qk_product
         float32_logits float32_weight_sum float32_gate_logits grad_dtype"""),
     "small layer details": ("norms, biases, caps and routing arithmetic: vector work next to the matmuls", """
-        use_qk_norm v_norm_with_scale qk_norm_with_scale use_post_attn_norm use_post_ffw_norm
+        v_norm_with_scale qk_norm_with_scale
         attn_logits_soft_cap final_logits_soft_cap normalize_embedding_logits mlp_activations_limit
         attention_bias mlp_bias attention_sink norm_topk_prob routed_scaling_factor routed_score_func
         routed_bias n_routing_groups topk_routing_group use_random_routing capacity_factor

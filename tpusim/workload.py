@@ -70,6 +70,8 @@ class Model:
     v_head_dim: int = 0
     sliding_window: int = 0  # local layers attend this many tokens back (0: none)
     local_layers: int = 0    # how many of the layers are local (Gemma 2: half, Gemma 3: 5 of 6)
+    post_norms: int = 0      # use_post_attn_norm + use_post_ffw_norm: extra D-wide norms per layer (Gemma 2/3)
+    qk_norm: bool = False    # use_qk_norm: an H-wide norm on queries and one on keys (Qwen3, Gemma 3)
 
     @property
     def mlp_matrices(self) -> int:
@@ -134,7 +136,7 @@ class Model:
 
     @property
     def norm_params_per_layer(self) -> int:
-        return 2 * self.d_model
+        return (2 + self.post_norms) * self.d_model + (2 * self.head_dim if self.qk_norm else 0)
 
     @property
     def embedding_params(self) -> int:
@@ -244,6 +246,9 @@ _MODEL_KEYS: dict[str, tuple[type, Any]] = {
     "v_head_dim": (int, 128),
     "sliding_window_size": (int, 0),
     "chunk_attn_window_size": (int, 0),
+    "use_post_attn_norm": (bool, False),
+    "use_post_ffw_norm": (bool, False),
+    "use_qk_norm": (bool, False),
 }
 # decoder_block values whose layers tpusim builds; Gemma 2's file counts (local, global) pairs as one
 # layer; Gemma 3 has 5 local layers per global one, Llama 4 3 chunked per global (MaxText's models).
@@ -511,7 +516,9 @@ def _model(values, preset_name, source, where) -> Model:
                  moe_layer_step=values["interleave_moe_layer_step"], attention_type=attn,
                  q_lora_rank=values["q_lora_rank"], kv_lora_rank=values["kv_lora_rank"],
                  qk_nope_head_dim=values["qk_nope_head_dim"], qk_rope_head_dim=values["qk_rope_head_dim"],
-                 v_head_dim=values["v_head_dim"], sliding_window=window, local_layers=local)
+                 v_head_dim=values["v_head_dim"], sliding_window=window, local_layers=local,
+                 post_norms=int(values["use_post_attn_norm"]) + int(values["use_post_ffw_norm"]),
+                 qk_norm=values["use_qk_norm"] and attn != "mla")
 
 
 def _choice(values, key, choices, source, where):
