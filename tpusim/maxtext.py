@@ -210,7 +210,7 @@ REFUSED: dict[str, tuple[str, str]] = {
         ici_diloco_parallelism dcn_diloco_parallelism dcn_context_parallelism enable_diloco"""),
     "training loop": ("changes what one step computes", """
         quantization global_parameter_scale training_objective use_dpo use_sft enable_rampup_batch_size
-        gradient_accumulation_steps weight_sparsity_n optimizer_memory_host_offload parameter_memory_host_offload use_batch_split_schedule"""),
+        weight_sparsity_n optimizer_memory_host_offload parameter_memory_host_offload use_batch_split_schedule"""),
     "architecture": ("layers tpusim's Transformer does not have yet", """
         mtp_num_layers use_indexer moba engram_layers mhc_expansion_rate
         use_multimodal use_audio sparse_matmul attention_output_dim global_head_dim global_num_kv_heads

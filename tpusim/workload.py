@@ -174,6 +174,7 @@ class Step:
     attention_flops: str = "causal"
     num_vocab_tiling: int = 1
     mu_dtype: str = ""  # Adam moments' dtype; "" = the weights' (optax's default)
+    gradient_accumulation_steps: int = 1  # microbatches per step, run in sequence (per_device_batch_size / k each)
 
     @property
     def act_bytes(self) -> int:
@@ -266,6 +267,7 @@ _STEP_KEYS: dict[str, tuple[type, Any]] = {
     "attention_flops": (str, "causal"),
     "num_vocab_tiling": (int, 1),
     "mu_dtype": (str, ""),
+    "gradient_accumulation_steps": (int, 1),
 }
 _SHARDING_KEYS: dict[str, tuple[type, Any]] = {
     **{f"ici_{a}_parallelism": (int, -1 if a == "fsdp" else 1) for a in MESH_AXES},
@@ -533,7 +535,7 @@ def _step(values, source, where) -> Step:
     if not 0 < pdbs <= MAX_SIZE:
         raise TpusimError(f"{pdbs!r} must be a positive number", source=source,
                           key=where.get("per_device_batch_size", "per_device_batch_size"))
-    for k in ("max_target_length", "num_vocab_tiling"):
+    for k in ("max_target_length", "num_vocab_tiling", "gradient_accumulation_steps"):
         _positive(values, k, source, where)
     for k in ("dtype", "weight_dtype"):
         _choice(values, k, tuple(DTYPE_BYTES), source, where)
@@ -546,7 +548,8 @@ def _step(values, source, where) -> Step:
                 remat_policy=_choice(values, "remat_policy", REMAT_POLICIES, source, where),
                 attention=_choice(values, "attention", ATTENTION_KERNELS, source, where),
                 attention_flops=_choice(values, "attention_flops", ("causal", "full"), source, where),
-                num_vocab_tiling=values["num_vocab_tiling"], mu_dtype=values["mu_dtype"])
+                num_vocab_tiling=values["num_vocab_tiling"], mu_dtype=values["mu_dtype"],
+                gradient_accumulation_steps=values["gradient_accumulation_steps"])
 
 
 def _parallelism(values, source, where) -> Parallelism:

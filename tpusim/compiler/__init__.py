@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tpusim.compiler.memory import peak_memory
 from tpusim.compiler.shapes import Shapes, derive_shapes
 from tpusim.compiler.transformer import build_ops
@@ -74,16 +76,19 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     mesh = mesh or resolve_mesh(w.parallelism, topo, source=w.source)
     devices = topo.num_chips
     sh = derive_shapes(w, mesh, devices)
+    micro_w, micro = _microbatch(w, sh, mesh, devices)
     local, gathered_layer, table = local_parameter_counts(w, sh)
     fsdp = sh.weight_shards > 1
-    memory = peak_memory(w, sh, local_params=local, gathered_layer_params=gathered_layer,
+    memory = peak_memory(micro_w, micro, local_params=local, gathered_layer_params=gathered_layer,
                          gathered_table_params=table, fsdp=fsdp)
+    if micro is not sh:  # gradient accumulation keeps an f32 accumulator beside this microbatch's gradient
+        memory = replace(memory, grads=memory.grads + ACCUMULATOR_BYTES * local)
     capacity = topo.chip.hbm_bytes
     if check_memory and memory.total > capacity:
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in memory.as_dict().items() if k != "total")
         raise InfeasibleError(f"does not fit in HBM: needs {fmt_bytes(memory.total)} per device of "
                               f"{fmt_bytes(capacity)} on {topo.chip.name} ({parts})", source=w.source)
-    ops = build_ops(w, sh, mesh, local_params=local)
+    ops = build_ops(micro_w, micro, mesh, local_params=local)
     notes = []
     if w.notes:
         notes.append(f"MaxText keys set away from base.yml that tpusim does not model (small effects): "
@@ -99,6 +104,21 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
                    model_flops_per_step=model_flops_per_step(w, sh.global_batch),
                    tokens_per_step=sh.global_batch * w.step.seq_len, memory=memory,
                    hbm_capacity_bytes=capacity, notes=tuple(notes))
+
+
+ACCUMULATOR_BYTES = 4  # MaxText accumulates gradients in f32 (zeros_like of the f32 parameters)
+
+
+def _microbatch(w: Workload, sh: Shapes, mesh: Mesh, devices: int) -> tuple[Workload, Shapes]:
+    """The workload and shapes of one microbatch (per_device_batch_size / gradient_accumulation_steps)."""
+    k = w.step.gradient_accumulation_steps
+    if k == 1:
+        return w, sh
+    if sh.seqs % k:
+        raise TpusimError(f"{k} microbatches do not split the {sh.seqs:g} sequences each batch shard computes",
+                          source=w.source, key="gradient_accumulation_steps")
+    micro_w = replace(w, step=replace(w.step, per_device_batch_size=w.step.per_device_batch_size / k))
+    return micro_w, derive_shapes(micro_w, mesh, devices)
 
 
 def _check_modelled(w: Workload) -> None:

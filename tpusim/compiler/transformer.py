@@ -52,6 +52,7 @@ class _Builder:
         self.ops: list[Op] = []
         self._pending: list[int] = []
         self.last_compute = -1
+        self.prefix = ""  # "microbatch_i/" under gradient accumulation
 
     def wait(self, *idx: int | None) -> None:
         self._pending += [i for i in idx if i is not None]
@@ -60,7 +61,7 @@ class _Builder:
                 deps=(), vpu=0.0) -> int:
         idx = len(self.ops)
         all_deps = tuple(dict.fromkeys([*self._pending, *(d for d in deps if d is not None)]))
-        self.ops.append(Op(index=idx, name=name, stream=COMPUTE, category=category, layer=layer, phase=phase,
+        self.ops.append(Op(index=idx, name=self.prefix + name, stream=COMPUTE, category=category, layer=layer, phase=phase,
                            flops=float(flops), hbm_bytes=float(hbm), mxu_shape=mxu, deps=all_deps,
                            recompute=recompute, vpu_flops=float(vpu)))
         self._pending = []
@@ -70,7 +71,7 @@ class _Builder:
     def host_copy(self, name, kind, *, nbytes, layer, phase, deps) -> int:
         """An asynchronous HBM <-> host copy over PCIe (``copy-to-host`` or ``copy-from-host``)."""
         idx = len(self.ops)
-        self.ops.append(Op(index=idx, name=name, stream=HOST, category=kind, layer=layer, phase=phase,
+        self.ops.append(Op(index=idx, name=self.prefix + name, stream=HOST, category=kind, layer=layer, phase=phase,
                            bytes=float(nbytes), deps=tuple(d for d in deps if d is not None and d >= 0)))
         return idx
 
@@ -84,7 +85,7 @@ class _Builder:
             return None
         idx = len(self.ops)
         deps = (self.last_compute,) if deps is None and self.last_compute >= 0 else (deps or ())
-        self.ops.append(Op(index=idx, name=name, stream=COLLECTIVE, category=kind, layer=layer, phase=phase,
+        self.ops.append(Op(index=idx, name=self.prefix + name, stream=COLLECTIVE, category=kind, layer=layer, phase=phase,
                            bytes=float(v), mesh_axes=axes, axes=self.mesh.axes_of(*axes),
                            deps=tuple(d for d in deps if d is not None and d >= 0)))
         return idx
@@ -127,11 +128,15 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
     # host transfers (megascale send/recv) at the start of the next layer's loop iteration and waited
     # for at its end, so every backward layer ends with a cross-slice wait.
     dcn_grad_syncs: dict[int, list[int]] = {}
+    last_microbatch = [True, False]  # (this is the last microbatch, a microbatch ran before)
 
     def reduce_grad(name: str, layer: int, nbytes: float, axes: tuple, wgrad: int) -> None:
         rs = b.collective(f"reduce-scatter/{name}", "reduce-scatter", v=nbytes, mesh_axes=axes, layer=layer,
                           phase="backward", deps=(wgrad,))
         shards = mesh.size(*axes)
+        if not last_microbatch[0]:  # the data-axis all-reduce waits for the last microbatch
+            grad_syncs.append(rs)
+            return
         ar = b.collective(f"all-reduce/{name}", "all-reduce", v=nbytes / shards, mesh_axes=data_axes, layer=layer,
                           phase="backward", deps=(rs if rs is not None else wgrad,))
         grad_syncs.append(ar if ar is not None else rs)
@@ -285,66 +290,87 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         b.compute("weight_cast", "elementwise", flops=CAST_FLOPS * local_params,
                   hbm=(sh.weight_bytes + ab) * local_params, layer=-1, phase="forward")
     table = sh.vocab * d
-    embed_ag = b.collective("all-gather/embedding", "all-gather", v=table * ab, mesh_axes=weight_axes, deps=())
-    fwd_weights = {0: gather_weights(0, "forward", ())}
-    b.wait(embed_ag)
-    elementwise("embedding/lookup", tok * d, 0, 2, layer=-1, phase="forward", category="embedding")
-    unembed_ag = embed_ag if m.tied_embeddings else None
-    # Host offload (remat policies that move saved activations to host memory): copied out after each
-    # layer's forward, copied back one layer ahead of its backward.
-    offload = (layer_activation_bytes(w, sh, kept=OFFLOADED_TENSORS[w.step.remat_policy])
-               if w.step.remat_policy in OFFLOADED_TENSORS else 0.0)
-    to_host: dict[int, int] = {}
-    from_host: dict[int, int] = {}
+    accumulate = w.step.gradient_accumulation_steps
 
-    def fetch(layer: int, after: int) -> None:
-        if offload and layer >= 0:
-            from_host[layer] = b.host_copy(f"copy-from-host/layer_{layer}", "copy-from-host", nbytes=offload,
-                                           layer=layer, phase="backward", deps=(after, to_host[layer]))
+    def one_microbatch() -> None:
+        """Forward and backward of one (micro)batch: weights gathered afresh, gradients reduced."""
+        dcn_grad_syncs.clear()
+        start = () if not last_microbatch[1] else (b.last_compute,)  # a later microbatch: after the one before
+        embed_ag = b.collective("all-gather/embedding", "all-gather", v=table * ab, mesh_axes=weight_axes, deps=start)
+        fwd_weights = {0: gather_weights(0, "forward", start)}
+        b.wait(embed_ag)
+        elementwise("embedding/lookup", tok * d, 0, 2, layer=-1, phase="forward", category="embedding")
+        unembed_ag = embed_ag if m.tied_embeddings else None
+        # Host offload (remat policies that move saved activations to host memory): copied out after each
+        # layer's forward, copied back one layer ahead of its backward.
+        offload = (layer_activation_bytes(w, sh, kept=OFFLOADED_TENSORS[w.step.remat_policy])
+                   if w.step.remat_policy in OFFLOADED_TENSORS else 0.0)
+        to_host: dict[int, int] = {}
+        from_host: dict[int, int] = {}
 
-    for layer in range(L):
-        def prefetch(first: int, layer=layer) -> None:  # issued as the layer's first op starts
-            nonlocal unembed_ag
-            if layer + 1 < L:
-                fwd_weights[layer + 1] = gather_weights(layer + 1, "forward", (first,))
-            elif not m.tied_embeddings:
-                unembed_ag = b.collective("all-gather/unembedding", "all-gather", v=table * ab,
-                                          mesh_axes=weight_axes, deps=(first,))
-        if offload and layer >= 2:  # at most two layers' activations wait in HBM for their copy out
-            b.wait(to_host[layer - 2])
-        forward_layer(layer, fwd_weights[layer], phase="forward", recompute=False, on_start=prefetch)
-        if offload:
-            to_host[layer] = b.host_copy(f"copy-to-host/layer_{layer}", "copy-to-host", nbytes=offload,
-                                         layer=layer, phase="forward", deps=(b.last_compute,))
-    elementwise("final_norm/fwd", tok * d / sh.tp, NORM_FLOPS, 2, layer=-1, phase="forward")
-    b.wait(b.collective("all-gather/final_norm_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",)))
-    matmul("unembedding/fwd/logits", tok, d, sh.vocab, layer=-1, phase="forward", weight=unembed_ag)
-    elementwise("loss/fwd/softmax_xent", tok * sh.vocab, SOFTMAX_XENT_FLOPS, 2, layer=-1, phase="forward",
-                category="loss", nbytes=4)
-    b.wait(b.collective("all-reduce/loss_stats", "all-reduce", v=tok * 2 * 4, mesh_axes=("tensor",)))
+        def fetch(layer: int, after: int) -> None:
+            if offload and layer >= 0:
+                from_host[layer] = b.host_copy(f"copy-from-host/layer_{layer}", "copy-from-host", nbytes=offload,
+                                               layer=layer, phase="backward", deps=(after, to_host[layer]))
 
-    # ---- backward --------------------------------------------------------------------------------
-    first_bwd = elementwise("loss/bwd/softmax_xent", tok * sh.vocab, 3, 2, layer=-1, phase="backward",
-                            category="loss", nbytes=4)
-    bwd_weights = {L - 1: gather_weights(L - 1, "backward", (first_bwd,))}
-    fetch(L - 1, first_bwd)
-    matmul("unembedding/bwd/dgrad", tok, sh.vocab, d, layer=-1, phase="backward", weight=unembed_ag)
-    wg = matmul("unembedding/bwd/wgrad", d, tok, sh.vocab, layer=-1, phase="backward")
-    reduce_grad("unembedding", -1, table * ab, weight_axes, wg)
-    b.wait(b.collective("reduce-scatter/final_norm_in", "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",),
-                        phase="backward"))
-    elementwise("final_norm/bwd", tok * d / sh.tp, 2 * NORM_FLOPS, 3, layer=-1, phase="backward")
-    for layer in reversed(range(L)):
-        def prefetch(first: int, layer=layer) -> None:
-            if layer > 0:
-                bwd_weights[layer - 1] = gather_weights(layer - 1, "backward", (first,))
-                fetch(layer - 1, first)
-        b.wait(from_host.get(layer))
-        backward_layer(layer, bwd_weights[layer], on_start=prefetch)
-        b.wait(*dcn_grad_syncs.pop(layer + 1, ()))  # the layer before's cross-slice reduction, pipelined
-    wg = elementwise("embedding/bwd/scatter_add", tok * d, 1, 2, layer=-1, phase="backward", category="embedding")
-    if not m.tied_embeddings:
-        reduce_grad("embedding", -1, table * ab, weight_axes, wg)
+        for layer in range(L):
+            def prefetch(first: int, layer=layer) -> None:  # issued as the layer's first op starts
+                nonlocal unembed_ag
+                if layer + 1 < L:
+                    fwd_weights[layer + 1] = gather_weights(layer + 1, "forward", (first,))
+                elif not m.tied_embeddings:
+                    unembed_ag = b.collective("all-gather/unembedding", "all-gather", v=table * ab,
+                                              mesh_axes=weight_axes, deps=(first,))
+            if offload and layer >= 2:  # at most two layers' activations wait in HBM for their copy out
+                b.wait(to_host[layer - 2])
+            forward_layer(layer, fwd_weights[layer], phase="forward", recompute=False, on_start=prefetch)
+            if offload:
+                to_host[layer] = b.host_copy(f"copy-to-host/layer_{layer}", "copy-to-host", nbytes=offload,
+                                             layer=layer, phase="forward", deps=(b.last_compute,))
+        elementwise("final_norm/fwd", tok * d / sh.tp, NORM_FLOPS, 2, layer=-1, phase="forward")
+        b.wait(b.collective("all-gather/final_norm_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",)))
+        matmul("unembedding/fwd/logits", tok, d, sh.vocab, layer=-1, phase="forward", weight=unembed_ag)
+        elementwise("loss/fwd/softmax_xent", tok * sh.vocab, SOFTMAX_XENT_FLOPS, 2, layer=-1, phase="forward",
+                    category="loss", nbytes=4)
+        b.wait(b.collective("all-reduce/loss_stats", "all-reduce", v=tok * 2 * 4, mesh_axes=("tensor",)))
+
+        # ---- backward --------------------------------------------------------------------------------
+        first_bwd = elementwise("loss/bwd/softmax_xent", tok * sh.vocab, 3, 2, layer=-1, phase="backward",
+                                category="loss", nbytes=4)
+        bwd_weights = {L - 1: gather_weights(L - 1, "backward", (first_bwd,))}
+        fetch(L - 1, first_bwd)
+        matmul("unembedding/bwd/dgrad", tok, sh.vocab, d, layer=-1, phase="backward", weight=unembed_ag)
+        wg = matmul("unembedding/bwd/wgrad", d, tok, sh.vocab, layer=-1, phase="backward")
+        reduce_grad("unembedding", -1, table * ab, weight_axes, wg)
+        b.wait(b.collective("reduce-scatter/final_norm_in", "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",),
+                            phase="backward"))
+        elementwise("final_norm/bwd", tok * d / sh.tp, 2 * NORM_FLOPS, 3, layer=-1, phase="backward")
+        for layer in reversed(range(L)):
+            def prefetch(first: int, layer=layer) -> None:
+                if layer > 0:
+                    bwd_weights[layer - 1] = gather_weights(layer - 1, "backward", (first,))
+                    fetch(layer - 1, first)
+            b.wait(from_host.get(layer))
+            backward_layer(layer, bwd_weights[layer], on_start=prefetch)
+            b.wait(*dcn_grad_syncs.pop(layer + 1, ()))  # the layer before's cross-slice reduction, pipelined
+        wg = elementwise("embedding/bwd/scatter_add", tok * d, 1, 2, layer=-1, phase="backward", category="embedding")
+        if not m.tied_embeddings:
+            reduce_grad("embedding", -1, table * ab, weight_axes, wg)
+
+
+    # Gradient accumulation (MaxText's gradient_accumulation_steps k): the microbatches run in
+    # sequence, each gathering the weights again; each reduce-scatters its gradient into the sharded
+    # f32 accumulator (a reduction per microbatch over the weight shards), while the all-reduce over
+    # the data axes, where the accumulator is replicated, runs once, after the last microbatch.
+    for mb in range(accumulate):
+        b.prefix = f"microbatch_{mb}/" if accumulate > 1 else ""
+        last_microbatch[0] = mb == accumulate - 1
+        last_microbatch[1] = mb > 0
+        one_microbatch()
+        if accumulate > 1:  # add this microbatch's gradient shard into the accumulator (f32)
+            b.compute("grad_accumulate", "elementwise", flops=local_params, hbm=3 * 4 * local_params,
+                      phase="backward")
+    b.prefix = ""
 
     # ---- optimizer: waits for every gradient reduction -------------------------------------------
     b.wait(*grad_syncs)
