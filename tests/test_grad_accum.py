@@ -1,6 +1,7 @@
 """Gradient accumulation (MaxText's gradient_accumulation_steps): k microbatches of B/k in sequence,
 weights gathered per microbatch, gradients reduce-scattered into the sharded accumulator per
-microbatch and all-reduced over the data axes once per step; an f32 accumulator in HBM."""
+microbatch and all-reduced over the data axes once per step (in f32, the accumulator's dtype); an
+f32 accumulator in HBM. The collective placement is libtpu's (traces/aot_grad_accum.py)."""
 
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def test_gathers_per_microbatch_data_reduction_once_per_step():
     assert _bytes(pk, "all-gather") == pytest.approx(k * _bytes(p1, "all-gather"), rel=1e-12)
     assert _bytes(pk, "reduce-scatter") == pytest.approx(k * _bytes(p1, "reduce-scatter"), rel=1e-12)
     assert _bytes(step, "all-reduce") > 0
-    assert _bytes(pk, "all-reduce") == pytest.approx(_bytes(step, "all-reduce"), rel=1e-12)
+    # ... on the f32 accumulator: twice the bf16 gradient's bytes (libtpu's compile, traces/aot_grad_accum.py)
+    assert _bytes(pk, "all-reduce") == pytest.approx(2 * _bytes(step, "all-reduce"), rel=1e-12)
     assert pk.model_flops_per_step == pytest.approx(step.model_flops_per_step, rel=1e-12)
 
 
@@ -73,3 +75,20 @@ def test_microbatches_must_split_the_batch():
     with pytest.raises(TpusimError) as e:
         _program(0, 1, "v5p:2x2x2")
     assert e.value.key == "gradient_accumulation_steps"
+
+
+def test_the_placement_is_libtpus():
+    """libtpu's compile of a lax.scan over 4 microbatches (traces/aot_grad_accum.py, data 2 x fsdp 4):
+    weight gathers and fsdp reduce-scatters in the loop, 4 times each; one data all-reduce after it,
+    of the f32 accumulator shards (4 weights of 1024 x 4096 / 4 fsdp shards x 4 bytes)."""
+    import json
+    from pathlib import Path
+
+    aot = json.loads((Path(__file__).parent.parent / "traces" / "xla_aot_grad_accum.json").read_text())["k4"]
+    gathers = [c for c in aot if c["kind"] == "all-gather" and c["in_loop"]]
+    scatters = [c for c in aot if c["kind"] == "reduce-scatter"]
+    reduces = [c for c in aot if c["kind"] == "all-reduce"]
+    assert gathers and all(c["executed"] == 4 for c in gathers)
+    assert len(scatters) == 4 and all(c["in_loop"] and c["executed"] == 4 and c["group_size"] == 4 for c in scatters)
+    assert len(reduces) == 1 and not reduces[0]["in_loop"] and reduces[0]["executed"] == 1
+    assert reduces[0]["group_size"] == 2 and reduces[0]["operand_bytes"] == 4 * 1024 * 4096 // 4 * 4

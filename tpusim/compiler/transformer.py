@@ -137,6 +137,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         if not last_microbatch[0]:  # the data-axis all-reduce waits for the last microbatch
             grad_syncs.append(rs)
             return
+        if accumulate > 1:  # the all-reduce moves the accumulator, in the parameters' dtype (zeros_like)
+            nbytes = nbytes / ab * sh.weight_bytes
         ar = b.collective(f"all-reduce/{name}", "all-reduce", v=nbytes / shards, mesh_axes=data_axes, layer=layer,
                           phase="backward", deps=(rs if rs is not None else wgrad,))
         grad_syncs.append(ar if ar is not None else rs)
@@ -359,9 +361,11 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
 
 
     # Gradient accumulation (MaxText's gradient_accumulation_steps k): the microbatches run in
-    # sequence, each gathering the weights again; each reduce-scatters its gradient into the sharded
-    # f32 accumulator (a reduction per microbatch over the weight shards), while the all-reduce over
-    # the data axes, where the accumulator is replicated, runs once, after the last microbatch.
+    # sequence, each gathering the weights again; each reduce-scatters its gradient (compute dtype)
+    # into the accumulator, sharded like the parameters (a reduction per microbatch over the weight
+    # shards), while the all-reduce over the data axes, where the accumulator is replicated, runs
+    # once, after the last microbatch, on the accumulator's dtype. So libtpu compiles a lax.scan of
+    # microbatches on v5e:2x4, data 2 x fsdp 4 (traces/aot_grad_accum.py, docs/VALIDATION.md).
     for mb in range(accumulate):
         b.prefix = f"microbatch_{mb}/" if accumulate > 1 else ""
         last_microbatch[0] = mb == accumulate - 1
