@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tpusim import maxtext as mx
-from tpusim.compiler import compile_program
+from tpusim.compiler import compile_program, model_flops_breakdown
 from tpusim.data import data_dir
 from tpusim.engine import simulate
 from tpusim.errors import InfeasibleError, TpusimError
@@ -44,9 +44,6 @@ def _text_models() -> list[str]:
 # Models whose layers tpusim does not build yet: each refused with "not modelled yet" naming the
 # feature. A strict xfail: it fails (and must be removed from here) once the feature is modelled.
 NOT_YET = {
-    **dict.fromkeys(["deepseek2-16b", "deepseek2-236b", "deepseek3-671b", "deepseek3-671b-2dfsdp", "deepseek3-test",
-                     "deepseek3-tiny", "kimi-k2-1t"], "compiled step: MLA, shared experts, first dense layers"),
-    **dict.fromkeys(["llama4-17b-16e", "llama4-17b-128e"], "compiled step: shared experts (128e: interleaved MoE)"),
     "deepseek-custom": "engram_layers (Engram memory)", "deepseek3.2-671b": "use_indexer (DeepSeek sparse attention)",
     "deepseek3-671b-batchsplit": "use_batch_split_schedule",
     **dict.fromkeys(["deepseek4-284b", "deepseek4-tiny"], "first_num_hash_layers, compressed attention"),
@@ -149,3 +146,26 @@ def test_parameter_count_matches_the_published_one(name, what):
     if what == "non_embedding":
         tol = max(tol, m.d_model)  # whether the final norm counts as embedding is not said
     assert abs(ours - value) <= tol, f"{name} {what}: ours {ours:,} published {value:,.0f} +- {tol:,.0f}"
+
+
+@pytest.mark.parametrize("name,layers", [("deepseek3-671b", 5), ("deepseek2-16b", 3), ("llama4-17b-128e", 4),
+                                         ("llama4-17b-16e", 2), ("mixtral-8x7b", 2), ("gemma2-2b", 2)])
+def test_compiled_matmuls_are_the_model_flops(name, layers):
+    """MLA's low-rank projections, shared and routed experts, dense first layers, interleaved MoE: the
+    matmuls the compiled step executes (no remat, no tensor split) are exactly the model FLOPs, which
+    are 6 x (active parameters - input embedding - norms) per token; attention, 6 B T^2 N (qk + v) L / 2."""
+    w = workload_from_dict({"model_name": name, "per_device_batch_size": 1, "max_target_length": 1024,
+                            "remat_policy": "none", "base_num_decoder_layers": layers}, source=SOURCE)
+    topo = parse_topology("v5p:2x2x2")
+    program = compile_program(w, topo, check_memory=False)
+    parts = model_flops_breakdown(w, program.tokens_per_step / w.step.seq_len)
+    matmuls = topo.num_chips * sum(o.flops for o in program.ops if o.category == "matmul")
+    attention = topo.num_chips * sum(o.flops for o in program.ops if o.category == "attention" and o.phase == "forward")
+    assert matmuls == pytest.approx(parts["layers"] + parts["unembedding"], rel=1e-12)
+    assert 3 * attention == pytest.approx(parts["attention"], rel=1e-12)
+    m = w.model
+    norms = m.num_layers * m.norm_params_per_layer + m.d_model + (
+        m.num_layers * (m.q_lora_rank + m.kv_lora_rank) if m.attention_type == "mla" else 0)
+    input_table = 0 if m.tied_embeddings else m.vocab_size * m.d_model  # tied: the table is the unembedding
+    per_token = (parts["layers"] + parts["unembedding"]) / program.tokens_per_step
+    assert per_token == pytest.approx(6 * (m.active_params - input_table - norms), rel=1e-12)

@@ -89,18 +89,6 @@ class Model:
         return sum(1 for i in range(self.first_dense_layers, self.num_layers) if (i + 1) % self.moe_layer_step == 0)
 
     @property
-    def heterogeneous(self) -> tuple[str, ...]:
-        """The features tpusim's compiled step does not have yet (its layers are all alike)."""
-        out = []
-        if self.attention_type == "mla":
-            out.append("multi-head latent attention (attention_type: mla)")
-        if self.shared_experts:
-            out.append("shared experts")
-        if self.num_experts > 1 and self.moe_layers != self.num_layers:
-            out.append("dense layers among the MoE layers (first_num_dense_layers, interleave_moe_layer_step)")
-        return tuple(out)
-
-    @property
     def attention_params_per_layer(self) -> int:
         """Q and O: D x NH each; K and V: D x KH each (book: 2DNH + 2DKH). MLA (DeepSeek-V2 s2.1):
         Q through a rank-q_lora down-projection (and its norm) or straight; KV down to kv_lora + the

@@ -34,13 +34,17 @@ def model_flops_breakdown(w: Workload, global_batch: float) -> dict[str, float]:
     """
     m = w.model
     tokens = global_batch * w.step.seq_len
-    mlp_active = m.mlp_matrices * m.d_model * (m.expert_ff if m.num_experts > 1 else m.d_ff) * m.experts_per_token
-    router = m.d_model * m.num_experts if m.num_experts > 1 else 0
-    causal = 0.5 if w.step.attention_flops == "causal" else 1.0
+    moe = m.moe_layers
+    routed = m.mlp_matrices * m.d_model * m.expert_ff * (m.experts_per_token + m.shared_experts)
+    mlp_active = moe * (routed + m.d_model * m.num_experts) + (m.num_layers - moe) * m.dense_mlp_params
+    attn = m.attention_params_per_layer - (m.q_lora_rank + m.kv_lora_rank if m.attention_type == "mla" else 0)
+    causal = 0.5 if w.step.attention_flops == "causal" else 1.0  # (MLA's latent norms are not matmuls)
+    qk, v = ((m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim) if m.attention_type == "mla"
+             else (m.head_dim, m.head_dim))  # QK^T over qk, PV over v: 12 B T^2 N H for GQA
     return {
-        "layers": 6.0 * m.num_layers * (m.attention_params_per_layer + mlp_active + router) * tokens,
+        "layers": 6.0 * (m.num_layers * attn + mlp_active) * tokens,
         "unembedding": 6.0 * m.vocab_size * m.d_model * tokens,
-        "attention": 12.0 * global_batch * w.step.seq_len**2 * m.num_heads * m.head_dim * m.num_layers * causal,
+        "attention": 6.0 * global_batch * w.step.seq_len**2 * m.num_heads * (qk + v) * m.num_layers * causal,
     }
 
 
@@ -52,17 +56,28 @@ def model_flops_per_step(w: Workload, global_batch: float) -> float:
 def local_parameter_counts(w: Workload, sh: Shapes) -> tuple[float, float, float]:
     """(this device's parameter shard, one layer's gathered weights, the gathered embedding table)."""
     m = w.model
-    attn = sh.d * (2 * sh.heads * sh.head_dim + 2 * sh.kv_heads * sh.head_dim)  # after the tensor split
-    experts = sh.experts_local if m.num_experts > 1 else 1
-    mlp = m.mlp_matrices * sh.d * sh.ff * experts
-    router = sh.d * m.num_experts if m.num_experts > 1 else 0
+    if m.attention_type == "mla":  # the down-projections are whole on every tensor shard
+        n = sh.heads
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        q = sh.d * n * qk if not m.q_lora_rank else m.q_lora_rank * (sh.d + n * qk)
+        attn = (q + sh.d * (m.kv_lora_rank + m.qk_rope_head_dim)
+                + m.kv_lora_rank * n * (m.qk_nope_head_dim + m.v_head_dim) + n * m.v_head_dim * sh.d)
+    else:
+        attn = sh.d * (2 * sh.heads * sh.head_dim + 2 * sh.kv_heads * sh.head_dim)  # after the tensor split
     table = sh.vocab * sh.d
     tables = table * (1 if m.tied_embeddings else 2)
-    dense_shards = sh.weight_shards
-    expert_shards = sh.expert_weight_shards if m.num_experts > 1 else sh.weight_shards
-    local = (m.num_layers * ((attn + router + m.norm_params_per_layer) / dense_shards + mlp / expert_shards)
+    dense_shards, expert_shards = sh.weight_shards, sh.expert_weight_shards
+    moe_layers = m.moe_layers
+    dense_mlp = m.mlp_matrices * sh.d * sh.ff_dense
+    experts = m.mlp_matrices * sh.d * sh.ff * sh.experts_local
+    moe_dense = sh.d * m.num_experts + m.mlp_matrices * sh.d * sh.ff_shared  # router and shared experts
+    dense_layers = m.num_layers - moe_layers
+    local = (m.num_layers * (attn + m.norm_params_per_layer) / dense_shards
+             + dense_layers * dense_mlp / dense_shards
+             + moe_layers * (moe_dense / dense_shards + experts / expert_shards)
              + (tables + sh.d) / dense_shards)  # the embedding tables and the final norm
-    return local, attn + mlp + router, table
+    gathered = attn + max(dense_mlp if dense_layers else 0, experts + moe_dense if moe_layers else 0)
+    return local, gathered, table
 
 
 def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, check_memory: bool = True) -> Program:
@@ -122,12 +137,10 @@ def _microbatch(w: Workload, sh: Shapes, mesh: Mesh, devices: int) -> tuple[Work
 
 
 def _check_modelled(w: Workload) -> None:
-    """Refuse the model features the compiled step lacks (its layers are all alike), naming them.
-
-    Sliding-window layers are exact while the sequence fits in the window (they attend to all of it).
-    """
+    """Refuse the model features the compiled step lacks, naming them. Sliding-window (and Llama 4's
+    chunked) layers are exact while the sequence fits in the window (they attend to all of it)."""
     m = w.model
-    missing = list(m.heterogeneous)
+    missing = []
     if m.local_layers and w.step.seq_len > m.sliding_window:
         missing.append(f"sliding-window attention beyond its window ({w.step.seq_len} tokens > {m.sliding_window})")
     if missing:

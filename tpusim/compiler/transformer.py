@@ -102,26 +102,49 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
     data_axes = ("data", "dcn_data")
     grad_syncs: list[int | None] = []
 
+    # Attention geometry. GQA: Q, K, V projections of D; MLA (DeepSeek-V2 s2.1): Q through a rank
+    # q_lora down-projection (or straight), K and V up from a shared rank-kv_lora latent (plus one
+    # shared RoPE key); the down-projections are not split over tensor (MaxText: q_lora/kv_lora on fsdp).
+    if m.attention_type == "mla":
+        qk_dim, v_dim = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+        q_in = ([("q_a", sh.d, m.q_lora_rank), ("q_b", m.q_lora_rank, sh.heads * qk_dim)] if m.q_lora_rank
+                else [("q_proj", sh.d, sh.heads * qk_dim)])
+        attn_in = [*q_in, ("kv_a", sh.d, m.kv_lora_rank + m.qk_rope_head_dim),
+                   ("kv_b", m.kv_lora_rank, sh.heads * (m.qk_nope_head_dim + v_dim))]
+        q_width, kv_width, o_width = sh.heads * qk_dim, sh.heads * (qk_dim + v_dim) // 2, sh.heads * v_dim
+    else:
+        qk_dim = v_dim = sh.head_dim
+        q_width, kv_width = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
+        o_width = q_width
+        attn_in = [("q_proj", sh.d, q_width), ("k_proj", sh.d, kv_width), ("v_proj", sh.d, kv_width)]
+
+    def is_moe(layer: int) -> bool:
+        """MaxText's MoE models: dense first layers, then every moe_layer_step-th layer has experts."""
+        return (m.num_experts > 1 and layer >= m.first_dense_layers and (layer + 1) % m.moe_layer_step == 0)
+
     # Weight matrices of a layer: (name, K, N, sharding axes) on one device, after the gather.
-    def layer_weights() -> list[tuple[str, int, int, tuple]]:
-        ws = [("q_proj", sh.d, sh.heads * sh.head_dim, weight_axes),
-              ("k_proj", sh.d, sh.kv_heads * sh.head_dim, weight_axes),
-              ("v_proj", sh.d, sh.kv_heads * sh.head_dim, weight_axes),
-              ("o_proj", sh.heads * sh.head_dim, sh.d, weight_axes)]
-        e = sh.experts_local if m.num_experts > 1 else 1
-        axes = expert_axes if m.num_experts > 1 else weight_axes
+    def layer_weights(layer: int) -> list[tuple[str, int, int, tuple]]:
+        ws = [*((name, k, n, weight_axes) for name, k, n in attn_in), ("o_proj", o_width, sh.d, weight_axes)]
+        moe = is_moe(layer)
+        e = sh.experts_local if moe else 1
+        axes = expert_axes if moe else weight_axes
+        ff = sh.ff if moe else sh.ff_dense
         mlp = ["mlp_gate", "mlp_up", "mlp_down"] if m.gated_mlp else ["mlp_up", "mlp_down"]
         for name in mlp:
-            k, n = (sh.ff, sh.d) if name == "mlp_down" else (sh.d, sh.ff)
+            k, n = (ff, sh.d) if name == "mlp_down" else (sh.d, ff)
             ws.append((name, k * e, n, axes))  # experts stacked: E_local x D x F
-        if m.num_experts > 1:
+        if moe:
             ws.append(("router", sh.d, m.num_experts, weight_axes))
+            if sh.ff_shared:  # shared experts: a dense MLP every token goes through
+                for name in mlp:
+                    k, n = (sh.ff_shared, sh.d) if name == "mlp_down" else (sh.d, sh.ff_shared)
+                    ws.append((name.replace("mlp_", "shared_"), k, n, weight_axes))
         return ws
 
     def gather_weights(layer: int, phase: str, deps) -> dict[str, int | None]:
         return {name: b.collective(f"all-gather/layer_{layer}/{phase}/{name}", "all-gather", v=k * n * ab,
                                    mesh_axes=axes, layer=layer, phase=phase, deps=deps)
-                for name, k, n, axes in layer_weights()}
+                for name, k, n, axes in layer_weights(layer)}
 
     # Gradient all-reduces across slices, by the backward layer that issued them. XLA pipelines them
     # by one layer (libtpu AOT compile of a scanned model on 2 slices, docs/VALIDATION.md): issued as
@@ -156,9 +179,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
                          layer=layer, phase=phase, recompute=recompute)
 
     tok, d, t_full = sh.tok, sh.d, sh.seq_len
-    q_width, kv_width = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
     causal_exec = 0.5 if w.step.flash else 1.0  # a causal flash kernel skips the masked half
-    attn_fwd_flops = 4 * tok * t_full * q_width * causal_exec
+    attn_fwd_flops = 2 * tok * t_full * sh.heads * (qk_dim + v_dim) * causal_exec  # QK^T and PV
     scores = tok * t_full * sh.heads * causal_exec  # attention scores computed on this device
 
     def forward_layer(layer: int, weights: dict, *, phase: str, recompute: bool, on_start=None) -> None:
@@ -174,9 +196,9 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             on_start(first)
         b.wait(b.collective(f"all-gather/{p}/attn_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
                             layer=layer, phase=phase))
-        for name, width in (("q_proj", q_width), ("k_proj", kv_width), ("v_proj", kv_width)):
+        for name, k_, n_ in attn_in:
             if redo(name):
-                matmul(f"{p}/{name}", tok, d, width, layer=layer, phase=phase, weight=weights[name],
+                matmul(f"{p}/{name}", tok, k_, n_, layer=layer, phase=phase, weight=weights[name],
                        recompute=recompute)
         elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
         for kv in ("k", "v"):
@@ -186,13 +208,13 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         if not w.step.flash:  # dense: QK^T writes f32 scores and PV reads bf16 probabilities through HBM
             attn_hbm += DENSE_SCORE_BYTES_MXU * scores
         b.compute(f"{p}/attention", "attention", flops=attn_fwd_flops, hbm=attn_hbm, layer=layer, phase=phase,
-                  mxu=(int(tok), sh.head_dim, t_full), recompute=recompute,
+                  mxu=(int(tok), qk_dim, t_full), recompute=recompute,
                   vpu=FLASH_VPU_OPS_FWD * scores if w.step.flash else 0.0)
         if not w.step.flash and not recompute:  # ... and a softmax between them on the VPU (XLA's
             # separate fusions; when rematerialised, XLA fuses it into the softmax backward)
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_FWD, nbytes=1, **ew)
         if redo("o_proj"):
-            matmul(f"{p}/o_proj", tok, q_width, d, layer=layer, phase=phase, weight=weights["o_proj"],
+            matmul(f"{p}/o_proj", tok, o_width, d, layer=layer, phase=phase, weight=weights["o_proj"],
                    recompute=recompute)
         b.wait(b.collective(f"reduce-scatter/{p}/attn_out", "reduce-scatter", v=tok * d * ab,
                             mesh_axes=("tensor",), layer=layer, phase=phase))
@@ -200,28 +222,40 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         elementwise(f"{p}/mlp_norm", tok * d / sh.tp, NORM_FLOPS, 2, **ew)
         b.wait(b.collective(f"all-gather/{p}/mlp_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
                             layer=layer, phase=phase))
+        moe = is_moe(layer)
+        ff = sh.ff if moe else sh.ff_dense
+        gated = ("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)
+        if moe and sh.ff_shared:  # shared experts: every token, beside the routed ones
+            for name in gated:
+                if redo(name.replace("mlp_", "shared_")):
+                    matmul(f"{p}/{name.replace('mlp_', 'shared_')}", tok, d, sh.ff_shared, layer=layer, phase=phase,
+                           weight=weights[name.replace("mlp_", "shared_")], recompute=recompute)
+            elementwise(f"{p}/shared_act", tok * sh.ff_shared, ACT_FLOPS, 3 if m.gated_mlp else 2, **ew)
+            if not recompute:  # (dead in the recomputation, as the routed down-projection below)
+                matmul(f"{p}/shared_down", tok, sh.ff_shared, d, layer=layer, phase=phase,
+                       weight=weights["shared_down"])
         rows = tok
-        if m.num_experts > 1:
+        if moe:
             matmul(f"{p}/router", tok, d, m.num_experts, layer=layer, phase=phase, weight=weights["router"],
                    recompute=recompute)
             elementwise(f"{p}/router_topk", tok * m.num_experts, 8, 2, **ew)
             rows = tok * sh.topk
             b.wait(b.collective(f"all-to-all/{p}/dispatch", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                 layer=layer, phase=phase))
-        for name in (("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)):
+        for name in gated:
             if redo(name):
-                matmul(f"{p}/{name}", rows, d, sh.ff, layer=layer, phase=phase, weight=weights[name],
+                matmul(f"{p}/{name}", rows, d, ff, layer=layer, phase=phase, weight=weights[name],
                        recompute=recompute)
-        elementwise(f"{p}/mlp_act", rows * sh.ff, ACT_FLOPS, 3 if m.gated_mlp else 2, **ew)
+        elementwise(f"{p}/mlp_act", rows * ff, ACT_FLOPS, 3 if m.gated_mlp else 2, **ew)
         if recompute:
             # The layer's output is not needed by its backward pass (the next layer's input was kept),
             # so XLA drops the rest of the recomputation as dead code: no down-projection, no combine,
             # no reduce-scatter (seen in the libtpu compile of traces/xla_aot/fsdp_remat_*).
             return
         if redo("mlp_down"):
-            matmul(f"{p}/mlp_down", rows, sh.ff, d, layer=layer, phase=phase, weight=weights["mlp_down"],
+            matmul(f"{p}/mlp_down", rows, ff, d, layer=layer, phase=phase, weight=weights["mlp_down"],
                    recompute=recompute)
-        if m.num_experts > 1:
+        if moe:
             b.wait(b.collective(f"all-to-all/{p}/combine", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                 layer=layer, phase=phase))
             elementwise(f"{p}/combine", tok * sh.topk * d, 2, 2, **ew)
@@ -237,7 +271,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
 
     def backward_layer(layer: int, weights: dict, on_start) -> None:
         p = f"layer_{layer}/bwd"
-        ws = {name: (k, n, axes) for name, k, n, axes in layer_weights()}
+        ws = {name: (k, n, axes) for name, k, n, axes in layer_weights(layer)}
         if sh.saved is not None:  # rematerialise what the policy did not keep
             forward_layer(layer, weights, phase="backward", recompute=True, on_start=on_start)
         ew = dict(layer=layer, phase="backward")
@@ -246,41 +280,51 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             on_start(first)
         b.wait(b.collective(f"all-gather/{p}/mlp_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
                             layer=layer, phase="backward"))
-        rows = tok * sh.topk if m.num_experts > 1 else tok
-        if m.num_experts > 1:
+        moe = is_moe(layer)
+        ff = sh.ff if moe else sh.ff_dense
+        gated = ("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)
+        rows = tok * sh.topk if moe else tok
+        if moe:
             b.wait(b.collective(f"all-to-all/{p}/combine", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                 layer=layer, phase="backward"))
-        backward_matmul(p, "mlp_down", rows, sh.ff, d, layer=layer, weight=weights["mlp_down"],
+        backward_matmul(p, "mlp_down", rows, ff, d, layer=layer, weight=weights["mlp_down"],
                         wshape=ws["mlp_down"][:2], axes=ws["mlp_down"][2])
-        elementwise(f"{p}/mlp_act", rows * sh.ff, 2 * ACT_FLOPS, 4 if m.gated_mlp else 3, **ew)
-        for name in (("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)):
-            backward_matmul(p, name, rows, d, sh.ff, layer=layer, weight=weights[name], wshape=ws[name][:2],
+        elementwise(f"{p}/mlp_act", rows * ff, 2 * ACT_FLOPS, 4 if m.gated_mlp else 3, **ew)
+        for name in gated:
+            backward_matmul(p, name, rows, d, ff, layer=layer, weight=weights[name], wshape=ws[name][:2],
                             axes=ws[name][2])
-        if m.num_experts > 1:
+        if moe:
             b.wait(b.collective(f"all-to-all/{p}/dispatch", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                 layer=layer, phase="backward"))
             backward_matmul(p, "router", tok, d, m.num_experts, layer=layer, weight=weights["router"],
                             wshape=ws["router"][:2], axes=ws["router"][2])
+        if moe and sh.ff_shared:
+            backward_matmul(p, "shared_down", tok, sh.ff_shared, d, layer=layer, weight=weights["shared_down"],
+                            wshape=ws["shared_down"][:2], axes=ws["shared_down"][2])
+            elementwise(f"{p}/shared_act", tok * sh.ff_shared, 2 * ACT_FLOPS, 4 if m.gated_mlp else 3, **ew)
+            for name in (n.replace("mlp_", "shared_") for n in gated):
+                backward_matmul(p, name, tok, d, sh.ff_shared, layer=layer, weight=weights[name],
+                                wshape=ws[name][:2], axes=ws[name][2])
         b.wait(b.collective(f"reduce-scatter/{p}/mlp_in", "reduce-scatter", v=tok * d * ab,
                             mesh_axes=("tensor",), layer=layer, phase="backward"))
         elementwise(f"{p}/mlp_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
         b.wait(b.collective(f"all-gather/{p}/attn_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
                             layer=layer, phase="backward"))
-        backward_matmul(p, "o_proj", tok, q_width, d, layer=layer, weight=weights["o_proj"],
+        backward_matmul(p, "o_proj", tok, o_width, d, layer=layer, weight=weights["o_proj"],
                         wshape=ws["o_proj"][:2], axes=ws["o_proj"][2])
         ratio = FLASH_BWD_OVER_FWD if w.step.flash else DENSE_BWD_OVER_FWD
         if not w.step.flash:  # dense softmax backward: dS = P (dP - rowsum(dP P)), through HBM
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_BWD, nbytes=1, **ew)
         b.compute(f"{p}/attention", "attention", flops=ratio * attn_fwd_flops,
                   hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width), layer=layer, phase="backward",
-                  mxu=(int(tok), sh.head_dim, t_full), vpu=FLASH_VPU_OPS_BWD * scores if w.step.flash else 0.0)
+                  mxu=(int(tok), qk_dim, t_full), vpu=FLASH_VPU_OPS_BWD * scores if w.step.flash else 0.0)
         for kv in ("k", "v"):
             b.wait(b.collective(f"reduce-scatter/{p}/{kv}_context", "reduce-scatter",
                                 v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,
                                 phase="backward"))
         elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
-        for name, width in (("q_proj", q_width), ("k_proj", kv_width), ("v_proj", kv_width)):
-            backward_matmul(p, name, tok, d, width, layer=layer, weight=weights[name], wshape=ws[name][:2],
+        for name, k_, n_ in reversed(attn_in):
+            backward_matmul(p, name, tok, k_, n_, layer=layer, weight=weights[name], wshape=ws[name][:2],
                             axes=ws[name][2])
         b.wait(b.collective(f"reduce-scatter/{p}/attn_in", "reduce-scatter", v=tok * d * ab,
                             mesh_axes=("tensor",), layer=layer, phase="backward"))
