@@ -169,3 +169,25 @@ def test_compiled_matmuls_are_the_model_flops(name, layers):
     input_table = 0 if m.tied_embeddings else m.vocab_size * m.d_model  # tied: the table is the unembedding
     per_token = (parts["layers"] + parts["unembedding"]) / program.tokens_per_step
     assert per_token == pytest.approx(6 * (m.active_params - input_table - norms), rel=1e-12)
+
+
+@pytest.mark.parametrize("name,seq,window,period,local_share", [
+    ("gemma2-2b", 8192, 4096, 2, (2 * 8192 * 4096 - 4096**2) / 8192**2),  # sliding window: (2TW - W^2) / T^2
+    ("gemma3-4b", 8192, 1024, 6, (2 * 8192 * 1024 - 1024**2) / 8192**2),
+    ("llama4-17b-16e", 16384, 8192, 4, 8192 / 16384),                     # chunks of W: W / T
+])
+def test_local_attention_layers_closed_form(name, seq, window, period, local_share):
+    """Gemma 2 / 3's sliding-window and Llama 4's chunked layers, against the closed form: causal
+    attention of a global layer is 6 B T^2 N (qk + v) / 2; a local layer does local_share of it."""
+    w = workload_from_dict({"model_name": name, "per_device_batch_size": 1, "max_target_length": seq,
+                            "remat_policy": "none", "base_num_decoder_layers": 12}, source=SOURCE)
+    m = w.model
+    assert m.sliding_window == window and m.local_period == period
+    topo = parse_topology("v5p:2x2x2")
+    program = compile_program(w, topo, check_memory=False)
+    batch = program.tokens_per_step / seq
+    local = sum(1 for i in range(m.num_layers) if (i + 1) % period)
+    expected = 6 * batch * seq**2 * m.num_heads * 2 * m.head_dim / 2 * (m.num_layers - local + local * local_share)
+    assert model_flops_breakdown(w, batch)["attention"] == pytest.approx(expected, rel=1e-12)
+    executed = topo.num_chips * sum(o.flops for o in program.ops if o.category == "attention" and o.phase == "forward")
+    assert 3 * executed == pytest.approx(expected, rel=1e-12)

@@ -68,14 +68,33 @@ class Model:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
-    sliding_window: int = 0  # local layers attend this many tokens back (0: none)
-    local_layers: int = 0    # how many of the layers are local (Gemma 2: half, Gemma 3: 5 of 6)
+    sliding_window: int = 0  # local layers attend this many tokens back (0: none), or within chunks of it
+    local_period: int = 0    # every local_period-th layer is global, the others local (Gemma 2: 2, Gemma 3: 6)
+    chunked: bool = False    # Llama 4: local layers attend within fixed chunks, not a sliding window
     post_norms: int = 0      # use_post_attn_norm + use_post_ffw_norm: extra D-wide norms per layer (Gemma 2/3)
     qk_norm: bool = False    # use_qk_norm: an H-wide norm on queries and one on keys (Qwen3, Gemma 3)
 
     @property
     def mlp_matrices(self) -> int:
         return 3 if self.gated_mlp else 2
+
+    def is_local(self, layer: int) -> bool:
+        return bool(self.local_period and self.sliding_window) and (layer + 1) % self.local_period != 0
+
+    @property
+    def local_layers(self) -> int:
+        return sum(1 for i in range(self.num_layers) if self.is_local(i))
+
+    def attention_span(self, layer: int, seq_len: int, *, causal: bool) -> float:
+        """A layer's attention work relative to a global layer's at sequence length T (W the window).
+        Causal: sliding window sum_i min(i, W) = TW - W^2/2 against T^2/2, i.e. (2TW - W^2)/T^2; chunks
+        of W, T W / 2, i.e. W/T. Counting the full square: W/T both."""
+        t, win = seq_len, self.sliding_window
+        if not self.is_local(layer) or t <= win:
+            return 1.0
+        if causal and not self.chunked:
+            return (2 * t * win - win * win) / (t * t)
+        return win / t
 
     @property
     def expert_ff(self) -> int:
@@ -488,13 +507,13 @@ def _model(values, preset_name, source, where) -> Model:
             _positive(values, key, source, where)
     _positive(values, "interleave_moe_layer_step", source, where)
     layers = values["base_num_decoder_layers"] * (2 if block == "gemma2" else 1)
-    window, local = values["sliding_window_size"], 0
-    if block == "gemma2" and window:
-        local = layers // 2
+    window, period = values["sliding_window_size"], 0
+    if block == "gemma2" and window:  # (local, global) pairs
+        period = 2
     elif block == "gemma3" and window:
-        local = layers - layers // 6
-    elif block == "llama4" and values["chunk_attn_window_size"]:
-        window, local = values["chunk_attn_window_size"], layers - layers // 4
+        period = 6
+    elif block == "llama4" and values["chunk_attn_window_size"]:  # every 4th layer global (and NoPE)
+        window, period = values["chunk_attn_window_size"], 4
     moe_ff = values["base_moe_mlp_dim"]
     return Model(name=preset_name or "custom", d_model=d, num_heads=n, num_kv_heads=k, head_dim=h,
                  d_ff=values["base_mlp_dim"], num_layers=layers,
@@ -506,7 +525,8 @@ def _model(values, preset_name, source, where) -> Model:
                  moe_layer_step=values["interleave_moe_layer_step"], attention_type=attn,
                  q_lora_rank=values["q_lora_rank"], kv_lora_rank=values["kv_lora_rank"],
                  qk_nope_head_dim=values["qk_nope_head_dim"], qk_rope_head_dim=values["qk_rope_head_dim"],
-                 v_head_dim=values["v_head_dim"], sliding_window=window, local_layers=local,
+                 v_head_dim=values["v_head_dim"], sliding_window=window, local_period=period,
+                 chunked=block == "llama4",
                  post_norms=int(values["use_post_attn_norm"]) + int(values["use_post_ffw_norm"]),
                  qk_norm=values["use_qk_norm"] and attn != "mla")
 

@@ -183,6 +183,11 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
     attn_fwd_flops = 2 * tok * t_full * sh.heads * (qk_dim + v_dim) * causal_exec  # QK^T and PV
     scores = tok * t_full * sh.heads * causal_exec  # attention scores computed on this device
 
+    def span(layer: int) -> float:
+        """A local layer's share of a global layer's attention work: a flash kernel skips the blocks
+        outside the window (causal, as it runs); dense attention computes every score and masks."""
+        return m.attention_span(layer, t_full, causal=True) if w.step.flash else 1.0
+
     def forward_layer(layer: int, weights: dict, *, phase: str, recompute: bool, on_start=None) -> None:
         """One decoder layer forward; during the backward pass, only what the remat policy drops.
 
@@ -204,12 +209,13 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         for kv in ("k", "v"):
             b.wait(b.collective(f"all-gather/{p}/{kv}_context", "all-gather", v=sh.seqs * t_full * kv_width * ab,
                                 mesh_axes=("sequence",), layer=layer, phase=phase))
-        attn_hbm = ab * (2 * tok * q_width + 2 * sh.seqs * t_full * kv_width)
+        r = span(layer)
+        attn_hbm = ab * (2 * tok * q_width + 2 * sh.seqs * t_full * kv_width * r)
         if not w.step.flash:  # dense: QK^T writes f32 scores and PV reads bf16 probabilities through HBM
             attn_hbm += DENSE_SCORE_BYTES_MXU * scores
-        b.compute(f"{p}/attention", "attention", flops=attn_fwd_flops, hbm=attn_hbm, layer=layer, phase=phase,
+        b.compute(f"{p}/attention", "attention", flops=attn_fwd_flops * r, hbm=attn_hbm, layer=layer, phase=phase,
                   mxu=(int(tok), qk_dim, t_full), recompute=recompute,
-                  vpu=FLASH_VPU_OPS_FWD * scores if w.step.flash else 0.0)
+                  vpu=FLASH_VPU_OPS_FWD * scores * r if w.step.flash else 0.0)
         if not w.step.flash and not recompute:  # ... and a softmax between them on the VPU (XLA's
             # separate fusions; when rematerialised, XLA fuses it into the softmax backward)
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_FWD, nbytes=1, **ew)
@@ -315,9 +321,11 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         ratio = FLASH_BWD_OVER_FWD if w.step.flash else DENSE_BWD_OVER_FWD
         if not w.step.flash:  # dense softmax backward: dS = P (dP - rowsum(dP P)), through HBM
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_BWD, nbytes=1, **ew)
-        b.compute(f"{p}/attention", "attention", flops=ratio * attn_fwd_flops,
-                  hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width), layer=layer, phase="backward",
-                  mxu=(int(tok), qk_dim, t_full), vpu=FLASH_VPU_OPS_BWD * scores if w.step.flash else 0.0)
+        r = span(layer)
+        b.compute(f"{p}/attention", "attention", flops=ratio * attn_fwd_flops * r,
+                  hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width * r), layer=layer,
+                  phase="backward", mxu=(int(tok), qk_dim, t_full),
+                  vpu=FLASH_VPU_OPS_BWD * scores * r if w.step.flash else 0.0)
         for kv in ("k", "v"):
             b.wait(b.collective(f"reduce-scatter/{p}/{kv}_context", "reduce-scatter",
                                 v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,

@@ -202,7 +202,7 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
     unmodelled = [what for what, on in (("multi-head latent attention", m.attention_type == "mla"),
                                         ("shared experts", m.shared_experts > 0),
                                         ("dense layers among MoE layers", 0 < m.moe_layers < m.num_layers),
-                                        ("sliding-window layers", m.local_layers > 0)) if on]
+                                        ("local attention layers", m.local_layers > 0)) if on]
     if unmodelled:  # the serving step builds uniform GQA layers
         raise TpusimError(f"{m.name}: not modelled yet for serving: {', '.join(unmodelled)}", source=source,
                           key="model.model_name")
