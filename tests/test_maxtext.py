@@ -191,3 +191,14 @@ def test_local_attention_layers_closed_form(name, seq, window, period, local_sha
     assert model_flops_breakdown(w, batch)["attention"] == pytest.approx(expected, rel=1e-12)
     executed = topo.num_chips * sum(o.flops for o in program.ops if o.category == "attention" and o.phase == "forward")
     assert 3 * executed == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("raw,key", [
+    ({"base_config": "a\x00b"}, "base_config"), ({"base_config": "y" * 5000}, "base_config"),
+    ({"base_config": "models"}, "base_config"), ({"model_name": "../maxtext/base"}, "model_name"),
+    ({"model_name": "x" * 5000}, "model_name"), ({"model_name": "a\x00b"}, "model_name"),
+])
+def test_hostile_names_are_one_clear_error(raw, key):
+    with pytest.raises(TpusimError) as e:
+        workload_from_dict({**raw, "per_device_batch_size": 1}, source=SOURCE)
+    assert e.value.key == key

@@ -235,8 +235,13 @@ def base_config() -> dict[str, Any]:
 @cache
 def model_file(name: str) -> dict[str, Any] | None:
     """MaxText's ``configs/models/<name>.yml``, or None when MaxText has no such model."""
+    if not name or any(c in name for c in "/\\\0") or name.startswith("."):
+        return None  # a name, not a path
     path = data_dir("workloads") / "maxtext" / "models" / f"{name}.yml"
-    if "/" in name or not path.is_file():
+    try:
+        if not path.is_file():
+            return None
+    except OSError:  # e.g. a name too long for the file system
         return None
     return read_yaml(path) or {}
 

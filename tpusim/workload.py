@@ -421,9 +421,13 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
 
 def _base_config(name: str, source: str) -> dict:
     """``base_config``: a file beside the workload, else one of ``workloads/maxtext/``."""
-    here = Path(source).parent / name
-    path = here if here.is_file() else data_dir("workloads") / "maxtext" / name
-    if "/" in name and not here.is_file() or not path.is_file():
+    try:
+        here = Path(source).parent / name
+        bundled = data_dir("workloads") / "maxtext" / name
+        path = here if here.is_file() else bundled if "/" not in name and bundled.is_file() else None
+    except (OSError, ValueError):  # a name no file system has (a NUL byte, too long)
+        path = None
+    if path is None:
         raise TpusimError(f"{name!r}: no such file beside the workload or in workloads/maxtext/", source=source,
                           key="base_config")
     data = read_yaml(path)
