@@ -331,7 +331,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
                                 v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,
                                 phase="backward"))
         elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
-        for name, k_, n_ in reversed(attn_in):
+        for name, k_, n_ in attn_in:  # (GQA: q, k, v, the order libtpu's compile runs them)
             backward_matmul(p, name, tok, k_, n_, layer=layer, weight=weights[name], wshape=ws[name][:2],
                             axes=ws[name][2])
         b.wait(b.collective(f"reduce-scatter/{p}/attn_in", "reduce-scatter", v=tok * d * ab,
