@@ -335,3 +335,19 @@ def test_without_an_atomic_exchange_a_kill_between_the_renames_is_undone(small, 
     rf.RunFolder(out).discard()  # what the next run does first
     assert json.loads(_snapshot(out)["summary.json"])["mode"] == "datasheet"  # the old one, back whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_run_out_refuses_a_profile_logdir(tmp_path):
+    """A profile's logdir has plugins/profile/<run>/*.xplane.pb, as a run folder does: without a
+    manifest listing them, run --out must refuse it rather than replace it (and the profile) whole."""
+    from click.testing import CliRunner
+
+    from tpusim.cli import main
+
+    logdir = tmp_path / "logdir"
+    (logdir / "plugins" / "profile" / "2026_01_01").mkdir(parents=True)
+    profile = logdir / "plugins" / "profile" / "2026_01_01" / "host.xplane.pb"
+    profile.write_bytes(b"a real profile")
+    r = CliRunner().invoke(main, ["run", "workloads/llama3_8b_fsdp_tp.yaml", "--out", str(logdir)])
+    assert r.exit_code == 2 and "plugins" in r.output, r.output
+    assert profile.read_bytes() == b"a real profile"

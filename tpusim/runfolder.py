@@ -22,8 +22,9 @@ from tpusim.errors import TpusimError
 
 MANIFEST = "manifest.json"
 # What an older tpusim (no manifest) wrote, and what tpusim compare adds to a run folder.
-KNOWN_FILES = {"summary.json", "timeline.parquet", "trace.json.gz", "report.html", "compare.trace.json.gz",
-               "plugins"}  # plugins/profile/<run>/*.xplane.pb: the XProf runs (tpusim.xspace; compare adds one)
+# plugins/ (the XProf runs) is allowed only where the folder's manifest lists files in it: a profile
+# logdir also has plugins/, and replacing it whole would delete the profile.
+KNOWN_FILES = {"summary.json", "timeline.parquet", "trace.json.gz", "report.html", "compare.trace.json.gz"}
 _TMP, _OLD = "tpusim-tmp", "tpusim-old"
 
 

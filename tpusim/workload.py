@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from tpusim import maxtext
 from tpusim.config import read_yaml, unknown_key_reason
 from tpusim.data import data_dir
 from tpusim.errors import TpusimError
@@ -28,7 +29,7 @@ from tpusim.limits import MAX_LAYERS, MAX_SIZE
 
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "int8": 1,
                "float8": 1, "fp8": 1}
-OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor")
+OPTIMIZERS = ("adamw", "adam", "adam_pax", "sgd", "adafactor")
 REMAT_POLICIES = ("full", "minimal", "none", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp",
                   "save_dot_except_mlpwi", "minimal_offloaded", "qkv_proj_offloaded", "custom")
 ATTENTION_KERNELS = ("flash", "dot_product", "autoselected", "splash", "cudnn_flash_te")
@@ -38,40 +39,111 @@ DCN_AXES = ("data", "fsdp")
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Model:
-    """A decoder-only Transformer (LLaMA family; MoE when ``num_experts > 1``). Sizes are counts."""
+    """A decoder-only Transformer (LLaMA family; MoE when ``num_experts > 1``). Sizes are counts.
+
+    MaxText's other families add: DeepSeek's multi-head latent attention (``attention_type: mla``,
+    low-rank Q and KV projections), shared experts, dense first layers and (Llama 4) MoE every
+    ``moe_layer_step``-th layer; Gemma 2 / 3's local sliding-window layers.
+    """
 
     name: str
     d_model: int           # base_emb_dim, D
     num_heads: int         # base_num_query_heads, N
     num_kv_heads: int      # base_num_kv_heads, K
     head_dim: int          # head_dim, H
-    d_ff: int              # base_mlp_dim, F (per expert for MoE)
-    num_layers: int        # base_num_decoder_layers, L
+    d_ff: int              # base_mlp_dim, F (per expert for MoE unless d_ff_moe is given)
+    num_layers: int        # base_num_decoder_layers, L (Gemma 2: twice the file's, see _model)
     vocab_size: int        # V
     gated_mlp: bool        # mlp_activations has two entries (e.g. silu, linear): 3 matrices, else 2
     num_experts: int = 1   # E
     experts_per_token: int = 1  # k
     tied_embeddings: bool = False  # logits_via_embedding
+    d_ff_moe: int = 0      # base_moe_mlp_dim: one expert's width (0: d_ff)
+    shared_experts: int = 0  # always-on experts of width d_ff_moe (DeepSeek, Llama 4)
+    first_dense_layers: int = 0  # first_num_dense_layers: dense MLP of width d_ff before the MoE layers
+    moe_layer_step: int = 1  # interleave_moe_layer_step: every n-th layer is MoE, the others dense
+    attention_type: str = "global"  # global (GQA) or mla
+    q_lora_rank: int = 0   # MLA: 0 = full-rank query projection
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    sliding_window: int = 0  # local layers attend this many tokens back (0: none), or within chunks of it
+    local_period: int = 0    # every local_period-th layer is global, the others local (Gemma 2: 2, Gemma 3: 6)
+    chunked: bool = False    # Llama 4: local layers attend within fixed chunks, not a sliding window
+    post_norms: int = 0      # use_post_attn_norm + use_post_ffw_norm: extra D-wide norms per layer (Gemma 2/3)
+    qk_norm: bool = False    # use_qk_norm: an H-wide norm on queries and one on keys (Qwen3, Gemma 3)
 
     @property
     def mlp_matrices(self) -> int:
         return 3 if self.gated_mlp else 2
 
+    def is_local(self, layer: int) -> bool:
+        return bool(self.local_period and self.sliding_window) and (layer + 1) % self.local_period != 0
+
+    @property
+    def local_layers(self) -> int:
+        return sum(1 for i in range(self.num_layers) if self.is_local(i))
+
+    def attention_span(self, layer: int, seq_len: int, *, causal: bool) -> float:
+        """A layer's attention work relative to a global layer's at sequence length T (W the window).
+        Causal: sliding window sum_i min(i, W) = TW - W^2/2 against T^2/2, i.e. (2TW - W^2)/T^2; chunks
+        of W, T W / 2, i.e. W/T. Counting the full square: W/T both."""
+        t, win = seq_len, self.sliding_window
+        if not self.is_local(layer) or t <= win:
+            return 1.0
+        if causal and not self.chunked:
+            return (2 * t * win - win * win) / (t * t)
+        return win / t
+
+    @property
+    def expert_ff(self) -> int:
+        return self.d_ff_moe or self.d_ff
+
+    @property
+    def moe_layers(self) -> int:
+        """Layers with experts: after the first dense ones, every moe_layer_step-th (MaxText's models)."""
+        if self.num_experts == 1:
+            return 0
+        return sum(1 for i in range(self.first_dense_layers, self.num_layers) if (i + 1) % self.moe_layer_step == 0)
+
     @property
     def attention_params_per_layer(self) -> int:
-        """Q and O: D x NH each; K and V: D x KH each (book: 2DNH + 2DKH)."""
-        d, h = self.d_model, self.head_dim
-        return 2 * d * self.num_heads * h + 2 * d * self.num_kv_heads * h
+        """Q and O: D x NH each; K and V: D x KH each (book: 2DNH + 2DKH). MLA (DeepSeek-V2 s2.1):
+        Q through a rank-q_lora down-projection (and its norm) or straight; KV down to kv_lora + the
+        shared RoPE key, a norm, up to N x (nope + v); O from N x v."""
+        d, n = self.d_model, self.num_heads
+        if self.attention_type == "mla":
+            qk = self.qk_nope_head_dim + self.qk_rope_head_dim
+            q = d * n * qk if not self.q_lora_rank else d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * n * qk
+            kv = (d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank
+                  + self.kv_lora_rank * n * (self.qk_nope_head_dim + self.v_head_dim))
+            return q + kv + n * self.v_head_dim * d
+        h = self.head_dim
+        return 2 * d * n * h + 2 * d * self.num_kv_heads * h
+
+    @property
+    def dense_mlp_params(self) -> int:
+        return self.mlp_matrices * self.d_model * self.d_ff
+
+    @property
+    def moe_mlp_params(self) -> int:
+        """One MoE layer: routed and shared experts, and the router (D x E)."""
+        return (self.mlp_matrices * self.d_model * self.expert_ff * (self.num_experts + self.shared_experts)
+                + self.d_model * self.num_experts)
 
     @property
     def mlp_params_per_layer(self) -> int:
-        """All experts' MLP weights, plus the router (D x E) for MoE (book: 3DF, times E)."""
-        router = self.d_model * self.num_experts if self.num_experts > 1 else 0
-        return self.mlp_matrices * self.d_model * self.d_ff * self.num_experts + router
+        """All experts' MLP weights, plus the router (D x E) for MoE (book: 3DF, times E); for a model
+        mixing dense and MoE layers, the mean over layers."""
+        if self.num_experts == 1:
+            return self.dense_mlp_params
+        moe = self.moe_layers
+        return (moe * self.moe_mlp_params + (self.num_layers - moe) * self.dense_mlp_params) // self.num_layers
 
     @property
     def norm_params_per_layer(self) -> int:
-        return 2 * self.d_model
+        return (2 + self.post_norms) * self.d_model + (2 * self.head_dim if self.qk_norm else 0)
 
     @property
     def embedding_params(self) -> int:
@@ -80,16 +152,18 @@ class Model:
 
     @property
     def params(self) -> int:
-        per_layer = self.attention_params_per_layer + self.mlp_params_per_layer + self.norm_params_per_layer
-        return self.num_layers * per_layer + self.embedding_params
+        mlp = (self.moe_layers * self.moe_mlp_params + (self.num_layers - self.moe_layers) * self.dense_mlp_params
+               if self.num_experts > 1 else self.num_layers * self.dense_mlp_params)
+        return (self.num_layers * (self.attention_params_per_layer + self.norm_params_per_layer) + mlp
+                + self.embedding_params)
 
     @property
     def active_params(self) -> int:
         """Parameters one token touches: k of E experts (book: MoE is E x params, k x FLOPs)."""
         if self.num_experts == 1:
             return self.params
-        inactive = self.mlp_matrices * self.d_model * self.d_ff * (self.num_experts - self.experts_per_token)
-        return self.params - self.num_layers * inactive
+        inactive = self.mlp_matrices * self.d_model * self.expert_ff * (self.num_experts - self.experts_per_token)
+        return self.params - self.moe_layers * inactive
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -107,6 +181,7 @@ class Step:
     attention_flops: str = "causal"
     num_vocab_tiling: int = 1
     mu_dtype: str = ""  # Adam moments' dtype; "" = the weights' (optax's default)
+    gradient_accumulation_steps: int = 1  # microbatches per step, run in sequence (per_device_batch_size / k each)
 
     @property
     def act_bytes(self) -> int:
@@ -146,6 +221,7 @@ class Workload:
     slices: int | None = None
     description: str = ""
     ignored_keys: tuple[str, ...] = field(default=())
+    notes: tuple[str, ...] = field(default=())  # MaxText keys set away from base.yml that tpusim does not model
 
 
 # ---- the vocabulary --------------------------------------------------------------------------------
@@ -165,7 +241,28 @@ _MODEL_KEYS: dict[str, tuple[type, Any]] = {
     "num_experts": (int, 1),
     "num_experts_per_tok": (int, 1),
     "logits_via_embedding": (bool, False),
+    "decoder_block": (str, "llama2"),
+    "base_moe_mlp_dim": (int, -1),
+    "shared_experts": (int, 0),
+    "first_num_dense_layers": (int, 0),
+    "interleave_moe_layer_step": (int, 1),
+    "attention_type": (str, "global"),
+    "q_lora_rank": (int, 0),
+    "kv_lora_rank": (int, 512),
+    "qk_nope_head_dim": (int, 128),
+    "qk_rope_head_dim": (int, 64),
+    "v_head_dim": (int, 128),
+    "sliding_window_size": (int, 0),
+    "chunk_attn_window_size": (int, 0),
+    "use_post_attn_norm": (bool, False),
+    "use_post_ffw_norm": (bool, False),
+    "use_qk_norm": (bool, False),
 }
+# decoder_block values whose layers tpusim builds; Gemma 2's file counts (local, global) pairs as one
+# layer; Gemma 3 has 5 local layers per global one, Llama 4 3 chunked per global (MaxText's models).
+DECODER_BLOCKS = ("llama2", "mistral", "mixtral", "gemma", "gemma2", "gemma3", "qwen3", "qwen3_moe", "gpt3",
+                  "deepseek", "llama4", "simple", "simple_mlp")
+ATTENTION_TYPES = ("global", "mla")
 _STEP_KEYS: dict[str, tuple[type, Any]] = {
     "per_device_batch_size": (float, REQUIRED),
     "max_target_length": (int, 2048),
@@ -177,51 +274,27 @@ _STEP_KEYS: dict[str, tuple[type, Any]] = {
     "attention_flops": (str, "causal"),
     "num_vocab_tiling": (int, 1),
     "mu_dtype": (str, ""),
+    "gradient_accumulation_steps": (int, 1),
 }
 _SHARDING_KEYS: dict[str, tuple[type, Any]] = {
     **{f"ici_{a}_parallelism": (int, -1 if a == "fsdp" else 1) for a in MESH_AXES},
     **{f"dcn_{a}_parallelism": (int, -1 if a == "data" else 1) for a in DCN_AXES},
     "physical_axes": (dict, None),
 }
-_TOP_KEYS = {"name": str, "description": str, "chip": str, "topology": str, "slices": int}
+_TOP_KEYS = {"name": str, "description": str, "chip": str, "topology": str, "slices": int, "base_config": str}
 _SECTIONS = {"model": _MODEL_KEYS, "step": _STEP_KEYS, "sharding": _SHARDING_KEYS}
 _ALIASES = {"ici_context_parallelism": "ici_sequence_parallelism", "optimizer": "opt_type"}
 
-# MaxText keys that exist but do not change a step's performance; accepted and listed once.
-MAXTEXT_IGNORED = frozenset("""
-run_name base_output_directory dataset_path dataset_type dataset_name eval_dataset_name train_split eval_split
-tokenizer_path tokenizer_type add_bos add_eos steps learning_rate cosine_learning_rate_final_fraction
-warmup_steps_fraction learning_rate_schedule_steps adam_b1 adam_b2 adam_eps adam_eps_root adam_weight_decay
-gradient_clipping_threshold max_grad_norm log_period enable_checkpointing async_checkpointing checkpoint_period
-load_parameters_path load_full_state_path enable_single_controller eval_interval eval_steps target_eval_loss
-enable_profiler profiler upload_all_profiler_results skip_first_n_steps_for_profiler profiler_steps
-profile_cleanly use_iota_embed reuse_example_batch monitor_goodput enable_goodput_recording metrics_file
-gcs_metrics save_config_to_gcs hardware enable_data_shuffling data_shuffle_seed init_weights_seed
-scan_layers param_scan_axis fused_qkv fused_mlp decoder_block enable_dropout dropout_rate
-normalization_layer_epsilon rope_min_timescale rope_max_timescale rope_type max_position_embeddings
-sa_block_q sa_block_kv sa_block_kv_compute sa_block_q_dkv sa_block_kv_dkv sa_block_kv_dkv_compute
-sa_block_q_dq sa_block_kv_dq sa_use_fused_bwd_kernel sa_q_layout sa_k_layout sa_v_layout
-compile_topology compile_topology_num_slices model_call_mode base_num_encoder_layers
-logical_axis_rules data_sharding mesh_axes jax_cache_dir jax_distributed_initialization_timeout
-enable_jax_profiler jax_profiler_port checkpoint_storage_use_ocdbt checkpoint_storage_use_zarr3
-skip_jax_distributed_system vertex_tensorboard_project vertex_tensorboard_region
-inference_microbenchmark_prefill_lengths inference_microbenchmark_stages prompt autoregressive_decode_assert
-packing grain_worker_count colocated_python_data_input expansion_factor_real_data
-record_internal_nn_metrics use_untrainable_positional_embedding trainable_position_size
-final_logits_soft_cap attn_logits_soft_cap use_post_attn_norm use_post_ffw_norm
-float32_qk_product float32_logits cast_logits_to_fp32 matmul_precision activations_in_float32
-allow_split_physical_axes custom_mesh optimize_mesh_for_tpu_v6e dump_hlo dump_hlo_xla_flags
-dump_hlo_gcs_dir xla_flags libtpu_init_args global_batch_size_to_train_on logits_dot_in_fp32
+# Keys of older MaxText versions (not in today's base.yml) that do not change a step's performance.
+MAXTEXT_LEGACY_IGNORED = frozenset("""
+base_num_encoder_layers cosine_learning_rate_final_fraction enable_profiler global_batch_size_to_train_on
+libtpu_init_args max_grad_norm xla_flags
 """.split())
-_UNSUPPORTED = {"global_parameter_scale": 1, "gradient_accumulation_steps": 1, "quantization": "", "ici_pipeline_parallelism": 1,
-                "dcn_pipeline_parallelism": 1, "ici_tensor_sequence_parallelism": 1,
-                "dcn_tensor_parallelism": 1, "dcn_sequence_parallelism": 1, "dcn_expert_parallelism": 1,
-                "ici_fsdp_transpose_parallelism": 1, "dcn_fsdp_transpose_parallelism": 1}
 
 
 @cache
 def model_presets() -> dict[str, dict]:
-    return read_yaml(data_dir("workloads") / "models.yaml")
+    return read_yaml(data_dir("workloads") / "models.yaml") or {}
 
 
 def load_workload(path: str | Path, overrides: dict[str, Any] | None = None) -> Workload:
@@ -235,31 +308,18 @@ def load_workload(path: str | Path, overrides: dict[str, Any] | None = None) -> 
 
 
 def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | None = None) -> Workload:
+    """MaxText's layering: ``base_config`` (e.g. ``base.yml``), then the file ``model_name`` names,
+    then the workload's own keys, then ``overrides``; each key then classified (:mod:`tpusim.maxtext`)."""
     if not isinstance(raw, dict):
         raise TpusimError("a workload is a mapping of keys to values", source=source)
-    flat: dict[str, Any] = {}
-    where: dict[str, str] = {}  # flat key -> dotted key in the file, for messages
-    ignored: list[str] = []
+    own: list[tuple[str, Any, str]] = []  # (key, value, dotted key in the file)
     top: dict[str, Any] = {}
 
-    def put(key: str, value: Any, dotted: str, section: str | None) -> None:
-        key = _ALIASES.get(key, key)
-        if section is not None and key not in _SECTIONS[section]:
+    def check_section(key: str, dotted: str, section: str) -> None:
+        if key not in _SECTIONS[section]:
             other = next((s for s, keys in _SECTIONS.items() if key in keys), None)
             if other is not None:
                 raise TpusimError(f"belongs in section '{other}', not '{section}'", source=source, key=dotted)
-        if any(key in keys for keys in _SECTIONS.values()):
-            flat[key] = value
-            where[key] = dotted
-        elif key in _UNSUPPORTED:
-            if value != _UNSUPPORTED[key]:
-                raise TpusimError(f"{value!r} is not supported by tpusim (only {_UNSUPPORTED[key]!r})",
-                                  source=source, key=dotted)
-        elif key in MAXTEXT_IGNORED:
-            ignored.append(dotted)
-        else:
-            known = [*(k for keys in _SECTIONS.values() for k in keys), *_TOP_KEYS, *_SECTIONS]
-            raise TpusimError(unknown_key_reason(key, known), source=source, key=dotted)
 
     for key, value in raw.items():
         key = str(key)
@@ -267,26 +327,71 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
             if not isinstance(value, dict):
                 raise TpusimError("expected a mapping", source=source, key=key)
             for sub, v in value.items():
-                put(str(sub), v, f"{key}.{sub}", key)
+                k = _ALIASES.get(str(sub), str(sub))
+                check_section(k, f"{key}.{sub}", key)
+                own.append((k, v, f"{key}.{sub}"))
         elif key in _TOP_KEYS:
             top[key] = _typed(key, value, _TOP_KEYS[key], source)
         else:
-            put(key, value, key, None)
-    for key, value in (overrides or {}).items():
-        put(key, value, key, None)
-        where[_ALIASES.get(key, key)] = f"{key} (override)"
+            own.append((_ALIASES.get(key, key), value, key))
+    over = [(_ALIASES.get(str(k), str(k)), v, f"{k} (override)") for k, v in (overrides or {}).items()]
 
-    # A model preset fills the dims the file does not give.
-    preset_name = flat.get("model_name")
-    if preset_name is not None:
-        preset_name = _typed(where["model_name"], preset_name, str, source)
-        presets = model_presets()
-        if preset_name not in presets:
-            raise TpusimError(unknown_key_reason(str(preset_name), presets).replace("unknown key", "unknown model")
-                              + f"; presets: {', '.join(presets)}", source=source, key=where["model_name"])
-        for k, v in presets[preset_name].items():
-            flat.setdefault(k, v)
-            where.setdefault(k, f"model_name ({preset_name})")
+    # The layers, lowest first: base config, model file, the workload's keys, the overrides.
+    layers: list[tuple[str, list[tuple[str, Any, str]]]] = []
+    if "base_config" in top:
+        base_name = top["base_config"]
+        base = _base_config(base_name, source)
+        layers.append(("base", [(_ALIASES.get(str(k), str(k)), v, f"{k} ({base_name})") for k, v in base.items()
+                                if str(k) != "base_config"]))
+    named = [v for k, v, _ in own + over if k == "model_name"]
+    preset_name = None
+    if named and named[-1] != "default":  # MaxText's sentinel for "no model file"
+        where_name = next(d for k, _, d in reversed(own + over) if k == "model_name")
+        preset_name = _typed(where_name, named[-1], str, source)
+        preset = maxtext.model_file(preset_name)
+        if preset is None:
+            preset = model_presets().get(preset_name)
+        if preset is None:
+            names = sorted({*model_presets(), *maxtext.model_names()})
+            raise TpusimError(unknown_key_reason(str(preset_name), names).replace("unknown key", "unknown model")
+                              + f" ({len(names)} models: workloads/maxtext/models/*.yml)", source=source,
+                              key=where_name)
+        layers.append(("model", [(str(k), v, f"{k} (model_name {preset_name})") for k, v in preset.items()]))
+    layers += [("file", own), ("override", over)]
+
+    flat: dict[str, Any] = {}
+    where: dict[str, str] = {}  # flat key -> dotted key in the file, for messages
+    origin: dict[str, str] = {}
+    for layer, entries in layers:
+        for key, value, dotted in entries:
+            flat[key], where[key], origin[key] = value, dotted, layer
+
+    ignored: list[str] = []
+    notes: list[str] = []
+    vocab = {k for keys in _SECTIONS.values() for k in keys}
+    for key, value in list(flat.items()):
+        if key in vocab:
+            continue
+        if key == "num_slices":
+            n = _typed(where[key], value, int, source)
+            if n != -1 and "slices" not in top:
+                top["slices"] = n
+        elif key in maxtext.REFUSED_KEYS:
+            if not maxtext.is_default(key, value):
+                group = maxtext.REFUSED[maxtext.REFUSED_KEYS[key]][0]
+                raise TpusimError(f"{value!r}: not modelled yet by tpusim ({group}); MaxText's default is "
+                                  f"{maxtext.default(key)!r}", source=source, key=where[key])
+        elif key in maxtext.NOTED_KEYS:
+            if not maxtext.is_default(key, value):
+                notes.append(f"{key}={value!r}")
+        elif key in maxtext.IGNORED_KEYS or key in MAXTEXT_LEGACY_IGNORED:
+            if origin[key] in ("file", "override"):
+                ignored.append(where[key])
+        else:
+            known = [*vocab, *_TOP_KEYS, *_SECTIONS, *maxtext.IGNORED_KEYS, *maxtext.NOTED_KEYS,
+                     *maxtext.REFUSED_KEYS]
+            raise TpusimError(unknown_key_reason(key, known), source=source,
+                              key=key if origin[key] == "override" else where[key])
 
     values: dict[str, Any] = {}
     for keys in _SECTIONS.values():
@@ -311,7 +416,24 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
     name = top.get("name") or Path(source).stem
     return Workload(name=name, source=source, model=model, step=step, parallelism=parallelism,
                     chip=top.get("chip"), topology=top.get("topology"), slices=top.get("slices"),
-                    description=top.get("description", ""), ignored_keys=tuple(ignored))
+                    description=top.get("description", ""), ignored_keys=tuple(ignored), notes=tuple(notes))
+
+
+def _base_config(name: str, source: str) -> dict:
+    """``base_config``: a file beside the workload, else one of ``workloads/maxtext/``."""
+    try:
+        here = Path(source).parent / name
+        bundled = data_dir("workloads") / "maxtext" / name
+        path = here if here.is_file() else bundled if "/" not in name and bundled.is_file() else None
+    except (OSError, ValueError):  # a name no file system has (a NUL byte, too long)
+        path = None
+    if path is None:
+        raise TpusimError(f"{name!r}: no such file beside the workload or in workloads/maxtext/", source=source,
+                          key="base_config")
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise TpusimError("a MaxText config is a mapping of keys to values", source=str(path))
+    return data
 
 
 def _typed(key: str, value: Any, typ: type, source: str) -> Any:
@@ -372,10 +494,45 @@ def _model(values, preset_name, source, where) -> Model:
     if topk > e:
         raise TpusimError(f"{topk} experts per token but only {e} experts", source=source,
                           key=where.get("num_experts_per_tok", "num_experts_per_tok"))
+    block = values["decoder_block"]
+    if block not in DECODER_BLOCKS:
+        raise TpusimError(f"{block!r}: not modelled yet by tpusim (its layers are {', '.join(DECODER_BLOCKS)})",
+                          source=source, key=where.get("decoder_block", "decoder_block"))
+    attn = values["attention_type"]
+    if attn not in ATTENTION_TYPES:
+        raise TpusimError(f"{attn!r}: not modelled yet by tpusim (attention types: {', '.join(ATTENTION_TYPES)})",
+                          source=source, key=where.get("attention_type", "attention_type"))
+    for key in ("shared_experts", "first_num_dense_layers", "q_lora_rank", "sliding_window_size",
+                "chunk_attn_window_size"):
+        if values[key] < 0:
+            raise TpusimError(f"{values[key]} must be >= 0", source=source, key=where.get(key, key))
+    if attn == "mla":
+        for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _positive(values, key, source, where)
+    _positive(values, "interleave_moe_layer_step", source, where)
+    layers = values["base_num_decoder_layers"] * (2 if block == "gemma2" else 1)
+    window, period = values["sliding_window_size"], 0
+    if block == "gemma2" and window:  # (local, global) pairs
+        period = 2
+    elif block == "gemma3" and window:
+        period = 6
+    elif block == "llama4" and values["chunk_attn_window_size"]:  # every 4th layer global (and NoPE)
+        window, period = values["chunk_attn_window_size"], 4
+    moe_ff = values["base_moe_mlp_dim"]
     return Model(name=preset_name or "custom", d_model=d, num_heads=n, num_kv_heads=k, head_dim=h,
-                 d_ff=values["base_mlp_dim"], num_layers=values["base_num_decoder_layers"],
+                 d_ff=values["base_mlp_dim"], num_layers=layers,
                  vocab_size=values["vocab_size"], gated_mlp=len(acts) == 2, num_experts=e,
-                 experts_per_token=topk, tied_embeddings=values["logits_via_embedding"])
+                 experts_per_token=topk, tied_embeddings=values["logits_via_embedding"],
+                 d_ff_moe=moe_ff if moe_ff > 0 and e > 1 else 0,
+                 shared_experts=values["shared_experts"] if e > 1 else 0,
+                 first_dense_layers=values["first_num_dense_layers"] if e > 1 else 0,
+                 moe_layer_step=values["interleave_moe_layer_step"], attention_type=attn,
+                 q_lora_rank=values["q_lora_rank"], kv_lora_rank=values["kv_lora_rank"],
+                 qk_nope_head_dim=values["qk_nope_head_dim"], qk_rope_head_dim=values["qk_rope_head_dim"],
+                 v_head_dim=values["v_head_dim"], sliding_window=window, local_period=period,
+                 chunked=block == "llama4",
+                 post_norms=int(values["use_post_attn_norm"]) + int(values["use_post_ffw_norm"]),
+                 qk_norm=values["use_qk_norm"] and attn != "mla")
 
 
 def _choice(values, key, choices, source, where):
@@ -390,7 +547,7 @@ def _step(values, source, where) -> Step:
     if not 0 < pdbs <= MAX_SIZE:
         raise TpusimError(f"{pdbs!r} must be a positive number", source=source,
                           key=where.get("per_device_batch_size", "per_device_batch_size"))
-    for k in ("max_target_length", "num_vocab_tiling"):
+    for k in ("max_target_length", "num_vocab_tiling", "gradient_accumulation_steps"):
         _positive(values, k, source, where)
     for k in ("dtype", "weight_dtype"):
         _choice(values, k, tuple(DTYPE_BYTES), source, where)
@@ -398,11 +555,13 @@ def _step(values, source, where) -> Step:
         _choice(values, "mu_dtype", tuple(DTYPE_BYTES), source, where)
     return Step(per_device_batch_size=pdbs, seq_len=values["max_target_length"], dtype=values["dtype"],
                 weight_dtype=values["weight_dtype"],
-                optimizer=_choice(values, "opt_type", OPTIMIZERS, source, where),
+                # adam_pax is Adam as Pax implements it: the same two moments and FLOPs
+                optimizer=_choice(values, "opt_type", OPTIMIZERS, source, where).replace("adam_pax", "adam"),
                 remat_policy=_choice(values, "remat_policy", REMAT_POLICIES, source, where),
                 attention=_choice(values, "attention", ATTENTION_KERNELS, source, where),
                 attention_flops=_choice(values, "attention_flops", ("causal", "full"), source, where),
-                num_vocab_tiling=values["num_vocab_tiling"], mu_dtype=values["mu_dtype"])
+                num_vocab_tiling=values["num_vocab_tiling"], mu_dtype=values["mu_dtype"],
+                gradient_accumulation_steps=values["gradient_accumulation_steps"])
 
 
 def _parallelism(values, source, where) -> Parallelism:

@@ -11,10 +11,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from tpusim.compiler.memory import peak_memory
 from tpusim.compiler.shapes import Shapes, derive_shapes
 from tpusim.compiler.transformer import build_ops
-from tpusim.errors import InfeasibleError
+from tpusim.errors import InfeasibleError, TpusimError
 from tpusim.mesh import Mesh, resolve_mesh
 from tpusim.program import Program
 from tpusim.topology import Topology
@@ -28,17 +30,22 @@ def model_flops_breakdown(w: Workload, global_batch: float) -> dict[str, float]:
     ``layers``: 6 x the layers' matmul weights a token uses (k of E experts, and the router) x tokens;
     ``unembedding``: 6 V D x tokens (the input embedding is a lookup, not a matmul, so the book's
     6 x all-parameters is larger by 6 V D x tokens); ``attention``: 12 B T^2 N H per layer, halved when
-    ``attention_flops: causal``.
+    ``attention_flops: causal``; local layers (sliding window, chunks) scaled by their span.
     """
     m = w.model
     tokens = global_batch * w.step.seq_len
-    mlp_active = m.mlp_matrices * m.d_model * m.d_ff * m.experts_per_token
-    router = m.d_model * m.num_experts if m.num_experts > 1 else 0
-    causal = 0.5 if w.step.attention_flops == "causal" else 1.0
+    moe = m.moe_layers
+    routed = m.mlp_matrices * m.d_model * m.expert_ff * (m.experts_per_token + m.shared_experts)
+    mlp_active = moe * (routed + m.d_model * m.num_experts) + (m.num_layers - moe) * m.dense_mlp_params
+    attn = m.attention_params_per_layer - (m.q_lora_rank + m.kv_lora_rank if m.attention_type == "mla" else 0)
+    causal = 0.5 if w.step.attention_flops == "causal" else 1.0  # (MLA's latent norms are not matmuls)
+    qk, v = ((m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim) if m.attention_type == "mla"
+             else (m.head_dim, m.head_dim))  # QK^T over qk, PV over v: 12 B T^2 N H for GQA
     return {
-        "layers": 6.0 * m.num_layers * (m.attention_params_per_layer + mlp_active + router) * tokens,
+        "layers": 6.0 * (m.num_layers * attn + mlp_active) * tokens,
         "unembedding": 6.0 * m.vocab_size * m.d_model * tokens,
-        "attention": 12.0 * global_batch * w.step.seq_len**2 * m.num_heads * m.head_dim * m.num_layers * causal,
+        "attention": 6.0 * global_batch * w.step.seq_len**2 * m.num_heads * (qk + v) * causal
+                     * sum(m.attention_span(i, w.step.seq_len, causal=causal < 1) for i in range(m.num_layers)),
     }
 
 
@@ -50,17 +57,28 @@ def model_flops_per_step(w: Workload, global_batch: float) -> float:
 def local_parameter_counts(w: Workload, sh: Shapes) -> tuple[float, float, float]:
     """(this device's parameter shard, one layer's gathered weights, the gathered embedding table)."""
     m = w.model
-    attn = sh.d * (2 * sh.heads * sh.head_dim + 2 * sh.kv_heads * sh.head_dim)  # after the tensor split
-    experts = sh.experts_local if m.num_experts > 1 else 1
-    mlp = m.mlp_matrices * sh.d * sh.ff * experts
-    router = sh.d * m.num_experts if m.num_experts > 1 else 0
+    if m.attention_type == "mla":  # the down-projections are whole on every tensor shard
+        n = sh.heads
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        q = sh.d * n * qk if not m.q_lora_rank else m.q_lora_rank * (sh.d + n * qk)
+        attn = (q + sh.d * (m.kv_lora_rank + m.qk_rope_head_dim)
+                + m.kv_lora_rank * n * (m.qk_nope_head_dim + m.v_head_dim) + n * m.v_head_dim * sh.d)
+    else:
+        attn = sh.d * (2 * sh.heads * sh.head_dim + 2 * sh.kv_heads * sh.head_dim)  # after the tensor split
     table = sh.vocab * sh.d
     tables = table * (1 if m.tied_embeddings else 2)
-    dense_shards = sh.weight_shards
-    expert_shards = sh.expert_weight_shards if m.num_experts > 1 else sh.weight_shards
-    local = (m.num_layers * ((attn + router + m.norm_params_per_layer) / dense_shards + mlp / expert_shards)
+    dense_shards, expert_shards = sh.weight_shards, sh.expert_weight_shards
+    moe_layers = m.moe_layers
+    dense_mlp = m.mlp_matrices * sh.d * sh.ff_dense
+    experts = m.mlp_matrices * sh.d * sh.ff * sh.experts_local
+    moe_dense = sh.d * m.num_experts + m.mlp_matrices * sh.d * sh.ff_shared  # router and shared experts
+    dense_layers = m.num_layers - moe_layers
+    local = (m.num_layers * (attn + m.norm_params_per_layer) / dense_shards
+             + dense_layers * dense_mlp / dense_shards
+             + moe_layers * (moe_dense / dense_shards + experts / expert_shards)
              + (tables + sh.d) / dense_shards)  # the embedding tables and the final norm
-    return local, attn + mlp + router, table
+    gathered = attn + max(dense_mlp if dense_layers else 0, experts + moe_dense if moe_layers else 0)
+    return local, gathered, table
 
 
 def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, check_memory: bool = True) -> Program:
@@ -70,22 +88,33 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     unevenly, and :class:`~tpusim.errors.InfeasibleError` (with the breakdown) when it does not fit
     in HBM and ``check_memory`` is set.
     """
+    _check_modelled(w)
     mesh = mesh or resolve_mesh(w.parallelism, topo, source=w.source)
     devices = topo.num_chips
     sh = derive_shapes(w, mesh, devices)
+    micro_w, micro = _microbatch(w, sh, mesh, devices)
     local, gathered_layer, table = local_parameter_counts(w, sh)
     fsdp = sh.weight_shards > 1
     capacity = topo.chip.hbm_bytes
-    natural = peak_memory(w, sh, local_params=local, gathered_layer_params=gathered_layer,
+    # Under gradient accumulation the activations are one microbatch's, and an f32 accumulator sits
+    # beside that microbatch's gradient.
+    accumulator = ACCUMULATOR_BYTES * local if micro is not sh else 0.0
+    natural = peak_memory(micro_w, micro, local_params=local, gathered_layer_params=gathered_layer,
                           gathered_table_params=table, fsdp=fsdp)
-    memory = peak_memory(w, sh, local_params=local, gathered_layer_params=gathered_layer,
-                         gathered_table_params=table, fsdp=fsdp, capacity_bytes=capacity)
+    memory = peak_memory(micro_w, micro, local_params=local, gathered_layer_params=gathered_layer,
+                         gathered_table_params=table, fsdp=fsdp, capacity_bytes=capacity - accumulator)
+    if accumulator:
+        natural = replace(natural, grads=natural.grads + accumulator)
+        memory = replace(memory, grads=memory.grads + accumulator)
     if check_memory and memory.total > capacity:
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in memory.as_dict().items() if k != "total")
         raise InfeasibleError(f"does not fit in HBM: needs {fmt_bytes(memory.total)} per device of "
                               f"{fmt_bytes(capacity)} on {topo.chip.name} ({parts})", source=w.source)
-    ops = build_ops(w, sh, mesh, local_params=local)
+    ops = build_ops(micro_w, micro, mesh, local_params=local)
     notes = []
+    if w.notes:
+        notes.append(f"MaxText keys set away from base.yml that tpusim does not model (small effects): "
+                     f"{', '.join(w.notes)}")
     if w.ignored_keys:
         notes.append(f"ignored (no effect on performance): {', '.join(w.ignored_keys)}")
     if w.step.remat_policy in ("minimal_offloaded", "qkv_proj_offloaded", "custom"):
@@ -101,6 +130,31 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
                    model_flops_per_step=model_flops_per_step(w, sh.global_batch),
                    tokens_per_step=sh.global_batch * w.step.seq_len, memory=memory,
                    hbm_capacity_bytes=capacity, notes=tuple(notes))
+
+
+ACCUMULATOR_BYTES = 4  # MaxText accumulates gradients in f32 (zeros_like of the f32 parameters)
+
+
+def _microbatch(w: Workload, sh: Shapes, mesh: Mesh, devices: int) -> tuple[Workload, Shapes]:
+    """The workload and shapes of one microbatch (per_device_batch_size / gradient_accumulation_steps)."""
+    k = w.step.gradient_accumulation_steps
+    if k == 1:
+        return w, sh
+    if sh.seqs % k:
+        raise TpusimError(f"{k} microbatches do not split the {sh.seqs:g} sequences each batch shard computes",
+                          source=w.source, key="gradient_accumulation_steps")
+    micro_w = replace(w, step=replace(w.step, per_device_batch_size=w.step.per_device_batch_size / k))
+    return micro_w, derive_shapes(micro_w, mesh, devices)
+
+
+def _check_modelled(w: Workload) -> None:
+    """Refuse the model features the compiled step lacks, naming them. Sliding-window (and Llama 4's
+    chunked) layers are exact while the sequence fits in the window (they attend to all of it)."""
+    m = w.model
+    missing: list[str] = []  # (none at present: every MaxText family tpusim loads compiles)
+    if missing:
+        raise TpusimError(f"{m.name}: not modelled yet in tpusim's compiled step: {'; '.join(missing)} "
+                          f"(its parameter count is: {m.params / 1e9:.1f} B)", source=w.source, key="model_name")
 
 
 __all__ = ["compile_program", "model_flops_breakdown", "model_flops_per_step", "local_parameter_counts"]

@@ -57,6 +57,8 @@ class Shapes:
     weight_shards: int         # devices a dense weight's D dim is split over (fsdp x sequence x expert x dcn_fsdp)
     expert_weight_shards: int  # the same for expert weights (no expert axis: that splits E)
     saved: tuple[str, ...] | None  # matmuls whose outputs remat keeps; None = keep everything (no remat)
+    ff_dense: int = 0          # local MLP width of the dense layers of an MoE model (first_num_dense_layers, ...)
+    ff_shared: int = 0         # local width of the shared experts, side by side (shared_experts x F_moe / tensor)
 
 
 def derive_shapes(w: Workload, mesh: Mesh, devices: int) -> Shapes:
@@ -88,7 +90,7 @@ def derive_shapes(w: Workload, mesh: Mesh, devices: int) -> Shapes:
     else:
         raise TpusimError(f"kv heads {m.num_kv_heads} and tensor parallelism {tp} do not divide one another",
                           source=src, key="ici_tensor_parallelism")
-    ff = divide(m.d_ff, tp, "MLP width", "ici_tensor_parallelism")
+    ff = divide(m.expert_ff if m.num_experts > 1 else m.d_ff, tp, "MLP width", "ici_tensor_parallelism")
     weight_shards = mesh.size("fsdp", "sequence", "expert", "dcn_fsdp")
     expert_weight_shards = mesh.size("fsdp", "sequence", "dcn_fsdp")
     divide(m.d_model, weight_shards, "embedding width (sharded over fsdp x sequence x expert)", "ici_fsdp_parallelism")
@@ -96,8 +98,13 @@ def derive_shapes(w: Workload, mesh: Mesh, devices: int) -> Shapes:
     if m.num_experts == 1 and ep > 1:
         pass  # a dense model's expert axis acts as another batch / weight-sharding axis (MaxText does so)
     saved = None if s.remat_policy == "none" else _SAVED[s.remat_policy]
+    ff_dense = ff
+    if m.num_experts > 1 and m.moe_layers < m.num_layers:
+        ff_dense = divide(m.d_ff, tp, "dense MLP width", "ici_tensor_parallelism")
+    ff_shared = divide(m.expert_ff * m.shared_experts, tp, "shared experts' width", "ici_tensor_parallelism")
     return Shapes(global_batch=global_batch, seqs=seqs, seq_len=s.seq_len, t_local=t_local,
                   tok=seqs * t_local, d=m.d_model, heads=heads, kv_heads=kv, head_dim=m.head_dim, ff=ff,
                   vocab=math.ceil(m.vocab_size / tp), tp=tp, sp=sp, ep=ep, experts_local=experts_local,
                   topk=m.experts_per_token, act_bytes=s.act_bytes, weight_bytes=s.weight_bytes,
-                  weight_shards=weight_shards, expert_weight_shards=expert_weight_shards, saved=saved)
+                  weight_shards=weight_shards, expert_weight_shards=expert_weight_shards, saved=saved,
+                  ff_dense=ff_dense, ff_shared=ff_shared)

@@ -52,6 +52,7 @@ class _Builder:
         self.ops: list[Op] = []
         self._pending: list[int] = []
         self.last_compute = -1
+        self.prefix = ""  # "microbatch_i/" under gradient accumulation
 
     def wait(self, *idx: int | None) -> None:
         self._pending += [i for i in idx if i is not None]
@@ -60,7 +61,7 @@ class _Builder:
                 deps=(), vpu=0.0) -> int:
         idx = len(self.ops)
         all_deps = tuple(dict.fromkeys([*self._pending, *(d for d in deps if d is not None)]))
-        self.ops.append(Op(index=idx, name=name, stream=COMPUTE, category=category, layer=layer, phase=phase,
+        self.ops.append(Op(index=idx, name=self.prefix + name, stream=COMPUTE, category=category, layer=layer, phase=phase,
                            flops=float(flops), hbm_bytes=float(hbm), mxu_shape=mxu, deps=all_deps,
                            recompute=recompute, vpu_flops=float(vpu)))
         self._pending = []
@@ -70,7 +71,7 @@ class _Builder:
     def host_copy(self, name, kind, *, nbytes, layer, phase, deps) -> int:
         """An asynchronous HBM <-> host copy over PCIe (``copy-to-host`` or ``copy-from-host``)."""
         idx = len(self.ops)
-        self.ops.append(Op(index=idx, name=name, stream=HOST, category=kind, layer=layer, phase=phase,
+        self.ops.append(Op(index=idx, name=self.prefix + name, stream=HOST, category=kind, layer=layer, phase=phase,
                            bytes=float(nbytes), deps=tuple(d for d in deps if d is not None and d >= 0)))
         return idx
 
@@ -84,7 +85,7 @@ class _Builder:
             return None
         idx = len(self.ops)
         deps = (self.last_compute,) if deps is None and self.last_compute >= 0 else (deps or ())
-        self.ops.append(Op(index=idx, name=name, stream=COLLECTIVE, category=kind, layer=layer, phase=phase,
+        self.ops.append(Op(index=idx, name=self.prefix + name, stream=COLLECTIVE, category=kind, layer=layer, phase=phase,
                            bytes=float(v), mesh_axes=axes, axes=self.mesh.axes_of(*axes),
                            deps=tuple(d for d in deps if d is not None and d >= 0)))
         return idx
@@ -101,37 +102,66 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
     data_axes = ("data", "dcn_data")
     grad_syncs: list[int | None] = []
 
+    # Attention geometry. GQA: Q, K, V projections of D; MLA (DeepSeek-V2 s2.1): Q through a rank
+    # q_lora down-projection (or straight), K and V up from a shared rank-kv_lora latent (plus one
+    # shared RoPE key); the down-projections are not split over tensor (MaxText: q_lora/kv_lora on fsdp).
+    if m.attention_type == "mla":
+        qk_dim, v_dim = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+        q_in = ([("q_a", sh.d, m.q_lora_rank), ("q_b", m.q_lora_rank, sh.heads * qk_dim)] if m.q_lora_rank
+                else [("q_proj", sh.d, sh.heads * qk_dim)])
+        attn_in = [*q_in, ("kv_a", sh.d, m.kv_lora_rank + m.qk_rope_head_dim),
+                   ("kv_b", m.kv_lora_rank, sh.heads * (m.qk_nope_head_dim + v_dim))]
+        q_width, kv_width, o_width = sh.heads * qk_dim, sh.heads * (qk_dim + v_dim) // 2, sh.heads * v_dim
+    else:
+        qk_dim = v_dim = sh.head_dim
+        q_width, kv_width = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
+        o_width = q_width
+        attn_in = [("q_proj", sh.d, q_width), ("k_proj", sh.d, kv_width), ("v_proj", sh.d, kv_width)]
+
+    def is_moe(layer: int) -> bool:
+        """MaxText's MoE models: dense first layers, then every moe_layer_step-th layer has experts."""
+        return (m.num_experts > 1 and layer >= m.first_dense_layers and (layer + 1) % m.moe_layer_step == 0)
+
     # Weight matrices of a layer: (name, K, N, sharding axes) on one device, after the gather.
-    def layer_weights() -> list[tuple[str, int, int, tuple]]:
-        ws = [("q_proj", sh.d, sh.heads * sh.head_dim, weight_axes),
-              ("k_proj", sh.d, sh.kv_heads * sh.head_dim, weight_axes),
-              ("v_proj", sh.d, sh.kv_heads * sh.head_dim, weight_axes),
-              ("o_proj", sh.heads * sh.head_dim, sh.d, weight_axes)]
-        e = sh.experts_local if m.num_experts > 1 else 1
-        axes = expert_axes if m.num_experts > 1 else weight_axes
+    def layer_weights(layer: int) -> list[tuple[str, int, int, tuple]]:
+        ws = [*((name, k, n, weight_axes) for name, k, n in attn_in), ("o_proj", o_width, sh.d, weight_axes)]
+        moe = is_moe(layer)
+        e = sh.experts_local if moe else 1
+        axes = expert_axes if moe else weight_axes
+        ff = sh.ff if moe else sh.ff_dense
         mlp = ["mlp_gate", "mlp_up", "mlp_down"] if m.gated_mlp else ["mlp_up", "mlp_down"]
         for name in mlp:
-            k, n = (sh.ff, sh.d) if name == "mlp_down" else (sh.d, sh.ff)
+            k, n = (ff, sh.d) if name == "mlp_down" else (sh.d, ff)
             ws.append((name, k * e, n, axes))  # experts stacked: E_local x D x F
-        if m.num_experts > 1:
+        if moe:
             ws.append(("router", sh.d, m.num_experts, weight_axes))
+            if sh.ff_shared:  # shared experts: a dense MLP every token goes through
+                for name in mlp:
+                    k, n = (sh.ff_shared, sh.d) if name == "mlp_down" else (sh.d, sh.ff_shared)
+                    ws.append((name.replace("mlp_", "shared_"), k, n, weight_axes))
         return ws
 
     def gather_weights(layer: int, phase: str, deps) -> dict[str, int | None]:
         return {name: b.collective(f"all-gather/layer_{layer}/{phase}/{name}", "all-gather", v=k * n * ab,
                                    mesh_axes=axes, layer=layer, phase=phase, deps=deps)
-                for name, k, n, axes in layer_weights()}
+                for name, k, n, axes in layer_weights(layer)}
 
     # Gradient all-reduces across slices, by the backward layer that issued them. XLA pipelines them
     # by one layer (libtpu AOT compile of a scanned model on 2 slices, docs/VALIDATION.md): issued as
     # host transfers (megascale send/recv) at the start of the next layer's loop iteration and waited
     # for at its end, so every backward layer ends with a cross-slice wait.
     dcn_grad_syncs: dict[int, list[int]] = {}
+    last_microbatch = [True, False]  # (this is the last microbatch, a microbatch ran before)
 
     def reduce_grad(name: str, layer: int, nbytes: float, axes: tuple, wgrad: int) -> None:
         rs = b.collective(f"reduce-scatter/{name}", "reduce-scatter", v=nbytes, mesh_axes=axes, layer=layer,
                           phase="backward", deps=(wgrad,))
         shards = mesh.size(*axes)
+        if not last_microbatch[0]:  # the data-axis all-reduce waits for the last microbatch
+            grad_syncs.append(rs)
+            return
+        if accumulate > 1:  # the all-reduce moves the accumulator, in the parameters' dtype (zeros_like)
+            nbytes = nbytes / ab * sh.weight_bytes
         ar = b.collective(f"all-reduce/{name}", "all-reduce", v=nbytes / shards, mesh_axes=data_axes, layer=layer,
                           phase="backward", deps=(rs if rs is not None else wgrad,))
         grad_syncs.append(ar if ar is not None else rs)
@@ -149,10 +179,14 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
                          layer=layer, phase=phase, recompute=recompute)
 
     tok, d, t_full = sh.tok, sh.d, sh.seq_len
-    q_width, kv_width = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
     causal_exec = 0.5 if w.step.flash else 1.0  # a causal flash kernel skips the masked half
-    attn_fwd_flops = 4 * tok * t_full * q_width * causal_exec
+    attn_fwd_flops = 2 * tok * t_full * sh.heads * (qk_dim + v_dim) * causal_exec  # QK^T and PV
     scores = tok * t_full * sh.heads * causal_exec  # attention scores computed on this device
+
+    def span(layer: int) -> float:
+        """A local layer's share of a global layer's attention work: a flash kernel skips the blocks
+        outside the window (causal, as it runs); dense attention computes every score and masks."""
+        return m.attention_span(layer, t_full, causal=True) if w.step.flash else 1.0
 
     def forward_layer(layer: int, weights: dict, *, phase: str, recompute: bool, on_start=None) -> None:
         """One decoder layer forward; during the backward pass, only what the remat policy drops.
@@ -167,25 +201,26 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             on_start(first)
         b.wait(b.collective(f"all-gather/{p}/attn_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
                             layer=layer, phase=phase))
-        for name, width in (("q_proj", q_width), ("k_proj", kv_width), ("v_proj", kv_width)):
+        for name, k_, n_ in attn_in:
             if redo(name):
-                matmul(f"{p}/{name}", tok, d, width, layer=layer, phase=phase, weight=weights[name],
+                matmul(f"{p}/{name}", tok, k_, n_, layer=layer, phase=phase, weight=weights[name],
                        recompute=recompute)
         elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
         for kv in ("k", "v"):
             b.wait(b.collective(f"all-gather/{p}/{kv}_context", "all-gather", v=sh.seqs * t_full * kv_width * ab,
                                 mesh_axes=("sequence",), layer=layer, phase=phase))
-        attn_hbm = ab * (2 * tok * q_width + 2 * sh.seqs * t_full * kv_width)
+        r = span(layer)
+        attn_hbm = ab * (2 * tok * q_width + 2 * sh.seqs * t_full * kv_width * r)
         if not w.step.flash:  # dense: QK^T writes f32 scores and PV reads bf16 probabilities through HBM
             attn_hbm += DENSE_SCORE_BYTES_MXU * scores
-        b.compute(f"{p}/attention", "attention", flops=attn_fwd_flops, hbm=attn_hbm, layer=layer, phase=phase,
-                  mxu=(int(tok), sh.head_dim, t_full), recompute=recompute,
-                  vpu=FLASH_VPU_OPS_FWD * scores if w.step.flash else 0.0)
+        b.compute(f"{p}/attention", "attention", flops=attn_fwd_flops * r, hbm=attn_hbm, layer=layer, phase=phase,
+                  mxu=(int(tok), qk_dim, t_full), recompute=recompute,
+                  vpu=FLASH_VPU_OPS_FWD * scores * r if w.step.flash else 0.0)
         if not w.step.flash and not recompute:  # ... and a softmax between them on the VPU (XLA's
             # separate fusions; when rematerialised, XLA fuses it into the softmax backward)
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_FWD, nbytes=1, **ew)
         if redo("o_proj"):
-            matmul(f"{p}/o_proj", tok, q_width, d, layer=layer, phase=phase, weight=weights["o_proj"],
+            matmul(f"{p}/o_proj", tok, o_width, d, layer=layer, phase=phase, weight=weights["o_proj"],
                    recompute=recompute)
         b.wait(b.collective(f"reduce-scatter/{p}/attn_out", "reduce-scatter", v=tok * d * ab,
                             mesh_axes=("tensor",), layer=layer, phase=phase))
@@ -193,28 +228,40 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         elementwise(f"{p}/mlp_norm", tok * d / sh.tp, NORM_FLOPS, 2, **ew)
         b.wait(b.collective(f"all-gather/{p}/mlp_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
                             layer=layer, phase=phase))
+        moe = is_moe(layer)
+        ff = sh.ff if moe else sh.ff_dense
+        gated = ("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)
+        if moe and sh.ff_shared:  # shared experts: every token, beside the routed ones
+            for name in gated:
+                if redo(name.replace("mlp_", "shared_")):
+                    matmul(f"{p}/{name.replace('mlp_', 'shared_')}", tok, d, sh.ff_shared, layer=layer, phase=phase,
+                           weight=weights[name.replace("mlp_", "shared_")], recompute=recompute)
+            elementwise(f"{p}/shared_act", tok * sh.ff_shared, ACT_FLOPS, 3 if m.gated_mlp else 2, **ew)
+            if not recompute:  # (dead in the recomputation, as the routed down-projection below)
+                matmul(f"{p}/shared_down", tok, sh.ff_shared, d, layer=layer, phase=phase,
+                       weight=weights["shared_down"])
         rows = tok
-        if m.num_experts > 1:
+        if moe:
             matmul(f"{p}/router", tok, d, m.num_experts, layer=layer, phase=phase, weight=weights["router"],
                    recompute=recompute)
             elementwise(f"{p}/router_topk", tok * m.num_experts, 8, 2, **ew)
             rows = tok * sh.topk
             b.wait(b.collective(f"all-to-all/{p}/dispatch", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                 layer=layer, phase=phase))
-        for name in (("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)):
+        for name in gated:
             if redo(name):
-                matmul(f"{p}/{name}", rows, d, sh.ff, layer=layer, phase=phase, weight=weights[name],
+                matmul(f"{p}/{name}", rows, d, ff, layer=layer, phase=phase, weight=weights[name],
                        recompute=recompute)
-        elementwise(f"{p}/mlp_act", rows * sh.ff, ACT_FLOPS, 3 if m.gated_mlp else 2, **ew)
+        elementwise(f"{p}/mlp_act", rows * ff, ACT_FLOPS, 3 if m.gated_mlp else 2, **ew)
         if recompute:
             # The layer's output is not needed by its backward pass (the next layer's input was kept),
             # so XLA drops the rest of the recomputation as dead code: no down-projection, no combine,
             # no reduce-scatter (seen in the libtpu compile of traces/xla_aot/fsdp_remat_*).
             return
         if redo("mlp_down"):
-            matmul(f"{p}/mlp_down", rows, sh.ff, d, layer=layer, phase=phase, weight=weights["mlp_down"],
+            matmul(f"{p}/mlp_down", rows, ff, d, layer=layer, phase=phase, weight=weights["mlp_down"],
                    recompute=recompute)
-        if m.num_experts > 1:
+        if moe:
             b.wait(b.collective(f"all-to-all/{p}/combine", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                 layer=layer, phase=phase))
             elementwise(f"{p}/combine", tok * sh.topk * d, 2, 2, **ew)
@@ -230,7 +277,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
 
     def backward_layer(layer: int, weights: dict, on_start) -> None:
         p = f"layer_{layer}/bwd"
-        ws = {name: (k, n, axes) for name, k, n, axes in layer_weights()}
+        ws = {name: (k, n, axes) for name, k, n, axes in layer_weights(layer)}
         if sh.saved is not None:  # rematerialise what the policy did not keep
             forward_layer(layer, weights, phase="backward", recompute=True, on_start=on_start)
         ew = dict(layer=layer, phase="backward")
@@ -239,41 +286,53 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             on_start(first)
         b.wait(b.collective(f"all-gather/{p}/mlp_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
                             layer=layer, phase="backward"))
-        rows = tok * sh.topk if m.num_experts > 1 else tok
-        if m.num_experts > 1:
+        moe = is_moe(layer)
+        ff = sh.ff if moe else sh.ff_dense
+        gated = ("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)
+        rows = tok * sh.topk if moe else tok
+        if moe:
             b.wait(b.collective(f"all-to-all/{p}/combine", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                 layer=layer, phase="backward"))
-        backward_matmul(p, "mlp_down", rows, sh.ff, d, layer=layer, weight=weights["mlp_down"],
+        backward_matmul(p, "mlp_down", rows, ff, d, layer=layer, weight=weights["mlp_down"],
                         wshape=ws["mlp_down"][:2], axes=ws["mlp_down"][2])
-        elementwise(f"{p}/mlp_act", rows * sh.ff, 2 * ACT_FLOPS, 4 if m.gated_mlp else 3, **ew)
-        for name in (("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)):
-            backward_matmul(p, name, rows, d, sh.ff, layer=layer, weight=weights[name], wshape=ws[name][:2],
+        elementwise(f"{p}/mlp_act", rows * ff, 2 * ACT_FLOPS, 4 if m.gated_mlp else 3, **ew)
+        for name in gated:
+            backward_matmul(p, name, rows, d, ff, layer=layer, weight=weights[name], wshape=ws[name][:2],
                             axes=ws[name][2])
-        if m.num_experts > 1:
+        if moe:
             b.wait(b.collective(f"all-to-all/{p}/dispatch", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                 layer=layer, phase="backward"))
             backward_matmul(p, "router", tok, d, m.num_experts, layer=layer, weight=weights["router"],
                             wshape=ws["router"][:2], axes=ws["router"][2])
+        if moe and sh.ff_shared:
+            backward_matmul(p, "shared_down", tok, sh.ff_shared, d, layer=layer, weight=weights["shared_down"],
+                            wshape=ws["shared_down"][:2], axes=ws["shared_down"][2])
+            elementwise(f"{p}/shared_act", tok * sh.ff_shared, 2 * ACT_FLOPS, 4 if m.gated_mlp else 3, **ew)
+            for name in (n.replace("mlp_", "shared_") for n in gated):
+                backward_matmul(p, name, tok, d, sh.ff_shared, layer=layer, weight=weights[name],
+                                wshape=ws[name][:2], axes=ws[name][2])
         b.wait(b.collective(f"reduce-scatter/{p}/mlp_in", "reduce-scatter", v=tok * d * ab,
                             mesh_axes=("tensor",), layer=layer, phase="backward"))
         elementwise(f"{p}/mlp_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
         b.wait(b.collective(f"all-gather/{p}/attn_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
                             layer=layer, phase="backward"))
-        backward_matmul(p, "o_proj", tok, q_width, d, layer=layer, weight=weights["o_proj"],
+        backward_matmul(p, "o_proj", tok, o_width, d, layer=layer, weight=weights["o_proj"],
                         wshape=ws["o_proj"][:2], axes=ws["o_proj"][2])
         ratio = FLASH_BWD_OVER_FWD if w.step.flash else DENSE_BWD_OVER_FWD
         if not w.step.flash:  # dense softmax backward: dS = P (dP - rowsum(dP P)), through HBM
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_BWD, nbytes=1, **ew)
-        b.compute(f"{p}/attention", "attention", flops=ratio * attn_fwd_flops,
-                  hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width), layer=layer, phase="backward",
-                  mxu=(int(tok), sh.head_dim, t_full), vpu=FLASH_VPU_OPS_BWD * scores if w.step.flash else 0.0)
+        r = span(layer)
+        b.compute(f"{p}/attention", "attention", flops=ratio * attn_fwd_flops * r,
+                  hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width * r), layer=layer,
+                  phase="backward", mxu=(int(tok), qk_dim, t_full),
+                  vpu=FLASH_VPU_OPS_BWD * scores * r if w.step.flash else 0.0)
         for kv in ("k", "v"):
             b.wait(b.collective(f"reduce-scatter/{p}/{kv}_context", "reduce-scatter",
                                 v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,
                                 phase="backward"))
         elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
-        for name, width in (("q_proj", q_width), ("k_proj", kv_width), ("v_proj", kv_width)):
-            backward_matmul(p, name, tok, d, width, layer=layer, weight=weights[name], wshape=ws[name][:2],
+        for name, k_, n_ in attn_in:  # (GQA: q, k, v, the order libtpu's compile runs them)
+            backward_matmul(p, name, tok, k_, n_, layer=layer, weight=weights[name], wshape=ws[name][:2],
                             axes=ws[name][2])
         b.wait(b.collective(f"reduce-scatter/{p}/attn_in", "reduce-scatter", v=tok * d * ab,
                             mesh_axes=("tensor",), layer=layer, phase="backward"))
@@ -285,66 +344,89 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         b.compute("weight_cast", "elementwise", flops=CAST_FLOPS * local_params,
                   hbm=(sh.weight_bytes + ab) * local_params, layer=-1, phase="forward")
     table = sh.vocab * d
-    embed_ag = b.collective("all-gather/embedding", "all-gather", v=table * ab, mesh_axes=weight_axes, deps=())
-    fwd_weights = {0: gather_weights(0, "forward", ())}
-    b.wait(embed_ag)
-    elementwise("embedding/lookup", tok * d, 0, 2, layer=-1, phase="forward", category="embedding")
-    unembed_ag = embed_ag if m.tied_embeddings else None
-    # Host offload (remat policies that move saved activations to host memory): copied out after each
-    # layer's forward, copied back one layer ahead of its backward.
-    offload = (layer_activation_bytes(w, sh, kept=OFFLOADED_TENSORS[w.step.remat_policy])
-               if w.step.remat_policy in OFFLOADED_TENSORS else 0.0)
-    to_host: dict[int, int] = {}
-    from_host: dict[int, int] = {}
+    accumulate = w.step.gradient_accumulation_steps
 
-    def fetch(layer: int, after: int) -> None:
-        if offload and layer >= 0:
-            from_host[layer] = b.host_copy(f"copy-from-host/layer_{layer}", "copy-from-host", nbytes=offload,
-                                           layer=layer, phase="backward", deps=(after, to_host[layer]))
+    def one_microbatch() -> None:
+        """Forward and backward of one (micro)batch: weights gathered afresh, gradients reduced."""
+        dcn_grad_syncs.clear()
+        start = () if not last_microbatch[1] else (b.last_compute,)  # a later microbatch: after the one before
+        embed_ag = b.collective("all-gather/embedding", "all-gather", v=table * ab, mesh_axes=weight_axes, deps=start)
+        fwd_weights = {0: gather_weights(0, "forward", start)}
+        b.wait(embed_ag)
+        elementwise("embedding/lookup", tok * d, 0, 2, layer=-1, phase="forward", category="embedding")
+        unembed_ag = embed_ag if m.tied_embeddings else None
+        # Host offload (remat policies that move saved activations to host memory): copied out after each
+        # layer's forward, copied back one layer ahead of its backward.
+        offload = (layer_activation_bytes(w, sh, kept=OFFLOADED_TENSORS[w.step.remat_policy])
+                   if w.step.remat_policy in OFFLOADED_TENSORS else 0.0)
+        to_host: dict[int, int] = {}
+        from_host: dict[int, int] = {}
 
-    for layer in range(L):
-        def prefetch(first: int, layer=layer) -> None:  # issued as the layer's first op starts
-            nonlocal unembed_ag
-            if layer + 1 < L:
-                fwd_weights[layer + 1] = gather_weights(layer + 1, "forward", (first,))
-            elif not m.tied_embeddings:
-                unembed_ag = b.collective("all-gather/unembedding", "all-gather", v=table * ab,
-                                          mesh_axes=weight_axes, deps=(first,))
-        if offload and layer >= 2:  # at most two layers' activations wait in HBM for their copy out
-            b.wait(to_host[layer - 2])
-        forward_layer(layer, fwd_weights[layer], phase="forward", recompute=False, on_start=prefetch)
-        if offload:
-            to_host[layer] = b.host_copy(f"copy-to-host/layer_{layer}", "copy-to-host", nbytes=offload,
-                                         layer=layer, phase="forward", deps=(b.last_compute,))
-    elementwise("final_norm/fwd", tok * d / sh.tp, NORM_FLOPS, 2, layer=-1, phase="forward")
-    b.wait(b.collective("all-gather/final_norm_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",)))
-    matmul("unembedding/fwd/logits", tok, d, sh.vocab, layer=-1, phase="forward", weight=unembed_ag)
-    elementwise("loss/fwd/softmax_xent", tok * sh.vocab, SOFTMAX_XENT_FLOPS, 2, layer=-1, phase="forward",
-                category="loss", nbytes=4)
-    b.wait(b.collective("all-reduce/loss_stats", "all-reduce", v=tok * 2 * 4, mesh_axes=("tensor",)))
+        def fetch(layer: int, after: int) -> None:
+            if offload and layer >= 0:
+                from_host[layer] = b.host_copy(f"copy-from-host/layer_{layer}", "copy-from-host", nbytes=offload,
+                                               layer=layer, phase="backward", deps=(after, to_host[layer]))
 
-    # ---- backward --------------------------------------------------------------------------------
-    first_bwd = elementwise("loss/bwd/softmax_xent", tok * sh.vocab, 3, 2, layer=-1, phase="backward",
-                            category="loss", nbytes=4)
-    bwd_weights = {L - 1: gather_weights(L - 1, "backward", (first_bwd,))}
-    fetch(L - 1, first_bwd)
-    matmul("unembedding/bwd/dgrad", tok, sh.vocab, d, layer=-1, phase="backward", weight=unembed_ag)
-    wg = matmul("unembedding/bwd/wgrad", d, tok, sh.vocab, layer=-1, phase="backward")
-    reduce_grad("unembedding", -1, table * ab, weight_axes, wg)
-    b.wait(b.collective("reduce-scatter/final_norm_in", "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",),
-                        phase="backward"))
-    elementwise("final_norm/bwd", tok * d / sh.tp, 2 * NORM_FLOPS, 3, layer=-1, phase="backward")
-    for layer in reversed(range(L)):
-        def prefetch(first: int, layer=layer) -> None:
-            if layer > 0:
-                bwd_weights[layer - 1] = gather_weights(layer - 1, "backward", (first,))
-                fetch(layer - 1, first)
-        b.wait(from_host.get(layer))
-        backward_layer(layer, bwd_weights[layer], on_start=prefetch)
-        b.wait(*dcn_grad_syncs.pop(layer + 1, ()))  # the layer before's cross-slice reduction, pipelined
-    wg = elementwise("embedding/bwd/scatter_add", tok * d, 1, 2, layer=-1, phase="backward", category="embedding")
-    if not m.tied_embeddings:
-        reduce_grad("embedding", -1, table * ab, weight_axes, wg)
+        for layer in range(L):
+            def prefetch(first: int, layer=layer) -> None:  # issued as the layer's first op starts
+                nonlocal unembed_ag
+                if layer + 1 < L:
+                    fwd_weights[layer + 1] = gather_weights(layer + 1, "forward", (first,))
+                elif not m.tied_embeddings:
+                    unembed_ag = b.collective("all-gather/unembedding", "all-gather", v=table * ab,
+                                              mesh_axes=weight_axes, deps=(first,))
+            if offload and layer >= 2:  # at most two layers' activations wait in HBM for their copy out
+                b.wait(to_host[layer - 2])
+            forward_layer(layer, fwd_weights[layer], phase="forward", recompute=False, on_start=prefetch)
+            if offload:
+                to_host[layer] = b.host_copy(f"copy-to-host/layer_{layer}", "copy-to-host", nbytes=offload,
+                                             layer=layer, phase="forward", deps=(b.last_compute,))
+        elementwise("final_norm/fwd", tok * d / sh.tp, NORM_FLOPS, 2, layer=-1, phase="forward")
+        b.wait(b.collective("all-gather/final_norm_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",)))
+        matmul("unembedding/fwd/logits", tok, d, sh.vocab, layer=-1, phase="forward", weight=unembed_ag)
+        elementwise("loss/fwd/softmax_xent", tok * sh.vocab, SOFTMAX_XENT_FLOPS, 2, layer=-1, phase="forward",
+                    category="loss", nbytes=4)
+        b.wait(b.collective("all-reduce/loss_stats", "all-reduce", v=tok * 2 * 4, mesh_axes=("tensor",)))
+
+        # ---- backward --------------------------------------------------------------------------------
+        first_bwd = elementwise("loss/bwd/softmax_xent", tok * sh.vocab, 3, 2, layer=-1, phase="backward",
+                                category="loss", nbytes=4)
+        bwd_weights = {L - 1: gather_weights(L - 1, "backward", (first_bwd,))}
+        fetch(L - 1, first_bwd)
+        matmul("unembedding/bwd/dgrad", tok, sh.vocab, d, layer=-1, phase="backward", weight=unembed_ag)
+        wg = matmul("unembedding/bwd/wgrad", d, tok, sh.vocab, layer=-1, phase="backward")
+        reduce_grad("unembedding", -1, table * ab, weight_axes, wg)
+        b.wait(b.collective("reduce-scatter/final_norm_in", "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",),
+                            phase="backward"))
+        elementwise("final_norm/bwd", tok * d / sh.tp, 2 * NORM_FLOPS, 3, layer=-1, phase="backward")
+        for layer in reversed(range(L)):
+            def prefetch(first: int, layer=layer) -> None:
+                if layer > 0:
+                    bwd_weights[layer - 1] = gather_weights(layer - 1, "backward", (first,))
+                    fetch(layer - 1, first)
+            b.wait(from_host.get(layer))
+            backward_layer(layer, bwd_weights[layer], on_start=prefetch)
+            b.wait(*dcn_grad_syncs.pop(layer + 1, ()))  # the layer before's cross-slice reduction, pipelined
+        wg = elementwise("embedding/bwd/scatter_add", tok * d, 1, 2, layer=-1, phase="backward", category="embedding")
+        if not m.tied_embeddings:
+            reduce_grad("embedding", -1, table * ab, weight_axes, wg)
+
+
+    # Gradient accumulation (MaxText's gradient_accumulation_steps k): the microbatches run in
+    # sequence, each gathering the weights again; each reduce-scatters its gradient (compute dtype)
+    # into the accumulator, sharded like the parameters (a reduction per microbatch over the weight
+    # shards), while the all-reduce over the data axes, where the accumulator is replicated, runs
+    # once, after the last microbatch, on the accumulator's dtype. So libtpu compiles a lax.scan of
+    # microbatches on v5e:2x4, data 2 x fsdp 4 (traces/aot_grad_accum.py, docs/VALIDATION.md).
+    for mb in range(accumulate):
+        b.prefix = f"microbatch_{mb}/" if accumulate > 1 else ""
+        last_microbatch[0] = mb == accumulate - 1
+        last_microbatch[1] = mb > 0
+        one_microbatch()
+        if accumulate > 1:  # add this microbatch's gradient shard into the accumulator (f32)
+            b.compute("grad_accumulate", "elementwise", flops=local_params, hbm=3 * 4 * local_params,
+                      phase="backward")
+    b.prefix = ""
 
     # ---- optimizer: waits for every gradient reduction -------------------------------------------
     b.wait(*grad_syncs)

@@ -198,6 +198,14 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
     top = {k: raw[k] for k in ("name", "description", "chip", "topology", "slices") if k in raw}
     w = workload_from_dict({**top, "model": _section(raw, "model", source), "step": step, "sharding": sharding},
                            source=source)
+    m = w.model
+    unmodelled = [what for what, on in (("multi-head latent attention", m.attention_type == "mla"),
+                                        ("shared experts", m.shared_experts > 0),
+                                        ("dense layers among MoE layers", 0 < m.moe_layers < m.num_layers),
+                                        ("local attention layers", m.local_layers > 0)) if on]
+    if unmodelled:  # the serving step builds uniform GQA layers
+        raise TpusimError(f"{m.name}: not modelled yet for serving: {', '.join(unmodelled)}", source=source,
+                          key="model.model_name")
     for key in ("max_prefill_predict_length", "max_target_length"):
         if values[key] < 1:
             raise TpusimError(f"{values[key]} must be a positive integer", source=source, key=f"inference.{key}")
