@@ -50,6 +50,22 @@ def assign_lanes(starts: Sequence[int], ends: Sequence[int]) -> list[int]:
     return out
 
 
+def stream_lanes(streams: Sequence, starts: Sequence[int], ends: Sequence[int]) -> list[int]:
+    """:func:`assign_lanes` within each stream: the lane of every interval among those of its own stream.
+
+    >>> stream_lanes(["a", "b", "a"], [0, 1, 5], [10, 9, 12])
+    [0, 0, 1]
+    """
+    by_stream: dict = {}
+    for i, s in enumerate(streams):
+        by_stream.setdefault(s, []).append(i)
+    out = [0] * len(streams)
+    for idx in by_stream.values():
+        for i, k in zip(idx, assign_lanes([starts[i] for i in idx], [ends[i] for i in idx])):
+            out[i] = k
+    return out
+
+
 def partial_overlaps(events: Iterable[dict]) -> list[tuple[dict, dict]]:
     """Pairs ``(outer, dropped)`` that Perfetto's JSON import would drop: on one ``(pid, tid)``, an
     ``X`` event that starts inside an open one and ends after it. Times are taken as integer

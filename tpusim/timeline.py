@@ -79,7 +79,7 @@ def chrome_trace(df: pd.DataFrame, result: SimResult) -> dict:
     Times are whole nanoseconds and ops that overlap on a row go to extra rows (``Async XLA Ops #2``):
     Perfetto drops events that overlap partially on one thread (see :mod:`tpusim.lanes`).
     """
-    from tpusim.lanes import assign_lanes, lane_name, to_ns
+    from tpusim.lanes import lane_name, stream_lanes, to_ns
 
     events: list[dict] = []
     step_ns = int(to_ns(result.step_time_s))
@@ -90,11 +90,7 @@ def chrome_trace(df: pd.DataFrame, result: SimResult) -> dict:
         events.append({"ph": "M", "pid": pid, "name": "process_sort_index", "args": {"sort_index": pid}})
         start_ns, end_ns = to_ns(rows.start_s).tolist(), to_ns(rows.end_s).tolist()
         stream = rows.stream.tolist()
-        lane = [0] * len(rows)
-        for s in set(stream):
-            idx = [i for i, x in enumerate(stream) if x == s]
-            for i, k in zip(idx, assign_lanes([start_ns[i] for i in idx], [end_ns[i] for i in idx])):
-                lane[i] = k
+        lane = stream_lanes(stream, start_ns, end_ns)
         present = set(zip(stream, lane))
         threads = [("XLA Modules", 0)] + sorted(
             (p for p in present if p[0] != "XLA Modules"),

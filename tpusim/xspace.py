@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tpusim.lanes import assign_lanes, lane_name, to_ns
+from tpusim.lanes import lane_name, stream_lanes, to_ns
 from tpusim.profiles.xplane import XSpace
 
 # XLA's device_type_string per chip, as profiles report it (tpusim/chips.py takes them as aliases).
@@ -148,11 +148,7 @@ def device_plane(space, plane_id: int, device: int, rows: pd.DataFrame, *, chip,
     # drops its other events: collectives get a line of their own.
     stream = rows.stream.to_numpy().copy()
     stream[(stream == "Async XLA Ops") & ~rows.category.str.startswith("copy").to_numpy()] = "XLA Collectives"
-    lanes = [0] * len(rows)
-    for s in pd.unique(stream):
-        idx = (stream == s).nonzero()[0]
-        for i, k in zip(idx, assign_lanes(start[idx].tolist(), end[idx].tolist())):
-            lanes[i] = k
+    lanes = stream_lanes(stream.tolist(), start.tolist(), end.tolist())
     keys = sorted({(s, k) for s, k in zip(stream, lanes)} | {("XLA Modules", 0), ("Steps", 0)},
                   key=lambda t: (LINE_ORDER.index(t[0]) if t[0] in LINE_ORDER else len(LINE_ORDER), t[0], t[1]))
     lines = {}

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from tpusim.errors import TpusimError
+from tpusim.lanes import assign_lanes, to_ns
 from tpusim.serving.compiler import PARTS
 from tpusim.serving.engine import STEP_COLUMNS, ServeResult
 from tpusim.units import fmt_bytes, fmt_time
@@ -147,28 +148,9 @@ def format_summary(s: dict) -> str:
 
 # ---- files --------------------------------------------------------------------------------------------
 
-def _lanes(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """Greedy lane per span so that no two spans on one lane overlap (spans in start order)."""
-    free: list[int] = []  # end times (ns) of each lane
-    out = np.zeros(len(starts), dtype=np.int64)
-    for i in np.argsort(starts, kind="stable"):
-        for lane, end in enumerate(free):
-            if end <= starts[i]:
-                free[lane] = ends[i]
-                out[i] = lane
-                break
-        else:
-            free.append(ends[i])
-            out[i] = len(free) - 1
-    return out
-
-
 def chrome_trace(res: ServeResult, req: pd.DataFrame, steps: pd.DataFrame) -> dict:
     """Perfetto / Chrome trace: one process per replica, its steps on one row and its requests on lanes
     (no two events of a row overlap). Times are whole nanoseconds, written in microseconds."""
-    def ns(x):
-        return np.rint(np.asarray(x) * 1e9).astype(np.int64)
-
     ev: list[dict] = []
     n_prefill = res.n_prefill_replicas
     for rep in range(res.model.replicas):
@@ -177,12 +159,12 @@ def chrome_trace(res: ServeResult, req: pd.DataFrame, steps: pd.DataFrame) -> di
         ev.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": f"{role} {rep}"}})
         ev.append({"ph": "M", "pid": pid, "tid": 0, "name": "thread_name", "args": {"name": "steps"}})
         st = steps[steps.replica == rep]
-        for r, s, e in zip(st.itertuples(index=False), ns(st.start_s), ns(st.end_s)):
+        for r, s, e in zip(st.itertuples(index=False), to_ns(st.start_s), to_ns(st.end_s)):
             ev.append({"ph": "X", "pid": pid, "tid": 0, "name": r.kind, "ts": s / 1000, "dur": (e - s) / 1000,
                        "args": {"decode_batch": int(r.decode_batch), "prefill_tokens": int(r.prefill_tokens)}})
         rq = req[req.decode_replica == rep]
-        s, e = ns(rq.arrival_s), ns(rq.finish_s)
-        lanes = _lanes(s, e)
+        s, e = to_ns(rq.arrival_s), to_ns(rq.finish_s)
+        lanes = np.asarray(assign_lanes(s.tolist(), e.tolist()), dtype=np.int64)
         for lane in range(int(lanes.max()) + 1 if len(lanes) else 0):
             ev.append({"ph": "M", "pid": pid, "tid": lane + 1, "name": "thread_name",
                        "args": {"name": f"requests {lane}"}})
@@ -190,7 +172,7 @@ def chrome_trace(res: ServeResult, req: pd.DataFrame, steps: pd.DataFrame) -> di
             ev.append({"ph": "X", "pid": pid, "tid": int(lane) + 1, "name": f"request {r.request}", "ts": a / 1000,
                        "dur": (f - a) / 1000, "args": {"input_tokens": int(r.input_tokens),
                                                        "output_tokens": int(r.output_tokens),
-                                                       "ttft_ns": int(ns(r.first_token_s) - a)}})
+                                                       "ttft_ns": int(to_ns(r.first_token_s) - a)}})
     return {"displayTimeUnit": "ns", "traceEvents": ev}
 
 
