@@ -274,3 +274,20 @@ def test_published_serving_throughput(published, name):
     print(f"{name}: measured {r['measured_output_tokens_per_s']:.0f}, simulated "
           f"{r['simulated_output_tokens_per_s']:.0f} output tokens/s ({r['error']:+.0%})")
     assert abs(r["error"]) <= BUDGET
+
+
+def test_out_is_a_run_folder(tmp_path):
+    """serve --out goes through the run folders' mechanism (tpusim.runfolder): a folder holding files
+    tpusim did not write is refused, untouched; a serve folder is replaced whole, with its manifest."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = CliRunner().invoke(main, ["serve", str(SHIPPED), "--requests", "20", "--out", str(out)])
+    assert r.exit_code == 2 and "holds notes.txt, which tpusim serve did not write" in r.output, r.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    (out / "notes.txt").unlink()
+    for _ in range(2):  # the second run replaces the first's folder
+        r = CliRunner().invoke(main, ["serve", str(SHIPPED), "--requests", "20", "--out", str(out)])
+        assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "requests.parquet", "steps.parquet",
+                                                    "summary.json", "trace.json.gz"]

@@ -6,6 +6,7 @@ what the user gave ends with one line on stderr naming the option or file, and e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -288,8 +289,8 @@ def run(workload: str | None, hlo_file: str | None, topology: str | None, slices
         raise TpusimError(f"{len(prog.ops):,} ops on {topo.num_chips:,} chips would be "
                           f"{len(prog.ops) * topo.num_chips:,} timeline rows; at most {MAX_TIMELINE_ROWS:,} "
                           f"(leave it out for one device per class)", source="--all-devices")
-    folder = _prepare_out(out_dir) if out_dir else None  # before simulating, after what can be refused
-    try:
+    folder = _prepare_out(out_dir, "run") if out_dir else None  # before simulating, after what can be refused
+    with folder or contextlib.nullcontext():
         n_compute = len(prog.compute_ops)
         with _progress(n_compute, as_json) as bar:
             result = simulate(prog, topo, mode=mode, stragglers=slow, progress=lambda n: bar.update(n - bar.n))
@@ -304,13 +305,7 @@ def run(workload: str | None, hlo_file: str | None, topology: str | None, slices
         summary = summarize(result)
         if folder is not None:
             _write_run(folder.tmp, result, summary, all_devices)
-            folder.commit()  # the old folder is replaced whole, or (killed before this) left whole
             summary["out"] = str(out_dir)
-    except OSError as e:
-        raise TpusimError(f"cannot write the run: {e.strerror or e}", source=f"--out {out_dir}") from None
-    finally:
-        if folder is not None:
-            folder.discard()
     _emit(as_json, summary, format_summary(summary) + (f"\n  wrote        {out_dir}/" if folder else ""))
 
 
@@ -328,12 +323,12 @@ def _parse_stragglers(items: tuple[str, ...]) -> dict[int, float]:
     return slow
 
 
-def _prepare_out(out_dir: str):
+def _prepare_out(out_dir: str, command: str):
     """Check the output folder now (writable; new, empty or a run folder), so a bad one fails before
     any simulation; the run is written beside it and swapped in whole (:mod:`tpusim.runfolder`)."""
     from tpusim.runfolder import RunFolder
 
-    return RunFolder(out_dir)
+    return RunFolder(out_dir, command)
 
 
 def _progress(total: int, quiet: bool):
@@ -408,8 +403,8 @@ def replay(profile: str, topology: str | None, mode: str, out_dir: str | None, a
             from tpusim.replayout import check_out
 
             check_out(out_dir, prof)
-        folder = _prepare_out(out_dir) if out_dir else None  # before simulating, after what can be refused
-        try:
+        folder = _prepare_out(out_dir, "replay") if out_dir else None  # before simulating, after what can be refused
+        with folder or contextlib.nullcontext():
             result = run_replay(prof, topology=topo, mode=mode)
             df = result.ops
             med = result.median_abs_rel_error
@@ -420,13 +415,7 @@ def replay(profile: str, topology: str | None, mode: str, out_dir: str | None, a
                 from tpusim.replayout import write_replay
 
                 write_replay(folder.tmp, result, prof, dumps(payload, indent=2) + "\n")
-                folder.commit()
                 payload["out"] = str(out_dir)
-        except OSError as e:
-            raise TpusimError(f"cannot write the replay: {e.strerror or e}", source=f"--out {out_dir}") from None
-        finally:
-            if folder is not None:
-                folder.discard()
         lines = [f"{prof.source} on {result.topology.name} ({mode})"]
         for r in result.module_times.itertuples(index=False):
             lines.append(f"  module {r.module}: measured {r.measured_s * 1e3:.3f} ms, simulated "

@@ -141,8 +141,9 @@ def replay_xspace_bytes(result, profile: Profile, data: bytes | None = None, *, 
 
 
 def check_out(out_dir: str | Path, profile: Profile) -> None:
-    """Refuse an ``--out`` folder holding the profile: it is replaced whole (a profile's logdir has a
-    ``plugins`` folder, as a run folder does, so :class:`tpusim.runfolder.RunFolder` alone would take it)."""
+    """Refuse an ``--out`` folder holding the profile: it is replaced whole. :class:`tpusim.runfolder.RunFolder`
+    already refuses a logdir whose ``plugins/`` no manifest lists; this also covers a replay folder whose
+    manifest lists the ``measured.xplane.pb`` copy being replayed again."""
     from tpusim.errors import TpusimError
 
     out = Path(out_dir).resolve()

@@ -62,13 +62,18 @@ def _clean_up(out: Path) -> None:
 
 
 class RunFolder:
-    """``tpusim run --out DIR``: checked and prepared before simulating (an unwritable or foreign DIR
-    fails first); :meth:`commit` puts what was written into :attr:`tmp` in DIR's place; :meth:`discard`
-    drops it (a failed or interrupted run)."""
+    """``tpusim run|replay|serve --out DIR``: checked and prepared before simulating (an unwritable or
+    foreign DIR fails first); :meth:`commit` puts what was written into :attr:`tmp` in DIR's place;
+    :meth:`discard` drops it (a failed or interrupted run).
 
-    def __init__(self, out_dir: str | Path):
+    As a context manager (what the commands use): the block writes into :attr:`tmp`; leaving it
+    normally commits, leaving it by an exception discards, and an OSError on the way (writing or
+    committing) becomes one TpusimError naming ``--out``."""
+
+    def __init__(self, out_dir: str | Path, command: str = "run"):
         self.out = Path(out_dir).resolve()  # a link: replace the folder it points to, not the link
-        src = f"--out {out_dir}"
+        self.command = command
+        self.src = src = f"--out {out_dir}"
         if self.out == Path.cwd().resolve() or self.out in Path.cwd().resolve().parents:
             raise TpusimError("is the current folder (or holds it), which a run folder replaces whole; choose "
                               "a new or empty folder", source=src)
@@ -84,7 +89,7 @@ class RunFolder:
             foreign = sorted(p.name for p in self.out.iterdir() if p.name not in allowed)
             if foreign:
                 raise TpusimError(f"holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
-                                  "tpusim run did not write; the folder is replaced whole, so choose a new or "
+                                  f"tpusim {command} did not write; the folder is replaced whole, so choose a new or "
                                   "empty one", source=src)
         try:
             self.tmp = Path(tempfile.mkdtemp(dir=self.out.parent, prefix=f".{self.out.name}.{_TMP}.{os.getpid()}."))
@@ -95,7 +100,8 @@ class RunFolder:
         os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the folder the usual permissions
 
     def commit(self) -> None:
-        files = {p.relative_to(self.tmp).as_posix(): p.stat().st_size for p in sorted(self.tmp.rglob("*")) if p.is_file()}
+        files = {p.relative_to(self.tmp).as_posix(): p.stat().st_size
+                 for p in sorted(self.tmp.rglob("*")) if p.is_file()}
         manifest = {"tpusim_run": 1, "files": files}
         with open(self.tmp / MANIFEST, "w") as f:
             f.write(json.dumps(manifest, indent=2) + "\n")
@@ -114,6 +120,20 @@ class RunFolder:
 
     def discard(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.commit()  # the old folder is replaced whole, or (killed before this) left whole
+            elif issubclass(exc_type, OSError):
+                raise exc
+        except OSError as e:
+            raise TpusimError(f"cannot write the {self.command}: {e.strerror or e}", source=self.src) from None
+        finally:
+            self.discard()
 
 
 def _exchange(a: Path, b: Path) -> bool:

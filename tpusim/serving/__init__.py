@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import shutil
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +16,8 @@ import pandas as pd
 from tpusim.serving.compiler import StepModel
 from tpusim.serving.engine import ServeResult, simulate_serving
 from tpusim.serving.requests import make_requests
-from tpusim.serving.summary import (format_summary, requests_frame, staging_dir, steps_frame, summarize,
-                                    write_outputs)
+from tpusim.runfolder import RunFolder
+from tpusim.serving.summary import format_summary, requests_frame, steps_frame, summarize, write_outputs
 from tpusim.serving.workload import ServeWorkload, load_serve_workload, serve_workload_from_dict
 
 
@@ -40,18 +40,14 @@ def serve(workload: str | Path | ServeWorkload, topology: str | None = None, *, 
     _, topo = workload_and_topology(sw.workload, topology)
     model = StepModel(sw, topo, mode)
     reqs = make_requests(sw)
-    tmp = staging_dir(out) if out is not None else None
-    try:
+    folder = RunFolder(out, "serve") if out is not None else None  # checked before simulating
+    with folder or contextlib.nullcontext():
         res = simulate_serving(model, reqs)
         req_df, step_df = requests_frame(res), steps_frame(res)
         summary = summarize(res, req_df, step_df)
-    except BaseException:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out is not None:
-        summary["out"] = str(out)
-        write_outputs(out, tmp, res, summary, req_df, step_df)
+        if folder is not None:
+            summary["out"] = str(out)
+            write_outputs(folder.tmp, res, summary, req_df, step_df)
     return ServeRun(res, summary, req_df, step_df)
 
 

@@ -11,15 +11,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from tpusim.errors import TpusimError
 from tpusim.lanes import assign_lanes, to_ns
 from tpusim.serving.compiler import PARTS
 from tpusim.serving.engine import STEP_COLUMNS, ServeResult
@@ -176,36 +172,13 @@ def chrome_trace(res: ServeResult, req: pd.DataFrame, steps: pd.DataFrame) -> di
     return {"displayTimeUnit": "ns", "traceEvents": ev}
 
 
-def staging_dir(out_dir: str | Path) -> Path:
-    """A temporary folder next to ``out_dir`` (made now, so an unwritable place fails before simulating)."""
-    out = Path(out_dir)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as e:
-        raise TpusimError(f"cannot write there: {e.strerror or e}", source=f"--out {out_dir}") from None
-
-
-def write_outputs(out_dir: str | Path, tmp: Path, res: ServeResult, summary: dict, req: pd.DataFrame,
-                  steps: pd.DataFrame) -> None:
-    """summary.json, requests.parquet, steps.parquet, trace.json.gz, written in ``tmp`` (see
-    :func:`staging_dir`) and moved to ``out_dir`` only once all are complete: the folder renamed if
-    it is new, else each file replaced (each rename atomic)."""
-    out = Path(out_dir)
-    try:
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        for name, df in (("requests.parquet", req), ("steps.parquet", steps)):
-            buf = io.BytesIO()
-            df.to_parquet(buf, index=False, engine="pyarrow")
-            (tmp / name).write_bytes(buf.getvalue())
-        text = json.dumps(chrome_trace(res, req, steps), separators=(",", ":")).encode()
-        (tmp / "trace.json.gz").write_bytes(gzip.compress(text, mtime=0))
-        if not out.exists():
-            os.replace(tmp, out)
-            return
-        if not out.is_dir():
-            raise TpusimError("exists and is not a folder", source=f"--out {out_dir}")
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def write_outputs(folder: Path, res: ServeResult, summary: dict, req: pd.DataFrame, steps: pd.DataFrame) -> None:
+    """summary.json, requests.parquet, steps.parquet, trace.json.gz, written into ``folder`` (the
+    staging folder of a :class:`tpusim.runfolder.RunFolder`, swapped in whole once all are complete)."""
+    (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    for name, df in (("requests.parquet", req), ("steps.parquet", steps)):
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False, engine="pyarrow")
+        (folder / name).write_bytes(buf.getvalue())
+    text = json.dumps(chrome_trace(res, req, steps), separators=(",", ":")).encode()
+    (folder / "trace.json.gz").write_bytes(gzip.compress(text, mtime=0))
