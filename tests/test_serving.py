@@ -199,6 +199,8 @@ def _write(tmp_path, data):
     (dict(inference={"max_target_length": 16384}), [], "longer than llama3-8b's context of 8192"),
     ({}, ["--rate", "-3"], "--rate: -3.0: a rate must be a positive number"),
     ({}, ["--concurrency", "0"], "concurrency must be a positive integer"),
+    ({}, ["--requests", "1000000000"], "--requests: 1000000000 must be a positive number of requests, at most 100,000"),
+    (dict(serving={"requests": 100_001}), [], "serving.requests: 100001 must be a positive number of requests"),
     (dict(serving={"input_len": 4000}), [], "serving.input_len: 4000 tokens is longer than max_prefill_predict_length"),
     (dict(serving={"batching": {"policy": "fifo"}}), [], "serving.batching.policy: 'fifo' is not one of"),
     (dict(serving={"arival": {"rate": 1}}), [], "serving.arival: unknown key (did you mean 'arrival'?)"),
@@ -291,3 +293,24 @@ def test_out_is_a_run_folder(tmp_path):
         assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "requests.parquet", "steps.parquet",
                                                     "summary.json", "trace.json.gz"]
+
+
+@pytest.mark.parametrize("kind,message", [
+    ("binary", "not a CSV trace (not UTF-8"),
+    ("fifo", "a named pipe (FIFO): tpusim reads regular files only"),
+    ("folder", "a folder"),
+])
+def test_trace_that_is_not_a_text_file(tmp_path, kind, message):
+    """The trace goes through tpusim.safeio like every other input: bytes that are not UTF-8 were an
+    internal error, and a FIFO blocked the command for good."""
+    import os
+
+    f = tmp_path / "t.csv"
+    if kind == "binary":
+        f.write_bytes(bytes(range(128, 256)))
+    elif kind == "fifo":
+        os.mkfifo(f)
+    else:
+        f.mkdir()
+    r = CliRunner().invoke(main, ["serve", str(_write(tmp_path, small())), "--trace", str(f)])
+    assert r.exit_code == 2 and message in r.output and "internal error" not in r.output, r.output

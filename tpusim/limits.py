@@ -25,6 +25,9 @@ simulated for an hour. Why each number:
 * ``MAX_STRAGGLER_FACTOR`` (1,000): a device 1,000 times slower than its peers is a dead device,
   not a straggler; an infinite factor made the step infinite.
 * ``MAX_TIMELINE_ROWS`` (5,000,000): rows ``--all-devices`` may expand a timeline to (ops x chips).
+* ``MAX_REQUESTS`` (100,000): requests of one ``tpusim serve`` run. The published serving benchmarks
+  send 1,000 to 2,000 prompts (tests/data/measured-dev-2.yaml: ShareGPT, 2,000 for JetStream, 1,000
+  for vLLM), x50; 10,000 requests simulate in about 5 s. A billion were accepted and ran out of memory.
 * ``MAX_CONV_POSITIONS`` (2^24): output positions along one spatial dimension of an HLO
   convolution, whose valid (position, tap) pairs are counted exactly.
 """
@@ -40,4 +43,5 @@ MAX_LAYERS = 2048
 MAX_SIZE = 2**40
 MAX_STRAGGLER_FACTOR = 1000.0
 MAX_TIMELINE_ROWS = 5_000_000
+MAX_REQUESTS = 100_000
 MAX_CONV_POSITIONS = 2**24

@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -91,10 +90,9 @@ def make_requests(sw: ServeWorkload) -> Requests:
 
 def read_trace(path: str) -> list[tuple[float, int, int]]:
     """A CSV with a header ``arrival_s,input_tokens,output_tokens``; rows sorted by arrival, times >= 0."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        raise TpusimError(f"cannot read: {e.strerror or e}", source=path) from None
+    from tpusim.safeio import read_text
+
+    text = read_text(path, what="a CSV trace")  # a regular file (a FIFO would block), bounded, UTF-8
     rows = list(csv.reader(text.splitlines()))
     want = ["arrival_s", "input_tokens", "output_tokens"]
     if not rows or [c.strip() for c in rows[0]] != want:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tpusim.config import read_yaml, unknown_key_reason
+from tpusim.limits import MAX_REQUESTS
 from tpusim.errors import TpusimError
 from tpusim.workload import DTYPE_BYTES, Workload, workload_from_dict
 
@@ -231,8 +232,8 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
             raise TpusimError(unknown_key_reason(str(key), _SERVING_KEYS), source=source, key=f"serving.{key}")
     seed = _typed(srv.get("seed", 0), int, source, "serving.seed")
     n_req = requests if requests is not None else _typed(srv.get("requests", 1000), int, source, "serving.requests")
-    if n_req < 1:
-        raise TpusimError(f"{n_req} must be a positive number of requests",
+    if not 1 <= n_req <= MAX_REQUESTS:
+        raise TpusimError(f"{n_req} must be a positive number of requests, at most {MAX_REQUESTS:,}",
                           source="--requests" if requests is not None else source,
                           key=None if requests is not None else "serving.requests")
     arrival = _arrival(srv.get("arrival", {"concurrency": 1}), source, rate, concurrency, trace)
