@@ -265,7 +265,7 @@ def run(workload: str | None, hlo_file: str | None, topology: str | None, slices
 
     With --hlo FILE, simulate a real compiled program (MFU then counts the HLO's FLOPs)."""
     from tpusim.api import compile_workload
-    from tpusim.engine import simulate
+    from tpusim.engine import check_stragglers, simulate
     from tpusim.summary import format_summary, summarize
 
     slow = _parse_stragglers(stragglers)
@@ -281,10 +281,7 @@ def run(workload: str | None, hlo_file: str | None, topology: str | None, slices
         prog = import_hlo(read_hlo(hlo_file), topo, source=hlo_file)
     else:
         w, topo, prog = compile_workload(workload, topology, slices=slices)
-    for d in slow:
-        if not 0 <= d < topo.num_chips:
-            raise TpusimError(f"device {d} is not on {topo.name}: devices are 0..{topo.num_chips - 1}",
-                              source="--straggler")
+    check_stragglers(slow, topo)  # before the output folder is prepared
     if all_devices and out_dir and len(prog.ops) * topo.num_chips > MAX_TIMELINE_ROWS:
         raise TpusimError(f"{len(prog.ops):,} ops on {topo.num_chips:,} chips would be "
                           f"{len(prog.ops) * topo.num_chips:,} timeline rows; at most {MAX_TIMELINE_ROWS:,} "

@@ -308,13 +308,22 @@ def _device_classes(n_devices: int, stragglers: dict[int, float]) -> list[dict]:
     return classes
 
 
+def check_stragglers(stragglers: dict[int, float], topo: Topology) -> None:
+    """Every straggler is a device of ``topo`` slowed by a factor in (0, MAX_STRAGGLER_FACTOR]."""
+    from tpusim.errors import TpusimError
+
+    for d, f in stragglers.items():
+        if not 0 <= d < topo.num_chips:
+            raise TpusimError(f"device {d} is not on {topo.name}: devices are 0..{topo.num_chips - 1}",
+                              source="--straggler")
+        if not 0 < f <= MAX_STRAGGLER_FACTOR:
+            raise TpusimError(f"device {d} slowed by {f}: factors are in (0, {MAX_STRAGGLER_FACTOR:g}]",
+                              source="--straggler")
+
+
 def simulate(program: Program, topo: Topology, *, mode: str = "calibrated",
              stragglers: dict[int, float] | None = None, progress=None) -> SimResult:
     """Replay ``program`` on ``topo``; ``stragglers`` maps device ids to a compute slowdown (> 1);
     ``progress(n)`` is called as the reference device completes compute ops."""
-    for d, f in (stragglers or {}).items():
-        if not 0 <= d < topo.num_chips or not 0 < f <= MAX_STRAGGLER_FACTOR:
-            from tpusim.errors import TpusimError
-            raise TpusimError(f"device {d} slowed by {f}: devices are 0..{topo.num_chips - 1}, factors in "
-                              f"(0, {MAX_STRAGGLER_FACTOR:g}]", source="--straggler")
+    check_stragglers(stragglers or {}, topo)
     return Engine(program, topo, mode=mode, stragglers=stragglers, progress=progress).run()
