@@ -15,7 +15,7 @@ compiled program (`tpusim run --hlo`) must agree:
 * Step time, calibrated mode: within 5% (the issue's goal).
 
 What the analytic model does not know, and why it can still agree: which buffers XLA keeps in VMEM
-(up to 128 MiB; the importer counts only HBM arrays, see tpusim.hlo.importer.hbm_array_bytes) and
+(up to 128 MiB; the importer counts only HBM arrays, see tpusim.compiler.hlo.importer.hbm_array_bytes) and
 the accumulators of XLA's windowed-einsum loops (FSDP collective matmuls read and write their output
 once per step of the loop). These move bytes between categories more than they change the total.
 """
@@ -27,10 +27,10 @@ import json
 import pytest
 
 from tpusim.api import compile_workload
-from tpusim.costmodel import bound_by, compute_params, op_time
-from tpusim.engine import simulate
-from tpusim.hlo.importer import import_hlo, read_hlo
-from tpusim.summary import summarize
+from tpusim.sim.costmodel import bound_by, compute_params, op_time
+from tpusim.sim.engine import simulate
+from tpusim.compiler.hlo.importer import import_hlo, read_hlo
+from tpusim.analysis.summary import summarize
 
 from conftest import REPO
 
@@ -148,8 +148,8 @@ def test_importer_bytes_follow_xla_cost_analysis(case_dir):
     """Counted the way XLA's cost analysis counts (every memory space, loop bodies once), the
     importer's bytes are XLA's own within 15%: slices of an operand cost the slice, in-place
     updates the update (XLA also prices per-operand utilisation we do not model; hence 15%)."""
-    import tpusim.hlo.hbm as im
-    from tpusim.hlo.importer import FREE, _Analysis, _compute_cost, parse_module
+    import tpusim.compiler.hlo.hbm as im
+    from tpusim.compiler.hlo.importer import FREE, _Analysis, _compute_cost, parse_module
 
     mod = parse_module(read_hlo(case_dir / "optimized_hlo.txt.gz"))
     an = _Analysis(mod)

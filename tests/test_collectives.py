@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from tpusim.collectives import collective_time, link_params, lower, parse_axes
+from tpusim.sim.collectives import collective_time, link_params, lower, parse_axes
 from tpusim.errors import TpusimError
-from tpusim.topology import parse_topology, replace
+from tpusim.sim.topology import parse_topology, replace
 
 from conftest import value
 
@@ -187,7 +187,7 @@ def test_calibrated_goodness_of_fit(book_cases, curve_id, spec, kind, axis):
 def test_calibration_file_is_what_the_fit_gives():
     """topologies/calibration.yaml must be reproducible by `python -m tpusim.fit --write`."""
     pytest.importorskip("scipy")
-    from tpusim.calibration import load_calibration
+    from tpusim.sim.calibration import load_calibration
     from tpusim.fit import calibration_document, fit_all
 
     fitted = calibration_document(fit_all())["chips"]
@@ -270,7 +270,7 @@ def test_bad_bytes(nbytes):
 def test_spans_of_an_axis():
     """A mesh axis on part of a torus axis: a contiguous segment is a line; a strided part of a wrapped
     axis is a ring whose hops cross `stride` links, shared by `stride` interleaved groups."""
-    from tpusim.collectives import Span
+    from tpusim.sim.collectives import Span
 
     topo = parse_topology("v5e:16x16")
     lp = link_params(topo, "datasheet")
@@ -292,7 +292,7 @@ def test_spans_of_an_axis():
 def test_dcn_calibrated_all_reduce_closed_form():
     """Calibrated, inside a step: RS over the ICI axes at eta, a ring over S slices at dcn_efficiency of
     the per-chip egress (S-1 steps of at least the DCN latency), AG over ICI, plus the in-step fixed cost."""
-    from tpusim.calibration import get_calibration
+    from tpusim.sim.calibration import get_calibration
 
     s, v, spec = 8, 4e9, "v5e:16x16"
     topo = parse_topology(spec, slices=s)
@@ -311,7 +311,7 @@ def test_dcn_efficiency_is_the_psum_microbenchmark():
     """Goodness of fit (the constant is computed from this one point): the v6e psum over DCN of a
     0.606 GB bf16 matrix sharded over 2 slices, 4.113 GB/s by the benchmark's definition (ring bytes per
     device over the time, 73.7 ms), against 12.5 GB/s of datasheet egress per chip (book tpus.md)."""
-    from tpusim.calibration import get_calibration
+    from tpusim.sim.calibration import get_calibration
 
     topo = parse_topology("v6e:16x16", slices=2)
     v = 606076928 / 2
@@ -326,7 +326,7 @@ def test_dcn_parameters_cite_their_sources():
     efficiency names the microbenchmark it comes from."""
     import yaml
 
-    from tpusim.calibration import get_calibration
+    from tpusim.sim.calibration import get_calibration
     from tpusim.data import data_dir
 
     chips = yaml.safe_load((data_dir("topologies") / "chips.yaml").read_text())
@@ -342,7 +342,7 @@ def test_dcn_parameters_cite_their_sources():
 def test_in_step_overhead_is_below_the_host_timed_ones():
     """Inside a step a collective pays microseconds (the v2 step's collectives), far below the host-timed
     curves' fixed costs (13 us on v5e, a ~130 us floor on v5p) that include a host dispatch."""
-    from tpusim.calibration import get_calibration
+    from tpusim.sim.calibration import get_calibration
 
     for chip in ("v2", "v5e", "v5p", "v4", "v6e", "tpu7x"):
         fit = get_calibration(chip, "calibrated").collectives

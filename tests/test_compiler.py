@@ -7,9 +7,9 @@ import pytest
 
 from tpusim.compiler import compile_program, model_flops_breakdown
 from tpusim.errors import InfeasibleError, TpusimError
-from tpusim.program import COLLECTIVE, COMPUTE
-from tpusim.topology import parse_topology
-from tpusim.workload import workload_from_dict
+from tpusim.sim.program import COLLECTIVE, COMPUTE
+from tpusim.sim.topology import parse_topology
+from tpusim.model.workload import workload_from_dict
 
 from conftest import value
 

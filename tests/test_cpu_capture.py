@@ -16,9 +16,9 @@ import json
 import pytest
 
 from tpusim.compiler import compile_program
-from tpusim.program import COLLECTIVE
-from tpusim.topology import parse_topology
-from tpusim.workload import load_workload
+from tpusim.sim.program import COLLECTIVE
+from tpusim.sim.topology import parse_topology
+from tpusim.model.workload import load_workload
 
 from conftest import REPO
 

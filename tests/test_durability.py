@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from tpusim.cli import main
 from tpusim.errors import TpusimError
 from tpusim.runfolder import check_run_folder
-from tpusim.sweep import journal_path, make_sweep, read_journal, run_sweep
+from tpusim.explore.sweep import journal_path, make_sweep, read_journal, run_sweep
 
 # LLaMA-3 8B widths, 2 layers, on a v5e 4x4: ~40 ms a configuration.
 SMALL = {"name": "small", "chip": "v5e", "topology": "v5e:4x4",
@@ -103,7 +103,8 @@ def test_sweep_loses_nothing_and_redoes_nothing_under_signals(small, reference, 
     journal = journal_path(out)
     cmd = ["sweep", str(small), *VARY, "--out", str(out), "--workers", "2"]
     proc = _tpusim(*cmd)
-    _wait_for(lambda: _lines(journal) >= 4, "the first rows")
+    _wait_for(lambda: _lines(journal) >= 4 or proc.poll() is not None, "the first rows")
+    assert proc.poll() is None, f"the sweep ended before any signal: {proc.communicate()[1][-500:]}"
     workers = [p for p in _group(proc.pid) if p != proc.pid]
     finished = {r["config"] for r in read_journal(journal)}  # reported finished before the signal
     for sig in signals:
@@ -190,7 +191,7 @@ def test_repeated_values_are_refused(small):
 
 
 def test_a_second_sweep_on_the_same_output_is_refused(small, tmp_path):
-    from tpusim.sweepstore import SweepOutput
+    from tpusim.explore.store import SweepOutput
 
     out = tmp_path / "rows.parquet"
     first = SweepOutput(out)
@@ -249,7 +250,7 @@ def test_run_killed_while_writing_leaves_the_old_folder_whole(small, a_run, tmp_
     old = _snapshot(out)
     reached = tmp_path / "writing"
     # The real command, its report writer made to hang (after the timeline and trace are written).
-    script = ("import sys, time, pathlib, tpusim.report as r\n"
+    script = ("import sys, time, pathlib, tpusim.analysis.report as r\n"
               "def hang(*a, **k):\n"
               f"    pathlib.Path({str(reached)!r}).touch(); time.sleep(600)\n"
               "r.write_report = hang\n"
@@ -272,7 +273,7 @@ def test_run_killed_while_writing_leaves_the_old_folder_whole(small, a_run, tmp_
 
 
 def test_run_that_fails_while_writing_leaves_the_old_folder_whole(small, a_run, tmp_path, monkeypatch):
-    import tpusim.report
+    import tpusim.analysis.report
 
     out = _copy(a_run, tmp_path)
     old = _snapshot(out)
@@ -281,7 +282,7 @@ def test_run_that_fails_while_writing_leaves_the_old_folder_whole(small, a_run, 
         Path(path).write_text("<!DOCTYPE html>")  # half a report
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(tpusim.report, "write_report", disk_full)
+    monkeypatch.setattr(tpusim.analysis.report, "write_report", disk_full)
     r = _run_out(small, out, "--mode", "datasheet")
     assert r.exit_code == 2 and "cannot write the run: No space left on device" in r.stderr
     assert _snapshot(out) == old and sorted(p.name for p in tmp_path.iterdir()) == ["run"]

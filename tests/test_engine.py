@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from tpusim.chips import get_chip
-from tpusim.collectives import Span, collective_time, link_params, lower
+from tpusim.sim.chips import get_chip
+from tpusim.sim.collectives import Span, collective_time, link_params, lower
 from tpusim.compiler import compile_program
-from tpusim.engine import simulate
-from tpusim.program import COLLECTIVE, COMPUTE, Memory, Op, Program
-from tpusim.summary import summarize
-from tpusim.timeline import COLUMNS, chrome_trace, timeline_frame
-from tpusim.topology import parse_topology
-from tpusim.workload import workload_from_dict
+from tpusim.sim.engine import simulate
+from tpusim.sim.program import COLLECTIVE, COMPUTE, Memory, Op, Program
+from tpusim.analysis.summary import summarize
+from tpusim.analysis.timeline import COLUMNS, chrome_trace, timeline_frame
+from tpusim.sim.topology import parse_topology
+from tpusim.model.workload import workload_from_dict
 
 NO_MEMORY = Memory(params=0, grads=0, optimizer=0, activations=0, working=0, gathered_weights=0)
 
@@ -105,7 +105,7 @@ def small_workload(**kw):
 
 
 def test_deterministic_byte_for_byte(tmp_path):
-    from tpusim.timeline import write_parquet
+    from tpusim.analysis.timeline import write_parquet
 
     topo = parse_topology("v5p:4x4x4")
     prog = compile_program(small_workload(sharding={"ici_tensor_parallelism": 4}), topo)
@@ -198,7 +198,7 @@ def test_tensor_parallel_limit():
     it spans), so it is compute-bound while Y < M_Y F / alpha. Our TP collectives sit on the critical
     path (no collective matmul), so the ratio shows directly as exposed communication over compute,
     times the ring's exact (Y-1)/Y."""
-    from tpusim.mesh import resolve_mesh
+    from tpusim.model.mesh import resolve_mesh
 
     alpha = 4.59e14 / 1.8e11
     f = 16384
@@ -342,7 +342,7 @@ def test_tensor_parallel_collectives_sit_on_the_critical_path_as_in_xla():
     from pathlib import Path
 
     from tpusim.api import compile_workload
-    from tpusim.hlo.parse import extract_collectives
+    from tpusim.compiler.hlo.parse import extract_collectives
 
     case = Path(__file__).resolve().parent.parent / "traces" / "xla_aot" / "fsdp_tp_L4"
     xla = extract_collectives(_read_gz(case / "optimized_hlo.txt.gz"))["collectives"]
@@ -377,7 +377,7 @@ def test_tensor_parallel_stays_synchronous_with_the_v5p_runs_flags():
     asynchronous. So charging tensor-parallel collectives on the critical path is what XLA does."""
     from pathlib import Path
 
-    from tpusim.hlo.parse import extract_collectives
+    from tpusim.compiler.hlo.parse import extract_collectives
 
     case = Path(__file__).resolve().parent.parent / "traces" / "xla_aot" / "fsdp_tp_v5pflags_big_L2"
     found = extract_collectives(_read_gz(case / "optimized_hlo.txt.gz"))

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 
 from tpusim.api import compile_workload
 from tpusim.cli import main
-from tpusim.engine import simulate
-from tpusim.summary import summarize
-from tpusim.sweep import make_sweep, run_sweep, summary_columns
+from tpusim.sim.engine import simulate
+from tpusim.analysis.summary import summarize
+from tpusim.explore.sweep import make_sweep, run_sweep, summary_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = sorted(p for p in (ROOT / "workloads").glob("*.yaml")

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 
 from tpusim.compiler import compile_program
-from tpusim.engine import simulate
+from tpusim.sim.engine import simulate
 from tpusim.errors import TpusimError
-from tpusim.topology import parse_topology
-from tpusim.workload import workload_from_dict
+from tpusim.sim.topology import parse_topology
+from tpusim.model.workload import workload_from_dict
 
 ONCE = ("weight_cast", "optimizer/adamw")  # per step, not per microbatch
 

@@ -7,11 +7,11 @@ import json
 
 import pytest
 
-from tpusim.engine import simulate
+from tpusim.sim.engine import simulate
 from tpusim.errors import TpusimError
-from tpusim.hlo.importer import group_axes, import_hlo, read_hlo, replica_groups
-from tpusim.program import COLLECTIVE, HOST
-from tpusim.topology import parse_topology
+from tpusim.compiler.hlo.importer import group_axes, import_hlo, read_hlo, replica_groups
+from tpusim.sim.program import COLLECTIVE, HOST
+from tpusim.sim.topology import parse_topology
 
 from conftest import REAL_TRACES, REPO
 
@@ -34,8 +34,8 @@ def test_flops_match_xla_cost_analysis(case):
 def test_matmul_flops_are_exactly_the_einsums():
     """The dot/convolution FLOPs of the 2-layer FSDP step equal the traced einsums' (hand count:
     24.16 GFLOP of weight matmuls and 3.22 of attention per layer, plus the unembedding)."""
-    from tpusim.hlo.importer import _matmul_flops
-    from tpusim.hlo.parse import _Analysis, parse_module
+    from tpusim.compiler.hlo.importer import _matmul_flops
+    from tpusim.compiler.hlo.parse import _Analysis, parse_module
 
     mod = parse_module(read_hlo(AOT / "fsdp_no_windowed_einsum_L2" / "optimized_hlo.txt.gz"))
     an = _Analysis(mod)

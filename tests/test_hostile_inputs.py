@@ -328,12 +328,12 @@ def test_sweep_unwritable_out_is_refused_up_front(tmp_path, monkeypatch):
 # ---- the last resort ---------------------------------------------------------------------------------
 
 def test_an_unexpected_exception_is_an_internal_error_line(monkeypatch):
-    import tpusim.topology
+    import tpusim.sim.topology
 
     def boom(*a, **k):
         raise RuntimeError("a bug\nover two lines")
 
-    monkeypatch.setattr(tpusim.topology, "describe", boom)
+    monkeypatch.setattr(tpusim.sim.topology, "describe", boom)
     r = invoke("topology", "v5e:2x2")
     assert r.exit_code == 1 and r.stdout == ""
     assert r.stderr.strip().splitlines() == [

@@ -8,14 +8,14 @@ import math
 import pytest
 import yaml
 
-from tpusim import maxtext as mx
+from tpusim.model import maxtext as mx
 from tpusim.compiler import compile_program, model_flops_breakdown
 from tpusim.data import data_dir
-from tpusim.engine import simulate
+from tpusim.sim.engine import simulate
 from tpusim.errors import InfeasibleError, TpusimError
-from tpusim.summary import summarize
-from tpusim.topology import parse_topology
-from tpusim.workload import _ALIASES, _SECTIONS, workload_from_dict
+from tpusim.analysis.summary import summarize
+from tpusim.sim.topology import parse_topology
+from tpusim.model.workload import _ALIASES, _SECTIONS, workload_from_dict
 
 MODELLED = {k for keys in _SECTIONS.values() for k in keys} | set(_ALIASES) | {"num_slices"}
 CLASSES = {"modelled": MODELLED, "ignored": set(mx.IGNORED_KEYS), "noted": set(mx.NOTED_KEYS),

@@ -17,8 +17,8 @@ import pytest
 
 from conftest import REPO
 from tpusim.compiler import compile_program
-from tpusim.topology import parse_topology
-from tpusim.workload import workload_from_dict
+from tpusim.sim.topology import parse_topology
+from tpusim.model.workload import workload_from_dict
 
 AOT = REPO / "traces" / "xla_aot_memory"
 CASES = sorted(AOT.glob("*.json"))
@@ -106,7 +106,7 @@ def _host_bytes(case: dict) -> float:
     """tpusim's bytes per device offloaded to host memory: every layer's offloaded tensors."""
     from tpusim.compiler.memory import layer_activation_bytes
     from tpusim.compiler.shapes import OFFLOADED_TENSORS, derive_shapes
-    from tpusim.mesh import resolve_mesh
+    from tpusim.model.mesh import resolve_mesh
 
     w = workload_from_dict(case["config"], source=case["case"])
     topo = parse_topology(case["config"]["topology"])
@@ -170,7 +170,7 @@ def test_over_the_hbm_xla_rematerialises_transients_not_saved_tensors():
     from tpusim.compiler import local_parameter_counts
     from tpusim.compiler.memory import peak_memory
     from tpusim.compiler.shapes import derive_shapes
-    from tpusim.mesh import resolve_mesh
+    from tpusim.model.mesh import resolve_mesh
 
     w, topo = workload_and_topology(REPO / "workloads" / "measured" / "maxtext_v4_22b.yaml")
     sh = derive_shapes(w, resolve_mesh(w.parallelism, topo, source=w.source), topo.num_chips)

@@ -12,12 +12,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import REAL_TRACES, REPO, value
 
-from tpusim import plots
+from tpusim.analysis import plots
 from tpusim.api import compile_workload
 from tpusim.cli import main
-from tpusim.engine import simulate
-from tpusim.summary import summarize
-from tpusim.timeline import timeline_frame
+from tpusim.sim.engine import simulate
+from tpusim.analysis.summary import summarize
+from tpusim.analysis.timeline import timeline_frame
 
 V6E_PROFILE = REAL_TRACES / "tpu-v6e-host-offload" / "tpu_inference_2.xplane.pb"
 SCRIPT_SRC = re.compile(r"<script[^>]*\bsrc\s*=\s*[\"']?https?:", re.IGNORECASE)
@@ -96,9 +96,9 @@ def test_timeline_window_shows_ops_one_by_one(line_axis):
 
 
 def test_timeline_simulation_above_real_profile():
-    from tpusim.hlo.importer import import_hlo, read_hlo
-    from tpusim.profiles import read_profile
-    from tpusim.replay import replay
+    from tpusim.compiler.hlo.importer import import_hlo, read_hlo
+    from tpusim.analysis.profiles import read_profile
+    from tpusim.analysis.replay import replay
 
     profile = read_profile(V6E_PROFILE)
     topo = replay(profile).topology
@@ -190,7 +190,7 @@ def test_heatmap_other_links_and_planes(multislice):
 # ---- sweeps ------------------------------------------------------------------------------------
 
 def test_book_thresholds_match_the_book(book_cases):
-    from tpusim.chips import get_chip
+    from tpusim.sim.chips import get_chip
 
     fsdp = book_cases["training-dp-fsdp-critical-batch-v5p"]
     mixed = book_cases["training-fsdp-tp-min-batch"]
@@ -225,8 +225,8 @@ def test_sweep_chart_plots_the_runs_and_thresholds():
 # ---- replay --------------------------------------------------------------------------------------
 
 def test_replay_chart_has_each_op_measured_and_simulated():
-    from tpusim.profiles import read_profile
-    from tpusim.replay import replay
+    from tpusim.analysis.profiles import read_profile
+    from tpusim.analysis.replay import replay
 
     rep = replay(read_profile(V6E_PROFILE))
     data = plots.replay_chart(rep).data

@@ -1,4 +1,4 @@
-"""tpusim.profiles on real captures: the v6e host-offload profile (xplane.pb and its trace-viewer
+"""tpusim.analysis.profiles on real captures: the v6e host-offload profile (xplane.pb and its trace-viewer
 JSON, in traces/real), our CPU captures (traces/cpu), the v2 pod-viewer output; and bad input.
 
 The numbers are ones a wrong reader would not produce: event counts per device and row, XLA's
@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from tpusim.errors import TpusimError
-from tpusim.profiles import op_stats, read_pod_viewer, read_profile, replica_groups
-from tpusim.profiles.tracejson import load_trace_events
-from tpusim.profiles.xplane import load_xspace
+from tpusim.analysis.profiles import op_stats, read_pod_viewer, read_profile, replica_groups
+from tpusim.analysis.profiles.tracejson import load_trace_events
+from tpusim.analysis.profiles.xplane import load_xspace
 
 from conftest import xprof_avg_s, xprof_hlo_stats
 
@@ -71,7 +71,7 @@ def test_v6e_event_counts_per_device_and_row(v6e):
 
 
 def test_v6e_timeline_has_the_simulator_columns(v6e):
-    from tpusim.timeline import COLUMNS
+    from tpusim.analysis.timeline import COLUMNS
 
     sim = [c for c in COLUMNS if c not in ("replicas", "op_index")]
     assert list(v6e.timeline.columns[:len(sim)]) == sim

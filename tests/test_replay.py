@@ -17,8 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from tpusim.cli import main
-from tpusim.profiles import read_profile
-from tpusim.replay import replay, replay_pod_viewer
+from tpusim.analysis.profiles import read_profile
+from tpusim.analysis.replay import replay, replay_pod_viewer
 
 from conftest import REAL_TRACES, xprof_avg_s
 

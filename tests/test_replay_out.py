@@ -17,10 +17,10 @@ import pytest
 from click.testing import CliRunner
 
 from tpusim.cli import main
-from tpusim.profiles import read_profile
-from tpusim.profiles.xplane import XSpace
-from tpusim.replay import replay
-from tpusim.replayout import metadata_plane, raw_planes
+from tpusim.analysis.profiles import read_profile
+from tpusim.analysis.profiles.xplane import XSpace
+from tpusim.analysis.replay import replay
+from tpusim.analysis.replayout import metadata_plane, raw_planes
 
 from conftest import REAL_TRACES
 

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 from conftest import value
 
 from tpusim.cli import main
-from tpusim.search import PRUNE_MARGIN, meshes, plans, search
-from tpusim.sweep import Task, config_key, run_task
-from tpusim.workload import workload_from_dict
+from tpusim.explore.search import PRUNE_MARGIN, meshes, plans, search
+from tpusim.explore.sweep import Task, config_key, run_task
+from tpusim.model.workload import workload_from_dict
 
 # applied-training.md's LLaMA-3 70B (appl-train-*), scaled down: 8 of its 80 layers (per-layer compute
 # and FSDP traffic keep their ratio) on a v5p 4x4x8, with 512 tokens per chip: below the book's 850

@@ -161,11 +161,11 @@ def test_moe_expert_parallel_and_fp8_cache():
 def test_step_time_is_the_engines_simulation_of_the_step_program(shape):
     """The cached step time (ops' times summed) equals the training engine replaying the same per-device
     step program on the slice (compute ops, then each collective on the links, in order)."""
-    from tpusim.engine import simulate
+    from tpusim.sim.engine import simulate
 
     sw = serve_workload_from_dict(small(), source="small")
     from tpusim.serving import StepModel
-    from tpusim.topology import parse_topology
+    from tpusim.sim.topology import parse_topology
 
     topo = parse_topology("v5e:2x4")
     m = StepModel(sw, topo, "calibrated")

@@ -14,11 +14,11 @@ import dataclasses
 import pytest
 
 from conftest import value
-from tpusim.costmodel import bound_by
+from tpusim.sim.costmodel import bound_by
 from tpusim.errors import InfeasibleError, TpusimError
 from tpusim.serving import StepModel, serve_workload_from_dict
-from tpusim.topology import parse_topology
-from tpusim.topology import replace as topo_replace
+from tpusim.sim.topology import parse_topology
+from tpusim.sim.topology import replace as topo_replace
 
 BOOK_HBM = 16e9  # applied-inference.md: "16GB of HBM" per v5e
 
@@ -64,7 +64,7 @@ def test_tpus_q1_200b_param_load(book_cases):
     c = book_cases["tpus-q1-200b-param-load"]
     model = dims(46, 16384, 65536, 128, 128, 128, 32000)  # 3DF + 4D^2 per layer: 198.6e9 parameters
     m = step_model(model, "v4:4x4x2", tp=32)
-    from tpusim.workload import workload_from_dict
+    from tpusim.model.workload import workload_from_dict
     params = workload_from_dict({"model": model, "per_device_batch_size": 1}, source="t").model.params
     cost = m.cost(1, 1)
     weights_s = cost.parts_s[0] * value(c, "inputs", "params") / params  # scaled to exactly 200e9

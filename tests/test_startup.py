@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("pandas", "pyarrow", "altair", "networkx", "vl_convert", "tpusim.sweep", "tpusim.plots")
+HEAVY = ("pandas", "pyarrow", "altair", "networkx", "vl_convert", "tpusim.explore.sweep", "tpusim.analysis.plots")
 
 _CHILD = """
 import json, sys
@@ -49,8 +49,8 @@ def test_run_without_out_imports_nothing_heavy():
 
 
 def test_sweep_help_names_the_grid_limit():
-    """cli_sweep writes the limit without importing tpusim.sweep; it must be the one sweep enforces."""
-    from tpusim.sweep import MAX_GRID
+    """cli/sweep writes the limit without importing tpusim.explore.sweep; it must be the one sweep enforces."""
+    from tpusim.explore.sweep import MAX_GRID
 
     out = subprocess.run([sys.executable, "-m", "tpusim", "sweep", "--help"], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 
 from tpusim.cli import main
 from tpusim.errors import TpusimError
-from tpusim.summary import summarize
-from tpusim.sweep import (
+from tpusim.analysis.summary import summarize
+from tpusim.explore.sweep import (
     MAX_GRID,
     journal_path,
     make_sweep,
@@ -23,7 +23,7 @@ from tpusim.sweep import (
     run_sweep,
     write_rows,
 )
-from tpusim.sweepstore import encode_row
+from tpusim.explore.store import encode_row
 
 # A small, fast workload (LLaMA-3 8B widths, 2 layers) on a v5e 4x4: a simulation takes ~10 ms.
 SMALL = {"name": "small", "chip": "v5e", "topology": "v5e:4x4",
@@ -86,7 +86,7 @@ def test_rows_say_why_and_carry_every_summary_field(small):
     assert len(ok) == 4 and (ok.reason == "").all() and (ok.mfu > 0).all()
     # every field of `tpusim run --json` is a column (mappings of fixed keys as parent.key)
     from tpusim.api import compile_workload
-    from tpusim.engine import simulate
+    from tpusim.sim.engine import simulate
 
     _, topo, prog = compile_workload(small, overrides={"remat_policy": "full"})
     for key in summarize(simulate(prog, topo)):
@@ -101,7 +101,7 @@ def test_same_rows_serially_and_in_processes(small):
 
 def test_same_rows_on_ray(small):
     import ray  # in the test extra: this test must run, not skip
-    from tpusim.sweepworkers import RAY_BATCH
+    from tpusim.explore.workers import RAY_BATCH
 
     sweep = make_sweep(small, GRID)
     assert sweep.size % RAY_BATCH and sweep.size > RAY_BATCH  # batches of configurations, the last one partial

@@ -7,9 +7,9 @@ import math
 import networkx as nx
 import pytest
 
-from tpusim.chips import chip_names, get_chip
+from tpusim.sim.chips import chip_names, get_chip
 from tpusim.errors import TpusimError
-from tpusim.topology import build_graph, parse_topology
+from tpusim.sim.topology import build_graph, parse_topology
 
 from conftest import value
 
@@ -79,7 +79,7 @@ def test_graph_counts_and_degrees(spec):
 def test_size_two_wrapped_axis_keeps_both_links():
     """networkx's grid_graph(periodic=True) merges the two links of a wrapped axis of length 2; a
     topology told to wrap a 2-long axis keeps both (the + and the - link to the same neighbour)."""
-    from tpusim.topology import replace
+    from tpusim.sim.topology import replace
 
     topo = replace(parse_topology("v5e:2x2"), wraparound=(True, True))
     g = build_graph(topo)

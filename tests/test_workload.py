@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from tpusim.errors import TpusimError
-from tpusim.mesh import resolve_mesh
-from tpusim.topology import parse_topology
-from tpusim.workload import load_workload, workload_from_dict
+from tpusim.model.mesh import resolve_mesh
+from tpusim.sim.topology import parse_topology
+from tpusim.model.workload import load_workload, workload_from_dict
 
 from conftest import REPO
 
@@ -107,7 +107,7 @@ def test_mesh_prefers_wrapped_axes_for_tensor():
 
 
 def test_mesh_splits_an_axis_when_it_must():
-    from tpusim.collectives import Span
+    from tpusim.sim.collectives import Span
     m = mesh_of({"tensor": 4}, "v5e:16x16")
     assert m.physical["tensor"] == (Span("x", 4, 1),)  # the contiguous inner segment
     assert set(m.axes_of("fsdp")) == {"y", Span("x", 4, 4)}

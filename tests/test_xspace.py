@@ -4,7 +4,7 @@ XProf's own converter (``xprof.convert.raw_to_tool_data.xspace_to_tool_data``, t
 ``xprof --logdir``) turns the written ``.xplane.pb`` into each tool's data; the tools must be populated
 and agree with tpusim's summary: step time, op count, FLOPs, the chip's peaks. Perfetto's JSON import
 drops an event that starts inside another on the same thread and ends after it
-(:func:`tpusim.lanes.partial_overlaps`); no trace tpusim writes may have one.
+(:func:`tpusim.analysis.lanes.partial_overlaps`); no trace tpusim writes may have one.
 """
 
 from __future__ import annotations
@@ -17,10 +17,10 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from tpusim.chips import get_chip
+from tpusim.sim.chips import get_chip
 from tpusim.cli import main
-from tpusim.lanes import assign_lanes, partial_overlaps, to_ns
-from tpusim.profiles.xplane import XSpace
+from tpusim.analysis.lanes import assign_lanes, partial_overlaps, to_ns
+from tpusim.analysis.profiles.xplane import XSpace
 
 from conftest import REAL_TRACES
 
@@ -147,9 +147,9 @@ def test_without_program_and_symbol_ids_the_op_tools_are_empty(fsdp, tmp_path):
 def test_written_files_are_byte_identical():
     """Two identical runs write identical bytes: no wall-clock time inside (what run --out writes)."""
     from tpusim.api import compile_workload
-    from tpusim.engine import simulate
-    from tpusim.timeline import chrome_trace, timeline_frame
-    from tpusim.xspace import xspace_bytes
+    from tpusim.sim.engine import simulate
+    from tpusim.analysis.timeline import chrome_trace, timeline_frame
+    from tpusim.analysis.xspace import xspace_bytes
 
     out = []
     for _ in range(2):

@@ -7,9 +7,9 @@ from typing import Any
 
 from tpusim.compiler import compile_program
 from tpusim.errors import TpusimError
-from tpusim.program import Program
-from tpusim.topology import Topology, parse_topology
-from tpusim.workload import Workload, load_workload
+from tpusim.sim.program import Program
+from tpusim.sim.topology import Topology, parse_topology
+from tpusim.model.workload import Workload, load_workload
 
 
 def workload_and_topology(workload: str | Path | Workload, topology: str | None = None, *, slices: int | None = None,

@@ -45,7 +45,7 @@ CASES = [
 _CHILD = """
 import json, resource, sys, time
 from tpusim.api import compile_workload
-from tpusim.engine import simulate
+from tpusim.sim.engine import simulate
 path, topo, overrides, repeat = sys.argv[1], sys.argv[2] or None, json.loads(sys.argv[3]), int(sys.argv[4])
 compile_s, sim_s = [], []
 for _ in range(repeat):
@@ -119,7 +119,7 @@ def sweep_rate(vary: dict, workers: int) -> tuple[float, float, int, int]:
     the CPU seconds it took (this process and its workers), how many configurations ran ``ok`` and how
     many ran."""
     from tpusim.data import data_dir
-    from tpusim.sweep import make_sweep, run_sweep
+    from tpusim.explore.sweep import make_sweep, run_sweep
 
     sweep = make_sweep(data_dir("workloads") / "fsdp_70b.yaml", vary, topology="v5e:16x16", yes=True)
     cpu0 = _cpu_now()

@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from tpusim.collectives.lowering import lower, parse_axes
-from tpusim.collectives.timing import LinkParams, collective_time
+from tpusim.sim.collectives.lowering import lower, parse_axes
+from tpusim.sim.collectives.timing import LinkParams, collective_time
 from tpusim.config import read_yaml
 from tpusim.data import data_dir
-from tpusim.topology import parse_topology
+from tpusim.sim.topology import parse_topology
 
 MIB = 2**20
 SMALL_WEIGHT = 0.05
@@ -128,8 +128,8 @@ class InStepFit:
 
 def in_step_model(entry: dict):
     """(measured seconds, datasheet transfer seconds) of collectives timed inside a step."""
-    from tpusim.collectives.timing import link_params, transfer_time
-    from tpusim.replay import pod_viewer_plan
+    from tpusim.sim.collectives.timing import link_params, transfer_time
+    from tpusim.analysis.replay import pod_viewer_plan
 
     topo = parse_topology(entry["topology"])
     lp = link_params(topo, "datasheet")
@@ -164,7 +164,7 @@ def fit_in_step(name: str, entry: dict, *, keep=None) -> InStepFit:
 def dcn_efficiency(entry: dict) -> float:
     """Datasheet DCN time of the microbenchmark's psum over the measured time (the benchmark's
     bandwidth is the ring all-reduce's bytes per device, 2 (S-1)/S x matrix / S, over its time)."""
-    from tpusim.collectives.timing import collective_time, link_params
+    from tpusim.sim.collectives.timing import collective_time, link_params
 
     s = int(entry["slices"])
     topo = parse_topology(entry["topology"], slices=s)
@@ -218,7 +218,7 @@ def calibration_document(fits: list[CurveFit]) -> dict:
     # (roofline.md, a rounded statement with no measurement behind it here): measured op-level data over
     # prose, one rule for every chip. HBM: the chip's own op-level figure where there is one (v6e's
     # capture), else the TPU7x copy bandwidth, borrowed.
-    from tpusim.chips import get_chip
+    from tpusim.sim.chips import get_chip
     measured = {chip: {"mxu": (float(m["mxu_flops_per_s_per_chip"]) / get_chip(chip).bf16_flops_per_s
                                if "mxu_flops_per_s_per_chip" in m else None),
                        "hbm": float(m["hbm_bytes_per_s_per_chip"]) / get_chip(chip).hbm_bytes_per_s,

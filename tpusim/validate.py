@@ -16,8 +16,8 @@ from tpusim.api import workload_and_topology
 from tpusim.compiler import compile_program
 from tpusim.config import read_yaml
 from tpusim.data import data_dir
-from tpusim.engine import simulate
-from tpusim.summary import summarize
+from tpusim.sim.engine import simulate
+from tpusim.analysis.summary import summarize
 
 
 def compare_measured(mode: str = "calibrated") -> list[dict]:

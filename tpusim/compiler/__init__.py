@@ -1,7 +1,7 @@
-"""Compile a workload for a topology into a per-device :class:`~tpusim.program.Program`.
+"""Compile a workload for a topology into a per-device :class:`~tpusim.sim.program.Program`.
 
->>> from tpusim.topology import parse_topology
->>> from tpusim.workload import workload_from_dict
+>>> from tpusim.sim.topology import parse_topology
+>>> from tpusim.model.workload import workload_from_dict
 >>> w = workload_from_dict({"model_name": "llama3-8b", "per_device_batch_size": 2,
 ...                         "max_target_length": 4096}, source="example")
 >>> prog = compile_program(w, parse_topology("v5p:4x4x4"))
@@ -17,11 +17,11 @@ from tpusim.compiler.memory import peak_memory
 from tpusim.compiler.shapes import Shapes, derive_shapes
 from tpusim.compiler.transformer import build_ops
 from tpusim.errors import InfeasibleError, TpusimError
-from tpusim.mesh import Mesh, resolve_mesh
-from tpusim.program import Program
-from tpusim.topology import Topology
+from tpusim.model.mesh import Mesh, resolve_mesh
+from tpusim.sim.program import Program
+from tpusim.sim.topology import Topology
 from tpusim.units import fmt_bytes
-from tpusim.workload import Workload
+from tpusim.model.workload import Workload
 
 
 def model_flops_breakdown(w: Workload, global_batch: float) -> dict[str, float]:

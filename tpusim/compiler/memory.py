@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tpusim.compiler.shapes import OFFLOADED_TENSORS, Shapes
-from tpusim.program import Memory
-from tpusim.workload import Workload
+from tpusim.sim.program import Memory
+from tpusim.model.workload import Workload
 
 F32 = 4  # RMSNorm statistics, the norm's upcast input, attention's log-sum-exp
 

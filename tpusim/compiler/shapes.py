@@ -6,8 +6,8 @@ import math
 from dataclasses import dataclass
 
 from tpusim.errors import TpusimError
-from tpusim.mesh import Mesh
-from tpusim.workload import Workload
+from tpusim.model.mesh import Mesh
+from tpusim.model.workload import Workload
 
 # Remat policies: which matmul outputs a layer keeps for the backward pass (MaxText's names).
 # "input" is the layer's input, kept by every policy but "none" (which keeps everything).

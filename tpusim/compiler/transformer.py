@@ -18,11 +18,11 @@ collectives sit on the critical path (libtpu's default compile of FSDP x TP has 
 from __future__ import annotations
 
 from tpusim.compiler.shapes import Shapes
-from tpusim.mesh import Mesh
+from tpusim.model.mesh import Mesh
 from tpusim.compiler.memory import layer_activation_bytes
 from tpusim.compiler.shapes import OFFLOADED_TENSORS
-from tpusim.program import COLLECTIVE, COMPUTE, HOST, Op
-from tpusim.workload import Workload
+from tpusim.sim.program import COLLECTIVE, COMPUTE, HOST, Op
+from tpusim.model.workload import Workload
 
 # VPU FLOPs per element of the elementwise ops (their exact count hardly matters next to the matmuls).
 NORM_FLOPS, ROPE_FLOPS, ACT_FLOPS, ADD_FLOPS, SOFTMAX_XENT_FLOPS = 4, 6, 5, 1, 6

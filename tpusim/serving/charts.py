@@ -1,4 +1,4 @@
-"""Altair charts of serving runs (render them offline with :func:`tpusim.plots.save_chart` or
+"""Altair charts of serving runs (render them offline with :func:`tpusim.analysis.plots.save_chart` or
 :func:`svg`). Each takes library objects or the DataFrames a run returns."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ def svg(chart: alt.TopLevelMixin):
     """The chart as an inline SVG for a notebook (vl-convert; no Vega from a CDN)."""
     from IPython.display import SVG
 
-    from tpusim.plots import chart_svg
+    from tpusim.analysis.plots import chart_svg
 
     return SVG(chart_svg(chart))
 

@@ -4,7 +4,7 @@ One *step* of a model replica processes ``M = decode + prefill`` tokens: every d
 token and attends over its whole cache; prefill chunks add their tokens and attend causally over
 themselves and what is cached before them. Per device and per layer (``tp`` = tensor parallelism):
 
-* matmuls (:class:`~tpusim.program.Op`, timed by :func:`tpusim.costmodel.op_time`): Q/K/V and O
+* matmuls (:class:`~tpusim.sim.program.Op`, timed by :func:`tpusim.sim.costmodel.op_time`): Q/K/V and O
   projections, the MLP (gated: 3 matrices), the unembedding for the tokens that sample. Each reads
   its weights from HBM once per step, so at small batch the step is weight-bandwidth-bound and past
   the book's critical batch (C / W_hbm, 240 tokens on v5e in bf16) compute-bound (inference.md).
@@ -13,7 +13,7 @@ themselves and what is cached before them. Per device and per layer (``tp`` = te
 * attention over the cache: 4 N H FLOPs per (query, key) pair and the KV bytes it reads (2 K H per
   token per layer, in the cache's dtype); the book's "the KV term is always bandwidth-bound".
 * tensor-parallel all-reduces of the activations after attention and after the MLP (Megatron), over
-  the mesh's tensor (and expert) axes, lowered and timed by :mod:`tpusim.collectives`: at decode they
+  the mesh's tensor (and expert) axes, lowered and timed by :mod:`tpusim.sim.collectives`: at decode they
   are small and latency-bound, so the calibrated per-collective overhead matters.
 * MoE: each device holds E / ep experts; the weights read are those of the experts the step's tokens
   touch, E_l (1 - (1 - 1/E)^(M k)) for uniform routing; the expert outputs are all-reduced with the
@@ -34,14 +34,14 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from tpusim.collectives import collective_time, link_params, lower
+from tpusim.sim.collectives import collective_time, link_params, lower
 from tpusim.compiler.shapes import derive_shapes
-from tpusim.costmodel import bound_by, compute_params, op_time
+from tpusim.sim.costmodel import bound_by, compute_params, op_time
 from tpusim.errors import InfeasibleError
-from tpusim.mesh import resolve_mesh
-from tpusim.program import COLLECTIVE, COMPUTE, Memory, Op, Program
+from tpusim.model.mesh import resolve_mesh
+from tpusim.sim.program import COLLECTIVE, COMPUTE, Memory, Op, Program
 from tpusim.serving.workload import ServeWorkload
-from tpusim.topology import Topology
+from tpusim.sim.topology import Topology
 from tpusim.units import fmt_bytes
 
 PARTS = ("weights", "kv", "compute", "collectives")
@@ -277,7 +277,7 @@ class StepModel:
 
     def program(self, n_decode: int, decode_ctx: float, prefill_tokens: int = 0, prefill_pairs: float = 0.0,
                 prefill_ctx: float = 0.0, n_logits: int | None = None) -> Program:
-        """The step as a :class:`~tpusim.program.Program` for :func:`tpusim.engine.simulate`: every layer's
+        """The step as a :class:`~tpusim.sim.program.Program` for :func:`tpusim.sim.engine.simulate`: every layer's
         ops in order, each collective issued after the op before it and waited for by the op after it
         (at decode nothing overlaps them). ``cost`` sums the same ops' times without simpy."""
         layer, outside = self.ops(n_decode, decode_ctx, prefill_tokens, prefill_pairs, prefill_ctx,

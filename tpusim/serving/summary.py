@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tpusim.lanes import assign_lanes, to_ns
+from tpusim.analysis.lanes import assign_lanes, to_ns
 from tpusim.serving.compiler import PARTS
 from tpusim.serving.engine import STEP_COLUMNS, ServeResult
 from tpusim.units import fmt_bytes, fmt_time

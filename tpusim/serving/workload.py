@@ -1,7 +1,7 @@
 """Inference workloads: the model and its sharding in MaxText's keys, plus how requests arrive and are batched.
 
 A serving YAML has the training workload's ``model`` and ``sharding`` sections (read by
-:func:`tpusim.workload.workload_from_dict`, so ``model_name`` presets and every model key work as
+:func:`tpusim.model.workload.workload_from_dict`, so ``model_name`` presets and every model key work as
 they do for ``tpusim run``), an ``inference`` section in MaxText's inference keys, and a
 ``serving`` section::
 
@@ -40,7 +40,7 @@ from typing import Any
 from tpusim.config import read_yaml, unknown_key_reason
 from tpusim.limits import MAX_REQUESTS
 from tpusim.errors import TpusimError
-from tpusim.workload import DTYPE_BYTES, Workload, workload_from_dict
+from tpusim.model.workload import DTYPE_BYTES, Workload, workload_from_dict
 
 QUANTIZATIONS = ("", "int8", "int8_weight_only", "fp8")
 POLICIES = ("continuous", "static")

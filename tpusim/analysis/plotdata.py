@@ -1,0 +1,191 @@
+"""The data behind tpusim's charts (:mod:`tpusim.analysis.plots`): plain DataFrames a notebook can also use.
+
+* :func:`timeline_rows`: one device's ops as lanes and levels, short ops merged under altair's limit.
+* :func:`profile_run`: one run of a real profile's module, in the same rows.
+* :func:`breakdown_frame`: the step split into compute (by roofline side), exposed communication, idle.
+* :func:`link_cells`, :func:`other_links`: each link's busy time over the step, on the slice's grid.
+"""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pandas as pd
+
+from tpusim.sim.engine import SimResult
+from tpusim.analysis.timeline import timeline_frame
+
+MAX_ROWS = 5000  # altair's default limit on the rows of one dataset
+MAX_LEVELS = 4  # rows of one lane for overlapping ops
+LANES = {"XLA Ops": "compute", "Async XLA Ops": "async: collectives, copies", "ICI x": "link ICI x",
+         "ICI y": "link ICI y", "ICI z": "link ICI z", "DCN": "link DCN", "PCIe": "host: PCIe"}
+
+
+def timeline_rows(frame: SimResult | pd.DataFrame, *, device: int | None = None,
+                  window: tuple[float, float] | None = None, max_rows: int = MAX_ROWS) -> pd.DataFrame:
+    """The rows :func:`timeline_chart` draws: one device's ops on the streams of :data:`LANES`.
+
+    Columns ``stream, lane, name, category, start_s, end_s, busy_s, ops``; ops that overlap on a
+    stream (concurrent collectives, transfers sharing a link) go to extra rows of its lane, as Perfetto
+    draws them (at most :data:`MAX_LEVELS`; the last takes the rest). Beyond ``max_rows``, the ops
+    of a stream that start within a time resolution of a bar's start are merged into that bar (the
+    resolution doubles until the rows fit): ``busy_s`` sums their durations, ``ops`` counts them, and
+    the bar takes the category that held most of its time. Such ops are under a pixel wide at the
+    scale of the whole step; a ``window`` shows them one by one.
+    """
+    if isinstance(frame, SimResult):
+        reps = [c["devices"][0] for c in frame.classes]
+        frame = timeline_frame(frame, all_devices=device is not None and device not in reps)
+        device = reps[0] if device is None else device
+    device = int(frame.device.min()) if device is None else device
+    rows = frame[(frame.device == device) & frame.stream.isin(list(LANES))]
+    if rows.empty:
+        raise ValueError(f"no rows for device {device}; the frame has devices {sorted(set(frame.device))[:8]}")
+    if window is not None:
+        rows = rows[(rows.end_s >= window[0]) & (rows.start_s <= window[1])]
+    out = rows[["stream", "name", "category", "start_s", "end_s"]].reset_index(drop=True)
+    out = out.assign(busy_s=out.end_s - out.start_s, ops=1)
+    if len(out) > max_rows:
+        out = _merge_short(out, max_rows)
+    out = out.sort_values(["start_s", "end_s"], kind="stable").reset_index(drop=True)
+    level = np.zeros(len(out), dtype=int)
+    for _, g in out.groupby("stream", sort=False):
+        ends: list[float] = []  # end of the last bar on each row of the lane
+        for i, start, end in zip(g.index, g.start_s, g.end_s):
+            free = next((k for k, e in enumerate(ends) if e <= start), None)
+            if free is None:
+                free = min(len(ends), MAX_LEVELS - 1)
+                ends.extend([0.0] * (free + 1 - len(ends)))
+            ends[free] = max(ends[free], end)
+            level[i] = free
+    lane = out.stream.map(LANES)
+    return out.assign(lane=lane.where(level == 0, lane + " (" + pd.Series(level + 1).astype(str) + ")"))
+
+
+def _merge_short(rows: pd.DataFrame, max_rows: int) -> pd.DataFrame:
+    res = (rows.end_s.max() - rows.start_s.min()) * rows.stream.nunique() / max_rows
+    rows = rows.sort_values(["start_s", "end_s"], kind="stable")
+    while True:
+        bars: list[dict] = []
+        for stream, g in rows.groupby("stream", sort=False):
+            bar: dict | None = None
+            for r in g.itertuples(index=False):
+                if bar is not None and r.start_s - bar["start_s"] < res and r.start_s <= bar["end_s"] + res:
+                    bar["end_s"] = max(bar["end_s"], r.end_s)
+                    bar["busy_s"] += r.busy_s
+                    bar["ops"] += 1
+                    bar["by"][r.category] = bar["by"].get(r.category, 0.0) + r.busy_s
+                else:
+                    bar = {"stream": stream, "name": r.name, "start_s": r.start_s, "end_s": r.end_s,
+                           "busy_s": r.busy_s, "ops": 1, "by": {r.category: r.busy_s}}
+                    bars.append(bar)
+        if len(bars) <= max_rows:
+            break
+        res *= 2
+    for b in bars:
+        by = b.pop("by")
+        b["category"] = max(by, key=by.get)
+        if b["ops"] > 1:
+            b["name"] = f"{b['ops']} ops from {b['name']}"
+    return pd.DataFrame(bars)[["stream", "name", "category", "start_s", "end_s", "busy_s", "ops"]]
+
+
+def profile_run(profile, module: str | None = None, *, device: int = 0) -> pd.DataFrame:
+    """One run of ``module`` on ``device`` of a real profile, timed from the run's first op.
+
+    ``module`` defaults to the one with the most time on the device (the step, as :mod:`tpusim.analysis.compare`
+    picks it); the run is its first.
+    """
+    t = profile.timeline[profile.timeline.device == device]
+    mods = t[t.stream == "XLA Modules"]
+    if mods.empty:
+        raise ValueError(f"{profile.source}: no XLA Modules on device {device}")
+    if module is None:
+        module = str((mods.end_s - mods.start_s).groupby(mods.module).sum().idxmax())
+    first = mods[mods.module == module].run_id.min()
+    rows = t[(t.module == module) & (t.run_id == first)]
+    t0 = rows.start_s.min()
+    return rows.assign(start_s=rows.start_s - t0, end_s=rows.end_s - t0)
+
+
+def breakdown_frame(run: SimResult | dict) -> pd.DataFrame:
+    """Where one step went, in parts that add up to the step time: ``part, seconds, fraction``.
+
+    Compute by the roofline side that bounds it (``compute: MXU``, ``HBM``, ``VPU``), exposed
+    communication by the collective kind waited for (as :func:`tpusim.analysis.summary.summarize` charges it),
+    and ``idle``: the rest of the step. ``attrs`` holds the workload, topology, step time and MFU.
+    """
+    from tpusim.analysis.summary import summarize
+
+    s = summarize(run) if isinstance(run, SimResult) else run
+    step = s["step_time_s"]
+    by_bound = s["compute_by_bound_s"]
+    parts = {f"compute: {k.upper()}": by_bound[k] for k in ("mxu", "hbm", "vpu") if by_bound.get(k, 0) > 0}
+    rest = s["compute_s"] - sum(parts.values())
+    if rest > 1e-9 * step:
+        parts["compute: other"] = rest
+    parts.update({k: v for k, v in s["exposed_comm_by_kind_s"].items() if k != "other" and v > 0})
+    parts["idle"] = max(step - s["compute_s"] - sum(v for k, v in parts.items() if not k.startswith("compute")), 0.0)
+    f = pd.DataFrame({"part": list(parts), "seconds": list(parts.values())})
+    f["fraction"] = f.seconds / step if step else 0.0
+    f.attrs.update({k: s[k] for k in ("workload", "topology", "step_time_s", "mfu")})
+    return f
+
+
+def link_cells(result: SimResult, *, max_rows: int = MAX_ROWS) -> pd.DataFrame:
+    """The rectangles of :func:`link_heatmap`, one per chip and per link direction of slice 0.
+
+    Columns ``plane, chip, coords, kind`` (``chip``, ``link``, ``no link``: a wraparound a line axis
+    lacks), ``link`` (``x+`` ...), ``to``, ``x0, x1, y0, y1`` (chip pitch 1), ``utilisation``, ``busy_s``,
+    ``bytes``. The engine simulates each axis direction as one representative chip's link (the busiest:
+    on a line axis the end links carry less), so every link of a direction holds that link's busy time
+    over the step. 3D slices show the z planes that fit in ``max_rows`` rows (the last plane always).
+    """
+    topo, step = result.topology, result.step_time_s
+    rank = len(topo.shape)
+    shape = tuple(topo.shape) + (1,) * (3 - rank)
+    wraps = tuple(topo.wraparound) + (False,) * (3 - rank)
+    per_chip = sum(2 for n in shape if n > 1) + 1
+    n_planes = max(1, min(shape[2], max_rows // max(1, shape[0] * shape[1] * per_chip)))
+    planes = list(range(n_planes - 1)) + [shape[2] - 1] if n_planes < shape[2] else list(range(shape[2]))
+    s, h = 0.5, 0.25  # chip square side and half of it, in chip pitches
+    rows = []
+    for z in planes:
+        for cx in range(shape[0]):
+            for cy in range(shape[1]):
+                c = (cx, cy, z)
+                coords = "(" + ", ".join(map(str, c[:rank])) + ")"
+                chip = topo.chip_id(0, c[:rank])
+                base = {"plane": f"z={z}" if rank == 3 else "slice 0", "chip": chip, "coords": coords}
+                rows.append({**base, "kind": "chip", "x0": cx, "x1": cx + s, "y0": cy, "y1": cy + s})
+                for a, axis in enumerate("xyz"):
+                    if shape[a] == 1:
+                        continue
+                    for sign, step_ in (("+", 1), ("-", -1)):
+                        nb = c[a] + step_
+                        exists = 0 <= nb < shape[a] or wraps[a]
+                        to = list(c[:rank])
+                        to[a] = nb % shape[a]
+                        g = (c[a] - 1) % shape[a]  # a minus link sits in the gap before its chip
+                        box = {("x", "+"): (cx + s, cx + 1, cy, cy + h), ("x", "-"): (g + s, g + 1, cy + h, cy + s),
+                               ("y", "+"): (cx, cx + h, cy + s, cy + 1), ("y", "-"): (cx + h, cx + s, g + s, g + 1),
+                               ("z", "+"): (cx, cx + h, cy, cy + s), ("z", "-"): (cx + h, cx + s, cy, cy + s)}
+                        st = result.link_stats.get(f"ICI {axis}{sign}", {"busy_s": 0.0, "bytes": 0.0})
+                        rows.append({**base, "kind": "link" if exists else "no link", "link": f"{axis}{sign}",
+                                     "to": "(" + ", ".join(map(str, to)) + ")" if exists else "none (line axis)",
+                                     **dict(zip(("x0", "x1", "y0", "y1"), box[axis, sign])),
+                                     "utilisation": st["busy_s"] / step if exists and step else np.nan,
+                                     "busy_s": st["busy_s"] if exists else np.nan,
+                                     "bytes": st["bytes"] if exists else np.nan})
+    return pd.DataFrame(rows)
+
+
+def other_links(result: SimResult) -> pd.DataFrame:
+    """The links that are not ICI (DCN, PCIe each way): ``link, utilisation, busy_s, bytes``."""
+    step = result.step_time_s
+    return pd.DataFrame([{"link": name, "utilisation": st["busy_s"] / step if step else 0.0, "busy_s": st["busy_s"],
+                          "bytes": st["bytes"]} for name, st in result.link_stats.items() if not name.startswith("ICI")],
+                        columns=["link", "utilisation", "busy_s", "bytes"])
+
+
+# ---- timeline --------------------------------------------------------------------------------------

@@ -1,0 +1,120 @@
+"""What a person wants from one simulated step: step time, MFU, where the time went, the bottleneck.
+
+Read from the engine's record (plain lists), never from engine internals.
+
+* MFU (MaxText's and the book's): model FLOPs / (chips x peak bf16 FLOP/s x step time).
+* compute_s: time the reference device's TensorCore is busy (a ``-done`` op of imported HLO waits,
+  so it counts as exposed communication or host transfer, not compute).
+* exposed_comm_s: step time minus compute time: the TensorCore waiting on collectives. Each wait
+  is charged to the collective it waited for last (the one that ended latest), by kind.
+* bottleneck: the largest exposed collective kind when communication exposes more than 10% of the
+  step; otherwise the roofline side where the compute time goes (MXU, HBM, VPU).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from tpusim.sim.costmodel import bound_by
+from tpusim.sim.engine import SimResult
+from tpusim.units import fmt_bytes, fmt_time
+
+EXPOSED_THRESHOLD = 0.10
+
+
+def summarize(result: SimResult) -> dict:
+    prog, topo, rec = result.program, result.topology, result.record
+    step = result.step_time_s
+    chips = topo.num_chips
+    peak = topo.chip.bf16_flops_per_s
+    coll_end: dict[int, float] = {}
+    coll_kind: dict[int, str] = {}
+    for i, stream in enumerate(rec.stream):
+        if stream == "Async XLA Ops":
+            coll_end[rec.op_index[i]] = rec.end_s[i]
+            coll_kind[rec.op_index[i]] = rec.category[i]
+    compute_s = 0.0
+    exposed_by: dict[str, float] = defaultdict(float)
+    by_bound: dict[str, float] = defaultdict(float)
+    prev_end = 0.0
+    for i, stream in enumerate(rec.stream):
+        if stream != "XLA Ops" or rec.device_class[i] != 0:
+            continue
+        op = prog.ops[rec.op_index[i]]
+        gap = rec.start_s[i] - prev_end
+        if gap > 0:
+            waited = [d for d in op.deps if d in coll_end]
+            kind = coll_kind[max(waited, key=lambda d: coll_end[d])] if waited else "other"
+            exposed_by[kind] += gap
+        dur = rec.end_s[i] - rec.start_s[i]
+        if op.category.endswith("-done"):
+            # A "-done" op (imported HLO) lasts while the TensorCore waits for its copy or collective:
+            # exposed waiting charged to what it waited for, not compute (it has no FLOPs or bytes).
+            waited = [d for d in op.deps if d in coll_end]
+            kind = coll_kind[max(waited, key=lambda d: coll_end[d])] if waited else op.category[:-5]
+            if dur > 0:
+                exposed_by[kind] += dur
+            prev_end = rec.end_s[i]
+            continue
+        compute_s += dur
+        if dur > 0:
+            by_bound[bound_by(op, result.compute_params)] += dur
+        prev_end = rec.end_s[i]
+    exposed = max(step - compute_s, 0.0)
+    mfu = prog.model_flops_per_step / (chips * peak * step) if step > 0 else 0.0
+    links = sorted(({"link": name, "utilization": s["busy_s"] / step if step else 0.0, "bytes": s["bytes"]}
+                    for name, s in result.link_stats.items()), key=lambda d: -d["utilization"])
+    if exposed > EXPOSED_THRESHOLD * step and exposed_by:
+        kind = max(exposed_by, key=exposed_by.get)
+        if kind.startswith("copy"):
+            bottleneck = "host offload: exposed PCIe copies"
+        else:
+            axes = sorted({",".join(op.mesh_axes) for op in prog.collective_ops if op.category == kind})
+            bottleneck = f"communication: exposed {kind} ({'; '.join(axes)})"
+    else:
+        side = max(by_bound, key=by_bound.get) if by_bound else "mxu"
+        bottleneck = {"mxu": "compute: MXU", "hbm": "compute: HBM bandwidth", "vpu": "compute: VPU"}[side]
+    matmul_flops = sum(op.flops for op in prog.compute_ops)
+    hbm_bytes = sum(op.hbm_bytes for op in prog.compute_ops)
+    return {
+        "workload": prog.name, "topology": topo.name, "mode": result.mode,
+        "chips": chips, "step_time_s": step, "mfu": mfu,
+        "tokens_per_s": prog.tokens_per_step / step if step else 0.0,
+        "compute_s": compute_s, "exposed_comm_s": exposed,
+        "exposed_comm_by_kind_s": dict(sorted(exposed_by.items(), key=lambda kv: -kv[1])),
+        "compute_by_bound_s": dict(by_bound),
+        "utilization": {"flops": matmul_flops / (peak * step) if step else 0.0,
+                        "hbm": hbm_bytes / (topo.chip.hbm_bytes_per_s * step) if step else 0.0},
+        "busiest_links": links[:4],
+        "bottleneck": bottleneck,
+        "model_flops_per_step": prog.model_flops_per_step, "flops_per_device": prog.flops_per_device,
+        "tokens_per_step": prog.tokens_per_step,
+        "peak_hbm_bytes_per_device": prog.memory.total, "hbm_capacity_bytes": prog.hbm_capacity_bytes,
+        "memory": prog.memory.as_dict(),
+        "device_classes": [{"slowdown": c["slowdown"], "devices": len(c["devices"])} for c in result.classes],
+        "ops": len(prog.ops), "events": result.events, "sim_wall_s": result.sim_wall_s,
+        "notes": list(prog.notes),
+    }
+
+
+def format_summary(s: dict) -> str:
+    """A few lines a person reads at a glance."""
+    step = s["step_time_s"]
+    rate = f"{s['tokens_per_s']:,.0f} tokens/s" if s["tokens_per_s"] else "(HLO: FLOPs as XLA counts them)"
+    lines = [
+        f"{s['workload']} on {s['topology']} ({s['chips']} chips, {s['mode']})",
+        f"  step time    {fmt_time(step)}    MFU {s['mfu']:.1%}    {rate}",
+        f"  compute      {fmt_time(s['compute_s'])} ({s['compute_s'] / step:.0%})    exposed communication "
+        f"{fmt_time(s['exposed_comm_s'])} ({s['exposed_comm_s'] / step:.0%})"
+        + ("" if not s["exposed_comm_by_kind_s"] else ": " + ", ".join(
+            f"{k} {fmt_time(v)}" for k, v in list(s["exposed_comm_by_kind_s"].items())[:3])),
+        f"  bottleneck   {s['bottleneck']}",
+        "  busiest      " + ("  ".join(f"{d['link']} {d['utilization']:.0%}" for d in s["busiest_links"]) or "-"),
+        (f"  HBM          {fmt_bytes(s['peak_hbm_bytes_per_device'])} of {fmt_bytes(s['hbm_capacity_bytes'])} "
+         f"({s['peak_hbm_bytes_per_device'] / s['hbm_capacity_bytes']:.0%})") if s["peak_hbm_bytes_per_device"]
+        else "  HBM          - (not modelled for imported HLO)",
+        f"  simulated    {s['ops']} ops, {s['events']} events"
+        + (f" in {s['sim_wall_s']:.2f} s" if "sim_wall_s" in s else ""),
+    ]
+    lines += [f"  note         {n}" for n in s["notes"]]
+    return "\n".join(lines)

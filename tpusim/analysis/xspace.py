@@ -1,0 +1,219 @@
+"""Write a simulated step as an XSpace (``<host>.xplane.pb``), laid out like a real TPU profile, so that
+XProf (``xprof --logdir DIR``) and TensorBoard's profile plugin open it with all their tools.
+
+XProf lists a run only from ``<logdir>/plugins/profile/<run>/<host>.xplane.pb``. The layout mirrors
+the v6e capture in ``traces/real/tpu-v6e-host-offload`` (read with :func:`tpusim.analysis.profiles.xplane.load_xspace`):
+
+* one ``/device:TPU:N`` plane per simulated device (one per class of equivalent devices, or every
+  device with ``--all-devices``), with the plane stats XProf's overview and roofline read:
+  ``device_type_string`` (XLA's name: ``TPU v6 Lite``), ``peak_teraflops_per_second``,
+  ``peak_hbm_bw_gigabytes_per_second``;
+* lines ``XLA Modules`` (the step's module, ``jit_<workload>(<program id>)``), ``Steps`` (step 0),
+  ``XLA Ops`` (the TensorCore's ops), ``XLA Collectives`` (collectives, start to done), ``Async XLA
+  Ops`` (host copies, which XProf shows as ``Host Offload Ops`` rows) and one line per link
+  (``ICI x``, ``DCN``, ``PCIe``); ops overlapping on a line go to extra lines (``XLA Collectives #2``),
+  as in the Perfetto JSON (:mod:`tpusim.analysis.lanes`);
+* per-op stats in the op's XEventMetadata, as real profiles carry them: ``hlo_category``,
+  ``program_id``, ``symbol_id`` (XProf's op profile, HLO stats and roofline key ops on these two and
+  come out empty without them), ``flops``, ``model_flops``, ``bytes_accessed`` and
+  ``memory_access_breakdown`` (HBM), ``long_name``, ``tf_op``.
+
+Deterministic: no wall-clock time inside (lines start at 0), ids in first-use order, maps serialized
+sorted; two identical runs write identical bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import namedtuple
+from pathlib import Path
+
+import pandas as pd
+
+from tpusim.analysis.lanes import lane_name, stream_lanes, to_ns
+from tpusim.analysis.profiles.xplane import XSpace
+
+# XLA's device_type_string per chip, as profiles report it (tpusim/sim/chips.py takes them as aliases).
+DEVICE_TYPE = {"v2": "TPU v2", "v3": "TPU v3", "v4": "TPU v4", "v5e": "TPU v5 Lite", "v5p": "TPU v5",
+               "v6e": "TPU v6 Lite", "tpu7x": "TPU7x"}
+# tpusim's op categories as XLA's hlo_category names them (what XProf's op profile groups by).
+HLO_CATEGORY = {"matmul": "convolution fusion", "attention": "convolution fusion", "elementwise": "loop fusion",
+                "embedding": "data formatting", "loss": "loop fusion", "optimizer": "loop fusion",
+                "copy-to-host": "copy-start", "copy-from-host": "copy-start"}
+LINE_ORDER = ["XLA Modules", "Steps", "XLA Ops", "XLA Collectives", "Async XLA Ops", "ICI x", "ICI y", "ICI z", "DCN",
+              "PCIe"]
+PROFILE_SUBDIR = Path("plugins") / "profile"
+_KIND = {int: "int64_value", bool: "int64_value", float: "double_value", str: "str_value", bytes: "bytes_value"}
+_UINT_STATS = {"program_id", "symbol_id", "run_id"}
+
+
+def program_id(name: str) -> int:
+    """A stable 64-bit program id for a program name (XLA's are fingerprints of the module)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
+
+
+def hlo_category(category: str) -> str:
+    return HLO_CATEGORY.get(category, category)
+
+
+class _Plane:
+    """An XPlane under construction: stat and event-metadata ids handed out in first-use order."""
+
+    def __init__(self, plane):
+        self.plane = plane
+        self.stat_ids: dict[str, int] = {}
+        self.meta_ids: dict[tuple, int] = {}
+
+    def stat_id(self, name: str) -> int:
+        if name not in self.stat_ids:
+            self.stat_ids[name] = len(self.stat_ids) + 1
+            self.plane.stat_metadata[self.stat_ids[name]].id = self.stat_ids[name]
+            self.plane.stat_metadata[self.stat_ids[name]].name = name
+        return self.stat_ids[name]
+
+    def add_stats(self, target, stats: dict) -> None:
+        """Append ``stats`` to a repeated XStat field: int -> int64 (uint64 for ids, as XLA writes
+        them), float -> double, str -> str, bytes -> bytes."""
+        for name, value in stats.items():
+            kind = _KIND.get(type(value), "str_value")
+            if kind == "int64_value" and name in _UINT_STATS:
+                kind = "uint64_value"
+            target.add(**{"metadata_id": self.stat_id(name), kind: value})
+
+    def metadata(self, name: str, display_name: str = "", stats: dict | None = None, key=None) -> int:
+        key = key if key is not None else (name,)
+        if key not in self.meta_ids:
+            mid = len(self.meta_ids) + 1
+            self.meta_ids[key] = mid
+            md = self.plane.event_metadata[mid]
+            md.id, md.name, md.display_name = mid, name, display_name
+            if stats:
+                self.add_stats(md.stats, stats)
+        return self.meta_ids[key]
+
+
+_Row = namedtuple("_Row", "stream name category layer phase flops bytes op_index")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def hbm_access(nbytes: int) -> bytes:
+    """A serialized MemoryAccessBreakdown with one entry: ``nbytes`` of HBM (memory_space 1), as the v6e
+    capture encodes it (``0a 0a 08 <op> 10 01 18 <bytes>``: operation 1 read, 2 write). tpusim counts an
+    op's HBM bytes read and written together, and XProf adds both for HBM bandwidth: one entry, read."""
+    entry = b"\x08\x01\x10\x01\x18" + _varint(nbytes)
+    return b"\x0a" + _varint(len(entry)) + entry
+
+
+def _op_stats(r, pid: int, module: str) -> dict:
+    flops = int(round(r.flops)) if r.flops else 0
+    nbytes = int(round(r.bytes)) if r.bytes else 0
+    cat = hlo_category(r.category)
+    scope = f"layer {r.layer} {r.phase}" if r.layer >= 0 else r.phase
+    return {"hlo_category": cat, "program_id": pid, "symbol_id": int(r.op_index) + 1,
+            "flops": flops, "model_flops": flops, "bytes_accessed": nbytes, "raw_bytes_accessed": nbytes,
+            "memory_access_breakdown": hbm_access(nbytes) if nbytes and r.stream == "XLA Ops" else b"",
+            "long_name": f"%{r.name} = {cat}(...), tpusim {r.category}, {scope}",
+            "tf_op": f"{module}/{scope.replace(' ', '_')}/{r.category}:"}
+
+
+def device_plane(space, plane_id: int, device: int, rows: pd.DataFrame, *, chip, module: str, pid: int,
+                 step_ns: int, runs: list[tuple[str, int, int, int]] | None = None, op_stats=None) -> None:
+    """Add ``/device:TPU:<device>`` with the rows of that device (timeline schema) to ``space``.
+
+    ``runs``: the module runs the plane holds, ``(module, program id, start ns, duration ns)`` each, with
+    ``rows`` carrying a ``run`` column (the index of the row's run) and times from the plane's start (a
+    replay's modules one after the other); by default one run of ``module`` over the step. Each run is a
+    step (its ops' ``group_id``). ``op_stats(run, name)``: stats put over an op's own, e.g. the profile's
+    ``symbol_id`` and ``long_name`` for an op the replay took from it (None: keep tpusim's)."""
+    runs = runs if runs is not None else [(module, pid, 0, int(step_ns))]
+    run_of = rows["run"].tolist() if "run" in rows else [0] * len(rows)
+    p = _Plane(space.planes.add(id=plane_id, name=f"/device:TPU:{device}"))
+    p.add_stats(p.plane.stats, {
+        "device_type_string": DEVICE_TYPE.get(chip.name, chip.display_name),
+        "peak_teraflops_per_second": chip.bf16_flops_per_s / 1e12,         # FLOP/s -> TFLOP/s
+        "peak_hbm_bw_gigabytes_per_second": chip.hbm_bytes_per_s / 1e9,    # bytes/s -> GB/s
+        "has_megacore": int(bool(getattr(chip, "megacore", False))),
+    })
+    start = to_ns(rows.start_s.to_numpy()) * 1000  # ps, from whole ns (the same instants as the JSON)
+    end = to_ns(rows.end_s.to_numpy()) * 1000
+    # XProf's trace viewer turns the copies of an "Async XLA Ops" line into "Host Offload Ops" rows and
+    # drops its other events: collectives get a line of their own.
+    stream = rows.stream.to_numpy().copy()
+    stream[(stream == "Async XLA Ops") & ~rows.category.str.startswith("copy").to_numpy()] = "XLA Collectives"
+    lanes = stream_lanes(stream.tolist(), start.tolist(), end.tolist())
+    keys = sorted({(s, k) for s, k in zip(stream, lanes)} | {("XLA Modules", 0), ("Steps", 0)},
+                  key=lambda t: (LINE_ORDER.index(t[0]) if t[0] in LINE_ORDER else len(LINE_ORDER), t[0], t[1]))
+    lines = {}
+    span_ps = max(int(a) + int(d) for _, _, a, d in runs) * 1000
+    for n, (s, k) in enumerate(keys):
+        lines[s, k] = p.plane.lines.add(id=n + 1, display_id=n + 1, name=lane_name(s, k), timestamp_ns=0,
+                                        duration_ps=span_ps)
+    for n, (name, run_pid, start_ns, dur_ns) in enumerate(runs):
+        ev = lines["XLA Modules", 0].events.add(metadata_id=p.metadata(f"{name}({run_pid})"),
+                                                offset_ps=int(start_ns) * 1000, duration_ps=int(dur_ns) * 1000)
+        p.add_stats(ev.stats, {"run_id": n + 1, "program_id": run_pid})
+        ev = lines["Steps", 0].events.add(metadata_id=p.metadata(str(n), key=("step", n)),
+                                          offset_ps=int(start_ns) * 1000, duration_ps=int(dur_ns) * 1000)
+        p.add_stats(ev.stats, {"step_num": n, "group_id": n})
+    group_stat = p.stat_id("group_id")
+    start, end = start.tolist(), end.tolist()
+    for i, r in enumerate(map(_Row._make, zip(*(rows[c].tolist() for c in _Row._fields)))):
+        run = run_of[i]
+        if r.stream in ("XLA Ops", "Async XLA Ops"):  # an op: its stats as real profiles carry them
+            stats = _op_stats(r, runs[run][1], runs[run][0])
+            stats.update((op_stats(run, r.name) or {}) if op_stats else {})
+            mid = p.metadata(r.name, r.name, stats, key=("op", run, r.op_index))
+        else:  # a link transfer: one stage of a collective (or a copy) on that link
+            mid = p.metadata(r.name, r.name, {"hlo_category": hlo_category(r.category), "bytes": float(r.bytes)},
+                             key=("link", r.name))
+        ev = lines[stream[i], lanes[i]].events.add(metadata_id=mid, offset_ps=start[i], duration_ps=end[i] - start[i])
+        if r.stream == "XLA Ops":  # XProf's overview page sums a step's ops by group_id (the step)
+            ev.stats.add(metadata_id=group_stat, int64_value=run)
+
+
+def xspace_bytes(df: pd.DataFrame, *, chip, program_name: str, step_time_s: float, host: str = "tpusim") -> bytes:
+    """The serialized XSpace of a simulated step's timeline (:func:`tpusim.analysis.timeline.timeline_frame`)."""
+    space = XSpace(hostnames=[host])
+    module = f"jit_{program_name}"
+    pid = program_id(program_name)
+    step_ns = int(to_ns(step_time_s))
+    for n, (device, rows) in enumerate(df.groupby("device", sort=True)):
+        device_plane(space, n + 1, int(device), rows, chip=chip, module=module, pid=pid, step_ns=step_ns)
+    return space.SerializeToString(deterministic=True)
+
+
+def profile_dir(out: Path, run: str) -> Path:
+    """``out/plugins/profile/<run>``, where XProf looks for a run's ``<host>.xplane.pb``."""
+    return Path(out) / PROFILE_SUBDIR / run
+
+
+def clear_xprof_cache(run_dir: Path) -> None:
+    """Remove what XProf cached beside the ``.xplane.pb`` files of ``run_dir`` (``*.SSTABLE``,
+    ``*.op_stats_v2.pb``, ``*.hlo_proto.pb``, ``cache_version.txt``): it would show the previous run's
+    data for files rewritten in place."""
+    for f in Path(run_dir).iterdir():
+        if f.is_file() and not f.name.endswith(".xplane.pb") and (
+                f.suffix == ".SSTABLE" or f.name.endswith((".op_stats_v2.pb", ".hlo_proto.pb"))
+                or f.name == "cache_version.txt"):
+            f.unlink(missing_ok=True)
+
+
+def write_xspace(out: Path, df: pd.DataFrame, result, *, run: str = "tpusim", host: str = "simulated") -> Path:
+    """Write ``out/plugins/profile/<run>/<host>.xplane.pb`` for a simulated step; returns its path."""
+    from tpusim.analysis.timeline import write_atomic
+
+    d = profile_dir(out, run)
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{host}.xplane.pb"
+    clear_xprof_cache(d)
+    write_atomic(path, xspace_bytes(df, chip=result.topology.chip, program_name=result.program.name,
+                                    step_time_s=result.step_time_s, host=host))
+    return path

@@ -1,0 +1,257 @@
+"""``tpusim sweep`` and ``tpusim search``: thin commands over :mod:`tpusim.explore.sweep` and :mod:`tpusim.explore.search`.
+
+:func:`register` adds them to the ``tpusim`` group (``tpusim/cli/__init__.py`` calls it). Progress goes
+to stderr: a tqdm bar on a terminal, otherwise a line every few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+import click
+
+from tpusim.errors import TpusimError
+
+SHOWN_ROWS = 40  # rows printed for people; the file (and --json) has them all
+_LINE_EVERY_S = 5.0
+
+
+class Progress:
+    """``done/total, rate, time left`` on stderr: tqdm on a terminal, plain lines (every few seconds) elsewhere."""
+
+    def __init__(self, what: str, quiet: bool = False):
+        self.what, self.quiet = what, quiet
+        self.bar = None
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        if sys.stderr.isatty():
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="config", desc=self.what, leave=False, file=sys.stderr)
+            self.bar.update(done - self.bar.n)
+            return
+        now = time.perf_counter()
+        if now - self.last >= _LINE_EVERY_S and done < total:
+            rate = done / (now - self.t0)
+            click.echo(f"{self.what}: {done}/{total} configurations, {rate:.1f}/s, "
+                       f"{(total - done) / rate:.0f} s left", err=True)
+            self.last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class GracefulStop:
+    """SIGINT and SIGTERM end a sweep gracefully: the first starts no new configuration and lets the
+    running ones finish (their rows are saved); a second ends it at once (KeyboardInterrupt). Calling
+    the object says whether a signal came; ``signum`` is the first one."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: dict = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        # os.write, not print: a handler can run in the middle of another write to stderr
+        os.write(2, b"\ntpusim: stopping: no new configurations; the running ones finish "
+                    b"(Ctrl-C again to stop now)\n")
+
+    def __enter__(self) -> GracefulStop:
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return self  # only the main thread may set handlers
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._saved[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+
+
+def _sweep_table(df, varied: list[str], limit: int) -> list[str]:
+    from tpusim.units import fmt_time
+
+    width = {k: max(len(k), *(len(str(v)) for v in df[k])) for k in varied}
+    head = "  ".join(f"{k:<{width[k]}}" for k in varied)
+    lines = [f"  {head}  {'status':<10}{'step time':>10}{'MFU':>8}  bottleneck / reason"]
+    for r in df.head(limit).to_dict("records"):
+        ok = r["status"] == "ok"
+        lines.append("  " + "  ".join(f"{r[k]!s:<{width[k]}}" for k in varied) + f"  {r['status']:<10}"
+                     + (f"{fmt_time(r['step_time_s']):>10}{r['mfu']:>8.1%}  {r['bottleneck']}" if ok
+                        else f"{'-':>10}{'-':>8}  {r['reason']}"))
+    if len(df) > limit:
+        lines.append(f"  ... and {len(df) - limit} more rows")
+    return lines
+
+
+def _search_lines(res: dict) -> list[str]:
+    from tpusim.units import fmt_time
+
+    c = res["counts"]
+    lines = [(f"search for {res['workload']} on {res['topology']} ({res['chips']} chips, {res['mode']}), "
+              f"best {res['objective'].replace('_', ' ')}"),
+             (f"  plans        {c['enumerated']} enumerated: {c['invalid']} cannot be placed or split, "
+              f"{c['out_of_hbm']} do not fit in HBM, {c['duplicate']} duplicates, {c['roofline']} ruled out by the "
+              f"roofline, {c['budget']} over budget; {c['simulated']} simulated in {res['wall_s']:.1f} s"),
+             f"  {'#':>3}  {'mesh':<44}{'remat':<10}{'batch':>6}{'step time':>11}{'MFU':>8}{'exposed':>9}{'HBM':>6}"]
+    for i, p in enumerate(res["top"], start=1):
+        lines.append(f"  {i:>3}  {p['mesh']:<44}{p['remat_policy']:<10}{p['per_device_batch_size']:>6g}"
+                     f"{fmt_time(p['step_time_s']):>11}{p['mfu']:>8.1%}{p['exposed_fraction']:>9.0%}"
+                     f"{p['hbm_fraction']:>6.0%}")
+        lines.append(f"       why: {p['why']}")
+    lines.append(f"  pure FSDP    {res['pure_fsdp']['verdict']}")
+    if res["failed"]:
+        lines.append(f"  failed       {len(res['failed'])} simulated plans, e.g. {res['failed'][0]['mesh']}: "
+                     f"{res['failed'][0]['reason']}")
+    return lines
+
+
+def _check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise TpusimError(f"{workers} is not a positive number of processes", source="--workers")
+
+
+def register(main: click.Group) -> None:
+    """Add ``sweep`` and ``search`` to the ``tpusim`` command group."""
+    from tpusim.cli.common import _emit, _json_option, _mode_option
+
+    # tpusim.explore.sweep (pandas, pyarrow, the engine) is imported inside the commands, never here: every
+    # command, --help included, would pay its 0.5 s. test_startup checks this number is sweep.MAX_GRID.
+    max_grid = 2000
+
+    ray_option = click.option("--ray", "ray_address", metavar="auto|ADDRESS",
+                              help="run on Ray: auto = the running cluster (RAY_ADDRESS, or the last one started "
+                                   "here), else a new local one; ADDRESS = that cluster (needs tpusim[ray])")
+    workers_option = click.option("--workers", type=int, default=None,
+                                  help="local worker processes (default: every core; 1 = in this process)")
+
+    @main.command()
+    @click.argument("spec", metavar="WORKLOAD.yaml|SWEEP.yaml")
+    @click.option("--topology", "-t", "topology", metavar="[CHIP:]SHAPE", help="default: the workload's")
+    @click.option("--vary", "vary_items", multiple=True, metavar="KEY=V1,V2,...",
+                  help="a MaxText key (or topology, slices, mode) and its values, YAML scalars; repeatable")
+    @click.option("--slices", type=int, default=None, help="identical slices joined by DCN (default: the workload's)")
+    @_mode_option
+    @click.option("--out", metavar="FILE", help="write the rows here (.parquet or .csv) as they finish; run the "
+                                                "same command again to resume")
+    @workers_option
+    @ray_option
+    @click.option("--yes", is_flag=True, help=f"run grids of more than {max_grid:,} configurations")
+    @_json_option
+    @click.pass_context
+    def sweep(ctx: click.Context, spec: str, topology: str | None, vary_items: tuple[str, ...], slices: int | None,
+              mode: str, out: str | None, workers: int | None, ray_address: str | None, yes: bool,
+              as_json: bool) -> None:
+        """Simulate every combination of the --vary values: one row per configuration, with every field
+        of tpusim run, or why it is invalid or does not fit. A SWEEP.yaml has workload:, topology: (or a
+        topologies: list), slices:, mode: and vary: (key -> list of values)."""
+        from click.core import ParameterSource
+
+        from tpusim.explore.sweep import (
+            check_out,
+            journal_path,
+            make_sweep,
+            parse_vary,
+            read_sweep_file,
+            row_dicts,
+            run_sweep,
+        )
+
+        settings = read_sweep_file(spec) or {"workload": spec, "vary": {}}
+        vary = {**settings["vary"], **parse_vary(vary_items)}
+        if topology is not None and "topology" in vary:
+            raise TpusimError("give --topology or vary topology, not both", source="--topology")
+        if ctx.get_parameter_source("mode") is ParameterSource.DEFAULT:
+            mode = settings.get("mode", mode)
+        _check_workers(workers)
+        path = check_out(out) if out else None
+        if path is not None:  # an unwritable folder is refused now, not after the first configuration
+            from tpusim.safeio import check_writable_file
+
+            check_writable_file(path, source=f"--out {out}")
+        sw = make_sweep(settings["workload"], vary, topology=topology or settings.get("topology"),
+                        slices=slices if slices is not None else settings.get("slices"), mode=mode, yes=yes)
+        for warning in sw.warnings:
+            click.echo(f"tpusim: warning: {warning}", err=True)
+        bar = Progress("sweep")
+        with GracefulStop() as stop:
+            try:
+                done = run_sweep(sw, out=path, workers=workers, ray=ray_address, progress=bar, stop=stop)
+            except KeyboardInterrupt:
+                stop.signum = stop.signum or signal.SIGINT
+                done = None
+        bar.close()
+        if stop.signum is not None and (done is None or done.resumed + done.simulated < done.total):
+            where = (f"every finished row is in {journal_path(path)} (and {path.name}); run the same command "
+                     "again to resume" if path else "nothing saved (give --out FILE to keep rows)")
+            click.echo(f"tpusim: interrupted by {signal.Signals(stop.signum).name}: {where}", err=True)
+            sys.exit(128 + stop.signum)
+        df = done.rows
+        counts = {k: int(v) for k, v in df["status"].value_counts().items()}
+        payload = {"workload": sw.context()["workload"], "total": done.total, "resumed": done.resumed,
+                   "simulated": done.simulated, "counts": counts, "wall_s": done.wall_s,
+                   "out": str(path) if path else None,
+                   "rows": row_dicts(df)}
+        rate = f", {done.simulated / done.wall_s:.1f}/s" if done.simulated and done.wall_s > 0 else ""
+        human = [f"sweep of {payload['workload']}: {done.total} configurations ("
+                 + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")"
+                 + (f"; {done.resumed} already in {path}" if done.resumed else "")
+                 + f"; {done.simulated} simulated in {done.wall_s:.1f} s{rate}"]
+        human += _sweep_table(df, list(sw.vary), SHOWN_ROWS)
+        if path:
+            human.append(f"  wrote        {path}")
+        _emit(as_json, payload, "\n".join(human))
+
+    @main.command()
+    @click.argument("workload", metavar="WORKLOAD.yaml")
+    @click.option("--topology", "-t", "topology", metavar="[CHIP:]SHAPE", help="default: the workload's")
+    @click.option("--slices", type=int, default=None, help="identical slices joined by DCN (default: the workload's)")
+    @_mode_option
+    @click.option("--objective", type=click.Choice(["mfu", "step_time"]), default="mfu", show_default=True,
+                  help="rank by MFU, or by step time (which keeps the workload's global batch)")
+    @click.option("--top", "top", type=int, default=5, show_default=True, help="plans to show")
+    @click.option("--remat", default="full,minimal,none", show_default=True, metavar="P1,P2",
+                  help="remat policies to try")
+    @click.option("--keep-global-batch", is_flag=True,
+                  help="keep the workload's per-device batch (else also try half and double)")
+    @click.option("--budget", type=int, default=256, show_default=True,
+                  help="simulate at most this many plans (best roofline estimates first)")
+    @workers_option
+    @ray_option
+    @_json_option
+    def search(workload: str, topology: str | None, slices: int | None, mode: str, objective: str, top: int,
+               remat: str, keep_global_batch: bool, budget: int, workers: int | None, ray_address: str | None,
+               as_json: bool) -> None:
+        """Find the best sharding: enumerate meshes (data, fsdp, tensor, sequence, expert; DCN data or
+        fsdp), remat policies and per-device batches, prune with the book's rooflines, simulate the rest,
+        and say why the best win and where pure FSDP runs out."""
+        from tpusim.explore.search import search as run_search
+        from tpusim.model.workload import REMAT_POLICIES
+
+        _check_workers(workers)
+        policies = tuple(p.strip() for p in remat.split(",") if p.strip())
+        bad = [p for p in policies if p not in REMAT_POLICIES]
+        if not policies or bad:
+            raise TpusimError(f"{', '.join(bad) or 'nothing'}: remat policies are {', '.join(REMAT_POLICIES)}",
+                              source="--remat")
+        bar = Progress("search")
+        res = run_search(workload, topology, slices=slices, mode=mode, objective=objective, top=top, remat=policies,
+                         keep_global_batch=keep_global_batch, budget=budget, workers=workers, ray=ray_address,
+                         progress=bar)
+        bar.close()
+        _emit(as_json, res, "\n".join(_search_lines(res)))

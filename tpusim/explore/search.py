@@ -1,0 +1,293 @@
+"""Search: the best sharding of a workload on a slice, the book's way ("How To Scale Your Model",
+training.md and applied-training.md): enumerate, prune with rooflines, simulate the survivors.
+
+1. Enumerate meshes: sizes of data, fsdp, tensor, sequence (and expert for MoE) on ICI whose product
+   is the slice's chips, with tensor dividing the heads and the MLP width, sequence the sequence
+   length; across slices, DCN data or DCN fsdp. Times remat policies and per-device batches.
+2. Drop what cannot run: meshes the torus cannot place or the model cannot split (the compiler's
+   own checks), plans that do not fit in HBM (its memory model, no ops built), duplicates.
+3. Prune with the book's rooflines (:func:`roofline`): each plan's step has a lower bound (peak
+   rates, communication overlapping perfectly) and an estimate (calibrated rates, FSDP and DP
+   overlapping compute, tensor / sequence / expert collectives on the critical path). A plan whose
+   lower bound per token is more than ``PRUNE_MARGIN`` times the best estimate cannot win.
+4. Simulate the survivors (best estimates first, at most ``budget``) and pure FSDP (the baseline),
+   in worker processes or on Ray, and rank by MFU or step time.
+
+The book's limits the report quotes (alpha = C / W_ici, the chip's FLOP/s over one axis's
+bidirectional ICI bandwidth): FSDP over n torus axes is communication-bound below alpha / n tokens
+per chip (with tensor parallelism Y, the gathered weights are 1/Y as large: alpha / (n Y)); tensor
+parallelism on n axes is communication-bound when Y alpha / (n F) > 1.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tpusim.config import read_yaml
+from tpusim.errors import InfeasibleError, TpusimError
+from tpusim.explore.sweep import Task, config_key, iter_rows
+
+REMAT_POLICIES = ("full", "minimal", "none")
+BATCH_FACTORS = (0.5, 1, 2)  # per-device batches tried: these times the workload's
+PRUNE_MARGIN = 1.2  # lower bound / best estimate above which a plan cannot win (covers unmodelled ops)
+AXES = ("data", "fsdp", "tensor", "sequence", "expert")
+REMAT_RECOMPUTE = {"full": 4 / 3}  # executed / model FLOPs: full remat runs the forward twice
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Roofline:
+    """The book's per-step times of one plan on one device (s), and the numbers they come from."""
+
+    compute_s: float
+    critical_s: float     # tensor, sequence, expert collectives: on the critical path
+    overlapped_s: float   # FSDP gathers / reduce-scatters, DP all-reduces: hidden behind compute if short
+    lower_s: float
+    estimate_s: float
+    tokens_per_chip: float
+    fsdp_axes: int
+    tensor_axes: int
+    fsdp_limit_tokens: float  # alpha / (n_fsdp_axes x tensor): below it, FSDP is communication-bound
+    tensor_ratio: float       # Y alpha / (n_tensor_axes F): above 1, tensor parallelism is
+
+
+def roofline(w, topo, mesh, sh, *, mxu_eff: float = 1.0, link_eff: float = 1.0) -> Roofline:
+    """Per-step roofline of workload ``w`` on ``mesh`` (:class:`~tpusim.model.mesh.Mesh`, shapes ``sh``).
+
+    Compute: model FLOPs per device (x 4/3 for full remat) / C. Per collective, the bytes through one
+    device's links, V (n - 1) / n (all-reduce twice), over W_ici x the torus axes it spans (DCN: the
+    chip's DCN egress). FSDP: 2 all-gathers + 1 reduce-scatter of the weights (1/Y each with tensor
+    parallelism Y); DP: 1 all-reduce of the gradient shard; tensor: 4 activation collectives per layer
+    per pass; sequence: K and V gathered per layer per pass; expert: 2 all-to-alls per layer per pass.
+    """
+    from tpusim.compiler import model_flops_per_step
+
+    m, chip = w.model, topo.chip
+    ab, L, tp = sh.act_bytes, m.num_layers, sh.tp
+    c = chip.bf16_flops_per_s
+    alpha = c / chip.ici_axis_bytes_per_s
+    passes = 3 if w.step.remat_policy == "full" else 2  # forward, (recomputed forward,) backward
+
+    def axes(*names: str) -> int:
+        return sum(1 for a in mesh.axes_of(*names) if a != "dcn")
+
+    def t(nbytes: float, n: int, *names: str, dcn: bool = False) -> float:
+        if n <= 1:
+            return 0.0
+        bw = topo.dcn_bytes_per_s_per_chip if dcn else chip.ici_axis_bytes_per_s * max(axes(*names), 1)
+        return nbytes * (n - 1) / n / bw if bw else float("inf")
+
+    weights = m.params / tp * ab
+    x_ici, x_dcn = mesh.size("fsdp", "sequence", "expert"), mesh.size("dcn_fsdp")
+    fsdp_s = t(3 * weights, x_ici, "fsdp", "sequence", "expert") + t(3 * weights / x_ici, x_dcn, dcn=True)
+    grads = weights / (x_ici * x_dcn)
+    data_s = t(2 * grads, mesh.size("data"), "data") + t(2 * grads, mesh.size("dcn_data"), dcn=True)
+    act = sh.tok * sh.d * ab
+    tensor_s = t(4 * passes * L * act, tp, "tensor")
+    kv = sh.seqs * sh.seq_len * sh.kv_heads * sh.head_dim * ab * 2
+    sequence_s = t(passes * L * kv * sh.sp, sh.sp, "sequence")
+    expert_s = t(2 * passes * L * act * sh.topk, sh.ep, "expert") if m.num_experts > 1 else 0.0
+    flops = model_flops_per_step(w, sh.global_batch) / topo.num_chips
+    compute_s = flops / c
+    critical = tensor_s + sequence_s + expert_s
+    overlapped = max(fsdp_s, data_s)
+    recompute = REMAT_RECOMPUTE.get(w.step.remat_policy, 1.0)
+    tokens = sh.global_batch * sh.seq_len / topo.num_chips
+    n_fsdp, n_tp = axes("fsdp", "sequence", "expert"), axes("tensor")
+    return Roofline(compute_s=compute_s * recompute, critical_s=critical, overlapped_s=overlapped,
+                    lower_s=max(compute_s + critical, overlapped),
+                    estimate_s=max(compute_s * recompute / mxu_eff, overlapped / link_eff) + critical / link_eff,
+                    tokens_per_chip=tokens, fsdp_axes=n_fsdp, tensor_axes=n_tp,
+                    fsdp_limit_tokens=alpha / max(n_fsdp, 1) / tp,
+                    tensor_ratio=tp * alpha / (max(n_tp, 1) * m.d_ff) if tp > 1 else 0.0)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def meshes(chips: int, model, seq_len: int) -> list[dict[str, int]]:
+    """ICI sizes of data, fsdp, tensor, sequence, expert multiplying to ``chips`` that the model can split."""
+    out = []
+    for tp in _divisors(chips):
+        if model.num_heads % tp or model.d_ff % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads):
+            continue
+        for sp in (s for s in _divisors(chips // tp) if seq_len % s == 0):
+            experts = _divisors(chips // tp // sp) if model.num_experts > 1 else [1]
+            for ep in (e for e in experts if model.num_experts % e == 0 or e == 1):
+                rest = chips // (tp * sp * ep)
+                for fsdp in _divisors(rest):
+                    out.append({"data": rest // fsdp, "fsdp": fsdp, "tensor": tp, "sequence": sp, "expert": ep})
+    return out
+
+
+def _unsharded(raw: dict) -> dict:
+    """The workload's mapping without its mesh: the search sets every mesh size itself."""
+    def keep(k: str) -> bool:
+        return not (k.startswith(("ici_", "dcn_")) or k == "physical_axes")
+    return {k: v for k, v in raw.items() if k != "sharding" and keep(str(k))}
+
+
+def mesh_name(ov: dict) -> str:
+    """``fsdp 32 x tensor 4`` (+ ``dcn data 2``) from a plan's overrides."""
+    parts = [f"{a} {ov[f'ici_{a}_parallelism']}" for a in AXES if ov[f"ici_{a}_parallelism"] > 1]
+    parts += [f"dcn {a} {ov[f'dcn_{a}_parallelism']}" for a in ("data", "fsdp") if ov[f"dcn_{a}_parallelism"] > 1]
+    return " x ".join(parts) or "one chip"
+
+
+def plans(workload: str | Path, topology: str | None = None, *, slices: int | None = None, mode: str = "calibrated",
+          remat: tuple[str, ...] = REMAT_POLICIES, keep_global_batch: bool = False) -> dict:
+    """Enumerate and prune (steps 1-3 of the module docstring): the plans to simulate and what was dropped."""
+    from tpusim.api import workload_and_topology
+    from tpusim.sim.calibration import get_calibration
+    from tpusim.compiler import local_parameter_counts
+    from tpusim.compiler.memory import peak_memory
+    from tpusim.compiler.shapes import derive_shapes
+    from tpusim.model.mesh import resolve_mesh
+    from tpusim.model.workload import workload_from_dict
+
+    source = str(workload)
+    raw = read_yaml(workload)
+    if not isinstance(raw, dict):
+        raise TpusimError("a workload is a mapping of keys to values", source=source)
+    base = _unsharded(raw)
+    w0, topo = workload_and_topology(workload_from_dict(base, source=source), topology, slices=slices)
+    cal = get_calibration(topo.chip.name, mode)
+    b0 = w0.step.per_device_batch_size
+    batches = (b0,) if keep_global_batch else tuple(dict.fromkeys(b0 * f for f in BATCH_FACTORS))
+    dcn = [{"data": topo.slices, "fsdp": 1}] + ([{"data": 1, "fsdp": topo.slices}] if topo.slices > 1 else [])
+    counts = {"enumerated": 0, "invalid": 0, "out_of_hbm": 0, "duplicate": 0, "roofline": 0, "budget": 0}
+    found: dict[str, dict] = {}
+    for ici, d, policy, batch in itertools.product(meshes(topo.chips_per_slice, w0.model, w0.step.seq_len),
+                                                   dcn, remat, batches):
+        counts["enumerated"] += 1
+        ov = {**{f"ici_{a}_parallelism": n for a, n in ici.items()},
+              **{f"dcn_{a}_parallelism": n for a, n in d.items()},
+              "remat_policy": policy, "per_device_batch_size": batch}
+        key = config_key(ov)
+        if key in found:
+            counts["duplicate"] += 1
+            continue
+        try:
+            w = workload_from_dict(base, source=source, overrides=ov)
+            mesh = resolve_mesh(w.parallelism, topo, source=source)
+            sh = derive_shapes(w, mesh, topo.num_chips)
+            local, layer, table = local_parameter_counts(w, sh)
+            mem = peak_memory(w, sh, local_params=local, gathered_layer_params=layer, gathered_table_params=table,
+                              fsdp=sh.weight_shards > 1, capacity_bytes=topo.chip.hbm_bytes)
+        except TpusimError:
+            counts["invalid"] += 1
+            continue
+        if mem.total > topo.chip.hbm_bytes:
+            counts["out_of_hbm"] += 1
+            continue
+        r = roofline(w, topo, mesh, sh, mxu_eff=cal.compute.mxu_efficiency,
+                     link_eff=cal.collectives.ici_link_efficiency)
+        pure = ici["fsdp"] == topo.chips_per_slice
+        found[key] = {"overrides": ov, "roofline": r, "pure_fsdp": pure,
+                      "hbm_fraction": mem.total / topo.chip.hbm_bytes}
+    return {"workload": w0, "topology": topo, "raw": base, "source": source, "mode": mode, "plans": found,
+            "counts": counts}
+
+
+def search(workload: str | Path, topology: str | None = None, *, slices: int | None = None, mode: str = "calibrated",
+           objective: str = "mfu", top: int = 5, remat: tuple[str, ...] = REMAT_POLICIES,
+           keep_global_batch: bool = False, budget: int = 256, workers: int | None = None, ray: str | None = None,
+           progress: Callable[[int, int], None] | None = None) -> dict:
+    """The best ``top`` plans for ``objective`` (``mfu``, or ``step_time``, which keeps the global batch),
+    why they win, and where pure FSDP runs out. See the module docstring for the method."""
+    if objective not in ("mfu", "step_time"):
+        raise TpusimError(f"objective is mfu or step_time, not {objective!r}", source="--objective")
+    if top < 1 or budget < 1:
+        raise TpusimError("--top and --budget are positive numbers", source="tpusim search")
+    t0 = time.perf_counter()
+    found = plans(workload, topology, slices=slices, mode=mode, remat=remat,
+                  keep_global_batch=keep_global_batch or objective == "step_time")
+    topo, counts, candidates = found["topology"], found["counts"], found["plans"]
+    if not candidates:
+        raise InfeasibleError(f"no plan fits on {topo.name}: {counts['out_of_hbm']} do not fit in HBM, "
+                              f"{counts['invalid']} cannot be placed or split", source=found["source"])
+
+    def per_token(p: dict, bound: str) -> float:
+        return getattr(p["roofline"], bound) / p["roofline"].tokens_per_chip
+
+    best_estimate = min(per_token(p, "estimate_s") for p in candidates.values())
+    keep = sorted((k for k, p in candidates.items() if per_token(p, "lower_s") <= PRUNE_MARGIN * best_estimate
+                   or p["pure_fsdp"]), key=lambda k: (per_token(candidates[k], "estimate_s"), k))
+    counts["roofline"] = len(candidates) - len(keep)
+    chosen = [k for k in keep if candidates[k]["pure_fsdp"]]
+    chosen += [k for k in keep if not candidates[k]["pure_fsdp"]][:budget]
+    counts["budget"] = len(keep) - len(chosen)
+    spec = f"{topo.chip.name}:{'x'.join(map(str, topo.shape))}"
+    tasks = [Task(index=i, key=k, raw=found["raw"], source=found["source"], topology=spec, slices=topo.slices,
+                  mode=mode, inputs=candidates[k]["overrides"]) for i, k in enumerate(chosen)]
+    rows = []
+    for n, row in enumerate(iter_rows(tasks, workers=workers, ray=ray), start=1):
+        rows.append(row)
+        if progress is not None:
+            progress(n, len(tasks))
+    counts["simulated"] = len(rows)
+    ok = [r for r in rows if r["status"] == "ok"]
+    score = (lambda r: (-r["mfu"], r["index"])) if objective == "mfu" else (lambda r: (r["step_time_s"], r["index"]))
+    ok.sort(key=score)
+    pure = [r for r in ok if candidates[r["config"]]["pure_fsdp"]]
+    baseline = _plan_report(pure[0], candidates[pure[0]["config"]], None) if pure else None
+    return {"workload": found["workload"].name, "topology": topo.name, "chips": topo.num_chips, "mode": mode,
+            "objective": objective, "counts": counts, "wall_s": time.perf_counter() - t0,
+            "top": [_plan_report(r, candidates[r["config"]], pure[0] if pure else None) for r in ok[:top]],
+            "pure_fsdp": _pure_fsdp_report(baseline, candidates, topo, found["workload"].step.seq_len),
+            "failed": [{"mesh": mesh_name(json.loads(r["config"])), "status": r["status"], "reason": r["reason"]}
+                       for r in rows if r["status"] != "ok"]}
+
+
+def _plan_report(row: dict, plan: dict, baseline: dict | None) -> dict:
+    """One simulated plan: its numbers and a sentence saying why it wins (or, for pure FSDP, why not)."""
+    r: Roofline = plan["roofline"]
+    ov = plan["overrides"]
+    step = row["step_time_s"]
+    exposed = json.loads(row["exposed_comm_by_kind_s"])
+    frac = row["exposed_comm_s"] / step if step else 0.0
+    kinds = ", ".join(f"{k} {v / step:.0%}" for k, v in list(exposed.items())[:2] if v > 0.005 * step)
+    why = [row["bottleneck"], f"exposed communication {frac:.0%} of the step" + (f" ({kinds})" if kinds else ""),
+           f"HBM {plan['hbm_fraction']:.0%}"]
+    if r.fsdp_axes:
+        side = "above" if r.tokens_per_chip >= r.fsdp_limit_tokens else "below"
+        why.append(f"{r.tokens_per_chip:.0f} tokens per chip, {side} FSDP's limit alpha/(n x tensor) = "
+                   f"{r.fsdp_limit_tokens:.0f} over {r.fsdp_axes} axes")
+    if r.tensor_ratio:
+        verdict = "hidden by the MLP matmuls" if r.tensor_ratio < 1 else "more than the MLP matmuls hide"
+        why.append(f"tensor {ov['ici_tensor_parallelism']} on {r.tensor_axes} axis{'es' * (r.tensor_axes > 1)}: "
+                   f"Y alpha/(n F) = {r.tensor_ratio:.2f}, {verdict}")
+    if baseline is not None and baseline is not row and baseline["mfu"]:
+        why.append(f"{row['mfu'] / baseline['mfu']:.2f}x pure FSDP's MFU")
+    return {"mesh": mesh_name(ov), "overrides": ov, "remat_policy": ov["remat_policy"],
+            "per_device_batch_size": ov["per_device_batch_size"], "step_time_s": step, "mfu": row["mfu"],
+            "tokens_per_s": row["tokens_per_s"], "exposed_comm_s": row["exposed_comm_s"], "exposed_fraction": frac,
+            "exposed_comm_by_kind_s": exposed, "bottleneck": row["bottleneck"], "hbm_fraction": plan["hbm_fraction"],
+            "tokens_per_chip": r.tokens_per_chip, "fsdp_limit_tokens": r.fsdp_limit_tokens,
+            "tensor_ratio": r.tensor_ratio, "why": "; ".join(why)}
+
+
+def _pure_fsdp_report(best: dict | None, candidates: dict, topo, seq_len: int) -> dict:
+    """Where pure FSDP runs out: the book's limit on tokens per chip, and what the simulation shows."""
+    alpha = topo.chip.bf16_flops_per_s / topo.chip.ici_axis_bytes_per_s
+    n = max(sum(1 for a in topo.axis_names if topo.axis_size(a) > 1), 1)  # pure FSDP spans every torus axis
+    limit = alpha / n
+    if best is None:
+        fits = any(p["pure_fsdp"] for p in candidates.values())
+        return {"fits": fits, "limit_tokens_per_chip": limit,
+                "verdict": "pure FSDP runs out of HBM" if not fits else "pure FSDP failed to simulate"}
+    book_comm = best["tokens_per_chip"] < limit
+    verdict = (f"{best['tokens_per_chip']:.0f} tokens per chip ({best['mesh']}, remat {best['remat_policy']}), "
+               f"{'below' if book_comm else 'above'} the book's alpha/n = {alpha:.0f}/{n} = {limit:.0f}: "
+               f"{'communication' if book_comm else 'compute'}-bound by the book; simulated: {best['bottleneck']}, "
+               f"{best['exposed_fraction']:.0%} of the step exposed communication, MFU {best['mfu']:.1%}")
+    if book_comm:
+        verdict += (f"; it would need {limit:.0f} tokens per chip (per_device_batch_size "
+                    f"{limit / seq_len:.2g} at {seq_len} tokens per sequence)")
+    return {**best, "fits": True, "comm_bound": best["bottleneck"].startswith("communication"),
+            "book_comm_bound": book_comm, "limit_tokens_per_chip": limit, "verdict": verdict}

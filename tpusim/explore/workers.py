@@ -1,0 +1,191 @@
+"""Where a sweep's configurations run: in this process, in local worker processes, or as Ray tasks
+(see :mod:`tpusim.explore.sweep`).
+
+:func:`iter_rows` takes the tasks as an iterator (a grid of 10^8 configurations is never a list) and
+keeps a bounded number in flight. Each row is appended to the journal by the process that computed it,
+as it finishes (see :mod:`tpusim.explore.store`). ``stop()`` turning true ends a sweep gracefully: no new
+configuration starts, the running ones finish (and are journaled), then the iterator ends. An exception
+(a second Ctrl-C, or the consumer giving up) ends it at once: the worker processes are killed and what
+they were computing is redone on resume. Workers ignore SIGINT and SIGTERM (a terminal's Ctrl-C and a
+service manager's stop reach the whole process group): the parent decides. Workers also die with
+their parent (Linux: ``PR_SET_PDEATHSIG``; elsewhere they poll it), so even SIGKILL leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import sys
+from collections.abc import Callable, Iterable, Iterator
+
+from tpusim.errors import TpusimError
+from tpusim.explore.store import Journal, plain_row
+
+IN_FLIGHT_PER_WORKER = 2  # tasks submitted ahead per worker: enough to keep each busy, few to cancel
+# Configurations per Ray task: one configuration (0.05-0.3 s) is too little work for a remote task's
+# scheduling and transfer (milliseconds locally, more across a cluster); 8 amortize it and still let a
+# graceful stop finish within a few seconds. Rows of a cancelled batch are redone on resume.
+RAY_BATCH = 8
+_POLL_S = 0.2  # how often a waiting sweep looks at stop()
+
+_journal: Journal | None = None  # this worker process's journal (set by _init_worker)
+
+
+def _finish(row: dict, journal: Journal | None) -> dict:
+    return journal.append(row) if journal is not None else plain_row(row)
+
+
+def _work(task) -> dict:
+    """In a worker process: one configuration, journaled before it is returned."""
+    from tpusim.explore.sweep import run_task
+
+    return _finish(run_task(task), _journal)
+
+
+def _init_worker(journal: str | None, parent_pid: int) -> None:
+    global _journal
+    # The parent decides when to stop (Ctrl-C, or a service manager's SIGTERM, reaches the whole process
+    # group): it lets the running configurations finish, or kills us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    die_with_parent(parent_pid)
+    _journal = Journal(journal) if journal is not None else None
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` ends, however it ends (SIGKILL included)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1  # <linux/prctl.h>
+            if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent died before prctl
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="tpusim-parent-watch").start()
+
+
+def iter_rows(tasks: Iterable, *, workers: int | None = None, ray: str | None = None, journal: Journal | None = None,
+              stop: Callable[[], bool] | None = None) -> Iterator[dict]:
+    """Rows as configurations finish (any order): serially, in worker processes, or as Ray tasks."""
+    tasks = iter(tasks)
+    stop = stop or (lambda: False)
+    if ray is not None:
+        yield from _ray_rows(tasks, ray, journal, stop)
+        return
+    workers = workers or os.cpu_count() or 1
+    head = list(itertools.islice(tasks, workers))
+    if workers <= 1 or len(head) <= 1:
+        from tpusim.explore.sweep import run_task
+
+        for task in itertools.chain(head, tasks):
+            if stop():
+                return
+            yield _finish(run_task(task), journal)
+        return
+    yield from _pool_rows(itertools.chain(head, tasks), len(head), journal, stop)
+
+
+def _pool_rows(tasks: Iterator, workers: int, journal: Journal | None, stop: Callable[[], bool]) -> Iterator[dict]:
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                               initargs=(str(journal.path) if journal else None, os.getpid()))
+    pending: set = set()
+    graceful = False
+    try:
+        while True:
+            stopping = stop()
+            if not stopping:
+                for task in itertools.islice(tasks, workers * IN_FLIGHT_PER_WORKER - len(pending)):
+                    pending.add(pool.submit(_work, task))
+            else:  # what has not started never will; the running ones finish
+                pending = {f for f in pending if not f.cancel()}
+            if not pending:
+                break
+            done, pending = wait(pending, timeout=_POLL_S, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+        graceful = True
+    finally:
+        if not graceful:  # interrupted: what runs now is not finished; end it, it is redone on resume
+            for process in list((pool._processes or {}).values()):  # Python 3.14 has kill_workers()
+                process.kill()
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def run_batch(tasks: list) -> list[dict]:
+    """Several configurations in one (Ray) task, in order."""
+    from tpusim.explore.sweep import run_task
+
+    return [run_task(task) for task in tasks]
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes (Ray retries a dead address for a long time), if ``HOST:PORT`` is closed."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise TpusimError(f"{address!r} is not auto or HOST:PORT (the head node's, e.g. 10.0.0.2:6379)",
+                          source="--ray")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise TpusimError(f"cannot reach a Ray cluster at {address}: {e.strerror or e}", source="--ray") from None
+
+
+def _ray_rows(tasks: Iterator, address: str, journal: Journal | None, stop: Callable[[], bool]) -> Iterator[dict]:
+    """The same :func:`~tpusim.explore.sweep.run_task` as Ray tasks, journaled here as they arrive. ``auto``: the
+    running cluster (``RAY_ADDRESS`` or the one last started on this machine), else a new local one;
+    otherwise the cluster at ``address``. Workers must have tpusim installed. Tasks go in batches of
+    :data:`RAY_BATCH` configurations (:func:`run_batch`)."""
+    try:
+        import ray
+    except ImportError:
+        raise TpusimError("Ray is not installed: pip install 'tpusim[ray]'", source="--ray") from None
+    started = not ray.is_initialized()
+    if started:
+        _check_reachable(address)
+        try:
+            ray.init(address=None if address == "auto" else address, include_dashboard=False,
+                     log_to_driver=False, logging_level="ERROR")
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise TpusimError(f"cannot reach a Ray cluster at {address!r}: {e}", source="--ray") from None
+    pending: list = []
+    try:
+        remote = ray.remote(run_batch)
+        window = IN_FLIGHT_PER_WORKER * max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        while True:
+            if not stop():
+                while len(pending) < window and (batch := list(itertools.islice(tasks, RAY_BATCH))):
+                    pending.append(remote.remote(batch))
+            if not pending:
+                break
+            done, pending = ray.wait(pending, num_returns=1, timeout=_POLL_S)
+            if done:
+                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0) if pending else ([], [])
+                for rows in ray.get(done + more):
+                    for row in rows:
+                        yield _finish(row, journal)
+    finally:
+        for ref in pending:  # interrupted: unfinished tasks are redone on resume
+            ray.cancel(ref, force=True)
+        if started:
+            ray.shutdown()
+

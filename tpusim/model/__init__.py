@@ -1,0 +1,1 @@
+"""What a user describes: the workload YAML (and MaxText configs), and how its mesh maps onto the chips."""
