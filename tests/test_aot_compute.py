@@ -49,13 +49,17 @@ def _known(kind):
     return out
 
 
-# Why the collectives of XLA's windowed-einsum loops break the step-time agreement on v5p: each of
-# the loop's collective-permutes (16 per weight per pass) pays the calibrated per-collective
-# overhead, 132 us on v5p (fitted on one all-reduce curve whose smallest sizes take 134-140 us),
-# while tpusim's own program issues one collective per weight. The per-collective fixed cost inside
-# a step is the communication part of issue 11, not the compute model.
-WINDOWED_PERMUTES = ("XLA's windowed-einsum collective-permutes each pay v5p's fitted 132 us "
-                     "per-collective overhead (the communication part of issue 11)")
+# Why the step times part on v5p (measured with `tpusim run` vs `tpusim run --hlo`, 18.3 vs 19.8 ms;
+# the compute streams agree, 16.3 ms each): XLA's compile with default flags issues the weight
+# all-gathers as 27 synchronous all-gathers that the next op waits for (2.84 ms exposed; on v5e the
+# same kind of gathers hide behind 2.3x longer compute), plus two all-to-alls that reshard the token
+# embedding (0.43 ms). tpusim's program prefetches each gather one layer ahead, as MaxText's
+# async-collective-fusion flags make XLA do, and has no embedding all-to-all (MaxText's runs use
+# iota embeddings). The per-collective fixed cost, which this reason used to blame, is now the
+# in-step one (5.5 us) and the windowed-einsum permutes expose 0.18 ms.
+WINDOWED_PERMUTES = ("XLA's default-flag compile makes 27 weight all-gathers synchronous (2.84 ms exposed on v5p) "
+                     "and reshards the embedding with all-to-alls (0.43 ms); tpusim prefetches gathers one layer "
+                     "ahead as MaxText's async-collective-fusion flags do")
 ACCUMULATORS = ("XLA's FSDP windowed-einsum loops read and write each matmul's output once per loop step "
                 "(16 steps per weight; about 3 GB on v5e, 7 GB on v5p per step) and its memory-space "
                 "assignment adds HBM<->VMEM DMAs; tpusim's program has one pass per matmul. The time still "
