@@ -342,7 +342,7 @@ def test_tensor_parallel_collectives_sit_on_the_critical_path_as_in_xla():
     from pathlib import Path
 
     from tpusim.api import compile_workload
-    from tpusim.compiler.hlo.parse import extract_collectives
+    from tpusim.compiler.hlo.collectives import extract_collectives
 
     case = Path(__file__).resolve().parent.parent / "traces" / "xla_aot" / "fsdp_tp_L4"
     xla = extract_collectives(_read_gz(case / "optimized_hlo.txt.gz"))["collectives"]
@@ -377,7 +377,7 @@ def test_tensor_parallel_stays_synchronous_with_the_v5p_runs_flags():
     asynchronous. So charging tensor-parallel collectives on the critical path is what XLA does."""
     from pathlib import Path
 
-    from tpusim.compiler.hlo.parse import extract_collectives
+    from tpusim.compiler.hlo.collectives import extract_collectives
 
     case = Path(__file__).resolve().parent.parent / "traces" / "xla_aot" / "fsdp_tp_v5pflags_big_L2"
     found = extract_collectives(_read_gz(case / "optimized_hlo.txt.gz"))

@@ -35,7 +35,8 @@ def test_matmul_flops_are_exactly_the_einsums():
     """The dot/convolution FLOPs of the 2-layer FSDP step equal the traced einsums' (hand count:
     24.16 GFLOP of weight matmuls and 3.22 of attention per layer, plus the unembedding)."""
     from tpusim.compiler.hlo.importer import _matmul_flops
-    from tpusim.compiler.hlo.parse import _Analysis, parse_module
+    from tpusim.compiler.hlo.parse import parse_module
+    from tpusim.compiler.hlo.analysis import _Analysis
 
     mod = parse_module(read_hlo(AOT / "fsdp_no_windowed_einsum_L2" / "optimized_hlo.txt.gz"))
     an = _Analysis(mod)

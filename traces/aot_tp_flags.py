@@ -31,7 +31,7 @@ OUT = HERE / "xla_aot" / "fsdp_tp_v5pflags_big_L2"
 
 def summarize(text: str) -> dict:
     sys.path.insert(0, str(HERE.parent))
-    from tpusim.compiler.hlo.parse import extract_collectives
+    from tpusim.compiler.hlo.collectives import extract_collectives
 
     cols = extract_collectives(text)["collectives"]
     counts = collections.Counter(f"{c['kind']} {c['implementation']} async={c['async']}" for c in cols)

@@ -1,5 +1,5 @@
 """Extract every collective from XLA's optimized HLO text: a thin entry point over
-``tpusim.compiler.hlo.parse`` (standard library only), so the capture scripts and the simulator read HLO the
+``tpusim.compiler.hlo.collectives`` and ``parse`` (standard library only), so the capture scripts and the simulator read HLO the
 same way.  ``python3 traces/hlo_collectives.py optimized_hlo.txt[.gz] [--json]``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 # the checkout this script lives in.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tpusim.compiler.hlo.parse import counts_table, extract_collectives, main  # noqa: E402
+from tpusim.compiler.hlo.collectives import counts_table, extract_collectives, main  # noqa: E402
 
 __all__ = ["counts_table", "extract_collectives"]
 

@@ -21,7 +21,8 @@ import re
 from collections import Counter
 
 from tpusim.errors import TpusimError
-from tpusim.compiler.hlo.parse import DTYPE_BYTES, Module, _Analysis, _callees, array_shapes, shape_str
+from tpusim.compiler.hlo.parse import DTYPE_BYTES, Module, _callees, array_shapes, shape_str
+from tpusim.compiler.hlo.analysis import _Analysis
 from tpusim.limits import MAX_BYTES, MAX_PROGRAM_OPS
 
 MAX_LOOP_DEPTH = 64

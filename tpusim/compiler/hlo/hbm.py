@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import re
 
-from tpusim.compiler.hlo.parse import DTYPE_BYTES, Instr, _Analysis, _callees, _split_top, array_bytes, array_shapes
+from tpusim.compiler.hlo.parse import DTYPE_BYTES, Instr, _callees, _split_top, array_bytes, array_shapes
+from tpusim.compiler.hlo.analysis import _Analysis
 
 # An array with its layout; XLA TPU writes the memory space as ``S(n)`` at the end of the layout.
 _TYPED_ARRAY_RE = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True))

@@ -35,10 +35,10 @@ from pathlib import Path
 from tpusim.sim.collectives.lowering import Axis, Span
 from tpusim.errors import TpusimError
 from tpusim.compiler.hlo import checks
-from tpusim.compiler.hlo.parse import (
-    DTYPE_BYTES, Instr, _Analysis, _callees, _split_top, array_bytes, array_shapes, expand_replica_groups,
-    extract_collectives, parse_module,
-)
+from tpusim.compiler.hlo.parse import (DTYPE_BYTES, Instr, _callees, _split_top, array_bytes, array_shapes,
+                                       expand_replica_groups, parse_module)
+from tpusim.compiler.hlo.analysis import _Analysis
+from tpusim.compiler.hlo.collectives import extract_collectives
 from tpusim.compiler.hlo.hbm import hbm_bytes as _hbm_bytes
 from tpusim.limits import MAX_BYTES, MAX_CONV_POSITIONS
 from tpusim.sim.program import COLLECTIVE, COMPUTE, HOST, Memory, Op, Program
