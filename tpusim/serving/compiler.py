@@ -230,12 +230,17 @@ class StepModel:
             coll("mlp_all_reduce", "all-reduce", ab * M * D, self.model_axes)
         layer.append(Op(index=len(layer), name="norms_residuals", stream=COMPUTE, category="elementwise",
                         flops=12.0 * M * D + 4.0 * M * fl, hbm_bytes=ab * M * (8 * D + 2 * fl)))
-        outside = [Op(index=0, name="embed", stream=COMPUTE, category="embedding", hbm_bytes=(wb + ab) * M * D),
-                   Op(index=1, name="unembed", stream=COMPUTE, category="matmul", flops=2.0 * n_logits * D * sh.vocab,
-                      hbm_bytes=wb * D * sh.vocab + ab * n_logits * (D + sh.vocab),
-                      mxu_shape=(max(n_logits, 1), D, sh.vocab))]
+        outside = [Op(index=0, name="embed", stream=COMPUTE, category="embedding", hbm_bytes=(wb + ab) * M * D)]
+        if self.tp > 1 and M:  # the table is split over vocab (MaxText: vocab -> tensor): each shard looks up
+            # the tokens it holds and an all-reduce sums the rows, as XLA's compile of the same step does
+            # (traces/xla_aot_serving: 2L + 1 all-reduces of M x D per step)
+            outside.append(Op(index=1, name="embed_all_reduce", stream=COLLECTIVE, category="all-reduce",
+                              bytes=ab * M * D, axes=self.tensor_axes))
+        outside.append(Op(index=len(outside), name="unembed", stream=COMPUTE, category="matmul",
+                          flops=2.0 * n_logits * D * sh.vocab, hbm_bytes=wb * D * sh.vocab + ab * n_logits * (D + sh.vocab),
+                          mxu_shape=(max(n_logits, 1), D, sh.vocab)))
         if self.tp > 1 and n_logits:  # sampling: each shard's best candidates gathered (value, index)
-            outside.append(Op(index=2, name="sample_all_gather", stream=COLLECTIVE, category="all-gather",
+            outside.append(Op(index=len(outside), name="sample_all_gather", stream=COLLECTIVE, category="all-gather",
                               bytes=8.0 * n_logits * self.tp, axes=self.tensor_axes))
         return layer, outside
 
@@ -297,11 +302,13 @@ class StepModel:
             ops.append(dataclasses.replace(op, index=i, layer=layer_index, deps=deps))
 
         last = [-1]
-        add(outside[0], -1)
+        before = [op for op in outside if op.name.startswith("embed")]  # the lookup precedes the layers
+        for op in before:
+            add(op, -1)
         for li in range(self.model.num_layers):
             for op in layer:
                 add(op, li)
-        for op in outside[1:]:
+        for op in outside[len(before):]:
             add(op, -1)
         if pending:  # the sampling gather ends the step
             ops.append(Op(index=len(ops), name="end", stream=COMPUTE, category="elementwise", deps=tuple(pending)))
