@@ -71,7 +71,8 @@ _INFERENCE_IGNORED = ("attention", "weight_dtype", "model_call_mode", "scan_laye
                       "replicate_quant_scale", "sharding_strategy", "allow_split_physical_axes")
 _SERVING_KEYS = ("seed", "requests", "arrival", "input_len", "output_len", "batching", "disaggregation",
                  "step_overhead_s")
-_TOP_KEYS = ("name", "description", "chip", "topology", "slices", "model", "inference", "sharding", "serving")
+_TOP_KEYS = ("name", "description", "chip", "topology", "slices", "base_config", "model", "inference", "sharding",
+             "serving")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,24 +157,94 @@ class ServeWorkload:
         return self.quantization == "int8"
 
 
+# The keys a sweep varies (``--vary KEY=...``) besides MaxText's: where each goes in the ``serving`` section.
+# ``concurrency`` / ``rate`` / ``trace`` replace the arrival (as serve's options do); ``prefill_replicas: 0``
+# removes disaggregation (co-located serving); ``input_len`` / ``output_len`` take a token count (fixed).
+SERVING_FLAT_KEYS: dict[str, tuple[str, ...]] = {
+    "concurrency": ("arrival",), "rate": ("arrival",), "trace": ("arrival",),
+    "requests": (), "seed": (), "step_overhead_s": (), "input_len": (), "output_len": (),
+    "policy": ("batching",), "max_batch": ("batching",), "token_budget": ("batching",),
+    "chunked_prefill": ("batching",), "max_prefills_per_step": ("batching",), "paged_kv": ("batching",),
+    "prefill_replicas": ("disaggregation",), "transfer": ("disaggregation",),
+}
+INFERENCE_KEYS = tuple(_INFERENCE_KEYS)
+
+
 def load_serve_workload(path: str | Path, *, rate: float | None = None, concurrency: int | None = None,
-                        trace: str | None = None, requests: int | None = None) -> ServeWorkload:
+                        trace: str | None = None, requests: int | None = None,
+                        overrides: dict[str, Any] | None = None) -> ServeWorkload:
     """Read a serving YAML; ``rate`` / ``concurrency`` / ``trace`` / ``requests`` override its ``serving``."""
     path = Path(path)
     raw = read_yaml(path)
     return serve_workload_from_dict(raw, source=str(path), rate=rate, concurrency=concurrency, trace=trace,
-                                    requests=requests)
+                                    requests=requests, overrides=overrides)
+
+
+def is_serving_workload(raw: Any) -> bool:
+    """A workload is served (``tpusim serve``, serving sweeps and searches) when it has a ``serving`` section."""
+    return isinstance(raw, dict) and "serving" in raw
+
+
+def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """``raw`` with flat keys set where they belong: ``SERVING_FLAT_KEYS`` in ``serving``, MaxText's inference
+    keys in ``inference``, ``ici_*`` / ``dcn_*`` in ``sharding``, any other key in ``model`` (the model
+    loader then says whether MaxText knows it)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    maxtext_style = "base_config" in raw
+    for key, value in overrides.items():
+        if key in SERVING_FLAT_KEYS:
+            srv = out["serving"] = dict(out.get("serving") or {})
+            where = SERVING_FLAT_KEYS[key]
+            if where == ("arrival",):
+                srv["arrival"] = {key: value}
+            elif where == ("disaggregation",):
+                if key == "prefill_replicas" and value == 0:
+                    srv.pop("disaggregation", None)
+                    continue
+                srv["disaggregation"] = {**(srv.get("disaggregation") or {}), key: value}
+            elif where:
+                srv[where[0]] = {**(srv.get(where[0]) or {}), key: value}
+            else:
+                srv[key] = value
+        elif maxtext_style:
+            out[key] = value  # flat, as MaxText's command line sets it
+        else:
+            section = ("inference" if key in _INFERENCE_KEYS or key in _INFERENCE_IGNORED else
+                       "sharding" if key.startswith(("ici_", "dcn_")) else "model")
+            out[section] = {**(out.get(section) or {}), key: value}
+    return out
 
 
 def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None, concurrency: int | None = None,
-                             trace: str | None = None, requests: int | None = None) -> ServeWorkload:
+                             trace: str | None = None, requests: int | None = None,
+                             overrides: dict[str, Any] | None = None) -> ServeWorkload:
+    """A serving workload from its mapping. With ``base_config`` (a MaxText config, e.g. one of
+    ``workloads/maxtext/inference/``) the file may set MaxText's keys flat, as MaxText's command line
+    does: its inference keys (and the chain's) are read here, the other keys go to the model loader,
+    which models, ignores or refuses each as for training (:mod:`tpusim.model.maxtext`)."""
     if not isinstance(raw, dict):
         raise TpusimError("a serving workload is a mapping of keys to values", source=source)
+    if overrides:
+        raw = with_overrides(raw, overrides)
+    maxtext_style = "base_config" in raw
+    chain: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     for key in raw:
-        if key not in _TOP_KEYS:
-            raise TpusimError(unknown_key_reason(str(key), _TOP_KEYS), source=source, key=str(key))
-    inf = _section(raw, "inference", source)
-    ignored = []
+        if key in _TOP_KEYS:
+            continue
+        if not maxtext_style:
+            raise TpusimError(unknown_key_reason(str(key), _TOP_KEYS) + " (MaxText's flat keys need base_config)",
+                              source=source, key=str(key))
+        flat[str(key)] = raw[key]
+    if maxtext_style:
+        from tpusim.model.workload import maxtext_chain
+
+        chain = maxtext_chain(raw["base_config"], source)
+    inf = {**{k: chain[k] for k in _INFERENCE_KEYS if k in chain},
+           **{k: flat.pop(k) for k in list(flat) if k in _INFERENCE_KEYS}, **_section(raw, "inference", source)}
+    ignored = [k for k in list(flat) if k in _INFERENCE_IGNORED]
+    for k in ignored:
+        del flat[k]
     values: dict[str, Any] = {}
     for key, v in inf.items():
         if key in _INFERENCE_IGNORED:
@@ -181,10 +252,13 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
             continue
         if key not in _INFERENCE_KEYS:
             raise TpusimError(unknown_key_reason(str(key), _INFERENCE_KEYS), source=source, key=f"inference.{key}")
+        if key == "quantization" and v == "bf16":
+            v = ""
         values[key] = _typed(v, _INFERENCE_KEYS[key][0], source, f"inference.{key}")
     for key, (_, default) in _INFERENCE_KEYS.items():
         values.setdefault(key, default)
-    sharding = dict(_section(raw, "sharding", source))
+    sharding = {**{k: flat.pop(k) for k in list(flat) if k.startswith(("ici_", "dcn_"))},
+                **_section(raw, "sharding", source)}
     for axis in ("fsdp", "sequence"):
         if sharding.get(f"ici_{axis}_parallelism", 1) != 1:
             raise TpusimError(f"ici_{axis}_parallelism is not modelled for serving (use tensor, expert and data)",
@@ -194,10 +268,12 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
         sharding["ici_tensor_parallelism"] = -1  # one replica over the whole slice
     elif sharding.get("ici_tensor_parallelism") != -1:
         sharding.setdefault("ici_data_parallelism", -1)
+    if maxtext_style:
+        sharding.setdefault("dcn_data_parallelism", 1)
     step = {"per_device_batch_size": values["per_device_batch_size"] or 1.0,
             "max_target_length": values["max_target_length"], "dtype": values["dtype"], "weight_dtype": values["dtype"]}
-    top = {k: raw[k] for k in ("name", "description", "chip", "topology", "slices") if k in raw}
-    w = workload_from_dict({**top, "model": _section(raw, "model", source), "step": step, "sharding": sharding},
+    top = {k: raw[k] for k in ("name", "description", "chip", "topology", "slices", "base_config") if k in raw}
+    w = workload_from_dict({**top, **flat, "model": _section(raw, "model", source), "step": step, "sharding": sharding},
                            source=source)
     m = w.model
     unmodelled = [what for what, on in (("multi-head latent attention", m.attention_type == "mla"),
