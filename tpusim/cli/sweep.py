@@ -83,11 +83,28 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
-def _sweep_table(df, varied: list[str], limit: int) -> list[str]:
+def _sweep_table(df, varied: list[str], limit: int, serving: bool = False) -> list[str]:
     from tpusim.units import fmt_time
 
     width = {k: max(len(k), *(len(str(v)) for v in df[k])) for k in varied}
     head = "  ".join(f"{k:<{width[k]}}" for k in varied)
+    if serving:  # the latency-throughput curve: tokens/s per chip, TTFT and TPOT percentiles
+        lines = [f"  {head}  {'status':<10}{'tok/s/chip':>11}{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>9}"
+                 "  bottleneck / reason"]
+        for r in df.head(limit).to_dict("records"):
+            cells = "  " + "  ".join(f"{r[k]!s:<{width[k]}}" for k in varied) + f"  {r['status']:<10}"
+            if r["status"] == "ok":
+                def t(key, w):
+                    v = r.get(key)
+                    return f"{fmt_time(v) if v is not None and v == v else '-':>{w}}"
+                cells += (f"{r['throughput.output_tokens_per_s_per_chip']:>11,.1f}{t('ttft_s.p50', 10)}"
+                          f"{t('ttft_s.p99', 9)}{t('tpot_s.p50', 10)}{t('tpot_s.p99', 9)}  {r['bottleneck']}")
+            else:
+                cells += f"{'-':>11}{'-':>10}{'-':>9}{'-':>10}{'-':>9}  {r['reason']}"
+            lines.append(cells)
+        if len(df) > limit:
+            lines.append(f"  ... and {len(df) - limit} more rows")
+        return lines
     lines = [f"  {head}  {'status':<10}{'step time':>10}{'MFU':>8}  bottleneck / reason"]
     for r in df.head(limit).to_dict("records"):
         ok = r["status"] == "ok"
@@ -212,7 +229,7 @@ def register(main: click.Group) -> None:
                  + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")"
                  + (f"; {done.resumed} already in {path}" if done.resumed else "")
                  + f"; {done.simulated} simulated in {done.wall_s:.1f} s{rate}"]
-        human += _sweep_table(df, list(sw.vary), SHOWN_ROWS)
+        human += _sweep_table(df, list(sw.vary), SHOWN_ROWS, serving="serving" in sw.raw)
         if path:
             human.append(f"  wrote        {path}")
         _emit(as_json, payload, "\n".join(human))
