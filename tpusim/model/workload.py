@@ -428,6 +428,12 @@ def maxtext_chain(name: Any, source: str) -> dict:
     return _base_config(name, source)
 
 
+@cache
+def _bundled_config(path: str) -> Any:
+    """A config of workloads/maxtext/ (package data: read once per process; a sweep loads it per row)."""
+    return read_yaml(path)
+
+
 def _base_config(name: str, source: str, depth: int = 0) -> dict:
     """``base_config``: a file beside the file that names it, else one of ``workloads/maxtext/`` (a path
     inside it, e.g. ``inference/inference_jetstream.yml``); its own ``base_config`` is followed the same
@@ -444,12 +450,13 @@ def _base_config(name: str, source: str, depth: int = 0) -> dict:
     if path is None:
         raise TpusimError(f"{name!r}: no such file beside {Path(source).name} or in workloads/maxtext/", source=source,
                           key="base_config")
-    data = read_yaml(path)
+    root = data_dir("workloads") / "maxtext"
+    data = _bundled_config(str(path)) if path.resolve().is_relative_to(root.resolve()) else read_yaml(path)
     if not isinstance(data, dict):
         raise TpusimError("a MaxText config is a mapping of keys to values", source=str(path))
     parent = data.get("base_config")
     if parent is None:
-        return data
+        return dict(data)
     if depth >= 8:
         raise TpusimError(f"{parent!r}: more than 8 base_config files in a chain (a loop?)", source=str(path),
                           key="base_config")
