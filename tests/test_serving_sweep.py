@@ -165,3 +165,14 @@ def test_maxtext_inference_keys_not_modelled_are_named(tmp_path, key, value, say
     path.write_text(yaml.safe_dump(raw))
     r = CliRunner().invoke(main, ["serve", str(path)])
     assert r.exit_code == 2 and says in r.output and r.output.count("\n") == 1, r.output
+
+
+def test_cli_out_writes_the_table_and_resumes(small, tmp_path):
+    out = tmp_path / "curve.csv"
+    args = ["sweep", str(small), "--vary", "concurrency=1,16", "--out", str(out), "--workers", "1", "--json"]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    again = json.loads(CliRunner().invoke(main, args).output)
+    assert again["resumed"] == 2 and again["simulated"] == 0
+    assert again["rows"] == json.loads(first.output)["rows"]
+    assert len(pd.read_csv(out)) == 2 and journal_path(out).exists()
