@@ -176,3 +176,14 @@ def test_cli_out_writes_the_table_and_resumes(small, tmp_path):
     assert again["resumed"] == 2 and again["simulated"] == 0
     assert again["rows"] == json.loads(first.output)["rows"]
     assert len(pd.read_csv(out)) == 2 and journal_path(out).exists()
+
+
+def test_varied_tensor_parallelism_leaves_the_rest_of_the_slice_to_replicas(small):
+    rows = run_sweep(make_sweep(small, {"ici_tensor_parallelism": (1, 2, 4, 8), "requests": (40,)}), workers=1).rows
+    assert list(rows["status"]) == ["ok"] * 4
+    assert list(rows["replicas"]) == [8, 4, 2, 1] and list(rows["chips_per_replica"]) == [1, 2, 4, 8]
+
+
+def test_a_training_key_is_refused_for_a_serving_sweep(small):
+    with pytest.raises(TpusimError, match="remat_policy: unknown key .* is a serving workload"):
+        make_sweep(small, {"remat_policy": ("full",)})

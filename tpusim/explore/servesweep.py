@@ -60,7 +60,7 @@ def check_serving_vary(raw: dict, source: str, vary: dict[str, tuple], sweep_key
             try:
                 sw = serve_workload_from_dict(raw, source=source, overrides={key: value})
             except TpusimError as e:
-                if e.reason.startswith("unknown key"):
+                if e.reason.startswith(("unknown key", "belongs in section 'step'")):  # a training step key
                     raise TpusimError(f"{key}: {unknown_key_reason(key, SERVING_VARY_KEYS)}: {source} is a serving "
                                       "workload; vary its serving keys (e.g. concurrency, rate, token_budget, "
                                       "per_device_batch_size, quantization, ici_tensor_parallelism), MaxText's, "

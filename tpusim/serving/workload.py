@@ -191,6 +191,10 @@ def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     loader then says whether MaxText knows it)."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     maxtext_style = "base_config" in raw
+    overrides = dict(overrides)
+    if ({"ici_tensor_parallelism", "ici_expert_parallelism"} & set(overrides) and "ici_data_parallelism" not in overrides
+            and -1 not in (overrides.get("ici_tensor_parallelism"), overrides.get("ici_expert_parallelism"))):
+        overrides["ici_data_parallelism"] = -1  # a replica of another size: the replicas are the rest of the slice
     for key, value in overrides.items():
         if key in SERVING_FLAT_KEYS:
             srv = out["serving"] = dict(out.get("serving") or {})
