@@ -276,9 +276,8 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
         sharding.setdefault("dcn_data_parallelism", 1)
     step = {"per_device_batch_size": values["per_device_batch_size"] or 1.0,
             "max_target_length": values["max_target_length"], "dtype": values["dtype"], "weight_dtype": values["dtype"]}
-    if "attention" in chain:  # MaxText's serving kernels (vllm_rpa, ...): the serving step costs attention itself
-        ignored.append("attention")
-        step["attention"] = "dot_product"
+    if maxtext_style:  # the chain's attention kernel (vllm_rpa, ...) is a serving kernel: the serving step
+        step["attention"] = "dot_product"  # costs attention itself, so the training loader must not judge it
     top = {k: raw[k] for k in ("name", "description", "chip", "topology", "slices", "base_config") if k in raw}
     w = workload_from_dict({**top, **flat, "model": _section(raw, "model", source), "step": step, "sharding": sharding},
                            source=source)
