@@ -137,7 +137,8 @@ def test_every_maxtext_inference_config_loads(config, tmp_path):
     path.write_text(yaml.safe_dump({
         "topology": "v5e:4x4", "base_config": config, "model_name": "llama2-7b", "ici_tensor_parallelism": 4,
         "per_device_batch_size": 2, "max_prefill_predict_length": 512, "max_target_length": 1024,
-        "serving": {"requests": 20}}))
+        "serving": {"requests": 20, **({"disaggregation": {"prefill_replicas": 1}} if "disaggregation" in config
+                                       else {})}}))
     sw = load_serve_workload(path)
     assert sw.workload.model.name == "llama2-7b" and sw.max_prefill_len == 512
     assert sw.workload.parallelism.ici["tensor"] == 4
@@ -157,6 +158,8 @@ def test_model_name_comes_from_the_chain(tmp_path):
     ("ici_fsdp_parallelism", 2, "not modelled for serving"),
     ("quantization", "int4", "is not one of"),
     ("max_target_length", 8192, "longer than llama2-70b's context of 4096"),
+    ("enable_prefix_caching", True, "enable_prefix_caching: True: not modelled yet for serving (prefix caching"),
+    ("inference_server", "ExperimentalMaxtextDisaggregatedServer", "say how in serving.disaggregation"),
 ])
 def test_maxtext_inference_keys_not_modelled_are_named(tmp_path, key, value, says):
     raw = yaml.safe_load((REPO / "workloads" / "serve_maxtext_llama2_70b.yaml").read_text())
@@ -187,3 +190,28 @@ def test_varied_tensor_parallelism_leaves_the_rest_of_the_slice_to_replicas(smal
 def test_a_training_key_is_refused_for_a_serving_sweep(small):
     with pytest.raises(TpusimError, match="remat_policy: unknown key .* is a serving workload"):
         make_sweep(small, {"remat_policy": ("full",)})
+
+
+def test_maxtext_chunked_prefill_keys_set_the_batching(tmp_path):
+    raw = yaml.safe_load((REPO / "workloads" / "serve_maxtext_llama2_70b.yaml").read_text())
+    raw["serving"]["batching"] = {"policy": "continuous"}
+    path = tmp_path / "w.yaml"
+    path.write_text(yaml.safe_dump({**raw, "use_chunked_prefill": True, "prefill_chunk_size": 512}))
+    b = load_serve_workload(path).batching
+    assert b.chunked_prefill and b.token_budget == 512
+    path.write_text(yaml.safe_dump(raw))  # base.yml's default: no chunking
+    assert not load_serve_workload(path).batching.chunked_prefill
+
+
+def test_every_key_of_maxtexts_inference_group_is_placed_for_serving():
+    """base.yml's inference keys that tpusim serve models (its inference keys) or refuses when switched on;
+    the rest of the group is ignored (sampling, kernel block sizes, server and microbenchmark settings)."""
+    from tpusim.model import maxtext
+    from tpusim.serving import workload as sw
+
+    group = set(maxtext.IGNORED["inference and decoding"][1].split())
+    modelled = set(sw.INFERENCE_KEYS)
+    assert set(sw._SERVING_REFUSED) <= group and not set(sw._SERVING_REFUSED) & modelled
+    assert all(maxtext.default(k) is False for k in sw._SERVING_REFUSED)  # refused only when switched on
+    assert {"max_prefill_predict_length", "quantize_kvcache", "kv_quant_dtype", "use_chunked_prefill",
+            "prefill_chunk_size"} <= modelled

@@ -32,6 +32,7 @@ which serving frameworks run as independent engines).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +66,22 @@ _INFERENCE_KEYS: dict[str, tuple[type, Any]] = {
     "quantize_kvcache": (bool, False),
     "kv_quant_dtype": (str, "int8"),
     "max_context_length": (int, None),  # the model's trained context, for models without a preset
+    # MaxText's serving options (base.yml's inference group) that change what tpusim serve simulates:
+    "use_chunked_prefill": (bool, False),  # -> serving.batching.chunked_prefill, unless the batching says
+    "prefill_chunk_size": (int, None),     # -> the token budget of a chunked step, unless the batching says
+    "enable_prefix_caching": (bool, False),  # refused when true (below)
+    "multi_sampling": (bool, False),         # refused when true (below)
 }
+# MaxText serving options tpusim does not model: true is refused ("not modelled yet"), as base.yml keys are
+# for training (tpusim/model/maxtext.py); the rest of base.yml's inference group (sampling, kernels'
+# block sizes, microbenchmark and server settings) does not change the simulated steps and is ignored.
+_SERVING_REFUSED = {
+    "enable_prefix_caching": "prefix caching (a prompt whose prefix is cached skips that part of its prefill)",
+    "multi_sampling": "several samples per prompt",
+}
+# MaxText's inference_server values: the interleaved server is co-located serving; the disaggregated one
+# needs tpusim's serving.disaggregation to say how many replicas prefill and over what the KV cache moves.
+_DISAGGREGATED_SERVER = "ExperimentalMaxtextDisaggregatedServer"
 _INFERENCE_IGNORED = ("attention", "weight_dtype", "model_call_mode", "scan_layers", "tokenizer_path",
                       "inference_server", "enable_model_warmup", "checkpoint_is_quantized", "kv_quant_axis",
                       "replicate_quant_scale", "sharding_strategy", "allow_split_physical_axes")
@@ -246,6 +262,7 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
         chain = maxtext_chain(raw["base_config"], source)
     inf = {**{k: chain[k] for k in _INFERENCE_KEYS if k in chain},
            **{k: flat.pop(k) for k in list(flat) if k in _INFERENCE_KEYS}, **_section(raw, "inference", source)}
+    server = flat.get("inference_server", chain.get("inference_server"))
     ignored = [k for k in list(flat) if k in _INFERENCE_IGNORED]
     for k in ignored:
         del flat[k]
@@ -261,6 +278,10 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
         values[key] = _typed(v, _INFERENCE_KEYS[key][0], source, f"inference.{key}")
     for key, (_, default) in _INFERENCE_KEYS.items():
         values.setdefault(key, default)
+    for key, what in _SERVING_REFUSED.items():
+        if values[key]:
+            raise TpusimError(f"{values[key]!r}: not modelled yet for serving ({what}); MaxText's default is false",
+                              source=source, key=key if maxtext_style else f"inference.{key}")
     sharding = {**{k: flat.pop(k) for k in list(flat) if k.startswith(("ici_", "dcn_"))},
                 **_section(raw, "sharding", source)}
     for axis in ("fsdp", "sequence"):
@@ -322,7 +343,13 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
     inp = _dist(srv.get("input_len", {"dist": "sharegpt"}), source, "serving.input_len")
     out = _dist(srv.get("output_len", {"dist": "sharegpt"}), source, "serving.output_len")
     batching = _batching(srv.get("batching", {}), source)
+    if values["use_chunked_prefill"] and "chunked_prefill" not in (srv.get("batching") or {}):
+        batching = dataclasses.replace(batching, chunked_prefill=True,
+                                       token_budget=batching.token_budget or values["prefill_chunk_size"] or 0)
     disagg = _disaggregation(srv.get("disaggregation"), source)
+    if server == _DISAGGREGATED_SERVER and disagg is None:
+        raise TpusimError(f"{server}: MaxText's disaggregated server: say how in serving.disaggregation "
+                          "(prefill_replicas: N, transfer: ici|dcn)", source=source, key="inference_server")
     overhead = _typed(srv.get("step_overhead_s", 0.0), float, source, "serving.step_overhead_s")
     if overhead < 0:
         raise TpusimError(f"{overhead} must be >= 0", source=source, key="serving.step_overhead_s")
