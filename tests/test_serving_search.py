@@ -46,7 +46,7 @@ def test_search_finds_a_plan_within_the_limit_and_the_serve_command_agrees(tmp_p
     # the winner served on its own: the same number
     over = {"ici_tensor_parallelism": best["tensor"], "ici_data_parallelism": best["replicas"],
             "quantization": best["quantization"], "quantize_kvcache": best["quantization"] != "bf16",
-            "per_device_batch_size": best["slots_per_replica"] / best["chips_per_replica"],
+            "per_device_batch_size": 1.0, "max_batch": best["slots_per_replica"],
             "concurrency": best["slots_per_replica"] * best["replicas"],
             "requests": max(100, 4 * best["slots_per_replica"] * best["replicas"])}
     s = serve(serve_workload_from_dict(SMALL, source=str(path), overrides=over)).summary
@@ -97,6 +97,16 @@ def test_impossible_latency_is_refused_with_the_roofline_floor(book_cases, tmp_p
 def test_bad_input_one_line_exit_2(tmp_path, args, says):
     r = CliRunner().invoke(main, ["search", str(_write(tmp_path, SMALL)), *args])
     assert r.exit_code == 2 and says in r.output and r.output.count("\n") == 1, r.output
+
+
+def test_expert_parallel_plans_are_placed(tmp_path):
+    """Mixtral: meshes with expert parallelism are plans (not refused for how a training batch splits)."""
+    raw = {"name": "mix", "chip": "v5e", "topology": "v5e:4x4", "model": {"model_name": "mixtral-8x7b"},
+           "inference": {"max_prefill_predict_length": 512, "max_target_length": 1024},
+           "serving": {"requests": 40, "input_len": 128, "output_len": 16}}
+    res = search_serving(str(_write(tmp_path, raw)), tpot_s=0.2, quantizations=("int8",), budget=4, workers=1)
+    assert res["counts"]["invalid"] == 0, res["rejected"]
+    assert res["counts"]["enumerated"] == 14  # (tensor x expert) | 16 with expert | 8: 5 + 4 + 3 + 2
 
 
 def test_latency_limit_on_a_training_workload_is_refused(tmp_path):

@@ -107,7 +107,10 @@ def search_serving(workload: str, topology: str | None = None, *, mode: str = "c
                 mesh = {"ici_tensor_parallelism": t, "ici_data_parallelism": chips // rc}
                 if model.num_experts > 1:
                     mesh["ici_expert_parallelism"] = e
-                over = {**mesh, "quantization": q, "quantize_kvcache": q != "bf16", "per_device_batch_size": 1 / rc}
+                # slots as batching.max_batch (a fractional per_device_batch_size would have to split over the
+                # data x expert shards as a training batch does); one slot to see what fits
+                over = {**mesh, "quantization": q, "quantize_kvcache": q != "bf16", "per_device_batch_size": 1.0,
+                        "max_batch": 1}
                 label = f"tensor {t}" + (f" x expert {e}" if e > 1 else "") + f", {chips // rc} replicas, {q}"
                 try:
                     sw = serve_workload_from_dict(plan_raw, source=source, overrides=over)
@@ -143,7 +146,7 @@ def search_serving(workload: str, topology: str | None = None, *, mode: str = "c
                     step = decode_floor(b)
                     plan = {"mesh": label, "tensor": t, "expert": e, "replicas": chips // rc, "chips_per_replica": rc,
                             "quantization": q, "slots_per_replica": b, "overrides": {**over,
-                            "per_device_batch_size": b / rc, "concurrency": b * (chips // rc)},
+                            "max_batch": b, "concurrency": b * (chips // rc)},
                             "roofline_step_s": step, "bound_tokens_per_s_per_chip": b / (step * rc)}
                     if tpot_s is not None and step > tpot_s:
                         counts["roofline"] += 1
