@@ -16,9 +16,10 @@ clients keeping every slot busy), with the workload's length mix. Before simulat
 * **roofline** (inference.md): a decode step of the full batch B reads every weight and B KV caches of
   the mean context from HBM and does 2 FLOPs per weight per token, so it takes at least
   ``max(bytes / W_hbm, FLOPs / C)``. A plan whose full-batch step exceeds the TPOT limit is dropped (if a
-  partly full batch met it, the plan with that many slots is the same run with less KV memory); a
-  plan whose one-prompt prefill exceeds the TTFT limit too. ``B / (step x chips per replica)`` bounds
-  its output tokens/s per chip from above.
+  partly full batch met it, the plan with that many slots is the same run with less KV memory); so is
+  a mesh whose weights alone take longer to read than the TTFT limit (every first token reads them).
+  ``B / (step x chips per replica)`` bounds its output tokens/s per chip from above (a test checks it
+  against every simulated plan).
 
 Per mesh and format, more slots give a slower decode step and a longer prefill queue: the plan to
 find is the most slots that still meet the limits. Each mesh-and-format family is bisected over its
@@ -86,7 +87,7 @@ def search_serving(workload: str, topology: str | None = None, *, mode: str = "c
     model = base.workload.model
     mean_in, mean_out = _mean_lengths(base)
     ctx = mean_in + mean_out / 2  # the mean context a decode step attends over
-    # the plan's own raw mapping: co-located, no fixed slot count (the plan sets per_device_batch_size)
+    # the plan's own raw mapping: co-located, no fixed slot count (each plan sets batching.max_batch)
     plan_raw = {**raw, "serving": {k: v for k, v in (raw.get("serving") or {}).items() if k != "disaggregation"}}
     if isinstance(plan_raw["serving"].get("batching"), dict):
         plan_raw["serving"]["batching"] = {k: v for k, v in plan_raw["serving"]["batching"].items() if k != "max_batch"}
@@ -137,7 +138,7 @@ def search_serving(workload: str, topology: str | None = None, *, mode: str = "c
                     return max((w_bytes + b * ctx * sm.kv_per_token) / chip.hbm_bytes_per_s,
                                2.0 * w_elems * b / peak)
 
-                prefill_floor = max(w_bytes / chip.hbm_bytes_per_s, 2.0 * w_elems * mean_in / peak)
+                prefill_floor = w_bytes / chip.hbm_bytes_per_s  # any first token: every weight read once
                 floors.append((decode_floor(1), label))
                 fits_by_format[q] = min(fits_by_format.get(q, rc), rc)
                 batches = sorted({*(1 << i for i in range(fits.bit_length()) if 1 << i <= fits), fits})
@@ -254,7 +255,7 @@ def _impossible(floors, rejected, tpot_s, ttft_s, spec, chips, pkey) -> str:
     fastest, label = min(floors)
     what = (f"the fastest decode step on {spec} is {_ms(fastest)} ({label}, one sequence: its weights "
             f"read from HBM once, the roofline)") if tpot_s is not None and fastest > tpot_s else \
-        "no plan's prefill of the mean prompt is that fast (roofline)"
+        "every mesh's weights take longer to read from HBM than that (a prefill reads them all; roofline)"
     return f"no plan can meet {_limits(tpot_s, ttft_s, pkey)}: {what}; loosen the limit or use more chips"
 
 
