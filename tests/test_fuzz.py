@@ -480,7 +480,10 @@ def fuzz_sweep(factor=1):
             if d is not None:
                 for row in d["rows"]:
                     assert row["status"] in ("ok", "infeasible", "invalid")
-                    if row["status"] == "ok":
+                    if row["status"] == "ok" and "serving" in w:  # a serving workload: serve's fields
+                        assert 0 < row["throughput.output_tokens_per_s"] < math.inf and row["ttft_s.p50"] >= 0
+                        assert row["hbm_per_device.total"] <= row["hbm_per_device.capacity"]
+                    elif row["status"] == "ok":
                         sane_step(row)
     _fuzz("sweep", t, factor)
 

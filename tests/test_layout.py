@@ -24,8 +24,8 @@ LAYERS = [
     ("compiler", ["tpusim.compiler"]),
     ("api", ["tpusim.api"]),
     ("analysis", ["tpusim.analysis"]),
-    ("explore", ["tpusim.explore"]),
     ("serving", ["tpusim.serving"]),
+    ("explore", ["tpusim.explore"]),
     ("entry points", ["tpusim.cli", "tpusim.bench", "tpusim.validate", "tpusim.fit", "tpusim.__main__"]),
 ]
 

@@ -45,7 +45,9 @@ FACTS = {
                              " 'slice_links': {k: v.link_stats for k, v in slice_runs.items()},"
                              " 'tokens_per_chip': workload.step.per_device_batch_size * workload.step.seq_len,"
                              " 'congested': s, 'congested_links': congested.link_stats}",
-    "5_serving": "{'steps': frame.to_dict('records'), 'load': load.to_dict('records')}",
+    "5_serving": "{'steps': frame.to_dict('records'), 'load': load.to_dict('records'),"
+                 " 'sweep': sweep_rows[['concurrency', 'status', 'throughput.output_tokens_per_s_per_chip',"
+                 " 'ttft_s.p50']].to_dict('records')}",
 }
 
 
@@ -233,6 +235,11 @@ def check_serving(f: dict) -> None:
     assert high.ttft_p50_s > low.ttft_p50_s
     # output tokens/s grows less than the offered rate: the replicas saturate
     assert high.output_tokens_per_s / low.output_tokens_per_s < high.rate / low.rate
+    # the sweep's curve: more clients, more tokens/s per chip (until the slots are full) and a longer TTFT
+    curve = pd.DataFrame(f["sweep"]).sort_values("concurrency")
+    assert (curve.status == "ok").all()
+    assert curve["throughput.output_tokens_per_s_per_chip"].is_monotonic_increasing
+    assert curve["ttft_s.p50"].iloc[-1] > curve["ttft_s.p50"].iloc[0]
 
 
 def test_serving_conclusions():

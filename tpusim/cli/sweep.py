@@ -83,11 +83,28 @@ class GracefulStop:
             signal.signal(sig, handler)
 
 
-def _sweep_table(df, varied: list[str], limit: int) -> list[str]:
+def _sweep_table(df, varied: list[str], limit: int, serving: bool = False) -> list[str]:
     from tpusim.units import fmt_time
 
     width = {k: max(len(k), *(len(str(v)) for v in df[k])) for k in varied}
     head = "  ".join(f"{k:<{width[k]}}" for k in varied)
+    if serving:  # the latency-throughput curve: tokens/s per chip, TTFT and TPOT percentiles
+        lines = [f"  {head}  {'status':<10}{'tok/s/chip':>11}{'TTFT p50':>10}{'p99':>9}{'TPOT p50':>10}{'p99':>9}"
+                 "  bottleneck / reason"]
+        for r in df.head(limit).to_dict("records"):
+            cells = "  " + "  ".join(f"{r[k]!s:<{width[k]}}" for k in varied) + f"  {r['status']:<10}"
+            if r["status"] == "ok":
+                def t(key, w):
+                    v = r.get(key)
+                    return f"{fmt_time(v) if v is not None and v == v else '-':>{w}}"
+                cells += (f"{r['throughput.output_tokens_per_s_per_chip']:>11,.1f}{t('ttft_s.p50', 10)}"
+                          f"{t('ttft_s.p99', 9)}{t('tpot_s.p50', 10)}{t('tpot_s.p99', 9)}  {r['bottleneck']}")
+            else:
+                cells += f"{'-':>11}{'-':>10}{'-':>9}{'-':>10}{'-':>9}  {r['reason']}"
+            lines.append(cells)
+        if len(df) > limit:
+            lines.append(f"  ... and {len(df) - limit} more rows")
+        return lines
     lines = [f"  {head}  {'status':<10}{'step time':>10}{'MFU':>8}  bottleneck / reason"]
     for r in df.head(limit).to_dict("records"):
         ok = r["status"] == "ok"
@@ -118,6 +135,31 @@ def _search_lines(res: dict) -> list[str]:
     if res["failed"]:
         lines.append(f"  failed       {len(res['failed'])} simulated plans, e.g. {res['failed'][0]['mesh']}: "
                      f"{res['failed'][0]['reason']}")
+    return lines
+
+
+def _serving_search_lines(res: dict) -> list[str]:
+    from tpusim.units import fmt_time
+
+    c, lim = res["counts"], res["limits"]
+    p = f"p{lim['percentile']}"
+    limits = " and ".join(s for s in ((f"TPOT {p} <= {fmt_time(lim['tpot_s'])}" if lim["tpot_s"] else ""),
+                                      (f"TTFT {p} <= {fmt_time(lim['ttft_s'])}" if lim["ttft_s"] else "")) if s)
+    lines = [f"serving search for {res['workload']} ({res['model']}) on {res['topology']} ({res['chips']} chips, "
+             f"{res['mode']}): most output tokens/s per chip with {limits}",
+             f"  load         {res['load']}; {res['mean_input_tokens']:.0f} in / {res['mean_output_tokens']:.0f} out "
+             "tokens on average",
+             (f"  plans        {c['enumerated']} meshes x formats: {c['invalid']} cannot be placed, {c['out_of_hbm']} do "
+              f"not fit in HBM; of their batches {c['roofline']} ruled out by the roofline, {c['bounded']} by the "
+              f"bound, {c['budget']} over budget; {c['simulated']} simulated ({c['missed_limit']} missed the limit) "
+              f"in {res['wall_s']:.1f} s"),
+             f"  {'#':>3}  {'plan':<34}{'slots':>6}{'tok/s/chip':>11}{'TPOT ' + p:>10}{'TTFT ' + p:>10}"]
+    for i, t in enumerate(res["top"], start=1):
+        lines.append(f"  {i:>3}  {t['mesh']:<34}{t['slots_per_replica']:>6}{t['tokens_per_s_per_chip']:>11,.1f}"
+                     f"{fmt_time(t[f'tpot_{p}_s']):>10}{fmt_time(t[f'ttft_{p}_s']):>10}")
+        lines.append(f"       why: {t['why']}")
+    for r in res["rejected"][:3]:
+        lines.append(f"  refused      {r['plan']}: {r['reason']}")
     return lines
 
 
@@ -212,7 +254,7 @@ def register(main: click.Group) -> None:
                  + ", ".join(f"{n} {k}" for k, n in counts.items()) + ")"
                  + (f"; {done.resumed} already in {path}" if done.resumed else "")
                  + f"; {done.simulated} simulated in {done.wall_s:.1f} s{rate}"]
-        human += _sweep_table(df, list(sw.vary), SHOWN_ROWS)
+        human += _sweep_table(df, list(sw.vary), SHOWN_ROWS, serving="serving" in sw.raw)
         if path:
             human.append(f"  wrote        {path}")
         _emit(as_json, payload, "\n".join(human))
@@ -231,19 +273,62 @@ def register(main: click.Group) -> None:
                   help="keep the workload's per-device batch (else also try half and double)")
     @click.option("--budget", type=int, default=256, show_default=True,
                   help="simulate at most this many plans (best roofline estimates first)")
+    @click.option("--tpot-ms", type=float, default=None, help="serving: the TPOT limit (ms)")
+    @click.option("--ttft-ms", type=float, default=None, help="serving: the TTFT limit (ms)")
+    @click.option("--percentile", type=int, default=90, show_default=True,
+                  help="serving: the percentile the limits apply to (50, 90 or 99)")
+    @click.option("--quantization", "quants", default="bf16,int8_weight_only,int8", show_default=True,
+                  metavar="Q1,Q2", help="serving: weight formats to try")
+    @click.option("--requests", "n_requests", type=int, default=None,
+                  help="serving: requests per plan (at least 4 per client; default: the workload's)")
     @workers_option
     @ray_option
     @_json_option
-    def search(workload: str, topology: str | None, slices: int | None, mode: str, objective: str, top: int,
-               remat: str, keep_global_batch: bool, budget: int, workers: int | None, ray_address: str | None,
-               as_json: bool) -> None:
+    @click.pass_context
+    def search(ctx: click.Context, workload: str, topology: str | None, slices: int | None, mode: str,
+               objective: str, top: int, remat: str, keep_global_batch: bool, budget: int, tpot_ms: float | None,
+               ttft_ms: float | None, percentile: int, quants: str, n_requests: int | None, workers: int | None,
+               ray_address: str | None, as_json: bool) -> None:
         """Find the best sharding: enumerate meshes (data, fsdp, tensor, sequence, expert; DCN data or
         fsdp), remat policies and per-device batches, prune with the book's rooflines, simulate the rest,
-        and say why the best win and where pure FSDP runs out."""
-        from tpusim.explore.search import search as run_search
+        and say why the best win and where pure FSDP runs out. For a serving workload (a serving section),
+        find the mesh, weight format and slots with the most output tokens/s per chip under --tpot-ms
+        and/or --ttft-ms."""
+        from click.core import ParameterSource
+
+        from tpusim.config import read_yaml
         from tpusim.model.workload import REMAT_POLICIES
 
         _check_workers(workers)
+        raw = read_yaml(workload)
+        serving_only = ("tpot_ms", "ttft_ms", "percentile", "quants", "n_requests")
+        given = [n for n in ctx.params if ctx.get_parameter_source(n) is not ParameterSource.DEFAULT]
+        if isinstance(raw, dict) and "serving" in raw:
+            training = [n for n in ("slices", "objective", "remat", "keep_global_batch") if n in given]
+            if training:
+                raise TpusimError(f"a serving workload is searched by latency limits, not --{training[0].replace('_', '-')}",
+                                  source=f"--{training[0].replace('_', '-')}")
+            from tpusim.explore.servesearch import QUANTIZATIONS, search_serving
+
+            qs = tuple(q.strip() for q in quants.split(",") if q.strip())
+            bad = [q for q in qs if q not in (*QUANTIZATIONS, "fp8")]
+            if not qs or bad:
+                raise TpusimError(f"{', '.join(bad) or 'nothing'}: weight formats are {', '.join(QUANTIZATIONS)}, fp8",
+                                  source="--quantization")
+            bar = Progress("search")
+            res = search_serving(workload, topology, mode=mode, tpot_s=None if tpot_ms is None else tpot_ms / 1e3,
+                                 ttft_s=None if ttft_ms is None else ttft_ms / 1e3, percentile=percentile,
+                                 quantizations=qs, top=top, budget=min(budget, 64) if "budget" not in given else budget,
+                                 requests=n_requests, workers=workers, ray=ray_address, progress=bar)
+            bar.close()
+            _emit(as_json, res, "\n".join(_serving_search_lines(res)))
+            return
+        wrong = [n for n in serving_only if n in given]
+        if wrong:
+            raise TpusimError(f"{workload} is a training workload (no serving section): --{wrong[0].replace('_', '-')} "
+                              "searches serving", source=f"--{wrong[0].replace('_', '-').replace('quants', 'quantization').replace('n-requests', 'requests')}")
+        from tpusim.explore.search import search as run_search
+
         policies = tuple(p.strip() for p in remat.split(",") if p.strip())
         bad = [p for p in policies if p not in REMAT_POLICIES]
         if not policies or bad:

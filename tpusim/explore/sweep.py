@@ -1,7 +1,8 @@
 """Sweeps: one simulated step per point of a grid of workload settings, one row per point.
 
 A sweep is a workload, a topology and ``vary``: MaxText flat keys (or ``topology``, ``slices``,
-``mode``) each with a list of values. :func:`run_sweep` runs the cartesian product, in order, and
+``mode``) each with a list of values. A serving workload (one with a ``serving`` section) is served
+per configuration instead (:mod:`tpusim.explore.servesweep`), through the same grid and journal. :func:`run_sweep` runs the cartesian product, in order, and
 returns (and writes, as configurations finish) one row per configuration::
 
     index, config, <one column per varied key>, status, reason, <every field of tpusim run --json>
@@ -52,6 +53,7 @@ from tpusim.explore.store import (  # noqa: F401  (re-exported)
     rows_frame,
     write_rows,
 )
+from tpusim.explore.servesweep import check_serving_vary, is_serving_workload, run_serving_task
 from tpusim.explore.workers import iter_rows  # re-exported (search uses it)
 
 MAX_GRID = 2000  # configurations a sweep runs without --yes
@@ -217,6 +219,7 @@ def make_sweep(workload: str | Path, vary: dict[str, tuple], *, topology: str | 
     if not vary:
         raise TpusimError("nothing to vary: give --vary KEY=V1,V2,...", source="tpusim sweep")
     warnings = []
+    serving = is_serving_workload(raw)  # served, not stepped: tpusim.explore.servesweep
     for key, values in vary.items():
         if not values:
             raise TpusimError(f"{key} has no values", source="--vary")
@@ -226,7 +229,7 @@ def make_sweep(workload: str | Path, vary: dict[str, tuple], *, topology: str | 
             raise TpusimError(f"{key} lists {twice!r} twice; give each value once", source="--vary")
         if key == "mode" and any(v not in MODES for v in values):
             raise TpusimError(f"mode values are {' or '.join(MODES)}; got {list(values)}", source="--vary")
-        if key in SWEEP_KEYS:
+        if key in SWEEP_KEYS or serving:
             continue
         try:
             w = workload_from_dict(raw, source=source, overrides={key: values[0]})
@@ -236,6 +239,8 @@ def make_sweep(workload: str | Path, vary: dict[str, tuple], *, topology: str | 
             continue  # a bad value is a row that says why, not a refused sweep
         if key in w.ignored_keys:
             warnings.append(f"{key} does not change performance: its rows will be the same")
+    if serving:
+        warnings += check_serving_vary(raw, source, vary, SWEEP_KEYS)
     sweep = Sweep(workload=source, raw=raw, topology=topology, slices=slices, mode=mode, vary=dict(vary),
                   warnings=tuple(warnings))
     if sweep.size > limit and not yes:
@@ -264,6 +269,8 @@ def run_task(task: Task) -> dict:
     from tpusim.analysis.summary import summarize
     from tpusim.model.workload import workload_from_dict
 
+    if is_serving_workload(task.raw):
+        return run_serving_task(task, SWEEP_KEYS)
     row: dict[str, Any] = {"index": task.index, "config": task.key, **task.inputs}
     overrides = {k: v for k, v in task.inputs.items() if k not in SWEEP_KEYS}
     topology = task.inputs.get("topology", task.topology)

@@ -109,6 +109,9 @@ IGNORED: dict[str, tuple[str, str]] = {
         use_chunked_prefill enable_prefix_caching prefix_caching_hbm_byte prefix_caching_dram_byte
         enable_padding_causal_mask quantize_kvcache kv_quant_axis kv_quant_dtype mla_naive_kvcache
         vllm_hf_config_path vllm_hf_overrides vllm_additional_config"""),
+    "inference configs": ("a key MaxText's inference/ configs set beyond base.yml (JetStream's experimental "
+                          "sharding rules); tpusim serve reads the mesh from the ici_* keys", """
+        sharding_strategy"""),
     "multimodal encoders": ("used only with use_multimodal / use_audio, which are refused", """
         freeze_vision_encoder_params freeze_audio_encoder_params dtype_mm remat_policy_for_vit
         image_size_for_vit image_path video_path audio_path image_placeholder video_placeholder

@@ -343,10 +343,12 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
         base = _base_config(base_name, source)
         layers.append(("base", [(_ALIASES.get(str(k), str(k)), v, f"{k} ({base_name})") for k, v in base.items()
                                 if str(k) != "base_config"]))
-    named = [v for k, v, _ in own + over if k == "model_name"]
+    # model_name may come from the base_config chain too (MaxText's inference configs name their model)
+    named_in = [e for _, entries in layers for e in entries] + own + over
+    named = [v for k, v, _ in named_in if k == "model_name"]
     preset_name = None
     if named and named[-1] != "default":  # MaxText's sentinel for "no model file"
-        where_name = next(d for k, _, d in reversed(own + over) if k == "model_name")
+        where_name = next(d for k, _, d in reversed(named_in) if k == "model_name")
         preset_name = _typed(where_name, named[-1], str, source)
         preset = maxtext.model_file(preset_name)
         if preset is None:
@@ -419,21 +421,48 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
                     description=top.get("description", ""), ignored_keys=tuple(ignored), notes=tuple(notes))
 
 
-def _base_config(name: str, source: str) -> dict:
-    """``base_config``: a file beside the workload, else one of ``workloads/maxtext/``."""
+def maxtext_chain(name: Any, source: str) -> dict:
+    """The keys of a ``base_config`` chain (what :func:`workload_from_dict` layers under a workload's own)."""
+    if not isinstance(name, str):
+        raise TpusimError(f"{name!r} is not a file name", source=source, key="base_config")
+    return _base_config(name, source)
+
+
+@cache
+def _bundled_config(path: str) -> Any:
+    """A config of workloads/maxtext/ (package data: read once per process; a sweep loads it per row)."""
+    return read_yaml(path)
+
+
+def _base_config(name: str, source: str, depth: int = 0) -> dict:
+    """``base_config``: a file beside the file that names it, else one of ``workloads/maxtext/`` (a path
+    inside it, e.g. ``inference/inference_jetstream.yml``); its own ``base_config`` is followed the same
+    way, as MaxText does (``inference/multihost/interleaved/*.yml`` -> ``inference/inference_jetstream.yml``
+    -> ``base.yml``). The keys of the whole chain, the nearest file winning."""
     try:
+        parts = Path(name).parts
         here = Path(source).parent / name
         bundled = data_dir("workloads") / "maxtext" / name
-        path = here if here.is_file() else bundled if "/" not in name and bundled.is_file() else None
+        inside = not Path(name).is_absolute() and ".." not in parts
+        path = here if here.is_file() else bundled if inside and bundled.is_file() else None
     except (OSError, ValueError):  # a name no file system has (a NUL byte, too long)
         path = None
     if path is None:
-        raise TpusimError(f"{name!r}: no such file beside the workload or in workloads/maxtext/", source=source,
+        raise TpusimError(f"{name!r}: no such file beside {Path(source).name} or in workloads/maxtext/", source=source,
                           key="base_config")
-    data = read_yaml(path)
+    root = data_dir("workloads") / "maxtext"
+    data = _bundled_config(str(path)) if path.resolve().is_relative_to(root.resolve()) else read_yaml(path)
     if not isinstance(data, dict):
         raise TpusimError("a MaxText config is a mapping of keys to values", source=str(path))
-    return data
+    parent = data.get("base_config")
+    if parent is None:
+        return dict(data)
+    if depth >= 8:
+        raise TpusimError(f"{parent!r}: more than 8 base_config files in a chain (a loop?)", source=str(path),
+                          key="base_config")
+    if not isinstance(parent, str):
+        raise TpusimError(f"{parent!r} is not a file name", source=str(path), key="base_config")
+    return {**_base_config(parent, str(path), depth + 1), **{k: v for k, v in data.items() if k != "base_config"}}
 
 
 def _typed(key: str, value: Any, typ: type, source: str) -> Any:

@@ -59,6 +59,26 @@ def load_curve_chart(df: pd.DataFrame) -> alt.Chart:
     return (base.mark_line(point=True)).properties(width=420, height=260, title="load curve: latency against throughput")
 
 
+def latency_throughput_chart(rows: pd.DataFrame, by: str = "concurrency") -> alt.HConcatChart:
+    """The latency-throughput curve of a serving sweep (``tpusim sweep SERVE.yaml --vary concurrency=...``):
+    output tokens/s per chip against TPOT p50 (the batch filling up) and against TTFT p50 (log: the queue
+    once the slots are full), one point per ``ok`` row of ``rows`` labelled by ``by``."""
+    df = rows[rows["status"] == "ok"].assign(
+        tpot_ms=lambda d: d["tpot_s.p50"] * 1e3, ttft_ms=lambda d: d["ttft_s.p50"] * 1e3,
+        per_chip=lambda d: d["throughput.output_tokens_per_s_per_chip"])
+
+    def panel(x: str, title: str, scale: alt.Scale) -> alt.LayerChart:
+        base = alt.Chart(df).encode(x=alt.X(f"{x}:Q", title=title, scale=scale),
+                                    y=alt.Y("per_chip:Q", title="output tokens/s per chip"),
+                                    tooltip=[by, "per_chip", "tpot_ms", "ttft_ms", "bottleneck"])
+        labels = base.mark_text(align="left", dx=5, dy=-6).encode(text=alt.Text(f"{by}:N"))
+        return (base.mark_line(point=True) + labels).properties(width=300, height=240)
+
+    return alt.hconcat(panel("tpot_ms", "TPOT p50 (ms)", alt.Scale(zero=False)),
+                       panel("ttft_ms", "TTFT p50 (ms, log)", alt.Scale(type="log"))).properties(
+        title=f"latency-throughput curve (labels: {by})")
+
+
 def requests_chart(req: pd.DataFrame, n: int = 60) -> alt.Chart:
     """The first ``n`` requests as bars: queued (arrival to start), prefill (to the first token), decode."""
     r = req.sort_values("arrival_s").head(n)

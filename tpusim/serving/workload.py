@@ -32,6 +32,7 @@ which serving frameworks run as independent engines).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,13 +66,29 @@ _INFERENCE_KEYS: dict[str, tuple[type, Any]] = {
     "quantize_kvcache": (bool, False),
     "kv_quant_dtype": (str, "int8"),
     "max_context_length": (int, None),  # the model's trained context, for models without a preset
+    # MaxText's serving options (base.yml's inference group) that change what tpusim serve simulates:
+    "use_chunked_prefill": (bool, False),  # -> serving.batching.chunked_prefill, unless the batching says
+    "prefill_chunk_size": (int, None),     # -> the token budget of a chunked step, unless the batching says
+    "enable_prefix_caching": (bool, False),  # refused when true (below)
+    "multi_sampling": (bool, False),         # refused when true (below)
 }
+# MaxText serving options tpusim does not model: true is refused ("not modelled yet"), as base.yml keys are
+# for training (tpusim/model/maxtext.py); the rest of base.yml's inference group (sampling, kernels'
+# block sizes, microbenchmark and server settings) does not change the simulated steps and is ignored.
+_SERVING_REFUSED = {
+    "enable_prefix_caching": "prefix caching (a prompt whose prefix is cached skips that part of its prefill)",
+    "multi_sampling": "several samples per prompt",
+}
+# MaxText's inference_server values: the interleaved server is co-located serving; the disaggregated one
+# needs tpusim's serving.disaggregation to say how many replicas prefill and over what the KV cache moves.
+_DISAGGREGATED_SERVER = "ExperimentalMaxtextDisaggregatedServer"
 _INFERENCE_IGNORED = ("attention", "weight_dtype", "model_call_mode", "scan_layers", "tokenizer_path",
                       "inference_server", "enable_model_warmup", "checkpoint_is_quantized", "kv_quant_axis",
                       "replicate_quant_scale", "sharding_strategy", "allow_split_physical_axes")
 _SERVING_KEYS = ("seed", "requests", "arrival", "input_len", "output_len", "batching", "disaggregation",
                  "step_overhead_s")
-_TOP_KEYS = ("name", "description", "chip", "topology", "slices", "model", "inference", "sharding", "serving")
+_TOP_KEYS = ("name", "description", "chip", "topology", "slices", "base_config", "model", "inference", "sharding",
+             "serving")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -156,24 +173,99 @@ class ServeWorkload:
         return self.quantization == "int8"
 
 
+# The keys a sweep varies (``--vary KEY=...``) besides MaxText's: where each goes in the ``serving`` section.
+# ``concurrency`` / ``rate`` / ``trace`` replace the arrival (as serve's options do); ``prefill_replicas: 0``
+# removes disaggregation (co-located serving); ``input_len`` / ``output_len`` take a token count (fixed).
+SERVING_FLAT_KEYS: dict[str, tuple[str, ...]] = {
+    "concurrency": ("arrival",), "rate": ("arrival",), "trace": ("arrival",),
+    "requests": (), "seed": (), "step_overhead_s": (), "input_len": (), "output_len": (),
+    "policy": ("batching",), "max_batch": ("batching",), "token_budget": ("batching",),
+    "chunked_prefill": ("batching",), "max_prefills_per_step": ("batching",), "paged_kv": ("batching",),
+    "prefill_replicas": ("disaggregation",), "transfer": ("disaggregation",),
+}
+INFERENCE_KEYS = tuple(_INFERENCE_KEYS)
+
+
 def load_serve_workload(path: str | Path, *, rate: float | None = None, concurrency: int | None = None,
-                        trace: str | None = None, requests: int | None = None) -> ServeWorkload:
+                        trace: str | None = None, requests: int | None = None,
+                        overrides: dict[str, Any] | None = None) -> ServeWorkload:
     """Read a serving YAML; ``rate`` / ``concurrency`` / ``trace`` / ``requests`` override its ``serving``."""
     path = Path(path)
     raw = read_yaml(path)
     return serve_workload_from_dict(raw, source=str(path), rate=rate, concurrency=concurrency, trace=trace,
-                                    requests=requests)
+                                    requests=requests, overrides=overrides)
+
+
+def is_serving_workload(raw: Any) -> bool:
+    """A workload is served (``tpusim serve``, serving sweeps and searches) when it has a ``serving`` section."""
+    return isinstance(raw, dict) and "serving" in raw
+
+
+def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
+    """``raw`` with flat keys set where they belong: ``SERVING_FLAT_KEYS`` in ``serving``, MaxText's inference
+    keys in ``inference``, ``ici_*`` / ``dcn_*`` in ``sharding``, any other key in ``model`` (the model
+    loader then says whether MaxText knows it)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    maxtext_style = "base_config" in raw
+    overrides = dict(overrides)
+    if ({"ici_tensor_parallelism", "ici_expert_parallelism"} & set(overrides) and "ici_data_parallelism" not in overrides
+            and -1 not in (overrides.get("ici_tensor_parallelism"), overrides.get("ici_expert_parallelism"))):
+        overrides["ici_data_parallelism"] = -1  # a replica of another size: the replicas are the rest of the slice
+    for key, value in overrides.items():
+        if key in SERVING_FLAT_KEYS:
+            srv = out["serving"] = dict(out.get("serving") or {})
+            where = SERVING_FLAT_KEYS[key]
+            if where == ("arrival",):
+                srv["arrival"] = {key: value}
+            elif where == ("disaggregation",):
+                if key == "prefill_replicas" and value == 0:
+                    srv.pop("disaggregation", None)
+                    continue
+                srv["disaggregation"] = {**(srv.get("disaggregation") or {}), key: value}
+            elif where:
+                srv[where[0]] = {**(srv.get(where[0]) or {}), key: value}
+            else:
+                srv[key] = value
+        elif maxtext_style:
+            out[key] = value  # flat, as MaxText's command line sets it
+        else:
+            section = ("inference" if key in _INFERENCE_KEYS or key in _INFERENCE_IGNORED else
+                       "sharding" if key.startswith(("ici_", "dcn_")) else "model")
+            out[section] = {**(out.get(section) or {}), key: value}
+    return out
 
 
 def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None, concurrency: int | None = None,
-                             trace: str | None = None, requests: int | None = None) -> ServeWorkload:
+                             trace: str | None = None, requests: int | None = None,
+                             overrides: dict[str, Any] | None = None) -> ServeWorkload:
+    """A serving workload from its mapping. With ``base_config`` (a MaxText config, e.g. one of
+    ``workloads/maxtext/inference/``) the file may set MaxText's keys flat, as MaxText's command line
+    does: its inference keys (and the chain's) are read here, the other keys go to the model loader,
+    which models, ignores or refuses each as for training (:mod:`tpusim.model.maxtext`)."""
     if not isinstance(raw, dict):
         raise TpusimError("a serving workload is a mapping of keys to values", source=source)
+    if overrides:
+        raw = with_overrides(raw, overrides)
+    maxtext_style = "base_config" in raw
+    chain: dict[str, Any] = {}
+    flat: dict[str, Any] = {}
     for key in raw:
-        if key not in _TOP_KEYS:
-            raise TpusimError(unknown_key_reason(str(key), _TOP_KEYS), source=source, key=str(key))
-    inf = _section(raw, "inference", source)
-    ignored = []
+        if key in _TOP_KEYS:
+            continue
+        if not maxtext_style:
+            raise TpusimError(unknown_key_reason(str(key), _TOP_KEYS) + " (MaxText's flat keys need base_config)",
+                              source=source, key=str(key))
+        flat[str(key)] = raw[key]
+    if maxtext_style:
+        from tpusim.model.workload import maxtext_chain
+
+        chain = maxtext_chain(raw["base_config"], source)
+    inf = {**{k: chain[k] for k in _INFERENCE_KEYS if k in chain},
+           **{k: flat.pop(k) for k in list(flat) if k in _INFERENCE_KEYS}, **_section(raw, "inference", source)}
+    server = flat.get("inference_server", chain.get("inference_server"))
+    ignored = [k for k in list(flat) if k in _INFERENCE_IGNORED]
+    for k in ignored:
+        del flat[k]
     values: dict[str, Any] = {}
     for key, v in inf.items():
         if key in _INFERENCE_IGNORED:
@@ -181,10 +273,17 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
             continue
         if key not in _INFERENCE_KEYS:
             raise TpusimError(unknown_key_reason(str(key), _INFERENCE_KEYS), source=source, key=f"inference.{key}")
+        if key == "quantization" and v == "bf16":
+            v = ""
         values[key] = _typed(v, _INFERENCE_KEYS[key][0], source, f"inference.{key}")
     for key, (_, default) in _INFERENCE_KEYS.items():
         values.setdefault(key, default)
-    sharding = dict(_section(raw, "sharding", source))
+    for key, what in _SERVING_REFUSED.items():
+        if values[key]:
+            raise TpusimError(f"{values[key]!r}: not modelled yet for serving ({what}); MaxText's default is false",
+                              source=source, key=key if maxtext_style else f"inference.{key}")
+    sharding = {**{k: flat.pop(k) for k in list(flat) if k.startswith(("ici_", "dcn_"))},
+                **_section(raw, "sharding", source)}
     for axis in ("fsdp", "sequence"):
         if sharding.get(f"ici_{axis}_parallelism", 1) != 1:
             raise TpusimError(f"ici_{axis}_parallelism is not modelled for serving (use tensor, expert and data)",
@@ -194,10 +293,14 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
         sharding["ici_tensor_parallelism"] = -1  # one replica over the whole slice
     elif sharding.get("ici_tensor_parallelism") != -1:
         sharding.setdefault("ici_data_parallelism", -1)
+    if maxtext_style:
+        sharding.setdefault("dcn_data_parallelism", 1)
     step = {"per_device_batch_size": values["per_device_batch_size"] or 1.0,
             "max_target_length": values["max_target_length"], "dtype": values["dtype"], "weight_dtype": values["dtype"]}
-    top = {k: raw[k] for k in ("name", "description", "chip", "topology", "slices") if k in raw}
-    w = workload_from_dict({**top, "model": _section(raw, "model", source), "step": step, "sharding": sharding},
+    if maxtext_style:  # the chain's attention kernel (vllm_rpa, ...) is a serving kernel: the serving step
+        step["attention"] = "dot_product"  # costs attention itself, so the training loader must not judge it
+    top = {k: raw[k] for k in ("name", "description", "chip", "topology", "slices", "base_config") if k in raw}
+    w = workload_from_dict({**top, **flat, "model": _section(raw, "model", source), "step": step, "sharding": sharding},
                            source=source)
     m = w.model
     unmodelled = [what for what, on in (("multi-head latent attention", m.attention_type == "mla"),
@@ -240,7 +343,13 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
     inp = _dist(srv.get("input_len", {"dist": "sharegpt"}), source, "serving.input_len")
     out = _dist(srv.get("output_len", {"dist": "sharegpt"}), source, "serving.output_len")
     batching = _batching(srv.get("batching", {}), source)
+    if values["use_chunked_prefill"] and "chunked_prefill" not in (srv.get("batching") or {}):
+        batching = dataclasses.replace(batching, chunked_prefill=True,
+                                       token_budget=batching.token_budget or values["prefill_chunk_size"] or 0)
     disagg = _disaggregation(srv.get("disaggregation"), source)
+    if server == _DISAGGREGATED_SERVER and disagg is None:
+        raise TpusimError(f"{server}: MaxText's disaggregated server: say how in serving.disaggregation "
+                          "(prefill_replicas: N, transfer: ici|dcn)", source=source, key="inference_server")
     overhead = _typed(srv.get("step_overhead_s", 0.0), float, source, "serving.step_overhead_s")
     if overhead < 0:
         raise TpusimError(f"{overhead} must be >= 0", source=source, key="serving.step_overhead_s")
