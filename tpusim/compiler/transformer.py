@@ -17,6 +17,7 @@ collectives sit on the critical path (libtpu's default compile of FSDP x TP has 
 
 from __future__ import annotations
 
+from tpusim.compiler import zero
 from tpusim.compiler.shapes import Shapes
 from tpusim.model.mesh import Mesh
 from tpusim.compiler.memory import layer_activation_bytes
@@ -162,7 +163,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             return
         if accumulate > 1:  # the all-reduce moves the accumulator, in the parameters' dtype (zeros_like)
             nbytes = nbytes / ab * sh.weight_bytes
-        ar = b.collective(f"all-reduce/{name}", "all-reduce", v=nbytes / shards, mesh_axes=data_axes, layer=layer,
+        kind = zero.grad_reduction_kind(sh)  # ZeRO-1/2: each device keeps only its shard of the sum
+        ar = b.collective(f"{kind}/{name}", kind, v=nbytes / shards, mesh_axes=data_axes, layer=layer,
                           phase="backward", deps=(rs if rs is not None else wgrad,))
         grad_syncs.append(ar if ar is not None else rs)
         if ar is not None and mesh.size("dcn_data") > 1:
@@ -339,7 +341,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         elementwise(f"{p}/attn_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
 
     # ---- forward ---------------------------------------------------------------------------------
-    if sh.weight_bytes > ab:  # f32 master weights: this device's shard is cast to bf16 once, before
+    if sh.weight_bytes > ab and not sh.zero_stage:  # f32 master weights: this device's shard is cast to bf16 once, before
         # anything is gathered (XLA converts before the all-gather, which then moves half the bytes)
         b.compute("weight_cast", "elementwise", flops=CAST_FLOPS * local_params,
                   hbm=(sh.weight_bytes + ab) * local_params, layer=-1, phase="forward")
@@ -430,13 +432,12 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
 
     # ---- optimizer: waits for every gradient reduction -------------------------------------------
     b.wait(*grad_syncs)
-    wb = sh.weight_bytes
     if w.step.optimizer in ("adam", "adamw"):  # read p, g, m, v; write p, m, v
-        flops, nbytes = ADAM_FLOPS_PER_PARAM, 3 * wb + 4 * w.step.moment_bytes
+        flops, moments = ADAM_FLOPS_PER_PARAM, 2 * w.step.moment_bytes
     elif w.step.optimizer == "adafactor":  # factored second moment: roughly p, g in, p out
-        flops, nbytes = ADAM_FLOPS_PER_PARAM, 3 * wb
+        flops, moments = ADAM_FLOPS_PER_PARAM, 0
     else:
-        flops, nbytes = SGD_FLOPS_PER_PARAM, 3 * wb
-    b.compute(f"optimizer/{w.step.optimizer}", "optimizer", flops=flops * local_params, hbm=nbytes * local_params,
-              phase="optimizer")
+        flops, moments = SGD_FLOPS_PER_PARAM, 0
+    # (ZeRO-1/2: on this device's 1/N, then the compute copy all-gathered over the data axes)
+    zero.optimizer(b, w, sh, local_params, flops_per_param=flops, moment_bytes_per_param=moments)
     return b.ops
