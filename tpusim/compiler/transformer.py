@@ -17,7 +17,7 @@ collectives sit on the critical path (libtpu's default compile of FSDP x TP has 
 
 from __future__ import annotations
 
-from tpusim.compiler import zero
+from tpusim.compiler import quant, zero
 from tpusim.compiler.shapes import Shapes
 from tpusim.model.mesh import Mesh
 from tpusim.compiler.memory import layer_activation_bytes
@@ -59,12 +59,12 @@ class _Builder:
         self._pending += [i for i in idx if i is not None]
 
     def compute(self, name, category, *, flops, hbm, layer=-1, phase="forward", mxu=None, recompute=False,
-                deps=(), vpu=0.0) -> int:
+                deps=(), vpu=0.0, mxu_dtype="") -> int:
         idx = len(self.ops)
         all_deps = tuple(dict.fromkeys([*self._pending, *(d for d in deps if d is not None)]))
         self.ops.append(Op(index=idx, name=self.prefix + name, stream=COMPUTE, category=category, layer=layer, phase=phase,
                            flops=float(flops), hbm_bytes=float(hbm), mxu_shape=mxu, deps=all_deps,
-                           recompute=recompute, vpu_flops=float(vpu)))
+                           recompute=recompute, vpu_flops=float(vpu), mxu_dtype=mxu_dtype))
         self._pending = []
         self.last_compute = idx
         return idx
@@ -171,6 +171,10 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             dcn_grad_syncs.setdefault(layer if layer >= 0 else L, []).append(ar)
 
     def matmul(name, m_, k_, n_, *, layer, phase, weight=None, recompute=False):
+        q = quant.quantized(w, name)  # AQT: an 8-bit matmul after quantizing its operands
+        if q:
+            return quant.quantized_matmul(b, name, m_, k_, n_, dtype=q, act_bytes=ab, layer=layer, phase=phase,
+                                          recompute=recompute, deps=(weight,))
         return b.compute(name, "matmul", flops=2 * m_ * k_ * n_, hbm=ab * (m_ * k_ + k_ * n_ + m_ * n_),
                          mxu=(int(m_), int(k_), int(n_)), layer=layer, phase=phase, recompute=recompute,
                          deps=(weight,))
