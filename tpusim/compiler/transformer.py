@@ -17,7 +17,7 @@ collectives sit on the critical path (libtpu's default compile of FSDP x TP has 
 
 from __future__ import annotations
 
-from tpusim.compiler import quant, zero
+from tpusim.compiler import context, quant, zero
 from tpusim.compiler.shapes import Shapes
 from tpusim.model.mesh import Mesh
 from tpusim.compiler.memory import layer_activation_bytes
@@ -185,6 +185,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
                          layer=layer, phase=phase, recompute=recompute)
 
     tok, d, t_full = sh.tok, sh.d, sh.seq_len
+    context.check(w, mesh)
+    ring = context.ring(w, mesh)  # context_parallel_strategy: ring (else K, V all-gathered)
     causal_exec = 0.5 if w.step.flash else 1.0  # a causal flash kernel skips the masked half
     attn_fwd_flops = 2 * tok * t_full * sh.heads * (qk_dim + v_dim) * causal_exec  # QK^T and PV
     scores = tok * t_full * sh.heads * causal_exec  # attention scores computed on this device
@@ -212,16 +214,21 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
                 matmul(f"{p}/{name}", tok, k_, n_, layer=layer, phase=phase, weight=weights[name],
                        recompute=recompute)
         elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
-        for kv in ("k", "v"):
-            b.wait(b.collective(f"all-gather/{p}/{kv}_context", "all-gather", v=sh.seqs * t_full * kv_width * ab,
-                                mesh_axes=("sequence",), layer=layer, phase=phase))
-        r = span(layer)
+        kv_bytes = sh.seqs * t_full * kv_width * ab  # one of K, V over the whole sequence
+        if not ring:
+            for kv in ("k", "v"):
+                b.wait(b.collective(f"all-gather/{p}/{kv}_context", "all-gather", v=kv_bytes,
+                                    mesh_axes=("sequence",), layer=layer, phase=phase))
+        r = span(layer) * context.imbalance(w, sh.sp, local_layer=m.is_local(layer))
         attn_hbm = ab * (2 * tok * q_width + 2 * sh.seqs * t_full * kv_width * r)
         if not w.step.flash:  # dense: QK^T writes f32 scores and PV reads bf16 probabilities through HBM
             attn_hbm += DENSE_SCORE_BYTES_MXU * scores
-        b.compute(f"{p}/attention", "attention", flops=attn_fwd_flops * r, hbm=attn_hbm, layer=layer, phase=phase,
-                  mxu=(int(tok), qk_dim, t_full), recompute=recompute,
-                  vpu=FLASH_VPU_OPS_FWD * scores * r if w.step.flash else 0.0)
+        attn = dict(flops=attn_fwd_flops * r, hbm=attn_hbm, layer=layer, phase=phase, mxu=(int(tok), qk_dim, t_full),
+                    recompute=recompute, vpu=FLASH_VPU_OPS_FWD * scores * r if w.step.flash else 0.0)
+        if ring:
+            context.ring_forward(b, p, n=sh.sp, kv_bytes=kv_bytes, **attn)
+        else:
+            b.compute(f"{p}/attention", "attention", **attn)
         if not w.step.flash and not recompute:  # ... and a softmax between them on the VPU (XLA's
             # separate fusions; when rematerialised, XLA fuses it into the softmax backward)
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_FWD, nbytes=1, **ew)
@@ -327,15 +334,18 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         ratio = FLASH_BWD_OVER_FWD if w.step.flash else DENSE_BWD_OVER_FWD
         if not w.step.flash:  # dense softmax backward: dS = P (dP - rowsum(dP P)), through HBM
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_BWD, nbytes=1, **ew)
-        r = span(layer)
-        b.compute(f"{p}/attention", "attention", flops=ratio * attn_fwd_flops * r,
-                  hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width * r), layer=layer,
-                  phase="backward", mxu=(int(tok), qk_dim, t_full),
-                  vpu=FLASH_VPU_OPS_BWD * scores * r if w.step.flash else 0.0)
-        for kv in ("k", "v"):
-            b.wait(b.collective(f"reduce-scatter/{p}/{kv}_context", "reduce-scatter",
-                                v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,
-                                phase="backward"))
+        r = span(layer) * context.imbalance(w, sh.sp, local_layer=m.is_local(layer))
+        attn = dict(flops=ratio * attn_fwd_flops * r, hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width * r),
+                    layer=layer, mxu=(int(tok), qk_dim, t_full),
+                    vpu=FLASH_VPU_OPS_BWD * scores * r if w.step.flash else 0.0)
+        if ring:
+            context.ring_backward(b, p, n=sh.sp, kv_bytes=sh.seqs * t_full * kv_width * ab, **attn)
+        else:
+            b.compute(f"{p}/attention", "attention", phase="backward", **attn)
+            for kv in ("k", "v"):
+                b.wait(b.collective(f"reduce-scatter/{p}/{kv}_context", "reduce-scatter",
+                                    v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,
+                                    phase="backward"))
         elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
         for name, k_, n_ in attn_in:  # (GQA: q, k, v, the order libtpu's compile runs them)
             backward_matmul(p, name, tok, k_, n_, layer=layer, weight=weights[name], wshape=ws[name][:2],
