@@ -133,3 +133,39 @@ def test_zero2_needs_zero1():
         workload_from_dict({"model_name": "llama3-8b", "per_device_batch_size": 1, "shard_gradients_over_data": True},
                            source="w.yaml")
     assert e.value.key == "shard_gradients_over_data" and "shard_optimizer_over_data" in e.value.reason
+
+
+def test_the_collectives_are_libtpus_compile():
+    """libtpu's AOT compile of a 2-layer MLP over data 8 on v5e:2x4 (traces/aot_zero.py, jax 0.10.2,
+    libtpu 0.0.42.1): bytes per parameter moved by each kind (whole arrays: an all-gather's result,
+    a reduce-scatter's or all-reduce's operand). DP all-reduces the bf16 gradient (2 B); with a bf16
+    compute copy and f32 master weights sharded with the moments (tpusim's ZeRO-1), XLA reduce-scatters
+    the bf16 gradient and all-gathers the new bf16 copy (2 + 2 B), as tpusim's program does."""
+    import json
+    from pathlib import Path
+
+    aot = json.loads((Path(__file__).parent.parent / "traces" / "xla_aot_zero.json").read_text())
+    params = 4 * 1024 * 4096
+
+    def per_param(colls) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for c in colls:
+            full = c["operand_bytes"] * (c["group_size"] if c["kind"] == "all-gather" else 1)
+            out[c["kind"]] = out.get(c["kind"], 0.0) + full * c["executed"] / params
+        return out
+
+    def ours(stage) -> dict[str, float]:
+        w, prog, psi = _compile(stage)
+        m = w.model
+        norms = m.num_layers * m.norm_params_per_layer + m.d_model  # (not reduced: see the traffic test)
+        out: dict[str, float] = {}
+        for op in prog.ops:
+            if op.stream == "collective":
+                out[op.category] = out.get(op.category, 0.0) + op.bytes
+        return {k: v / (psi if k == "all-gather" else psi - norms) for k, v in out.items()}
+
+    assert per_param(aot["dp"]) == pytest.approx({"all-reduce": 2.0}) == ours("dp")
+    assert per_param(aot["zero1_compute_copy"]) == pytest.approx({"reduce-scatter": 2.0, "all-gather": 2.0})
+    assert ours("zero1") == pytest.approx({"reduce-scatter": 2.0, "all-gather": 2.0})
+    # With the f32 parameters left replicated (only the moments sharded), XLA gathers f32: 4 B.
+    assert per_param(aot["zero1_replicated_params"]) == pytest.approx({"reduce-scatter": 2.0, "all-gather": 4.0})

@@ -27,6 +27,8 @@ moments, casts them to the compute dtype, and all-gathers the compute copy over 
 the optimizer, exposed (the next step's forward needs all of it). ZeRO-1 and ZeRO-2 are the same
 program; ZeRO-1 holds the backward's whole gradient buffer (XLA's scan writes every layer's gradient
 at the compute copy's sharding before the reduce-scatters read it), ZeRO-2 only the shards.
+libtpu compiles exactly that for a bf16 copy beside sharded f32 master weights and moments
+(``traces/aot_zero.py``: reduce-scatter of the bf16 gradient, all-gather of the new bf16 copy).
 Traffic per device, as ring all-reduce equivalents: DP 2 Psi, ZeRO-1/2 Psi + Psi = 2 Psi, ZeRO-3
 3 Psi (the Playbook's figures).
 
