@@ -97,3 +97,26 @@ def test_other_aqt_modes_are_not_modelled_yet(value):
     with pytest.raises(TpusimError) as e:
         _prog(V5E, value)
     assert e.value.key == "quantization" and "not modelled yet" in e.value.reason
+
+
+def test_fsdp_gathers_the_quantized_weights_as_libtpu_does_it():
+    """libtpu's AOT compile (traces/aot_int8.py: 2-layer MLP, fsdp 8 on v5e:2x4, hand-written
+    AQT-style int8 forward / dgrad / wgrad; jax 0.10.2, libtpu 0.0.42.1): the bf16 step gathers bf16
+    weights; the int8 step has only int32-accumulating matmuls and moves the weights as int8 shards
+    (1 B per element: 1024 x 4096 / 8 bytes each), no bf16 gather. tpusim gathers quantized
+    projections at 1 B per element, the rest (embedding, router) at 2."""
+    import json
+    from pathlib import Path
+
+    aot = json.loads((Path(__file__).parent.parent / "traces" / "xla_aot_int8.json").read_text())
+    assert set(aot["bf16"]["matmuls"]) == {"->bf16"} and set(aot["int8"]["matmuls"]) == {"->s32"}
+    shard = 1024 * 4096 // 8
+    assert {c["operand_bytes"] for c in aot["bf16"]["collectives"] if c["kind"] == "all-gather"} == {2 * shard}
+    moved = {c["operand_bytes"] for c in aot["int8"]["collectives"] if c["kind"] in ("all-gather", "collective-permute")
+             and c["operand_bytes"] >= 1024}
+    assert moved == {shard}
+    topo = parse_topology("v5p:2x2x2")
+    q, bf16 = _prog(topo, "int8"), _prog(topo)
+    for name in ("all-gather/layer_0/forward/mlp_up", "all-gather/layer_1/backward/q_proj"):
+        assert _op(q, name).bytes * 2 == _op(bf16, name).bytes
+    assert _op(q, "all-gather/embedding").bytes == _op(bf16, "all-gather/embedding").bytes

@@ -20,7 +20,11 @@ Per quantized matmul (M, K, N), dynamic (per-step) quantization with per-channel
   figures), and dequantizes its int32 accumulator in its epilogue (``DEQUANT_VPU_OPS`` per output
   element: convert, scale) alongside the MXU work, writing the compute dtype.
 
-Weights, gradients, optimizer state and saved activations keep their dtypes (AQT's training mode
+Under FSDP the 8-bit operand is what moves: libtpu quantizes each device's shard of a weight (after
+a tiny all-gather of the per-channel max) and gathers 1-byte shards, for the forward and again for
+the dgrad (``traces/aot_int8.py``: int8 weight shards in collective-permutes of windowed einsums,
+no bf16 gather left); :func:`gathered_bytes`. The quantize op still counts the whole gathered weight
+(an upper bound on that VPU work). Weights, gradients, optimizer state and saved activations keep their dtypes (AQT's training mode
 quantizes on the fly; its int8 checkpoints are for serving). Chips without an fp8 MXU mode (every TPU
 here but TPU7x) refuse fp8: see :func:`check_chip`.
 """
@@ -64,6 +68,11 @@ def quantized(w: Workload, name: str) -> str:
     if weight not in QUANTIZED_WEIGHTS or (parts[-1] == "wgrad" and not w.step.quantize_wgrad):
         return ""
     return q
+
+
+def gathered_bytes(w: Workload, weight: str, act_bytes: int) -> int:
+    """Bytes per element of a weight's FSDP all-gather: 1 once its matmuls are quantized."""
+    return QUANTIZED_BYTES if quantized(w, weight) else act_bytes
 
 
 def quantized_matmul(b, name: str, m_: float, k_: float, n_: float, *, dtype: str, act_bytes: int, layer: int,

@@ -143,7 +143,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         return ws
 
     def gather_weights(layer: int, phase: str, deps) -> dict[str, int | None]:
-        return {name: b.collective(f"all-gather/layer_{layer}/{phase}/{name}", "all-gather", v=k * n * ab,
+        return {name: b.collective(f"all-gather/layer_{layer}/{phase}/{name}", "all-gather",
+                                   v=k * n * quant.gathered_bytes(w, name, ab),
                                    mesh_axes=axes, layer=layer, phase=phase, deps=deps)
                 for name, k, n, axes in layer_weights(layer)}
 
