@@ -112,3 +112,21 @@ def test_tensor_parallelism_is_the_playbooks_sequence_parallel_tp():
     assert all(op.bytes == tok * w.model.d_model * 2 for op in fwd)
     norm = next(op for op in prog.ops if op.name == "layer_0/fwd/attn_norm")
     assert norm.hbm_bytes == 2 * tok * w.model.d_model / y * 2
+
+
+def test_tensor_sequence_is_tensor_parallelism_with_the_sequence_split():
+    """MaxText's ici_tensor_sequence_parallelism: the same program as tensor parallelism of that size
+    (the weights split alike, the activations' all-gather / reduce-scatter the same bytes)."""
+    topo = parse_topology("v5p:4x2x1")
+    base = {"model_name": "llama3-8b", "per_device_batch_size": 1, "max_target_length": 2048,
+            "base_num_decoder_layers": 2}
+
+    def prog(**sharding):
+        return compile_program(workload_from_dict({**base, **sharding}, source="ts"), topo, check_memory=False)
+
+    tp4 = prog(ici_tensor_parallelism=4)
+    assert prog(ici_tensor_sequence_parallelism=4).ops == tp4.ops
+    assert prog(ici_tensor_parallelism=2, ici_tensor_sequence_parallelism=2).ops == tp4.ops
+    with pytest.raises(TpusimError) as e:
+        prog(ici_tensor_parallelism=-1, ici_tensor_sequence_parallelism=2)
+    assert e.value.key == "ici_tensor_parallelism"

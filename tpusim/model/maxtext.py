@@ -202,7 +202,7 @@ NOTED: dict[str, tuple[str, str]] = {
 # A value other than base.yml's is refused: ignoring it would give a wrong answer.
 REFUSED: dict[str, tuple[str, str]] = {
     "parallelism": ("mesh axes tpusim does not place yet", """
-        ici_pipeline_parallelism dcn_pipeline_parallelism ici_tensor_sequence_parallelism
+        ici_pipeline_parallelism dcn_pipeline_parallelism
         dcn_tensor_sequence_parallelism dcn_tensor_parallelism dcn_sequence_parallelism dcn_expert_parallelism
         ici_fsdp_transpose_parallelism dcn_fsdp_transpose_parallelism ici_context_usp_ulysses_parallelism
         dcn_context_usp_ulysses_parallelism ici_context_autoregressive_parallelism

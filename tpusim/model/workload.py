@@ -298,6 +298,7 @@ _SHARDING_KEYS: dict[str, tuple[type, Any]] = {
     "physical_axes": (dict, None),
     "shard_optimizer_over_data": (bool, False),
     "shard_gradients_over_data": (bool, False),  # tpusim's: ZeRO-2 (MaxText has no key for it)
+    "ici_tensor_sequence_parallelism": (int, 1),  # folded into tensor (see _parallelism)
 }
 _TOP_KEYS = {"name": str, "description": str, "chip": str, "topology": str, "slices": int, "base_config": str}
 _SECTIONS = {"model": _MODEL_KEYS, "step": _STEP_KEYS, "sharding": _SHARDING_KEYS}
@@ -598,6 +599,15 @@ def _not_yet(values, key, choices, source, where):
 
 def _parallelism(values, source, where) -> Parallelism:
     ici = {a: _positive(values, f"ici_{a}_parallelism", source, where, allow_minus_one=True) for a in MESH_AXES}
+    # MaxText's tensor_sequence axis is tensor parallelism whose activations between blocks are split
+    # on the sequence (the Playbook's sequence parallelism) where tensor's are split on D: the same
+    # weights' split and the same all-gather / reduce-scatter bytes, so it is folded into tensor.
+    ts = _positive(values, "ici_tensor_sequence_parallelism", source, where)
+    if ts > 1:
+        if ici["tensor"] == -1:
+            raise TpusimError("give ici_tensor_parallelism a size (not -1) beside ici_tensor_sequence_parallelism",
+                              source=source, key=where.get("ici_tensor_parallelism", "ici_tensor_parallelism"))
+        ici["tensor"] *= ts
     dcn = {a: _positive(values, f"dcn_{a}_parallelism", source, where, allow_minus_one=True) for a in DCN_AXES}
     for name, sizes in (("ici", ici), ("dcn", dcn)):
         if sum(1 for v in sizes.values() if v == -1) > 1:
