@@ -11,7 +11,7 @@ README). Each key is one of:
 - **noted**: it changes performance a little (kernel tile sizes, numerics, fusions) and tpusim does
   not model it: accepted, with a note naming it when it differs from base.yml's default;
 - **refused**: it changes performance a lot and tpusim does not model it yet (pipeline stages,
-  quantized matmuls, multimodal encoders, ...): a value other than base.yml's default is refused
+  multimodal encoders, ...): a value other than base.yml's default is refused
   with "not modelled yet", since ignoring it would give a wrong answer.
 
 Only a key in none of these (nor in a model file) is an "unknown key" with a suggestion. The
