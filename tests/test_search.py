@@ -127,3 +127,34 @@ def test_cli_search(book_case):
     assert payload["counts"]["simulated"] <= 4 + 1 and len(payload["top"]) == 1
     bad = CliRunner().invoke(main, ["search", str(book_case), "--remat", "fast"])
     assert bad.exit_code == 2 and "--remat" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+GA_CASE = {"name": "ga_case", "model_name": "llama3-8b", "chip": "v5p", "topology": "v5p:2x2x2",
+           "per_device_batch_size": 8, "max_target_length": 4096, "remat_policy": "none"}
+
+
+def test_plans_that_do_not_fit_are_tried_with_gradient_accumulation(tmp_path):
+    """A plan whose activations overflow HBM gets the fewest microbatches that fit; its memory is the
+    compiler's (one microbatch's activations beside an f32 accumulator), and with fewer it would not fit."""
+    from dataclasses import replace
+
+    from tpusim.api import workload_and_topology
+    from tpusim.compiler import compile_program
+    from tpusim.errors import InfeasibleError
+
+    path = tmp_path / "ga.yaml"
+    path.write_text(yaml.safe_dump(GA_CASE))
+    found = plans(path, keep_global_batch=True, remat=("none",))
+    accumulated = [p for p in found["plans"].values() if p["overrides"].get("gradient_accumulation_steps", 1) > 1]
+    assert accumulated
+    for p in accumulated[:3]:
+        ov = p["overrides"]
+        w, topo = workload_and_topology(workload_from_dict(GA_CASE, source=str(path), overrides=ov))
+        prog = compile_program(w, topo)
+        assert prog.memory.total / topo.chip.hbm_bytes == pytest.approx(p["hbm_fraction"], rel=1e-9)
+        fewer = replace(w, step=replace(w.step, gradient_accumulation_steps=ov["gradient_accumulation_steps"] // 2))
+        with pytest.raises(InfeasibleError):
+            compile_program(fewer, topo)
+    row = run_task(Task(index=0, key="k", raw=GA_CASE, source=str(path), topology="v5p:2x2x2", slices=1,
+                        mode="calibrated", inputs=accumulated[0]["overrides"]))
+    assert row["status"] == "ok"

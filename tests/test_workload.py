@@ -47,7 +47,7 @@ def test_maxtext_defaults_and_ignored_keys():
     ({**BASE, "step": {"per_device_batch_size": 1, "remat_policy": "some"}}, "step.remat_policy", "not one of"),
     ({**BASE, "sharding": {"ici_fsdp_parallelism": -1, "ici_data_parallelism": -1}}, "ici_*_parallelism", "only one"),
     ({**BASE, "sharding": {"ici_tensor_parallelism": 0}}, "sharding.ici_tensor_parallelism", "positive"),
-    ({**BASE, "quantization": "int8"}, "quantization", "not modelled yet"),
+    ({**BASE, "quantization": "intmp"}, "quantization", "not modelled yet"),
     ({**BASE, "sharding": {"physical_axes": {"tensr": "x"}}}, "physical_axes.tensr", "unknown mesh axis"),
     ({"model": {"base_emb_dim": 64, "base_num_query_heads": 8, "base_num_kv_heads": 3, "base_mlp_dim": 128,
                 "base_num_decoder_layers": 2}, "step": {"per_device_batch_size": 1}}, "model.base_num_kv_heads", "GQA"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from tpusim.compiler import quant
 from tpusim.compiler.memory import peak_memory
 from tpusim.compiler.shapes import Shapes, derive_shapes
 from tpusim.compiler.transformer import build_ops
@@ -89,6 +90,7 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     in HBM and ``check_memory`` is set.
     """
     _check_modelled(w)
+    quant.check_chip(w, topo.chip)
     mesh = mesh or resolve_mesh(w.parallelism, topo, source=w.source)
     devices = topo.num_chips
     sh = derive_shapes(w, mesh, devices)

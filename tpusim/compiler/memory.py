@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from tpusim.compiler import zero
 from tpusim.compiler.shapes import OFFLOADED_TENSORS, Shapes
 from tpusim.sim.program import Memory
 from tpusim.model.workload import Workload
@@ -113,7 +114,8 @@ def peak_memory(w: Workload, sh: Shapes, *, local_params: float, gathered_layer_
     residuals = layer_residual_bytes(w, sh)
     if sh.saved is None:
         kept_layer = residuals
-        if wb > sh.act_bytes:  # the compute-dtype copies of the weights are residuals too
+        if wb > sh.act_bytes and not sh.zero_stage:  # the compute-dtype copies of the weights are residuals
+            # too (ZeRO-1/2 keep one copy for the whole step: counted in params)
             kept_layer += (local_params / L) * sh.act_bytes
         backward = 0.0
     else:
@@ -124,7 +126,10 @@ def peak_memory(w: Workload, sh: Shapes, *, local_params: float, gathered_layer_
     logits = 2 * sh.tok * sh.vocab * sh.act_bytes / s.num_vocab_tiling
     working = max(backward, logits)
     del gathered_layer_params, gathered_table_params, fsdp  # see the module's docstring
-    mem = Memory(params=local_params * wb, grads=local_params * wb, optimizer=local_params * opt,
+    params, grads, optimizer = zero.state_bytes(sh, local_params, opt_bytes_per_param=opt)
+    if s.optimizer_memory_host_offload:  # the moments come back to HBM only for the optimizer
+        optimizer = zero.host_offload_excess(optimizer, L * kept_layer, working)
+    mem = Memory(params=params, grads=grads, optimizer=optimizer,
                  activations=L * kept_layer, working=working, gathered_weights=0.0)
     if capacity_bytes is not None and mem.total > capacity_bytes:
         widest = max(_widths(w, sh).values()) * sh.act_bytes

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from tpusim.errors import TpusimError
 from tpusim.model.mesh import Mesh
-from tpusim.model.workload import Workload
+from tpusim.model.workload import Parallelism, Workload
 
 # Remat policies: which matmul outputs a layer keeps for the backward pass (MaxText's names).
 # "input" is the layer's input, kept by every policy but "none" (which keeps everything).
@@ -30,6 +30,14 @@ OFFLOADED_TENSORS = {
     "qkv_proj_offloaded": ("q_proj", "k_proj", "v_proj"),
     "custom": ("input", "q_proj", "k_proj", "v_proj", "o_proj"),
 }
+
+
+def zero_stage(par: Parallelism, data_shards: int) -> int:
+    """0 (DP: weights, gradients and optimizer state replicated over the data axes), 1 (MaxText's
+    shard_optimizer_over_data) or 2 (tpusim's shard_gradients_over_data); 0 without data parallelism."""
+    if data_shards == 1 or not par.shard_optimizer_over_data:
+        return 0
+    return 2 if par.shard_gradients_over_data else 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -59,6 +67,8 @@ class Shapes:
     saved: tuple[str, ...] | None  # matmuls whose outputs remat keeps; None = keep everything (no remat)
     ff_dense: int = 0          # local MLP width of the dense layers of an MoE model (first_num_dense_layers, ...)
     ff_shared: int = 0         # local width of the shared experts, side by side (shared_experts x F_moe / tensor)
+    data_shards: int = 1       # devices of the data axes (ici x dcn data): replicas of the weights
+    zero_stage: int = 0        # ZeRO over the data axes: 0 (plain DP), 1 or 2 (tpusim.compiler.zero)
 
 
 def derive_shapes(w: Workload, mesh: Mesh, devices: int) -> Shapes:
@@ -107,4 +117,5 @@ def derive_shapes(w: Workload, mesh: Mesh, devices: int) -> Shapes:
                   vocab=math.ceil(m.vocab_size / tp), tp=tp, sp=sp, ep=ep, experts_local=experts_local,
                   topk=m.experts_per_token, act_bytes=s.act_bytes, weight_bytes=s.weight_bytes,
                   weight_shards=weight_shards, expert_weight_shards=expert_weight_shards, saved=saved,
-                  ff_dense=ff_dense, ff_shared=ff_shared)
+                  ff_dense=ff_dense, ff_shared=ff_shared, data_shards=mesh.size("data", "dcn_data"),
+                  zero_stage=zero_stage(w.parallelism, mesh.size("data", "dcn_data")))

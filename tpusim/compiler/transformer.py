@@ -17,6 +17,7 @@ collectives sit on the critical path (libtpu's default compile of FSDP x TP has 
 
 from __future__ import annotations
 
+from tpusim.compiler import context, quant, zero
 from tpusim.compiler.shapes import Shapes
 from tpusim.model.mesh import Mesh
 from tpusim.compiler.memory import layer_activation_bytes
@@ -58,12 +59,12 @@ class _Builder:
         self._pending += [i for i in idx if i is not None]
 
     def compute(self, name, category, *, flops, hbm, layer=-1, phase="forward", mxu=None, recompute=False,
-                deps=(), vpu=0.0) -> int:
+                deps=(), vpu=0.0, mxu_dtype="") -> int:
         idx = len(self.ops)
         all_deps = tuple(dict.fromkeys([*self._pending, *(d for d in deps if d is not None)]))
         self.ops.append(Op(index=idx, name=self.prefix + name, stream=COMPUTE, category=category, layer=layer, phase=phase,
                            flops=float(flops), hbm_bytes=float(hbm), mxu_shape=mxu, deps=all_deps,
-                           recompute=recompute, vpu_flops=float(vpu)))
+                           recompute=recompute, vpu_flops=float(vpu), mxu_dtype=mxu_dtype))
         self._pending = []
         self.last_compute = idx
         return idx
@@ -142,7 +143,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         return ws
 
     def gather_weights(layer: int, phase: str, deps) -> dict[str, int | None]:
-        return {name: b.collective(f"all-gather/layer_{layer}/{phase}/{name}", "all-gather", v=k * n * ab,
+        return {name: b.collective(f"all-gather/layer_{layer}/{phase}/{name}", "all-gather",
+                                   v=k * n * quant.gathered_bytes(w, name, ab),
                                    mesh_axes=axes, layer=layer, phase=phase, deps=deps)
                 for name, k, n, axes in layer_weights(layer)}
 
@@ -162,13 +164,18 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             return
         if accumulate > 1:  # the all-reduce moves the accumulator, in the parameters' dtype (zeros_like)
             nbytes = nbytes / ab * sh.weight_bytes
-        ar = b.collective(f"all-reduce/{name}", "all-reduce", v=nbytes / shards, mesh_axes=data_axes, layer=layer,
+        kind = zero.grad_reduction_kind(sh)  # ZeRO-1/2: each device keeps only its shard of the sum
+        ar = b.collective(f"{kind}/{name}", kind, v=nbytes / shards, mesh_axes=data_axes, layer=layer,
                           phase="backward", deps=(rs if rs is not None else wgrad,))
         grad_syncs.append(ar if ar is not None else rs)
         if ar is not None and mesh.size("dcn_data") > 1:
             dcn_grad_syncs.setdefault(layer if layer >= 0 else L, []).append(ar)
 
     def matmul(name, m_, k_, n_, *, layer, phase, weight=None, recompute=False):
+        q = quant.quantized(w, name)  # AQT: an 8-bit matmul after quantizing its operands
+        if q:
+            return quant.quantized_matmul(b, name, m_, k_, n_, dtype=q, act_bytes=ab, layer=layer, phase=phase,
+                                          recompute=recompute, deps=(weight,))
         return b.compute(name, "matmul", flops=2 * m_ * k_ * n_, hbm=ab * (m_ * k_ + k_ * n_ + m_ * n_),
                          mxu=(int(m_), int(k_), int(n_)), layer=layer, phase=phase, recompute=recompute,
                          deps=(weight,))
@@ -179,6 +186,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
                          layer=layer, phase=phase, recompute=recompute)
 
     tok, d, t_full = sh.tok, sh.d, sh.seq_len
+    context.check(w, mesh)
+    ring = context.ring(w, mesh)  # context_parallel_strategy: ring (else K, V all-gathered)
     causal_exec = 0.5 if w.step.flash else 1.0  # a causal flash kernel skips the masked half
     attn_fwd_flops = 2 * tok * t_full * sh.heads * (qk_dim + v_dim) * causal_exec  # QK^T and PV
     scores = tok * t_full * sh.heads * causal_exec  # attention scores computed on this device
@@ -206,16 +215,21 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
                 matmul(f"{p}/{name}", tok, k_, n_, layer=layer, phase=phase, weight=weights[name],
                        recompute=recompute)
         elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
-        for kv in ("k", "v"):
-            b.wait(b.collective(f"all-gather/{p}/{kv}_context", "all-gather", v=sh.seqs * t_full * kv_width * ab,
-                                mesh_axes=("sequence",), layer=layer, phase=phase))
-        r = span(layer)
+        kv_bytes = sh.seqs * t_full * kv_width * ab  # one of K, V over the whole sequence
+        if not ring:
+            for kv in ("k", "v"):
+                b.wait(b.collective(f"all-gather/{p}/{kv}_context", "all-gather", v=kv_bytes,
+                                    mesh_axes=("sequence",), layer=layer, phase=phase))
+        r = span(layer) * context.imbalance(w, sh.sp, local_layer=m.is_local(layer))
         attn_hbm = ab * (2 * tok * q_width + 2 * sh.seqs * t_full * kv_width * r)
         if not w.step.flash:  # dense: QK^T writes f32 scores and PV reads bf16 probabilities through HBM
             attn_hbm += DENSE_SCORE_BYTES_MXU * scores
-        b.compute(f"{p}/attention", "attention", flops=attn_fwd_flops * r, hbm=attn_hbm, layer=layer, phase=phase,
-                  mxu=(int(tok), qk_dim, t_full), recompute=recompute,
-                  vpu=FLASH_VPU_OPS_FWD * scores * r if w.step.flash else 0.0)
+        attn = dict(flops=attn_fwd_flops * r, hbm=attn_hbm, layer=layer, phase=phase, mxu=(int(tok), qk_dim, t_full),
+                    recompute=recompute, vpu=FLASH_VPU_OPS_FWD * scores * r if w.step.flash else 0.0)
+        if ring:
+            context.ring_forward(b, p, n=sh.sp, kv_bytes=kv_bytes, **attn)
+        else:
+            b.compute(f"{p}/attention", "attention", **attn)
         if not w.step.flash and not recompute:  # ... and a softmax between them on the VPU (XLA's
             # separate fusions; when rematerialised, XLA fuses it into the softmax backward)
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_FWD, nbytes=1, **ew)
@@ -321,15 +335,18 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         ratio = FLASH_BWD_OVER_FWD if w.step.flash else DENSE_BWD_OVER_FWD
         if not w.step.flash:  # dense softmax backward: dS = P (dP - rowsum(dP P)), through HBM
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_BWD, nbytes=1, **ew)
-        r = span(layer)
-        b.compute(f"{p}/attention", "attention", flops=ratio * attn_fwd_flops * r,
-                  hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width * r), layer=layer,
-                  phase="backward", mxu=(int(tok), qk_dim, t_full),
-                  vpu=FLASH_VPU_OPS_BWD * scores * r if w.step.flash else 0.0)
-        for kv in ("k", "v"):
-            b.wait(b.collective(f"reduce-scatter/{p}/{kv}_context", "reduce-scatter",
-                                v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,
-                                phase="backward"))
+        r = span(layer) * context.imbalance(w, sh.sp, local_layer=m.is_local(layer))
+        attn = dict(flops=ratio * attn_fwd_flops * r, hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width * r),
+                    layer=layer, mxu=(int(tok), qk_dim, t_full),
+                    vpu=FLASH_VPU_OPS_BWD * scores * r if w.step.flash else 0.0)
+        if ring:
+            context.ring_backward(b, p, n=sh.sp, kv_bytes=sh.seqs * t_full * kv_width * ab, **attn)
+        else:
+            b.compute(f"{p}/attention", "attention", phase="backward", **attn)
+            for kv in ("k", "v"):
+                b.wait(b.collective(f"reduce-scatter/{p}/{kv}_context", "reduce-scatter",
+                                    v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,
+                                    phase="backward"))
         elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
         for name, k_, n_ in attn_in:  # (GQA: q, k, v, the order libtpu's compile runs them)
             backward_matmul(p, name, tok, k_, n_, layer=layer, weight=weights[name], wshape=ws[name][:2],
@@ -339,7 +356,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         elementwise(f"{p}/attn_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
 
     # ---- forward ---------------------------------------------------------------------------------
-    if sh.weight_bytes > ab:  # f32 master weights: this device's shard is cast to bf16 once, before
+    if sh.weight_bytes > ab and not sh.zero_stage:  # f32 master weights: this device's shard is cast to bf16 once, before
         # anything is gathered (XLA converts before the all-gather, which then moves half the bytes)
         b.compute("weight_cast", "elementwise", flops=CAST_FLOPS * local_params,
                   hbm=(sh.weight_bytes + ab) * local_params, layer=-1, phase="forward")
@@ -430,13 +447,12 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
 
     # ---- optimizer: waits for every gradient reduction -------------------------------------------
     b.wait(*grad_syncs)
-    wb = sh.weight_bytes
     if w.step.optimizer in ("adam", "adamw"):  # read p, g, m, v; write p, m, v
-        flops, nbytes = ADAM_FLOPS_PER_PARAM, 3 * wb + 4 * w.step.moment_bytes
+        flops, moments = ADAM_FLOPS_PER_PARAM, 2 * w.step.moment_bytes
     elif w.step.optimizer == "adafactor":  # factored second moment: roughly p, g in, p out
-        flops, nbytes = ADAM_FLOPS_PER_PARAM, 3 * wb
+        flops, moments = ADAM_FLOPS_PER_PARAM, 0
     else:
-        flops, nbytes = SGD_FLOPS_PER_PARAM, 3 * wb
-    b.compute(f"optimizer/{w.step.optimizer}", "optimizer", flops=flops * local_params, hbm=nbytes * local_params,
-              phase="optimizer")
+        flops, moments = SGD_FLOPS_PER_PARAM, 0
+    # (ZeRO-1/2: on this device's 1/N, then the compute copy all-gathered over the data axes)
+    zero.optimizer(b, w, sh, local_params, flops_per_param=flops, moment_bytes_per_param=moments)
     return b.ops

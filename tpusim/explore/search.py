@@ -5,7 +5,12 @@ training.md and applied-training.md): enumerate, prune with rooflines, simulate 
    is the slice's chips, with tensor dividing the heads and the MLP width, sequence the sequence
    length; across slices, DCN data or DCN fsdp. Times remat policies and per-device batches.
 2. Drop what cannot run: meshes the torus cannot place or the model cannot split (the compiler's
-   own checks), plans that do not fit in HBM (its memory model, no ops built), duplicates.
+   own checks), plans that do not fit in HBM (its memory model, no ops built), duplicates. A plan
+   whose activations do not fit is tried with gradient accumulation (MaxText's
+   ``gradient_accumulation_steps``): the fewest microbatches of ``ACCUMULATION`` that fit, each
+   holding 1/k of the activations beside an f32 accumulator (and, under FSDP, gathering the weights k
+   times); it is dropped only if none fits. The ``sequence`` axis is MaxText's context parallelism
+   (``ici_context_parallelism``, K and V all-gathered).
 3. Prune with the book's rooflines (:func:`roofline`): each plan's step has a lower bound (peak
    rates, communication overlapping perfectly) and an estimate (calibrated rates, FSDP and DP
    overlapping compute, tensor / sequence / expert collectives on the critical path). A plan whose
@@ -37,6 +42,7 @@ BATCH_FACTORS = (0.5, 1, 2)  # per-device batches tried: these times the workloa
 PRUNE_MARGIN = 1.2  # lower bound / best estimate above which a plan cannot win (covers unmodelled ops)
 AXES = ("data", "fsdp", "tensor", "sequence", "expert")
 REMAT_RECOMPUTE = {"full": 4 / 3}  # executed / model FLOPs: full remat runs the forward twice
+ACCUMULATION = (2, 4, 8)  # microbatches tried, fewest first, for a plan whose activations do not fit
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -83,8 +89,9 @@ def roofline(w, topo, mesh, sh, *, mxu_eff: float = 1.0, link_eff: float = 1.0) 
 
     weights = m.params / tp * ab
     x_ici, x_dcn = mesh.size("fsdp", "sequence", "expert"), mesh.size("dcn_fsdp")
-    fsdp_s = t(3 * weights, x_ici, "fsdp", "sequence", "expert") + t(3 * weights / x_ici, x_dcn, dcn=True)
-    grads = weights / (x_ici * x_dcn)
+    k = w.step.gradient_accumulation_steps  # each microbatch gathers and reduce-scatters the weights again
+    fsdp_s = k * (t(3 * weights, x_ici, "fsdp", "sequence", "expert") + t(3 * weights / x_ici, x_dcn, dcn=True))
+    grads = weights / (x_ici * x_dcn) * (sh.weight_bytes / ab if k > 1 else 1)  # (the f32 accumulator)
     data_s = t(2 * grads, mesh.size("data"), "data") + t(2 * grads, mesh.size("dcn_data"), dcn=True)
     act = sh.tok * sh.d * ab
     tensor_s = t(4 * passes * L * act, tp, "tensor")
@@ -133,9 +140,11 @@ def _unsharded(raw: dict) -> dict:
 
 
 def mesh_name(ov: dict) -> str:
-    """``fsdp 32 x tensor 4`` (+ ``dcn data 2``) from a plan's overrides."""
+    """``fsdp 32 x tensor 4`` (+ ``dcn data 2``, ``accumulate 4``) from a plan's overrides."""
     parts = [f"{a} {ov[f'ici_{a}_parallelism']}" for a in AXES if ov[f"ici_{a}_parallelism"] > 1]
     parts += [f"dcn {a} {ov[f'dcn_{a}_parallelism']}" for a in ("data", "fsdp") if ov[f"dcn_{a}_parallelism"] > 1]
+    if ov.get("gradient_accumulation_steps", 1) > 1:
+        parts.append(f"accumulate {ov['gradient_accumulation_steps']}")
     return " x ".join(parts) or "one chip"
 
 
@@ -182,9 +191,13 @@ def plans(workload: str | Path, topology: str | None = None, *, slices: int | No
         except TpusimError:
             counts["invalid"] += 1
             continue
-        if mem.total > topo.chip.hbm_bytes:
-            counts["out_of_hbm"] += 1
-            continue
+        if mem.total > topo.chip.hbm_bytes:  # fewer activations at once: gradient accumulation
+            w, mem = _accumulate(w, mesh, topo, local, sh.seqs, source)
+            if w is None:
+                counts["out_of_hbm"] += 1
+                continue
+            ov["gradient_accumulation_steps"] = w.step.gradient_accumulation_steps
+            key = config_key(ov)
         r = roofline(w, topo, mesh, sh, mxu_eff=cal.compute.mxu_efficiency,
                      link_eff=cal.collectives.ici_link_efficiency)
         pure = ici["fsdp"] == topo.chips_per_slice
@@ -192,6 +205,35 @@ def plans(workload: str | Path, topology: str | None = None, *, slices: int | No
                       "hbm_fraction": mem.total / topo.chip.hbm_bytes}
     return {"workload": w0, "topology": topo, "raw": base, "source": source, "mode": mode, "plans": found,
             "counts": counts}
+
+
+def _accumulate(w, mesh, topo, local: float, seqs: float, source: str):
+    """(workload, memory) with the fewest microbatches of ACCUMULATION that fit in HBM, or (None, None):
+    one microbatch's activations (per_device_batch_size / k) beside an f32 accumulator, as the compiler
+    counts them (:func:`tpusim.compiler.compile_program`)."""
+    from dataclasses import replace
+
+    from tpusim.compiler import ACCUMULATOR_BYTES
+    from tpusim.compiler.memory import peak_memory
+    from tpusim.compiler.shapes import derive_shapes
+
+    cap = topo.chip.hbm_bytes
+    for k in ACCUMULATION:
+        if seqs % k:
+            continue
+        step = replace(w.step, gradient_accumulation_steps=k)
+        micro_w = replace(w, step=replace(step, per_device_batch_size=w.step.per_device_batch_size / k))
+        try:
+            micro = derive_shapes(micro_w, mesh, topo.num_chips)
+        except TpusimError:
+            continue
+        acc = ACCUMULATOR_BYTES * local
+        mem = peak_memory(micro_w, micro, local_params=local, gathered_layer_params=0, gathered_table_params=0,
+                          fsdp=micro.weight_shards > 1, capacity_bytes=cap - acc)
+        mem = replace(mem, grads=mem.grads + acc)
+        if mem.total <= cap:
+            return replace(w, step=step), mem
+    return None, None
 
 
 def search(workload: str | Path, topology: str | None = None, *, slices: int | None = None, mode: str = "calibrated",
@@ -262,6 +304,10 @@ def _plan_report(row: dict, plan: dict, baseline: dict | None) -> dict:
         verdict = "hidden by the MLP matmuls" if r.tensor_ratio < 1 else "more than the MLP matmuls hide"
         why.append(f"tensor {ov['ici_tensor_parallelism']} on {r.tensor_axes} axis{'es' * (r.tensor_axes > 1)}: "
                    f"Y alpha/(n F) = {r.tensor_ratio:.2f}, {verdict}")
+    k = ov.get("gradient_accumulation_steps", 1)
+    if k > 1:
+        why.append(f"gradient accumulation {k}: microbatches of {ov['per_device_batch_size'] / k:g} sequences per "
+                   f"device fit HBM with remat {ov['remat_policy']} (weights gathered {k} times)")
     if baseline is not None and baseline is not row and baseline["mfu"]:
         why.append(f"{row['mfu'] / baseline['mfu']:.2f}x pure FSDP's MFU")
     return {"mesh": mesh_name(ov), "overrides": ov, "remat_policy": ov["remat_policy"],

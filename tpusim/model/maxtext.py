@@ -11,7 +11,7 @@ README). Each key is one of:
 - **noted**: it changes performance a little (kernel tile sizes, numerics, fusions) and tpusim does
   not model it: accepted, with a note naming it when it differs from base.yml's default;
 - **refused**: it changes performance a lot and tpusim does not model it yet (pipeline stages,
-  quantized matmuls, multimodal encoders, ...): a value other than base.yml's default is refused
+  multimodal encoders, ...): a value other than base.yml's default is refused
   with "not modelled yet", since ignoring it would give a wrong answer.
 
 Only a key in none of these (nor in a model file) is an "unknown key" with a suggestion. The
@@ -135,10 +135,10 @@ IGNORED: dict[str, tuple[str, str]] = {
         elastic_enabled elastic_backup_kind elastic_timeout_seconds elastic_max_retries elastic_min_slice_count
         diloco_sync_period diloco_outer_lr diloco_outer_momentum dcn_bandwidth_limit dcn_bandwidth_burst
         dcn_bandwidth_latency dcn_bandwidth_interface"""),
-    "quantization details": ("used only with quantization set, which is refused", """
+    "quantization details": ("AQT's scale calibration and configuration files: the same int8 / fp8 matmuls", """
         constant_bound_config replicate_quant_scale quant_cfg_path use_qwix_quantization use_manual_quantization
         weight_quantization_calibration_method act_quantization_calibration_method
-        bwd_quantization_calibration_method quantization_local_shard_count"""),
+        bwd_quantization_calibration_method"""),
     "pipeline details": ("used only with pipeline parallelism, which is refused", """
         num_layers_per_pipeline_stage num_pipeline_repeats pipeline_parallel_layers num_pipeline_microbatches
         pipeline_delay_activation_forwarding pipeline_fsdp_ag_once pipeline_fsdp_ag_per_repeat
@@ -198,22 +198,22 @@ NOTED: dict[str, tuple[str, str]] = {
         logical_axis_rules data_sharding context_sharding ulysses_context_sharding compile_xla_flags
         max_inflight_computations dense_fsdp_use_two_stage_all_gather moe_fsdp_use_two_stage_all_gather
         shard_exp_on_fsdp use_2d_fsdp_sharding vocab_tiling_ag_once moe_dispatch_no_expert_sharding
-        use_ring_of_experts inhomogeneous_layer_cycle_interval context_parallel_load_balance context_parallel_strategy
-        context_parallel_reorder_strategy shard_optimizer_over_data"""),
+        use_ring_of_experts inhomogeneous_layer_cycle_interval
+        context_parallel_reorder_strategy"""),
 }
 
 # A value other than base.yml's is refused: ignoring it would give a wrong answer.
 REFUSED: dict[str, tuple[str, str]] = {
     "parallelism": ("mesh axes tpusim does not place yet", """
-        ici_pipeline_parallelism dcn_pipeline_parallelism ici_tensor_sequence_parallelism
+        ici_pipeline_parallelism dcn_pipeline_parallelism
         dcn_tensor_sequence_parallelism dcn_tensor_parallelism dcn_sequence_parallelism dcn_expert_parallelism
         ici_fsdp_transpose_parallelism dcn_fsdp_transpose_parallelism ici_context_usp_ulysses_parallelism
         dcn_context_usp_ulysses_parallelism ici_context_autoregressive_parallelism
         dcn_context_autoregressive_parallelism ici_autoregressive_parallelism dcn_autoregressive_parallelism
         ici_diloco_parallelism dcn_diloco_parallelism dcn_context_parallelism enable_diloco"""),
     "training loop": ("changes what one step computes", """
-        quantization global_parameter_scale training_objective use_dpo use_sft enable_rampup_batch_size
-        weight_sparsity_n optimizer_memory_host_offload parameter_memory_host_offload use_batch_split_schedule"""),
+        global_parameter_scale training_objective use_dpo use_sft enable_rampup_batch_size
+        weight_sparsity_n parameter_memory_host_offload use_batch_split_schedule"""),
     "architecture": ("layers tpusim's Transformer does not have yet", """
         mtp_num_layers use_indexer moba engram_layers mhc_expansion_rate
         use_multimodal use_audio sparse_matmul attention_output_dim global_head_dim global_num_kv_heads

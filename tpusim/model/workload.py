@@ -182,6 +182,11 @@ class Step:
     num_vocab_tiling: int = 1
     mu_dtype: str = ""  # Adam moments' dtype; "" = the weights' (optax's default)
     gradient_accumulation_steps: int = 1  # microbatches per step, run in sequence (per_device_batch_size / k each)
+    quantization: str = ""  # MaxText's AQT training: "", int8, fp8, nanoo_fp8 (tpusim.compiler.quant)
+    quantize_wgrad: bool = True  # quantization_local_shard_count != 0: AQT quantizes the weight gradient too
+    optimizer_memory_host_offload: bool = False  # Adam's moments live in host memory between steps
+    context_load_balance: bool = True  # context_parallel_load_balance: causal work spread evenly over context
+    context_strategy: str = "all_gather"  # context_parallel_strategy: all_gather (K/V gathered) or ring
 
     @property
     def act_bytes(self) -> int:
@@ -207,6 +212,10 @@ class Parallelism:
     ici: dict[str, int]
     dcn: dict[str, int]
     physical_axes: dict[str, str] | None = None  # mesh axis -> torus axis letters, e.g. {tensor: x, fsdp: yz}
+    # ZeRO over the data axes (tpusim.compiler.zero): MaxText's shard_optimizer_over_data is ZeRO-1;
+    # shard_gradients_over_data (a tpusim key, MaxText has none) adds ZeRO-2. ZeRO-3 is the fsdp axis.
+    shard_optimizer_over_data: bool = False
+    shard_gradients_over_data: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -275,11 +284,21 @@ _STEP_KEYS: dict[str, tuple[type, Any]] = {
     "num_vocab_tiling": (int, 1),
     "mu_dtype": (str, ""),
     "gradient_accumulation_steps": (int, 1),
+    "quantization": (str, ""),
+    "quantization_local_shard_count": (int, -1),
+    "optimizer_memory_host_offload": (bool, False),
+    "context_parallel_load_balance": (bool, True),
+    "context_parallel_strategy": (str, "all_gather"),
 }
+QUANTIZATIONS = ("", "int8", "fp8", "nanoo_fp8")  # MaxText's AQT modes tpusim models (others: not yet)
+CONTEXT_STRATEGIES = ("all_gather", "ring")  # MaxText's ulysses / usp: not yet
 _SHARDING_KEYS: dict[str, tuple[type, Any]] = {
     **{f"ici_{a}_parallelism": (int, -1 if a == "fsdp" else 1) for a in MESH_AXES},
     **{f"dcn_{a}_parallelism": (int, -1 if a == "data" else 1) for a in DCN_AXES},
     "physical_axes": (dict, None),
+    "shard_optimizer_over_data": (bool, False),
+    "shard_gradients_over_data": (bool, False),  # tpusim's: ZeRO-2 (MaxText has no key for it)
+    "ici_tensor_sequence_parallelism": (int, 1),  # folded into tensor (see _parallelism)
 }
 _TOP_KEYS = {"name": str, "description": str, "chip": str, "topology": str, "slices": int, "base_config": str}
 _SECTIONS = {"model": _MODEL_KEYS, "step": _STEP_KEYS, "sharding": _SHARDING_KEYS}
@@ -590,11 +609,34 @@ def _step(values, source, where) -> Step:
                 attention=_choice(values, "attention", ATTENTION_KERNELS, source, where),
                 attention_flops=_choice(values, "attention_flops", ("causal", "full"), source, where),
                 num_vocab_tiling=values["num_vocab_tiling"], mu_dtype=values["mu_dtype"],
-                gradient_accumulation_steps=values["gradient_accumulation_steps"])
+                gradient_accumulation_steps=values["gradient_accumulation_steps"],
+                quantization=_not_yet(values, "quantization", QUANTIZATIONS, source, where),
+                quantize_wgrad=values["quantization_local_shard_count"] != 0,
+                optimizer_memory_host_offload=values["optimizer_memory_host_offload"],
+                context_load_balance=values["context_parallel_load_balance"],
+                context_strategy=_not_yet(values, "context_parallel_strategy", CONTEXT_STRATEGIES, source, where))
+
+
+def _not_yet(values, key, choices, source, where):
+    """A MaxText value tpusim does not model yet is refused as such (not as a typo)."""
+    v = values[key]
+    if v not in choices:
+        raise TpusimError(f"{v!r}: not modelled yet by tpusim (it models {', '.join(repr(c) for c in choices)})",
+                          source=source, key=where.get(key, key))
+    return v
 
 
 def _parallelism(values, source, where) -> Parallelism:
     ici = {a: _positive(values, f"ici_{a}_parallelism", source, where, allow_minus_one=True) for a in MESH_AXES}
+    # MaxText's tensor_sequence axis is tensor parallelism whose activations between blocks are split
+    # on the sequence (the Playbook's sequence parallelism) where tensor's are split on D: the same
+    # weights' split and the same all-gather / reduce-scatter bytes, so it is folded into tensor.
+    ts = _positive(values, "ici_tensor_sequence_parallelism", source, where)
+    if ts > 1:
+        if ici["tensor"] == -1:
+            raise TpusimError("give ici_tensor_parallelism a size (not -1) beside ici_tensor_sequence_parallelism",
+                              source=source, key=where.get("ici_tensor_parallelism", "ici_tensor_parallelism"))
+        ici["tensor"] *= ts
     dcn = {a: _positive(values, f"dcn_{a}_parallelism", source, where, allow_minus_one=True) for a in DCN_AXES}
     for name, sizes in (("ici", ici), ("dcn", dcn)):
         if sum(1 for v in sizes.values() if v == -1) > 1:
@@ -609,4 +651,10 @@ def _parallelism(values, source, where) -> Parallelism:
             if not isinstance(letters, str) or not letters or any(c not in "xyz" for c in letters):
                 raise TpusimError(f"{letters!r} is not a string of torus axes (x, y, z)", source=source,
                                   key=f"physical_axes.{axis}")
-    return Parallelism(ici=ici, dcn=dcn, physical_axes=phys)
+    if values["shard_gradients_over_data"] and not values["shard_optimizer_over_data"]:
+        raise TpusimError("true needs shard_optimizer_over_data: true (ZeRO-2 shards the gradients on top of "
+                          "ZeRO-1's optimizer state)", source=source,
+                          key=where.get("shard_gradients_over_data", "shard_gradients_over_data"))
+    return Parallelism(ici=ici, dcn=dcn, physical_axes=phys,
+                       shard_optimizer_over_data=values["shard_optimizer_over_data"],
+                       shard_gradients_over_data=values["shard_gradients_over_data"])

@@ -55,6 +55,7 @@ class ChipSpec:
     host_shape: tuple[int, ...]
     max_slice_shape: tuple[int, ...]
     wraparound: Wraparound
+    fp8_flops_per_s: float | None = None  # the MXU's fp8 rate; None: the chip has no fp8 MXU mode
     sources: dict[str, str] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -116,6 +117,7 @@ class _ChipEntry:
     torus_rank: int
     bf16_flops_per_s: _Quantity
     int8_flops_per_s: _Quantity
+    fp8_flops_per_s: _Quantity | None = None
     hbm_capacity: _Quantity
     hbm_bandwidth: _Quantity
     vmem_capacity: _Quantity | None = None
@@ -156,6 +158,7 @@ def _to_spec(name: str, e: _ChipEntry, source: str) -> ChipSpec:
         torus_rank=e.torus_rank,
         bf16_flops_per_s=si("bf16_flops_per_s"),
         int8_flops_per_s=si("int8_flops_per_s"),
+        fp8_flops_per_s=si("fp8_flops_per_s"),
         hbm_bytes=si("hbm_capacity"),
         hbm_bytes_per_s=si("hbm_bandwidth"),
         vmem_bytes=si("vmem_capacity"),

@@ -39,6 +39,10 @@ class ComputeParams:
     mxu_dim: int
     # (log size in MXU widths, relative throughput) points, ascending; empty: no size effect.
     size_curve: tuple[tuple[float, float], ...] = ()
+    # 8-bit MXU rates (quantized training), at the bf16 efficiency: fitted on bf16 matmuls only, the
+    # same efficiency is ASSUMED for int8 / fp8. 0: the chip has no such mode.
+    int8_flops_per_s: float = 0.0
+    fp8_flops_per_s: float = 0.0
 
 
 def compute_params(chip: ChipSpec, mode: str = "datasheet") -> ComputeParams:
@@ -47,7 +51,8 @@ def compute_params(chip: ChipSpec, mode: str = "datasheet") -> ComputeParams:
     return ComputeParams(mxu_flops_per_s=chip.bf16_flops_per_s * fit.mxu_efficiency,
                          vpu_flops_per_s=chip.vpu_flops_per_s,
                          hbm_bytes_per_s=chip.hbm_bytes_per_s * fit.hbm_efficiency, mxu_dim=chip.mxu_dim,
-                         size_curve=curve)
+                         size_curve=curve, int8_flops_per_s=chip.int8_flops_per_s * fit.mxu_efficiency,
+                         fp8_flops_per_s=(chip.fp8_flops_per_s or 0.0) * fit.mxu_efficiency)
 
 
 def padding_efficiency(mxu_shape: tuple[int, int, int] | None, mxu_dim: int) -> float:
@@ -83,8 +88,10 @@ def size_efficiency(mxu_shape: tuple[int, int, int] | None, cp: ComputeParams) -
 
 
 def mxu_rate(op: Op, cp: ComputeParams) -> float:
-    """FLOP/s of a matmul or attention op on the MXU."""
-    return cp.mxu_flops_per_s * padding_efficiency(op.mxu_shape, cp.mxu_dim) * size_efficiency(op.mxu_shape, cp)
+    """FLOP/s of a matmul or attention op on the MXU (at the 8-bit rate for a quantized matmul)."""
+    peak = (cp.mxu_flops_per_s if not op.mxu_dtype else
+            cp.int8_flops_per_s if op.mxu_dtype == "int8" else cp.fp8_flops_per_s)
+    return peak * padding_efficiency(op.mxu_shape, cp.mxu_dim) * size_efficiency(op.mxu_shape, cp)
 
 
 def op_time(op: Op, cp: ComputeParams) -> float:

@@ -43,6 +43,7 @@ class Op:
     axes: tuple[Axis, ...] = ()  # physical axes / spans the collective runs over
     deps: tuple[int, ...] = ()
     recompute: bool = False     # a rematerialised forward op run during the backward pass
+    mxu_dtype: str = ""         # "" (bf16), "int8" or "fp8": the MXU rate a quantized matmul runs at
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
