@@ -137,11 +137,7 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
 
 def _compile_pipeline(w: Workload, topo: Topology, mesh: Mesh, sh: Shapes, check_memory: bool) -> Program:
     """Pipeline parallelism (:mod:`tpusim.compiler.pipeline`): a program whose ops each stage runs its own of."""
-    plan = pipeline.plan_pipeline(w, mesh, sh)
-    micro_w, micro = pipeline.microbatch(w, mesh, topo.num_chips, plan)
-    local, gathered_layer, _ = local_parameter_counts(micro_w, micro)
-    params = pipeline.stage_parameters(w, micro, local, plan.stages)
-    mems = pipeline.stage_memory(w, micro_w, micro, plan, params, gathered_layer)
+    plan, micro_w, micro, local, params, mems = pipeline_memory(w, mesh, sh, topo.num_chips)
     if check_memory:
         pipeline.check_fits(mems, topo.chip.hbm_bytes, w, topo.chip.name)
     ops = pipeline.build_pipeline_ops(w, micro_w, micro, mesh, plan, local_params=local, stage_params=params)
@@ -160,6 +156,16 @@ def _compile_pipeline(w: Workload, topo: Topology, mesh: Mesh, sh: Shapes, check
                    tokens_per_step=sh.global_batch * w.step.seq_len, memory=worst,
                    hbm_capacity_bytes=topo.chip.hbm_bytes, notes=tuple(notes), stages=plan.stages,
                    stage_devices=pipeline.stage_devices(mesh, topo), stage_memory=tuple(mems), pipeline=info)
+
+
+def pipeline_memory(w: Workload, mesh: Mesh, sh: Shapes, devices: int) -> tuple:
+    """(plan, microbatch workload, its shapes, the unpipelined local parameters, each stage's, each stage's
+    Memory): what compiling a pipelined step and checking its HBM share (``tpusim search`` too)."""
+    plan = pipeline.plan_pipeline(w, mesh, sh)
+    micro_w, micro = pipeline.microbatch(w, mesh, devices, plan)
+    local, gathered_layer, _ = local_parameter_counts(micro_w, micro)
+    params = pipeline.stage_parameters(w, micro, local, plan.stages)
+    return plan, micro_w, micro, local, params, pipeline.stage_memory(w, micro_w, micro, plan, params, gathered_layer)
 
 
 ACCUMULATOR_BYTES = 4  # MaxText accumulates gradients in f32 (zeros_like of the f32 parameters)
@@ -187,4 +193,4 @@ def _check_modelled(w: Workload) -> None:
                           f"(its parameter count is: {m.params / 1e9:.1f} B)", source=w.source, key="model_name")
 
 
-__all__ = ["compile_program", "model_flops_breakdown", "model_flops_per_step", "local_parameter_counts"]
+__all__ = ["compile_program", "pipeline_memory", "model_flops_breakdown", "model_flops_per_step", "local_parameter_counts"]
