@@ -48,20 +48,27 @@ def _uncontended(p, m, v, sched, layers=24):
 ])
 def test_simulated_bubble_is_the_playbooks(p, m, v, sched, layers):
     """Playbook: GPipe and 1F1B idle (p-1)/m of the ideal time, interleaved over v chunks (p-1)/(m v). The
-    simulated bubble is each stage's idle time over its busy time; 2% covers the first stage's embedding
-    and the last's loss (under 1% of a 3-layer chunk's work here) and the permutes' microseconds."""
+    simulated bubble is each stage's idle time over its busy time. The Playbook's stages are identical;
+    here the first also embeds and the last computes the loss, and the slowest stage sets the pace, so
+    a stage's idle / busy may differ by (1 + bubble) x the stages' spread in busy time (max - min over
+    the mean, under 1% here), plus 0.1% for the permutes' microseconds. A schedule with one unit out of
+    place is off by far more."""
     pp = _uncontended(p, m, v, sched, layers)
     formula = (p - 1) / (m * v)
+    busy = pp["stage_busy_s"]
+    spread = (max(busy) - min(busy)) / (sum(busy) / len(busy))
     assert pp["bubble_formula"] == pytest.approx(formula)
-    assert pp["bubble"] == pytest.approx(formula, rel=0.02)
+    assert spread < 0.01
+    tol = (1 + formula) * spread + 1e-3
+    assert pp["bubble"] == pytest.approx(formula, abs=tol)
     for b in pp["bubble_by_stage"]:  # every stage idles the same, not just on average
-        assert b == pytest.approx(formula, rel=0.03)
+        assert b == pytest.approx(formula, abs=tol)
 
 
 def test_more_microbatches_shrink_the_bubble_and_interleaving_divides_it():
     b = {m: _uncontended(4, m, 1, "1f1b")["bubble"] for m in (4, 8, 16)}
     assert b[4] > b[8] > b[16]
-    assert _uncontended(4, 8, 2, "interleaved")["bubble"] == pytest.approx(b[8] / 2, rel=0.03)
+    assert _uncontended(4, 8, 2, "interleaved")["bubble"] == pytest.approx(b[8] / 2, abs=0.005)
 
 
 def test_in_flight_activations_1f1b_p_gpipe_m():
@@ -91,10 +98,9 @@ def test_every_unit_runs_once_per_stage_and_permutes_connect_them():
     for s in range(p):  # stage s holds chunks s and s + p of 3 layers each (virtual stages)
         layers = {op.layer for op in prog.ops if op.stage == s and op.layer >= 0}
         assert layers == {k * lc + i for k in (s, s + p) for i in range(lc)}
-    # the whole step's FLOPs equal the unpipelined step's (plus the per-microbatch gradient adds)
-    flat = compile_program(_workload(1, 1, 1, "gpipe").__class__.__new__ and workload_from_dict(
-        {**MODEL, "per_device_batch_size": 8 * m / p, "ici_data_parallelism": 1, "ici_fsdp_parallelism": -1},
-        source="t"), parse_topology("v5e:1x1"), check_memory=False)
+    # the stages' matmuls together are the unpipelined step's on one device holding the same batch
+    flat = compile_program(workload_from_dict({**MODEL, "per_device_batch_size": 8 * m / p}, source="t"),
+                           parse_topology("v5e:1x1"), check_memory=False)
     mm = sum(o.flops for o in prog.ops if o.category == "matmul")
     assert mm == pytest.approx(sum(o.flops for o in flat.ops if o.category == "matmul") * p, rel=1e-9)
 
@@ -141,7 +147,7 @@ def test_delayed_forwarding_doubles_the_bubble():
                                    for o in prog.ops))
     pp = summarize(simulate(prog, topo))["pipeline"]
     assert pp["bubble_formula"] == pytest.approx(2 * 3 / 8)
-    assert pp["bubble"] == pytest.approx(2 * 3 / 8, rel=0.03)
+    assert pp["bubble"] == pytest.approx(2 * 3 / 8, abs=0.005)  # (the spread of busy time, as above)
 
 
 def test_fsdp_ag_once_gathers_weights_once():
