@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -176,3 +177,55 @@ def test_cli_runs_a_pipelined_workload_and_program_shows_its_stages():
     r = CliRunner().invoke(main, ["run", "workloads/pipeline_llama2_7b.yaml", "--json",
                                   "--straggler", "3=1.5"])
     assert r.exit_code == 2 and "pipeline" in r.output
+
+
+AOT = Path(__file__).resolve().parent.parent / "traces" / "xla_aot_pipeline.json"
+
+
+def _aot_equivalent():
+    """traces/aot_pipeline.py's step in tpusim's terms: 4 stages x data 2 on v5e:2x4, 8 microbatches of
+    8 sequences x 256 tokens, D 1024, F 4096, one layer per stage."""
+    aot = json.loads(AOT.read_text())
+    w = workload_from_dict({"base_emb_dim": aot["d_model"], "base_num_query_heads": 8, "base_mlp_dim": aot["d_ff"],
+                            "base_num_decoder_layers": aot["stages"], "vocab_size": 256,
+                            "max_target_length": aot["seq"],
+                            "per_device_batch_size": aot["microbatches"] * aot["microbatch_sequences"] / 8,
+                            "ici_pipeline_parallelism": aot["stages"], "ici_data_parallelism": aot["data"],
+                            "ici_fsdp_parallelism": 1, "num_pipeline_microbatches": aot["microbatches"]}, source="t")
+    return aot, compile_program(w, parse_topology("v5e:2x4"))
+
+
+def test_permutes_between_stages_against_libtpu():
+    """libtpu's compile of a MaxText-like circular pipeline (traces/aot_pipeline.py; jax 0.10.2, libtpu
+    0.0.42.1): every loop iteration shifts the state by one stage with a collective-permute (XLA splits the
+    wrap-around pair off): m + p - 2 shifts forward and m + p - 2 back (the last iteration's shift is dead),
+    each of one microbatch's activations on a device. tpusim sends the same bytes per permute, m per stage
+    boundary and direction: it does not move the bubble iterations' empty state (p - 2 per direction)."""
+    aot, prog = _aot_equivalent()
+    p, m = aot["stages"], aot["microbatches"]
+    roll = [c for c in aot["permutes"] if c["op"] == "roll" and c["pairs"] > aot["data"]]  # (not the wrap alone)
+    forward = [c for c in roll if not c["backward"]]
+    backward = [c for c in roll if c["backward"]]
+    assert {c["shift"] for c in forward} == {1} and {c["shift"] for c in backward} == {-1}
+    assert len(forward) == len(backward) == m + p - 2
+    ours = [op for op in prog.collective_ops if op.category == "collective-permute"]
+    # 4 sequences (8 over data 2) x 256 tokens x D 1024 x 2 bytes
+    assert {op.bytes for op in ours} == {c["bytes"] for c in roll} == {4 * 256 * 1024 * 2}
+    for s in range(p - 1):  # each boundary: m forward sends and m backward sends
+        assert sum(op.stage == s and op.shift == 1 for op in ours) == m
+        assert sum(op.stage == s + 1 and op.shift == -1 for op in ours) == m
+
+
+@pytest.mark.libtpu
+def test_aot_pipeline_gives_the_committed_permutes(tmp_path):
+    """``TPUSIM_JAX_PYTHON=/work/venvs/jax/bin/python pytest -m libtpu tests/test_pipeline.py``: the
+    script compiles to the committed collective-permutes."""
+    import os
+    import subprocess
+    import sys
+
+    python = os.environ.get("TPUSIM_JAX_PYTHON", sys.executable)
+    run = subprocess.run([python, str(AOT.parent / "aot_pipeline.py"), "--case"], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1"))
+    fresh = json.loads(run.stdout.strip().splitlines()[-1])
+    assert fresh["permutes"] == json.loads(AOT.read_text())["permutes"]
