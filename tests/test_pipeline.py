@@ -229,3 +229,16 @@ def test_aot_pipeline_gives_the_committed_permutes(tmp_path):
                          check=True, env=dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1"))
     fresh = json.loads(run.stdout.strip().splitlines()[-1])
     assert fresh["permutes"] == json.loads(AOT.read_text())["permutes"]
+
+
+if __name__ == "__main__":  # the table in docs/VALIDATION.md: python tests/test_pipeline.py
+    print("| p | m | v | schedule | simulated bubble | (p-1)/(m v) | stages' spread in busy time |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for p, m, v, sched, layers in [(4, 4, 1, "gpipe", 24), (4, 8, 1, "gpipe", 24), (4, 8, 1, "1f1b", 24),
+                                   (8, 8, 1, "1f1b", 24), (4, 8, 2, "gpipe", 24), (4, 8, 2, "interleaved", 24),
+                                   (2, 8, 3, "interleaved", 24), (8, 16, 2, "interleaved", 48),
+                                   (4, 32, 1, "1f1b", 24)]:
+        pp = _uncontended(p, m, v, sched, layers)
+        busy = pp["stage_busy_s"]
+        print(f"| {p} | {m} | {v} | {sched} | {pp['bubble']:.2%} | {pp['bubble_formula']:.2%} | "
+              f"{(max(busy) - min(busy)) / (sum(busy) / len(busy)):.2%} |")
