@@ -129,6 +129,8 @@ def test_over_dcn_the_permutes_cross_slices():
     ({"pipeline_delay_activation_forwarding": True, "num_pipeline_microbatches": 4}, "num_pipeline_microbatches",
      "twice"),
     ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps", "not modelled yet"),
+    ({"pipeline_delay_activation_forwarding": True, "pipeline_schedule": "1f1b"},
+     "pipeline_delay_activation_forwarding", "gpipe"),
     ({"ici_pipeline_parallelism": 3}, "ici_*_parallelism", ""),
 ])
 def test_bad_pipeline_keys_are_one_clear_error(extra, key, words):

@@ -114,6 +114,9 @@ def resolve(pp: Pipeline, *, stages: int, over_dcn: bool, layers: int, sequences
     if pp.schedule == "interleaved" and v < 2:
         raise TpusimError("interleaved needs num_pipeline_repeats >= 2 chunks per stage", source=source,
                           key="pipeline_schedule")
+    if pp.delay_forwarding and pp.schedule != "gpipe":
+        raise TpusimError(f"MaxText's delayed activation forwarding is part of its gpipe schedule, not {pp.schedule} "
+                          "(tpusim's)", source=source, key="pipeline_delay_activation_forwarding")
     if grad_accum > 1:
         raise TpusimError("gradient accumulation with pipeline parallelism: not modelled yet by tpusim (the "
                           "pipeline's microbatches already accumulate)", source=source,
