@@ -37,13 +37,13 @@ from pathlib import Path
 
 from tpusim.config import read_yaml
 from tpusim.errors import InfeasibleError, TpusimError
+from tpusim.explore.pipelining import pipeline_verdict, pipelined_plan
 from tpusim.explore.sweep import Task, config_key, iter_rows
 
 REMAT_POLICIES = ("full", "minimal", "none")
 BATCH_FACTORS = (0.5, 1, 2)  # per-device batches tried: these times the workload's
 PRUNE_MARGIN = 1.2  # lower bound / best estimate above which a plan cannot win (covers unmodelled ops)
 AXES = ("data", "fsdp", "tensor", "sequence", "expert", "pipeline")
-MICROBATCHES_PER_STAGE = (4, 2, 1)  # pipelined plans: the most microbatches (x stages) the batch splits into
 REMAT_RECOMPUTE = {"full": 4 / 3}  # executed / model FLOPs: full remat runs the forward twice
 
 
@@ -131,22 +131,6 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _pipelined(base: dict, source: str, ov: dict, mesh, sh, topo, p: int):
-    """A pipelined plan's overrides (MaxText's GPipe, one chunk per stage, the most microbatches of
-    ``MICROBATCHES_PER_STAGE`` x p that split the batch) and its worst stage's memory."""
-    from tpusim.compiler import pipeline_memory
-    from tpusim.model.workload import workload_from_dict
-
-    for k in MICROBATCHES_PER_STAGE:
-        m = k * p
-        if sh.seqs % m == 0:
-            break
-    ov = {**ov, "num_pipeline_microbatches": m, "num_pipeline_repeats": 1, "pipeline_schedule": "gpipe"}
-    w = workload_from_dict(base, source=source, overrides=ov)
-    mems = pipeline_memory(w, mesh, sh, topo.num_chips)[-1]
-    return max(mems, key=lambda mem: mem.total), m, ov
-
-
 def meshes(chips: int, model, seq_len: int, *, pipeline: int = 1) -> list[dict[str, int]]:
     """ICI sizes of data, fsdp, tensor, sequence, expert multiplying to ``chips`` that the model can split
     (each stage's, with ``pipeline`` stages beside them)."""
@@ -228,7 +212,7 @@ def plans(workload: str | Path, topology: str | None = None, *, slices: int | No
             mesh = resolve_mesh(w.parallelism, topo, source=source)
             sh = derive_shapes(w, mesh, topo.num_chips)
             if p > 1:  # MaxText's GPipe, one chunk per stage, as many microbatches as the batch splits into
-                mem, m, ov = _pipelined(base, source, ov, mesh, sh, topo, p)
+                mem, m, ov = pipelined_plan(base, source, ov, mesh, sh, topo, p)
             else:
                 local, layer, table = local_parameter_counts(w, sh)
                 mem = peak_memory(w, sh, local_params=local, gathered_layer_params=layer,
@@ -303,7 +287,7 @@ def search(workload: str | Path, topology: str | None = None, *, slices: int | N
             "objective": objective, "counts": counts, "wall_s": time.perf_counter() - t0,
             "top": [_plan_report(r, candidates[r["config"]], pure[0] if pure else None) for r in ok[:top]],
             "pure_fsdp": _pure_fsdp_report(baseline, candidates, topo, found["workload"].step.seq_len),
-            "pipeline": _pipeline_verdict(ok, candidates),
+            "pipeline": pipeline_verdict(ok, candidates, mesh_name),
             "failed": [{"mesh": mesh_name(json.loads(r["config"])), "status": r["status"], "reason": r["reason"]}
                        for r in rows if r["status"] != "ok"]}
 
@@ -338,28 +322,6 @@ def _plan_report(row: dict, plan: dict, baseline: dict | None) -> dict:
             "exposed_comm_by_kind_s": exposed, "bottleneck": row["bottleneck"], "hbm_fraction": plan["hbm_fraction"],
             "tokens_per_chip": r.tokens_per_chip, "fsdp_limit_tokens": r.fsdp_limit_tokens,
             "tensor_ratio": r.tensor_ratio, "why": "; ".join(why)}
-
-
-def _pipeline_verdict(ok: list[dict], candidates: dict) -> str:
-    """When pipelining wins or loses here: the best simulated plan with stages against the best without."""
-    staged = [r for r in ok if candidates[r["config"]]["stages"] > 1]
-    flat = [r for r in ok if candidates[r["config"]]["stages"] == 1]
-    if not staged or not flat:
-        return "no pipelined plan fits or places here" if not staged else "only pipelined plans fit here"
-    p, f = staged[0], flat[0]  # (ok is sorted by the objective)
-    pp = json.loads(p["pipeline"]) if isinstance(p["pipeline"], str) else p["pipeline"]
-    ov_p, ov_f = candidates[p["config"]]["overrides"], candidates[f["config"]]["overrides"]
-    exposed = json.loads(f["exposed_comm_by_kind_s"])
-    kinds = ", ".join(f"{k} {v / f['step_time_s']:.0%}" for k, v in list(exposed.items())[:2]) or "none"
-    head = (f"pipelined {mesh_name(ov_p)}: MFU {p['mfu']:.1%}, against {mesh_name(ov_f)}: MFU {f['mfu']:.1%}; ")
-    if p["mfu"] > f["mfu"]:
-        return (head + f"pipelining wins: the stages send only a microbatch's activations over "
-                f"{pp['over'].upper()}, where the best unpipelined plan exposes "
-                f"{f['exposed_comm_s'] / f['step_time_s']:.0%} of its step in communication ({kinds}); that outweighs "
-                f"the bubble ({pp['bubble']:.0%} of busy time simulated, (p-1)/m = {pp['bubble_formula']:.0%})")
-    return (head + f"pipelining loses: its bubble idles the stages {pp['bubble']:.0%} of their busy time "
-            f"((p-1)/m = {pp['bubble_formula']:.0%}), more than the best unpipelined plan loses to exposed "
-            f"communication ({f['exposed_comm_s'] / f['step_time_s']:.0%} of its step: {kinds})")
 
 
 def _pure_fsdp_report(best: dict | None, candidates: dict, topo, seq_len: int) -> dict:
