@@ -181,6 +181,15 @@ def test_cli_runs_a_pipelined_workload_and_program_shows_its_stages():
     assert r.exit_code == 2 and "pipeline" in r.output
 
 
+def test_cli_refuses_a_bad_pipeline_key_in_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path("workloads/pipeline_llama2_7b.yaml").read_text().replace(
+        "num_pipeline_microbatches: 8", "num_pipeline_microbatches: 6"))
+    r = CliRunner().invoke(main, ["run", str(bad)])
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert "num_pipeline_microbatches" in r.output and "multiple of the 4 stages" in r.output
+
+
 AOT = Path(__file__).resolve().parent.parent / "traces" / "xla_aot_pipeline.json"
 
 
