@@ -98,7 +98,7 @@ def test_mesh_fills_the_rest_and_places_tensor_on_a_whole_axis():
     assert m.ici["fsdp"] == 32 and m.ici["tensor"] == 4
     assert len(m.physical["tensor"]) == 1 and m.physical["tensor"][0] in ("x", "y")
     assert sorted(m.axes_of("fsdp"), key=str) == sorted({"x", "y", "z"} - set(m.physical["tensor"]))
-    assert m.dcn == {"data": 1, "fsdp": 1}
+    assert m.dcn == {"data": 1, "fsdp": 1, "pipeline": 1}
 
 
 def test_mesh_prefers_wrapped_axes_for_tensor():

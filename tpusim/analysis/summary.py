@@ -66,7 +66,9 @@ def summarize(result: SimResult) -> dict:
                     for name, s in result.link_stats.items()), key=lambda d: -d["utilization"])
     if exposed > EXPOSED_THRESHOLD * step and exposed_by:
         kind = max(exposed_by, key=exposed_by.get)
-        if kind.startswith("copy"):
+        if kind == "collective-permute" and prog.stages > 1:
+            bottleneck = "pipeline bubble: stages waiting for each other's activations (collective-permute)"
+        elif kind.startswith("copy"):
             bottleneck = "host offload: exposed PCIe copies"
         else:
             axes = sorted({",".join(op.mesh_axes) for op in prog.collective_ops if op.category == kind})
@@ -94,7 +96,22 @@ def summarize(result: SimResult) -> dict:
         "device_classes": [{"slowdown": c["slowdown"], "devices": len(c["devices"])} for c in result.classes],
         "ops": len(prog.ops), "events": result.events, "sim_wall_s": result.sim_wall_s,
         "notes": list(prog.notes),
+        **({"pipeline": pipeline_summary(result)} if prog.stages > 1 else {}),
     }
+
+
+def pipeline_summary(result: SimResult) -> dict:
+    """Each stage's busy time and the bubble the simulation gave it: the stage idle (waiting for a
+    permute from its neighbour, or at the ends of the step) over its busy time, the Playbook's
+    measure, beside its closed form for the schedule."""
+    rec, step = result.record, result.step_time_s
+    busy = [0.0] * result.program.stages
+    for i, stream in enumerate(rec.stream):
+        if stream == "XLA Ops" and rec.device_class[i] >= 0:
+            busy[rec.device_class[i]] += rec.end_s[i] - rec.start_s[i]
+    bubbles = [(step - b) / b if b > 0 else 0.0 for b in busy]
+    return {**result.program.pipeline, "stage_busy_s": busy, "bubble_by_stage": bubbles,
+            "bubble": sum(bubbles) / len(bubbles)}
 
 
 def format_summary(s: dict) -> str:
@@ -116,5 +133,10 @@ def format_summary(s: dict) -> str:
         f"  simulated    {s['ops']} ops, {s['events']} events"
         + (f" in {s['sim_wall_s']:.2f} s" if "sim_wall_s" in s else ""),
     ]
+    if "pipeline" in s:
+        pp = s["pipeline"]
+        lines.append(f"  pipeline     {pp['stages']} stages, {pp['schedule']}, {pp['microbatches']} microbatches x "
+                     f"{pp['repeats']} chunk(s): bubble {pp['bubble']:.1%} simulated (idle / busy, mean of the "
+                     f"stages), {pp['bubble_formula']:.1%} by the Playbook's formula")
     lines += [f"  note         {n}" for n in s["notes"]]
     return "\n".join(lines)

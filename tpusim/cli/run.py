@@ -120,6 +120,8 @@ def program(workload: str, topology: str | None, slices: int | None, as_json: bo
         "tokens_per_step": prog.tokens_per_step, "ops": len(prog.ops),
         "peak_hbm_bytes_per_device": mem["total"], "hbm_capacity_bytes": prog.hbm_capacity_bytes,
         "memory": mem, "collectives": prog.collectives_summary(), "notes": list(prog.notes),
+        **({"pipeline": {**prog.pipeline, "stage_memory": [m.as_dict() for m in prog.stage_memory]}}
+           if prog.stages > 1 else {}),
     }
     m, s = w.model, w.step
     mesh_txt = "  ".join(f"{a}={n} on {','.join(str(p) for p in mesh.physical.get(a, ()))}"
@@ -137,14 +139,27 @@ def program(workload: str, topology: str | None, slices: int | None, as_json: bo
         f"  mesh         {mesh_txt}",
         f"  FLOPs        model {prog.model_flops_per_step:.3e} per step ({s.attention_flops} attention); "
         f"executed {prog.flops_per_device:.3e} per device ({ratio:.2f}x model)",
-        "  collectives  " + f"{'kind':<15}{'mesh axes':<22}{'physical':<14}{'count':>6}{'bytes':>11}",
+        "  collectives  " + f"{'kind':<19}{'mesh axes':<18}{'physical':<14}{'count':>6}{'bytes':>11}",
     ]
     for c in prog.collectives_summary():
-        lines.append("               " + f"{c['kind']:<15}{','.join(c['mesh_axes']):<22}{','.join(c['axes']):<14}"
+        lines.append("               " + f"{c['kind']:<19}{','.join(c['mesh_axes']):<18}{','.join(c['axes']):<14}"
                                          f"{c['count']:>6}{fmt_bytes(c['bytes']):>11}")
     parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in mem.items() if k != "total")
     lines.append(f"  HBM          {fmt_bytes(mem['total'])} of {fmt_bytes(prog.hbm_capacity_bytes)} "
                  f"({mem['total'] / prog.hbm_capacity_bytes:.0%}): {parts}")
+    if prog.stages > 1:
+        pp = prog.pipeline
+        lines.append(f"  pipeline     {pp['stages']} stages over {pp['over'].upper()}, {pp['schedule']}, "
+                     f"{pp['microbatches']} microbatches, {pp['repeats']} chunk(s) of {pp['layers_per_chunk']} "
+                     f"layer(s) per stage; bubble by the Playbook's formula {pp['bubble_formula']:.1%}")
+        for st in range(prog.stages):
+            ops = [op for op in prog.ops if op.stage == st]
+            layers = sorted({op.layer for op in ops if op.layer >= 0})
+            chunks = [layers[i:i + pp["layers_per_chunk"]] for i in range(0, len(layers), pp["layers_per_chunk"])]
+            lines.append(f"  stage {st:<6} layers {', '.join(f'{c[0]}-{c[-1]}' for c in chunks)}; "
+                         f"{sum(op.flops for op in ops):.3e} FLOPs; {len(prog.stage_devices[st])} devices; "
+                         f"HBM {fmt_bytes(prog.stage_memory[st].total)} "
+                         f"({pp['peak_in_flight'][st]:g} microbatches' activations in flight)")
     lines += [f"  note         {n}" for n in prog.notes]
     _emit(as_json, payload, "\n".join(lines))
 

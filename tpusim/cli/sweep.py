@@ -132,6 +132,7 @@ def _search_lines(res: dict) -> list[str]:
                      f"{p['hbm_fraction']:>6.0%}")
         lines.append(f"       why: {p['why']}")
     lines.append(f"  pure FSDP    {res['pure_fsdp']['verdict']}")
+    lines.append(f"  pipeline     {res['pipeline']}")
     if res["failed"]:
         lines.append(f"  failed       {len(res['failed'])} simulated plans, e.g. {res['failed'][0]['mesh']}: "
                      f"{res['failed'][0]['reason']}")
@@ -272,7 +273,8 @@ def register(main: click.Group) -> None:
     @click.option("--keep-global-batch", is_flag=True,
                   help="keep the workload's per-device batch (else also try half and double)")
     @click.option("--budget", type=int, default=256, show_default=True,
-                  help="simulate at most this many plans (best roofline estimates first)")
+                  help="simulate at most this many plans (best roofline estimates first), besides pure FSDP "
+                       "and the best pipelined and unpipelined plans")
     @click.option("--tpot-ms", type=float, default=None, help="serving: the TPOT limit (ms)")
     @click.option("--ttft-ms", type=float, default=None, help="serving: the TTFT limit (ms)")
     @click.option("--percentile", type=int, default=90, show_default=True,

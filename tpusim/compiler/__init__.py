@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from tpusim.compiler import quant
+from tpusim.compiler import pipeline, quant
 from tpusim.compiler.memory import peak_memory
 from tpusim.compiler.shapes import Shapes, derive_shapes
 from tpusim.compiler.transformer import build_ops
@@ -94,6 +94,8 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     mesh = mesh or resolve_mesh(w.parallelism, topo, source=w.source)
     devices = topo.num_chips
     sh = derive_shapes(w, mesh, devices)
+    if pipeline.pipeline_stages(mesh) > 1:
+        return _compile_pipeline(w, topo, mesh, sh, check_memory)
     micro_w, micro = _microbatch(w, sh, mesh, devices)
     local, gathered_layer, table = local_parameter_counts(w, sh)
     fsdp = sh.weight_shards > 1
@@ -134,6 +136,39 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
                    hbm_capacity_bytes=capacity, notes=tuple(notes))
 
 
+def _compile_pipeline(w: Workload, topo: Topology, mesh: Mesh, sh: Shapes, check_memory: bool) -> Program:
+    """Pipeline parallelism (:mod:`tpusim.compiler.pipeline`): a program whose ops each stage runs its own of."""
+    plan, micro_w, micro, local, params, mems = pipeline_memory(w, mesh, sh, topo.num_chips)
+    if check_memory:
+        pipeline.check_fits(mems, topo.chip.hbm_bytes, w, topo.chip.name)
+    ops = pipeline.build_pipeline_ops(w, micro_w, micro, mesh, plan, local_params=local, stage_params=params)
+    info = pipeline.describe(plan, mems)
+    notes = [f"pipeline: {plan.stages} stages over {info['over'].upper()}, {plan.schedule}, {plan.microbatches} "
+             f"microbatches, {plan.repeats} chunk(s) of {plan.layers_per_chunk} layer(s) per stage; the Playbook's "
+             f"bubble (p-1)/(m v) = {info['bubble_formula']:.1%}; embedding on the first stage, loss on the last"]
+    if w.notes:
+        notes.append(f"MaxText keys set away from base.yml that tpusim does not model (small effects): "
+                     f"{', '.join(w.notes)}")
+    if w.ignored_keys:
+        notes.append(f"ignored (no effect on performance): {', '.join(w.ignored_keys)}")
+    worst = max(mems, key=lambda mem: mem.total)
+    return Program(name=w.name, ops=tuple(ops), devices=topo.num_chips,
+                   model_flops_per_step=model_flops_per_step(w, sh.global_batch),
+                   tokens_per_step=sh.global_batch * w.step.seq_len, memory=worst,
+                   hbm_capacity_bytes=topo.chip.hbm_bytes, notes=tuple(notes), stages=plan.stages,
+                   stage_devices=pipeline.stage_devices(mesh, topo), stage_memory=tuple(mems), pipeline=info)
+
+
+def pipeline_memory(w: Workload, mesh: Mesh, sh: Shapes, devices: int) -> tuple:
+    """(plan, microbatch workload, its shapes, the unpipelined local parameters, each stage's, each stage's
+    Memory): what compiling a pipelined step and checking its HBM share (``tpusim search`` too)."""
+    plan = pipeline.plan_pipeline(w, mesh, sh)
+    micro_w, micro = pipeline.microbatch(w, mesh, devices, plan)
+    local, gathered_layer, _ = local_parameter_counts(micro_w, micro)
+    params = pipeline.stage_parameters(w, micro, local, plan.stages)
+    return plan, micro_w, micro, local, params, pipeline.stage_memory(w, micro_w, micro, plan, params, gathered_layer)
+
+
 ACCUMULATOR_BYTES = 4  # MaxText accumulates gradients in f32 (zeros_like of the f32 parameters)
 
 
@@ -159,4 +194,4 @@ def _check_modelled(w: Workload) -> None:
                           f"(its parameter count is: {m.params / 1e9:.1f} B)", source=w.source, key="model_name")
 
 
-__all__ = ["compile_program", "model_flops_breakdown", "model_flops_per_step", "local_parameter_counts"]
+__all__ = ["compile_program", "pipeline_memory", "model_flops_breakdown", "model_flops_per_step", "local_parameter_counts"]

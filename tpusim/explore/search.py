@@ -15,8 +15,15 @@ training.md and applied-training.md): enumerate, prune with rooflines, simulate 
    rates, communication overlapping perfectly) and an estimate (calibrated rates, FSDP and DP
    overlapping compute, tensor / sequence / expert collectives on the critical path). A plan whose
    lower bound per token is more than ``PRUNE_MARGIN`` times the best estimate cannot win.
-4. Simulate the survivors (best estimates first, at most ``budget``) and pure FSDP (the baseline),
-   in worker processes or on Ray, and rank by MFU or step time.
+4. Simulate the survivors (best estimates first, at most ``budget``), pure FSDP (the baseline) and
+   the best pipelined and unpipelined plans by estimate (so the report can say when pipelining wins
+   or loses), in worker processes or on Ray, and rank by MFU or step time.
+
+Pipeline parallelism (MaxText's GPipe, one chunk per stage, 4p, 2p or p microbatches): stages across
+slices (DCN pipeline), or on ICI along one whole torus axis. Across slices with few, slow DCN links it
+wins when data parallelism's gradient all-reduce (or FSDP's gathers) over DCN costs more than the
+bubble, since the stages send only a microbatch's activations; on one slice's fast ICI the bubble
+(p - 1) / m usually costs more than the communication it saves.
 
 The book's limits the report quotes (alpha = C / W_ici, the chip's FLOP/s over one axis's
 bidirectional ICI bandwidth): FSDP over n torus axes is communication-bound below alpha / n tokens
@@ -26,7 +33,6 @@ parallelism on n axes is communication-bound when Y alpha / (n F) > 1.
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from collections.abc import Callable
@@ -35,12 +41,13 @@ from pathlib import Path
 
 from tpusim.config import read_yaml
 from tpusim.errors import InfeasibleError, TpusimError
+from tpusim.explore.pipelining import pipeline_verdict, pipelined_plan
 from tpusim.explore.sweep import Task, config_key, iter_rows
 
 REMAT_POLICIES = ("full", "minimal", "none")
 BATCH_FACTORS = (0.5, 1, 2)  # per-device batches tried: these times the workload's
 PRUNE_MARGIN = 1.2  # lower bound / best estimate above which a plan cannot win (covers unmodelled ops)
-AXES = ("data", "fsdp", "tensor", "sequence", "expert")
+AXES = ("data", "fsdp", "tensor", "sequence", "expert", "pipeline")
 REMAT_RECOMPUTE = {"full": 4 / 3}  # executed / model FLOPs: full remat runs the forward twice
 ACCUMULATION = (2, 4, 8)  # microbatches tried, fewest first, for a plan whose activations do not fit
 
@@ -61,7 +68,7 @@ class Roofline:
     tensor_ratio: float       # Y alpha / (n_tensor_axes F): above 1, tensor parallelism is
 
 
-def roofline(w, topo, mesh, sh, *, mxu_eff: float = 1.0, link_eff: float = 1.0) -> Roofline:
+def roofline(w, topo, mesh, sh, *, mxu_eff: float = 1.0, link_eff: float = 1.0, microbatches: int = 1) -> Roofline:
     """Per-step roofline of workload ``w`` on ``mesh`` (:class:`~tpusim.model.mesh.Mesh`, shapes ``sh``).
 
     Compute: model FLOPs per device (x 4/3 for full remat) / C. Per collective, the bytes through one
@@ -69,11 +76,16 @@ def roofline(w, topo, mesh, sh, *, mxu_eff: float = 1.0, link_eff: float = 1.0) 
     chip's DCN egress). FSDP: 2 all-gathers + 1 reduce-scatter of the weights (1/Y each with tensor
     parallelism Y); DP: 1 all-reduce of the gradient shard; tensor: 4 activation collectives per layer
     per pass; sequence: K and V gathered per layer per pass; expert: 2 all-to-alls per layer per pass.
+    Pipelined over p stages with m microbatches (MaxText's GPipe): a device holds L / p layers, gathers
+    their weights once per microbatch, idles the Playbook's (p - 1) / m of its compute (lower bound and
+    estimate alike), and sends each microbatch's activations forward and their gradient back: 2 m
+    permutes, 2 (p - 1) of them on the critical path (the fill and the drain).
     """
     from tpusim.compiler import model_flops_per_step
 
     m, chip = w.model, topo.chip
-    ab, L, tp = sh.act_bytes, m.num_layers, sh.tp
+    p = mesh.size("pipeline", "dcn_pipeline")
+    ab, L, tp = sh.act_bytes, m.num_layers // p, sh.tp
     c = chip.bf16_flops_per_s
     alpha = c / chip.ici_axis_bytes_per_s
     passes = 3 if w.step.remat_policy == "full" else 2  # forward, (recomputed forward,) backward
@@ -87,10 +99,11 @@ def roofline(w, topo, mesh, sh, *, mxu_eff: float = 1.0, link_eff: float = 1.0) 
         bw = topo.dcn_bytes_per_s_per_chip if dcn else chip.ici_axis_bytes_per_s * max(axes(*names), 1)
         return nbytes * (n - 1) / n / bw if bw else float("inf")
 
-    weights = m.params / tp * ab
+    weights = m.params / tp * ab / p
     x_ici, x_dcn = mesh.size("fsdp", "sequence", "expert"), mesh.size("dcn_fsdp")
     k = w.step.gradient_accumulation_steps  # each microbatch gathers and reduce-scatters the weights again
-    fsdp_s = k * (t(3 * weights, x_ici, "fsdp", "sequence", "expert") + t(3 * weights / x_ici, x_dcn, dcn=True))
+    gathers = 3 * (microbatches if p > 1 else k)  # (pipelining and accumulation are exclusive)
+    fsdp_s = t(gathers * weights, x_ici, "fsdp", "sequence", "expert") + t(gathers * weights / x_ici, x_dcn, dcn=True)
     grads = weights / (x_ici * x_dcn) * (sh.weight_bytes / ab if k > 1 else 1)  # (the f32 accumulator)
     data_s = t(2 * grads, mesh.size("data"), "data") + t(2 * grads, mesh.size("dcn_data"), dcn=True)
     act = sh.tok * sh.d * ab
@@ -102,6 +115,13 @@ def roofline(w, topo, mesh, sh, *, mxu_eff: float = 1.0, link_eff: float = 1.0) 
     compute_s = flops / c
     critical = tensor_s + sequence_s + expert_s
     overlapped = max(fsdp_s, data_s)
+    if p > 1:  # each permute: one microbatch's activations (D / tensor) to the neighbouring stage
+        permute = act / microbatches / tp
+        one = (permute / topo.dcn_bytes_per_s_per_chip if mesh.size("dcn_pipeline") > 1
+               else permute / (chip.ici_axis_bytes_per_s / 2))
+        critical += 2 * (p - 1) * one
+        overlapped = max(overlapped, 2 * microbatches * one)
+        compute_s *= 1 + (p - 1) / microbatches  # the bubble
     recompute = REMAT_RECOMPUTE.get(w.step.remat_policy, 1.0)
     tokens = sh.global_batch * sh.seq_len / topo.num_chips
     n_fsdp, n_tp = axes("fsdp", "sequence", "expert"), axes("tensor")
@@ -117,8 +137,9 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def meshes(chips: int, model, seq_len: int) -> list[dict[str, int]]:
-    """ICI sizes of data, fsdp, tensor, sequence, expert multiplying to ``chips`` that the model can split."""
+def meshes(chips: int, model, seq_len: int, *, pipeline: int = 1) -> list[dict[str, int]]:
+    """ICI sizes of data, fsdp, tensor, sequence, expert multiplying to ``chips`` that the model can split
+    (each stage's, with ``pipeline`` stages beside them)."""
     out = []
     for tp in _divisors(chips):
         if model.num_heads % tp or model.d_ff % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads):
@@ -128,7 +149,8 @@ def meshes(chips: int, model, seq_len: int) -> list[dict[str, int]]:
             for ep in (e for e in experts if model.num_experts % e == 0 or e == 1):
                 rest = chips // (tp * sp * ep)
                 for fsdp in _divisors(rest):
-                    out.append({"data": rest // fsdp, "fsdp": fsdp, "tensor": tp, "sequence": sp, "expert": ep})
+                    out.append({"data": rest // fsdp, "fsdp": fsdp, "tensor": tp, "sequence": sp, "expert": ep,
+                                **({"pipeline": pipeline} if pipeline > 1 else {})})
     return out
 
 
@@ -141,8 +163,11 @@ def _unsharded(raw: dict) -> dict:
 
 def mesh_name(ov: dict) -> str:
     """``fsdp 32 x tensor 4`` (+ ``dcn data 2``, ``accumulate 4``) from a plan's overrides."""
-    parts = [f"{a} {ov[f'ici_{a}_parallelism']}" for a in AXES if ov[f"ici_{a}_parallelism"] > 1]
-    parts += [f"dcn {a} {ov[f'dcn_{a}_parallelism']}" for a in ("data", "fsdp") if ov[f"dcn_{a}_parallelism"] > 1]
+    parts = [f"{a} {ov[f'ici_{a}_parallelism']}" for a in AXES if ov.get(f"ici_{a}_parallelism", 1) > 1]
+    parts += [f"dcn {a} {ov[f'dcn_{a}_parallelism']}" for a in ("data", "fsdp", "pipeline")
+              if ov.get(f"dcn_{a}_parallelism", 1) > 1]
+    if ov.get("num_pipeline_microbatches", -1) > 0:
+        parts[-1] += f" (m {ov['num_pipeline_microbatches']})"
     if ov.get("gradient_accumulation_steps", 1) > 1:
         parts.append(f"accumulate {ov['gradient_accumulation_steps']}")
     return " x ".join(parts) or "one chip"
@@ -168,15 +193,24 @@ def plans(workload: str | Path, topology: str | None = None, *, slices: int | No
     cal = get_calibration(topo.chip.name, mode)
     b0 = w0.step.per_device_batch_size
     batches = (b0,) if keep_global_batch else tuple(dict.fromkeys(b0 * f for f in BATCH_FACTORS))
-    dcn = [{"data": topo.slices, "fsdp": 1}] + ([{"data": 1, "fsdp": topo.slices}] if topo.slices > 1 else [])
+    S = topo.slices
+    dcn = [{"data": S, "fsdp": 1, "pipeline": 1}]
+    if S > 1:  # across slices: FSDP, or pipeline stages (a slice each)
+        dcn += [{"data": 1, "fsdp": S, "pipeline": 1}, {"data": 1, "fsdp": 1, "pipeline": S}]
+    # Pipeline stages on ICI: along one whole torus axis (a collective-permute shifts along one axis).
+    stages = [1] + sorted({n for n in (topo.axis_size(a) for a in topo.axis_names) if n > 1
+                           and w0.model.num_layers % n == 0})
     counts = {"enumerated": 0, "invalid": 0, "out_of_hbm": 0, "duplicate": 0, "roofline": 0, "budget": 0}
     found: dict[str, dict] = {}
-    for ici, d, policy, batch in itertools.product(meshes(topo.chips_per_slice, w0.model, w0.step.seq_len),
-                                                   dcn, remat, batches):
+    grid = ((ici, d, policy, batch) for p_ici in stages for d in dcn if p_ici == 1 or d["pipeline"] == 1
+            for ici in meshes(topo.chips_per_slice // p_ici, w0.model, w0.step.seq_len, pipeline=p_ici)
+            for policy in remat for batch in batches)
+    for ici, d, policy, batch in grid:
         counts["enumerated"] += 1
         ov = {**{f"ici_{a}_parallelism": n for a, n in ici.items()},
               **{f"dcn_{a}_parallelism": n for a, n in d.items()},
               "remat_policy": policy, "per_device_batch_size": batch}
+        p = ici.get("pipeline", 1) * d["pipeline"]
         key = config_key(ov)
         if key in found:
             counts["duplicate"] += 1
@@ -185,9 +219,14 @@ def plans(workload: str | Path, topology: str | None = None, *, slices: int | No
             w = workload_from_dict(base, source=source, overrides=ov)
             mesh = resolve_mesh(w.parallelism, topo, source=source)
             sh = derive_shapes(w, mesh, topo.num_chips)
-            local, layer, table = local_parameter_counts(w, sh)
-            mem = peak_memory(w, sh, local_params=local, gathered_layer_params=layer, gathered_table_params=table,
-                              fsdp=sh.weight_shards > 1, capacity_bytes=topo.chip.hbm_bytes)
+            if p > 1:  # MaxText's GPipe, one chunk per stage, as many microbatches as the batch splits into
+                mem, m, ov = pipelined_plan(base, source, ov, mesh, sh, topo, p)
+            else:
+                local, layer, table = local_parameter_counts(w, sh)
+                mem = peak_memory(w, sh, local_params=local, gathered_layer_params=layer,
+                                  gathered_table_params=table, fsdp=sh.weight_shards > 1,
+                                  capacity_bytes=topo.chip.hbm_bytes)
+                m = 1
         except TpusimError:
             counts["invalid"] += 1
             continue
@@ -199,9 +238,9 @@ def plans(workload: str | Path, topology: str | None = None, *, slices: int | No
             ov["gradient_accumulation_steps"] = w.step.gradient_accumulation_steps
             key = config_key(ov)
         r = roofline(w, topo, mesh, sh, mxu_eff=cal.compute.mxu_efficiency,
-                     link_eff=cal.collectives.ici_link_efficiency)
-        pure = ici["fsdp"] == topo.chips_per_slice
-        found[key] = {"overrides": ov, "roofline": r, "pure_fsdp": pure,
+                     link_eff=cal.collectives.ici_link_efficiency, microbatches=m)
+        pure = ici["fsdp"] == topo.chips_per_slice and p == 1
+        found[key] = {"overrides": ov, "roofline": r, "pure_fsdp": pure, "stages": p,
                       "hbm_fraction": mem.total / topo.chip.hbm_bytes}
     return {"workload": w0, "topology": topo, "raw": base, "source": source, "mode": mode, "plans": found,
             "counts": counts}
@@ -263,7 +302,14 @@ def search(workload: str | Path, topology: str | None = None, *, slices: int | N
     counts["roofline"] = len(candidates) - len(keep)
     chosen = [k for k in keep if candidates[k]["pure_fsdp"]]
     chosen += [k for k in keep if not candidates[k]["pure_fsdp"]][:budget]
-    counts["budget"] = len(keep) - len(chosen)
+    # The best pipelined and the best unpipelined plans by estimate are simulated even when pruned:
+    # the report says when pipelining wins and when it loses.
+    for staged in (True, False):
+        best = min((k for k in candidates if (candidates[k]["stages"] > 1) == staged),
+                   key=lambda k: (per_token(candidates[k], "estimate_s"), k), default=None)
+        if best is not None and best not in chosen:
+            chosen.append(best)
+    counts["budget"] = max(len(keep) - len(chosen), 0)
     spec = f"{topo.chip.name}:{'x'.join(map(str, topo.shape))}"
     tasks = [Task(index=i, key=k, raw=found["raw"], source=found["source"], topology=spec, slices=topo.slices,
                   mode=mode, inputs=candidates[k]["overrides"]) for i, k in enumerate(chosen)]
@@ -282,6 +328,7 @@ def search(workload: str | Path, topology: str | None = None, *, slices: int | N
             "objective": objective, "counts": counts, "wall_s": time.perf_counter() - t0,
             "top": [_plan_report(r, candidates[r["config"]], pure[0] if pure else None) for r in ok[:top]],
             "pure_fsdp": _pure_fsdp_report(baseline, candidates, topo, found["workload"].step.seq_len),
+            "pipeline": pipeline_verdict(ok, candidates, mesh_name),
             "failed": [{"mesh": mesh_name(json.loads(r["config"])), "status": r["status"], "reason": r["reason"]}
                        for r in rows if r["status"] != "ok"]}
 
@@ -308,6 +355,10 @@ def _plan_report(row: dict, plan: dict, baseline: dict | None) -> dict:
     if k > 1:
         why.append(f"gradient accumulation {k}: microbatches of {ov['per_device_batch_size'] / k:g} sequences per "
                    f"device fit HBM with remat {ov['remat_policy']} (weights gathered {k} times)")
+    if plan["stages"] > 1 and row.get("pipeline"):
+        pp = json.loads(row["pipeline"]) if isinstance(row["pipeline"], str) else row["pipeline"]
+        why.append(f"pipeline {pp['stages']} stages over {pp['over'].upper()} x {pp['microbatches']} microbatches: "
+                   f"bubble {pp['bubble']:.0%} of busy time simulated, (p-1)/m = {pp['bubble_formula']:.0%}")
     if baseline is not None and baseline is not row and baseline["mfu"]:
         why.append(f"{row['mfu'] / baseline['mfu']:.2f}x pure FSDP's MFU")
     return {"mesh": mesh_name(ov), "overrides": ov, "remat_policy": ov["remat_policy"],

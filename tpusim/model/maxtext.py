@@ -10,8 +10,8 @@ README). Each key is one of:
   learning rate, ...): accepted, and listed once when the user's own file sets it;
 - **noted**: it changes performance a little (kernel tile sizes, numerics, fusions) and tpusim does
   not model it: accepted, with a note naming it when it differs from base.yml's default;
-- **refused**: it changes performance a lot and tpusim does not model it yet (pipeline stages,
-  multimodal encoders, ...): a value other than base.yml's default is refused
+- **refused**: it changes performance a lot and tpusim does not model it yet (partial
+  pipelining, multimodal encoders, ...): a value other than base.yml's default is refused
   with "not modelled yet", since ignoring it would give a wrong answer.
 
 Only a key in none of these (nor in a model file) is an "unknown key" with a suggestion. The
@@ -139,10 +139,9 @@ IGNORED: dict[str, tuple[str, str]] = {
         constant_bound_config replicate_quant_scale quant_cfg_path use_qwix_quantization use_manual_quantization
         weight_quantization_calibration_method act_quantization_calibration_method
         bwd_quantization_calibration_method"""),
-    "pipeline details": ("used only with pipeline parallelism, which is refused", """
-        num_layers_per_pipeline_stage num_pipeline_repeats pipeline_parallel_layers num_pipeline_microbatches
-        pipeline_delay_activation_forwarding pipeline_fsdp_ag_once pipeline_fsdp_ag_per_repeat
-        scan_pipeline_iterations scan_pipeline_repeats scan_layers_per_stage
+    "pipeline loop structure": ("how the pipeline's loops are scanned and where remat applies: the same work "
+                                "compiled differently", """
+        pipeline_fsdp_ag_per_repeat scan_pipeline_iterations scan_pipeline_repeats scan_layers_per_stage
         set_remat_policy_on_pipeline_iterations set_remat_policy_on_layers_per_stage"""),
     "rampup and sparsity schedule": ("used only with the features they configure, which are refused", """
         per_device_batch_size_start per_device_batch_size_increment global_rampup_samples
@@ -205,7 +204,7 @@ NOTED: dict[str, tuple[str, str]] = {
 # A value other than base.yml's is refused: ignoring it would give a wrong answer.
 REFUSED: dict[str, tuple[str, str]] = {
     "parallelism": ("mesh axes tpusim does not place yet", """
-        ici_pipeline_parallelism dcn_pipeline_parallelism
+        pipeline_parallel_layers
         dcn_tensor_sequence_parallelism dcn_tensor_parallelism dcn_sequence_parallelism dcn_expert_parallelism
         ici_fsdp_transpose_parallelism dcn_fsdp_transpose_parallelism ici_context_usp_ulysses_parallelism
         dcn_context_usp_ulysses_parallelism ici_context_autoregressive_parallelism

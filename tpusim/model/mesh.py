@@ -1,4 +1,4 @@
-"""Logical mesh axes (data, fsdp, sequence, tensor, expert; DCN data/fsdp) onto the slice's torus axes.
+"""Logical mesh axes (data, fsdp, sequence, tensor, expert, pipeline; DCN data/fsdp/pipeline) onto the slice's torus axes.
 
 :func:`resolve_mesh` fills in ``-1`` ("the rest"), checks that the mesh matches the chips, and places
 each mesh axis on physical axes: as the workload says (``physical_axes: {tensor: x, fsdp: yz}``), or
@@ -19,8 +19,8 @@ from tpusim.sim.topology import DCN, Topology
 from tpusim.model.workload import DCN_AXES, MESH_AXES, Parallelism
 
 # Most bandwidth-hungry first (book training.md: TP moves activations every layer; FSDP moves weights,
-# DP only gradients once per step).
-PRIORITY = ("tensor", "expert", "sequence", "fsdp", "data")
+# DP only gradients once per step; a pipeline stage only its microbatches' activations at its edges).
+PRIORITY = ("tensor", "expert", "sequence", "fsdp", "data", "pipeline")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -93,8 +93,8 @@ def resolve_mesh(par: Parallelism, topo: Topology, *, source: str = "workload") 
                 "ici", source)
     dcn = _fill(par.dcn, topo.slices, f"{topo.slices} slice{'s' if topo.slices > 1 else ''}", "dcn", source)
     if sum(1 for v in dcn.values() if v > 1) > 1:
-        raise TpusimError("only one of dcn_data_parallelism and dcn_fsdp_parallelism may exceed 1", source=source,
-                          key="dcn_*_parallelism")
+        raise TpusimError("only one of dcn_data_parallelism, dcn_fsdp_parallelism and dcn_pipeline_parallelism "
+                          "may exceed 1", source=source, key="dcn_*_parallelism")
     remaining = {a: topo.axis_size(a) for a in topo.axis_names if topo.axis_size(a) > 1}
     taken: dict[str, int] = {a: 1 for a in remaining}  # product of parts already carved from each axis
     physical: dict[str, tuple[Axis, ...]] = {}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tpusim.model import maxtext
+from tpusim.model.pipeline import PIPELINE_KEYS, Pipeline, pipeline_from_values
 from tpusim.config import read_yaml, unknown_key_reason
 from tpusim.data import data_dir
 from tpusim.errors import TpusimError
@@ -33,8 +34,8 @@ OPTIMIZERS = ("adamw", "adam", "adam_pax", "sgd", "adafactor")
 REMAT_POLICIES = ("full", "minimal", "none", "save_qkv_proj", "save_out_proj", "save_dot_except_mlp",
                   "save_dot_except_mlpwi", "minimal_offloaded", "qkv_proj_offloaded", "custom")
 ATTENTION_KERNELS = ("flash", "dot_product", "autoselected", "splash", "cudnn_flash_te")
-MESH_AXES = ("data", "fsdp", "sequence", "tensor", "expert")
-DCN_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "sequence", "tensor", "expert", "pipeline")
+DCN_AXES = ("data", "fsdp", "pipeline")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -231,6 +232,7 @@ class Workload:
     description: str = ""
     ignored_keys: tuple[str, ...] = field(default=())
     notes: tuple[str, ...] = field(default=())  # MaxText keys set away from base.yml that tpusim does not model
+    pipeline: Pipeline = field(default=Pipeline())  # stages: ici/dcn_pipeline_parallelism (tpusim.model.pipeline)
 
 
 # ---- the vocabulary --------------------------------------------------------------------------------
@@ -299,6 +301,7 @@ _SHARDING_KEYS: dict[str, tuple[type, Any]] = {
     "shard_optimizer_over_data": (bool, False),
     "shard_gradients_over_data": (bool, False),  # tpusim's: ZeRO-2 (MaxText has no key for it)
     "ici_tensor_sequence_parallelism": (int, 1),  # folded into tensor (see _parallelism)
+    **PIPELINE_KEYS,
 }
 _TOP_KEYS = {"name": str, "description": str, "chip": str, "topology": str, "slices": int, "base_config": str}
 _SECTIONS = {"model": _MODEL_KEYS, "step": _STEP_KEYS, "sharding": _SHARDING_KEYS}
@@ -427,6 +430,7 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
     model = _model(values, preset_name, source, where)
     step = _step(values, source, where)
     parallelism = _parallelism(values, source, where)
+    pipeline = pipeline_from_values(values, source, where)
     if top.get("slices") is not None and top["slices"] < 1:
         raise TpusimError(f"{top['slices']!r} must be a positive integer", source=source, key="slices")
     ep = parallelism.ici.get("expert", 1)
@@ -437,7 +441,8 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
     name = top.get("name") or Path(source).stem
     return Workload(name=name, source=source, model=model, step=step, parallelism=parallelism,
                     chip=top.get("chip"), topology=top.get("topology"), slices=top.get("slices"),
-                    description=top.get("description", ""), ignored_keys=tuple(ignored), notes=tuple(notes))
+                    description=top.get("description", ""), ignored_keys=tuple(ignored), notes=tuple(notes),
+                    pipeline=pipeline)
 
 
 def maxtext_chain(name: Any, source: str) -> dict:

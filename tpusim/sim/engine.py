@@ -18,6 +18,11 @@ their slowdown (``stragglers``); each class gets its own compute stream, and a c
 involves every device, starts when the slowest class reaches it. With no stragglers there is one
 class, whatever the size of the pod.
 
+Pipeline stages (``Program.stages`` > 1) are not equivalent: stage 0 starts while the others wait for
+its activations. Each stage is then a class of its own running only its ops (``Op.stage``), with its
+own links (its chips' links; a collective-permute to the next stage leaves on the sender's), so the
+pipeline's bubble is the time a stage's stream waits for a permute, simulated, not added.
+
 Deterministic: no randomness, and simpy breaks ties in insertion order.
 """
 
@@ -157,7 +162,16 @@ class Engine:
         self.cp = compute_params(topo.chip, mode)
         self.lp = link_params(topo, mode, in_step=True)  # collectives inside a compiled step
         self.events = 0
-        self.classes = _device_classes(topo.num_chips, stragglers or {})
+        self.staged = program.stages > 1
+        if self.staged:
+            if stragglers:
+                from tpusim.errors import TpusimError
+                raise TpusimError("stragglers with pipeline parallelism: not modelled yet by tpusim",
+                                  source="--straggler")
+            self.classes = [{"slowdown": 1.0, "devices": list(ds), "stage": s}
+                            for s, ds in enumerate(program.stage_devices)]
+        else:
+            self.classes = _device_classes(topo.num_chips, stragglers or {})
 
     def run(self) -> SimResult:
         t0 = time.perf_counter()
@@ -173,31 +187,37 @@ class Engine:
         op_plans: dict[int, CollectivePlan] = {}
         for op in prog.ops:
             if op.stream == COLLECTIVE:
-                key = (op.category, op.bytes, op.axes)
+                key = (op.category, op.bytes, op.axes, op.shift)
                 if key not in plans:
-                    plans[key] = lower(op.category, op.bytes, topo, op.axes)
+                    plans[key] = lower(op.category, op.bytes, topo, op.axes, shift=op.shift)
                 op_plans[op.index] = plans[key]
         paired = all(ph.directions == 2 for plan in plans.values() for st in plan.stages
                      for ph in st.phases if ph.axis != DCN)
-        for a in topo.axis_names:
-            if topo.axis_size(a) > 1:
-                if paired:
-                    both = SharedLink(env, f"ICI {a}", self.lp.ici_link_bytes_per_s, self)
-                    links[f"ICI {a}+"] = links[f"ICI {a}-"] = both
-                    continue
-                for sign in "+-":
-                    links[f"ICI {a}{sign}"] = SharedLink(env, f"ICI {a}{sign}", self.lp.ici_link_bytes_per_s, self)
-        if topo.slices > 1:
-            links["DCN"] = SharedLink(env, "DCN", self.lp.dcn_bytes_per_s, self)
+        # Pipeline stages run on disjoint chips: each has its own links ("stage 1 ICI x+").
+        prefixes = [f"stage {s} " for s in range(prog.stages)] if self.staged else [""]
+        for pre in prefixes:
+            for a in topo.axis_names:
+                if topo.axis_size(a) > 1:
+                    if paired:
+                        both = SharedLink(env, f"{pre}ICI {a}", self.lp.ici_link_bytes_per_s, self)
+                        links[f"{pre}ICI {a}+"] = links[f"{pre}ICI {a}-"] = both
+                        continue
+                    for sign in "+-":
+                        links[f"{pre}ICI {a}{sign}"] = SharedLink(env, f"{pre}ICI {a}{sign}",
+                                                                  self.lp.ici_link_bytes_per_s, self)
+            if topo.slices > 1:
+                links[f"{pre}DCN"] = SharedLink(env, f"{pre}DCN", self.lp.dcn_bytes_per_s, self)
         if prog.host_ops:  # PCIe is full duplex: one link each way
-            for name in ("PCIe d2h", "PCIe h2d"):
-                links[name] = SharedLink(env, name, topo.chip.pcie_bytes_per_s, self, fifo=True)
+            for pre in prefixes:
+                for name in ("PCIe d2h", "PCIe h2d"):
+                    links[pre + name] = SharedLink(env, pre + name, topo.chip.pcie_bytes_per_s, self, fifo=True)
 
         n_classes = len(self.classes)
         # Completion events: compute ops per class (only those a collective waits on), collectives global.
         issue_points = {d for op in prog.ops if op.stream in ASYNC_STREAMS for d in op.deps
                         if prog.ops[d].stream == COMPUTE}
-        compute_done = {(c, i): env.event() for c in range(n_classes) for i in issue_points}
+        compute_done = {(c, i): env.event() for c in range(n_classes) for i in issue_points
+                         if not self.staged or prog.ops[i].stage == c}  # (a stage completes its own ops)
         async_done = {op.index: env.event() for op in prog.ops if op.stream in ASYNC_STREAMS}
         # Op costs and collective plans are computed once, before env.run() (hot loop stays thin).
         cost = [op_time(op, self.cp) if op.stream == COMPUTE else 0.0 for op in prog.ops]
@@ -205,7 +225,7 @@ class Engine:
         def compute_stream(c: int, slowdown: float):
             done = 0
             for op in prog.ops:
-                if op.stream != COMPUTE:
+                if op.stream != COMPUTE or (self.staged and op.stage != c):
                     continue
                 done += 1
                 if c == 0 and self.progress is not None and done % 512 == 0:
@@ -242,17 +262,18 @@ class Engine:
             yield from wait_for_deps(op)
             start = env.now
             plan = op_plans[op.index]
+            pre = f"stage {op.stage} " if self.staged else ""
             for si, stage in enumerate(plan.stages):
                 waits = []
                 stage_start = env.now
                 for ph in stage.phases:
                     if ph.axis == DCN:
-                        ph_links = [links["DCN"]]
+                        ph_links = [links[f"{pre}DCN"]]
                         latency = self.lp.dcn_latency_s
-                    else:
-                        ph_links = [links[f"ICI {ph.axis}+"]]
-                        if ph.directions == 2 and links[f"ICI {ph.axis}-"] is not ph_links[0]:
-                            ph_links.append(links[f"ICI {ph.axis}-"])
+                    else:  # (a one-way phase, a permute, leaves on the side it shifts to)
+                        ph_links = [links[f"{pre}ICI {ph.axis}{'-' if ph.directions == 1 and op.shift < 0 else '+'}"]]
+                        if ph.directions == 2 and links[f"{pre}ICI {ph.axis}-"] is not ph_links[0]:
+                            ph_links.append(links[f"{pre}ICI {ph.axis}-"])
                         latency = self.lp.ici_hop_latency_s * ph.stride
                     waits += [lk.transfer(ph.link_bytes) for lk in ph_links]
                     floor = ph.steps * latency
@@ -261,24 +282,25 @@ class Engine:
                 yield env.all_of(waits)
                 self.events += 1
                 for ph in stage.phases:
-                    rec.add(-1, "DCN" if ph.axis == DCN else f"ICI {ph.axis}", f"{op.name} [{si}]", op.category,
+                    rec.add(op.stage if self.staged else -1, "DCN" if ph.axis == DCN else f"ICI {ph.axis}", f"{op.name} [{si}]", op.category,
                             op.layer, op.phase, stage_start, env.now, 0.0, ph.link_bytes, op.index)
             transfer = env.now - start
             extra = combine_overhead(transfer, self.lp) - transfer
             if extra > 0:
                 yield env.timeout(extra)
                 self.events += 1
-            rec.add(-1, "Async XLA Ops", op.name, op.category, op.layer, op.phase, start, env.now, 0.0, op.bytes,
-                    op.index)
+            rec.add(op.stage if self.staged else -1, "Async XLA Ops", op.name, op.category, op.layer, op.phase, start,
+                    env.now, 0.0, op.bytes, op.index)
             async_done[op.index].succeed()
 
         def host_copy(op):
             yield from wait_for_deps(op)
             start = env.now
-            yield links["PCIe d2h" if op.category == "copy-to-host" else "PCIe h2d"].transfer(op.bytes)
+            pre, cls = (f"stage {op.stage} ", op.stage) if self.staged else ("", -1)
+            yield links[pre + ("PCIe d2h" if op.category == "copy-to-host" else "PCIe h2d")].transfer(op.bytes)
             self.events += 1
-            rec.add(-1, "PCIe", op.name, op.category, op.layer, op.phase, start, env.now, 0.0, op.bytes, op.index)
-            rec.add(-1, "Async XLA Ops", op.name, op.category, op.layer, op.phase, start, env.now, 0.0, op.bytes,
+            rec.add(cls, "PCIe", op.name, op.category, op.layer, op.phase, start, env.now, 0.0, op.bytes, op.index)
+            rec.add(cls, "Async XLA Ops", op.name, op.category, op.layer, op.phase, start, env.now, 0.0, op.bytes,
                     op.index)
             async_done[op.index].succeed()
 

@@ -1,7 +1,8 @@
 """A per-device Program: the ops one device runs in one step, in order, with what each needs.
 
 Every device of a symmetric run executes the same Program (SPMD), so one Program describes the whole
-step. Ops are of two streams:
+step; under pipeline parallelism each stage's devices run the ops tagged with their ``stage`` (and
+collective-permutes carry activations from one stage to the next). Ops are of two streams:
 
 * ``compute``: run one after another in list order (the TensorCore); FLOPs, HBM bytes, MXU shape.
 * ``collective``: asynchronous; a collective may start once its ``deps`` are done (the op after
@@ -44,6 +45,8 @@ class Op:
     deps: tuple[int, ...] = ()
     recompute: bool = False     # a rematerialised forward op run during the backward pass
     mxu_dtype: str = ""         # "" (bf16), "int8" or "fp8": the MXU rate a quantized matmul runs at
+    stage: int = 0              # pipeline stage whose devices run it (a collective: whose links carry it)
+    shift: int = 1              # a collective-permute: positions along its axis it sends to (+1 next, -1 previous)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,10 +81,17 @@ class Program:
     memory: Memory
     hbm_capacity_bytes: float
     notes: tuple[str, ...] = field(default=())
+    # Pipeline parallelism: stages run different programs (the ops with their ``stage``); each stage's
+    # devices, its memory, and the plan (schedule, microbatches, repeats) for reports. One stage: SPMD.
+    stages: int = 1
+    stage_devices: tuple[tuple[int, ...], ...] = field(default=())
+    stage_memory: tuple[Memory, ...] = field(default=())
+    pipeline: dict | None = None
 
     @property
     def flops_per_device(self) -> float:
-        return sum(op.flops for op in self.ops)
+        """Executed FLOPs per device (under a pipeline, the stages' mean: each device runs one stage's ops)."""
+        return sum(op.flops for op in self.ops) / self.stages
 
     @property
     def compute_ops(self) -> list[Op]:
