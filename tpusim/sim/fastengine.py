@@ -1,0 +1,405 @@
+"""The engine's fast path: the same model as :mod:`tpusim.sim.engine`, on a bare event heap.
+
+The simpy engine (``simulate(..., plain=True)``) is the reference: one generator process per
+collective, ``all_of`` conditions for a stage's transfers and floors, a process per link woken by a
+``kick`` event. Every one of those is a simpy event (about 44,000 for a 70B step, 3.3 us of CPU
+each). This module computes the same floats with far fewer, cheaper events (issue 13):
+
+* **Collectives and host copies are callback state machines**: a stage counts its pending transfers;
+  the last one to finish ends the stage (or, if a hop-latency floor ends later, one event at the
+  floor's end: simpy's ``all_of`` fires at the same maximum). No process, no condition objects.
+* **A link plans its next completion itself**: on every arrival or completion it pushes one heap entry
+  at ``now + min(remaining) x flows / rate`` (the expression ``SharedLink._run`` evaluates) and
+  ignores the entries a later plan made stale. A transfer alone on its link is therefore timed in
+  closed form: one event, at ``now + bytes / rate``.
+* **Compute runs are merged**: a device class's stream runs ahead through its ops, adding
+  ``t = t + dt`` in op order (the additions simpy's timeouts make, so every op's times are the same
+  floats). It stops only where an op waits for an asynchronous op not yet done (one event at the
+  time it reaches that op), and pushes one event where an op is an issue point some asynchronous op
+  waits on (at that op's end). Every other compute op costs no event at all.
+
+Identity with the reference: every time is the same expression of the same operands, so results are
+byte-identical as long as events at the same instant do not change a value. Two places could: a
+link's completion tolerance uses the number of flows at its wake-up (a flow arriving at exactly that
+instant counts or not), and the PCIe queue serves copies in arrival order. Both follow the reference's
+order here (ties in insertion order, asynchronous ops started in op order), and tests/test_fastpath.py
+checks the summary, the timeline and the link statistics against the reference byte for byte on
+every shipped workload (stragglers, multi-slice, host offload, an imported HLO program included).
+The rows of the record come in another order (per op they are the same); every reader sorts them
+or reads one device class's compute rows, which are in op order in both.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+
+from tpusim.sim.collectives.lowering import CollectivePlan, lower
+from tpusim.sim.collectives.timing import combine_overhead
+from tpusim.sim.program import ASYNC_STREAMS, COLLECTIVE, COMPUTE, HOST
+from tpusim.sim.topology import DCN
+
+_EPS_BYTES = 1e-6  # as tpusim.sim.engine: smaller transfers are done at once
+
+
+class _Loop:
+    """A time-ordered heap of callbacks; ties run in insertion order (as simpy's counter does)."""
+
+    __slots__ = ("now", "heap", "seq", "events")
+
+    def __init__(self):
+        self.now = 0.0
+        self.heap: list = []
+        self.seq = 0
+        self.events = 0
+
+    def at(self, t: float, fn, arg) -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, fn, arg))
+
+
+class _Link:
+    """A link direction shared equally by its transfers (``fifo``: served whole in arrival order),
+    the arithmetic of :class:`tpusim.sim.engine.SharedLink`."""
+
+    __slots__ = ("loop", "rate", "fifo", "flows", "last", "bytes_moved", "busy_s", "plan")
+
+    def __init__(self, loop: _Loop, rate: float, fifo: bool = False):
+        self.loop, self.rate, self.fifo = loop, rate, fifo
+        self.flows: list[list] = []  # [remaining bytes, owner]; owner.transfer_done() when finished
+        self.last = 0.0
+        self.bytes_moved = 0.0
+        self.busy_s = 0.0
+        self.plan = 0  # the heap entry that is current; older ones are stale
+
+    def transfer(self, nbytes: float, owner) -> bool:
+        """Queue ``nbytes`` for ``owner``; False if there is nothing to move (done at once)."""
+        if nbytes <= _EPS_BYTES:
+            return False
+        self._advance()
+        busy = bool(self.flows)
+        self.flows.append([nbytes, owner])
+        self.bytes_moved += nbytes
+        if busy:
+            # SharedLink's process, kicked while it had flows, checks for finished ones before it
+            # re-plans (an idle one does not); their owners hear of it after this instant's caller.
+            finished = self._finish()
+            if finished:
+                self.loop.at(self.loop.now, _Link._notify, finished)
+        self._replan()
+        return True
+
+    def _advance(self) -> None:
+        now = self.loop.now
+        if self.flows and now > self.last:
+            if self.fifo:
+                self.flows[0][0] -= self.rate * (now - self.last)
+            else:
+                share = self.rate / len(self.flows) * (now - self.last)
+                for f in self.flows:
+                    f[0] -= share
+            self.busy_s += now - self.last
+        self.last = now
+
+    def _finish(self) -> list:
+        # As SharedLink: done when what is left would take under a picosecond (float crumbs).
+        flows = self.flows
+        tol = self.rate / (1 if self.fifo else len(flows)) * (1e-12 + abs(self.loop.now) * 1e-15)
+        if self.fifo:
+            if flows[0][0] > tol:
+                return []
+            self.flows = flows[1:]
+            return flows[:1]
+        finished = [f for f in flows if f[0] <= tol]
+        if finished:
+            self.flows = [f for f in flows if f[0] > tol]
+        return finished
+
+    def _replan(self) -> None:
+        # The next completion at the current equal share (SharedLink._run's expression).
+        self.plan += 1
+        flows = self.flows
+        if flows:
+            dt = flows[0][0] / self.rate if self.fifo else min(f[0] for f in flows) * len(flows) / self.rate
+            self.loop.at(self.loop.now + dt, self._wake, self.plan)
+
+    def _wake(self, plan: int) -> None:
+        if plan != self.plan:
+            self.loop.events -= 1  # not an event of the model: a plan an arrival made stale
+            return
+        self._advance()
+        finished = self._finish()
+        self._replan()
+        for f in finished:
+            f[1].transfer_done()
+
+    @staticmethod
+    def _notify(finished: list) -> None:
+        for f in finished:
+            f[1].transfer_done()
+
+
+class _Async:
+    """A collective or host copy: waits for its dependencies, then moves its stages over the links."""
+
+    __slots__ = ("eng", "op", "plan", "deps_left", "start", "stage", "stage_start", "pending", "floor_end",
+                 "waiters")
+
+    def __init__(self, eng: "FastEngine", op, plan: CollectivePlan | None):
+        self.eng, self.op, self.plan = eng, op, plan
+        self.deps_left = 0
+        self.waiters: list = []  # what to notify when done: _Async or _Stream objects
+        self.start = self.stage_start = self.floor_end = 0.0
+        self.stage = self.pending = 0
+
+    def dep_done(self) -> None:
+        self.deps_left -= 1
+        if self.deps_left == 0:
+            self.begin()
+
+    def begin(self) -> None:
+        eng = self.eng
+        self.start = eng.loop.now
+        if self.plan is None:  # a host copy: one FIFO transfer over PCIe
+            link = eng.links["PCIe d2h" if self.op.category == "copy-to-host" else "PCIe h2d"]
+            if not link.transfer(self.op.bytes, self):
+                self.transfer_done_host()
+            return
+        self.stage = 0
+        self._stage()
+
+    def _stage(self) -> None:
+        eng = self.eng
+        stages = self.plan.stages
+        while self.stage < len(stages):
+            now = eng.loop.now
+            self.stage_start = now
+            self.pending = 0
+            floor_end = now
+            links, lp = eng.links, eng.lp
+            for ph in stages[self.stage].phases:
+                if ph.axis == DCN:
+                    ph_links = [links["DCN"]]
+                    latency = lp.dcn_latency_s
+                else:
+                    plus = links[f"ICI {ph.axis}+"]
+                    ph_links = [plus]
+                    if ph.directions == 2 and links[f"ICI {ph.axis}-"] is not plus:
+                        ph_links.append(links[f"ICI {ph.axis}-"])
+                    latency = lp.ici_hop_latency_s * ph.stride
+                for lk in ph_links:
+                    if lk.transfer(ph.link_bytes, self):
+                        self.pending += 1
+                floor = ph.steps * latency
+                if floor > 0 and now + floor > floor_end:  # simpy's timeout(floor) ends at now + floor
+                    floor_end = now + floor
+            self.floor_end = floor_end
+            if self.pending:
+                return  # transfer_done continues
+            if floor_end > now:
+                eng.loop.at(floor_end, _Async._stage_end, self)
+                return
+            self._record_stage()
+        self._finish_transfers()
+
+    def transfer_done(self) -> None:
+        if self.plan is None:
+            self.transfer_done_host()
+            return
+        self.pending -= 1
+        if self.pending:
+            return
+        loop = self.eng.loop
+        if self.floor_end > loop.now:
+            loop.at(self.floor_end, _Async._stage_end, self)
+        else:
+            self._stage_end()
+
+    def _stage_end(self) -> None:
+        self._record_stage()
+        self._stage()
+
+    def _record_stage(self) -> None:
+        op, rec, now = self.op, self.eng.rec, self.eng.loop.now
+        si = self.stage
+        for ph in self.plan.stages[si].phases:
+            rec.add(-1, "DCN" if ph.axis == DCN else f"ICI {ph.axis}", f"{op.name} [{si}]", op.category,
+                    op.layer, op.phase, self.stage_start, now, 0.0, ph.link_bytes, op.index)
+        self.stage += 1
+
+    def _finish_transfers(self) -> None:
+        loop = self.eng.loop
+        transfer = loop.now - self.start
+        extra = combine_overhead(transfer, self.eng.lp) - transfer
+        if extra > 0:
+            loop.at(loop.now + extra, _Async._done, self)
+        else:
+            self._done()
+
+    def transfer_done_host(self) -> None:
+        op, rec, now = self.op, self.eng.rec, self.eng.loop.now
+        rec.add(-1, "PCIe", op.name, op.category, op.layer, op.phase, self.start, now, 0.0, op.bytes, op.index)
+        self._done()
+
+    def _done(self) -> None:
+        op, eng = self.op, self.eng
+        eng.rec.add(-1, "Async XLA Ops", op.name, op.category, op.layer, op.phase, self.start, eng.loop.now, 0.0,
+                    op.bytes, op.index)
+        eng.done[op.index] = True
+        for w in self.waiters:
+            w.dep_done()
+
+
+class _Stream:
+    """One device class's TensorCore: runs ahead through its compute ops (see the module's docstring)."""
+
+    __slots__ = ("eng", "c", "slowdown", "pos", "t", "blocked", "finished")
+
+    def __init__(self, eng: "FastEngine", c: int, slowdown: float):
+        self.eng, self.c, self.slowdown = eng, c, slowdown
+        self.pos = 0
+        self.t = 0.0
+        self.blocked = 0      # asynchronous ops still awaited by the op at pos
+        self.finished = False
+
+    def dep_done(self) -> None:
+        self.blocked -= 1
+        if self.blocked == 0:
+            self.run(waited=True)
+
+    def resume(self) -> None:
+        self.run(waited=False)
+
+    def run(self, waited: bool) -> None:
+        """At loop.now == self.t (or later, after a wait): run ops until one must wait or the end."""
+        eng = self.eng
+        loop, rec, done, c, slowdown = eng.loop, eng.rec, eng.done, self.c, self.slowdown
+        cops, cost, waits_of, issue = eng.cops, eng.cost, eng.waits_of, eng.issue_points
+        progress = eng.progress if c == 0 else None
+        n = len(cops)
+        t = self.t
+        while self.pos < n:
+            op = cops[self.pos]
+            start = t  # a "-done" op lasts while it waits, as XLA's profiles show it
+            if not waited:
+                waits = waits_of[self.pos]
+                if waits:
+                    if t > loop.now:  # done-ness is known only once the loop reaches the op
+                        self.t = t
+                        loop.at(t, _Stream.resume, self)
+                        return
+                    pending = [d for d in waits if not done[d]]
+                    if pending:
+                        self.t = t
+                        self.blocked = len(pending)
+                        for d in pending:
+                            eng.asyncs[d].waiters.append(self)
+                        return
+            else:
+                waited = False
+                start, t = self.t, loop.now
+            if progress is not None and (self.pos + 1) % 512 == 0:
+                progress(self.pos + 1)
+            if not op.category.endswith("-done"):
+                start = t
+            dt = cost[self.pos] * slowdown
+            if dt > 0:
+                t = t + dt
+            rec.add(c, "XLA Ops", op.name, op.category, op.layer, op.phase, start, t, op.flops, op.hbm_bytes,
+                    op.index)
+            self.pos += 1
+            if op.index in issue:  # some asynchronous op waits for this one: tell it at its end
+                loop.at(t, _Stream._issue, (self, op.index))
+        self.t = t
+        loop.at(t, _Stream._end, self)
+
+    @staticmethod
+    def _issue(arg) -> None:
+        self, index = arg
+        for a in self.eng.issued[index]:
+            a.dep_done()
+
+    def _end(self) -> None:
+        self.finished = True
+        self.eng.streams_left -= 1
+
+
+class FastEngine:
+    """Same constructor and result as :class:`tpusim.sim.engine.Engine`."""
+
+    def __init__(self, engine):
+        # Takes the reference Engine's set-up (parameters, device classes) so both start equal.
+        self.program, self.topo, self.mode = engine.program, engine.topo, engine.mode
+        self.progress, self.cp, self.lp, self.classes = engine.progress, engine.cp, engine.lp, engine.classes
+
+    def run(self):
+        from tpusim.sim.costmodel import op_time
+        from tpusim.sim.engine import Record, SimResult
+
+        t0 = time.perf_counter()
+        prog, topo, lp = self.program, self.topo, self.lp
+        self.loop = loop = _Loop()
+        self.rec = Record()
+        plans: dict[tuple, CollectivePlan] = {}
+        op_plans: dict[int, CollectivePlan] = {}
+        for op in prog.ops:
+            if op.stream == COLLECTIVE:
+                key = (op.category, op.bytes, op.axes)
+                if key not in plans:
+                    plans[key] = lower(op.category, op.bytes, topo, op.axes)
+                op_plans[op.index] = plans[key]
+        # As the reference: one link stands for both directions of an axis when every phase drives both.
+        paired = all(ph.directions == 2 for plan in plans.values() for st in plan.stages
+                     for ph in st.phases if ph.axis != DCN)
+        links: dict[str, _Link] = {}
+        for a in topo.axis_names:
+            if topo.axis_size(a) > 1:
+                if paired:
+                    links[f"ICI {a}+"] = links[f"ICI {a}-"] = _Link(loop, lp.ici_link_bytes_per_s)
+                    continue
+                for sign in "+-":
+                    links[f"ICI {a}{sign}"] = _Link(loop, lp.ici_link_bytes_per_s)
+        if topo.slices > 1:
+            links["DCN"] = _Link(loop, lp.dcn_bytes_per_s)
+        if prog.host_ops:
+            for name in ("PCIe d2h", "PCIe h2d"):
+                links[name] = _Link(loop, topo.chip.pcie_bytes_per_s, fifo=True)
+        self.links = links
+
+        ops = prog.ops
+        self.cops = [op for op in ops if op.stream == COMPUTE]
+        self.cost = [op_time(op, self.cp) for op in self.cops]
+        self.done = [False] * len(ops)
+        self.asyncs = {op.index: _Async(self, op, op_plans.get(op.index)) for op in ops if op.stream in ASYNC_STREAMS}
+        self.waits_of = [tuple(d for d in op.deps if d in self.asyncs) for op in self.cops]
+        self.issued: dict[int, list] = {}  # compute op -> asynchronous ops issued after it, in op order
+        n_classes = len(self.classes)
+        for a in self.asyncs.values():
+            for d in a.op.deps:
+                if ops[d].stream == COMPUTE:
+                    self.issued.setdefault(d, []).append(a)
+                    a.deps_left += n_classes  # each class reaches the issue point
+                elif d in self.asyncs:
+                    self.asyncs[d].waiters.append(a)
+                    a.deps_left += 1
+        self.issue_points = set(self.issued)
+        # Time 0: asynchronous ops without dependencies start in op order, then the compute streams.
+        for a in self.asyncs.values():
+            if a.deps_left == 0:
+                a.begin()
+        streams = [_Stream(self, c, cls["slowdown"]) for c, cls in enumerate(self.classes)]
+        self.streams_left = len(streams)
+        for s in streams:
+            s.resume()
+        heap, pop = loop.heap, heapq.heappop
+        while heap and self.streams_left:
+            t, _, fn, arg = pop(heap)
+            loop.now = t
+            loop.events += 1
+            fn(arg)
+        step = loop.now
+        stats = {name: {"bytes": lk.bytes_moved, "busy_s": lk.busy_s, "bytes_per_s": lk.rate}
+                 for name, lk in links.items()}
+        return SimResult(program=prog, topology=topo, mode=self.mode, record=self.rec, step_time_s=step,
+                         classes=self.classes, link_stats=stats, events=loop.events,
+                         sim_wall_s=time.perf_counter() - t0, compute_params=self.cp, link_params=lp)
