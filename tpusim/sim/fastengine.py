@@ -120,7 +120,9 @@ class _Link:
         self.plan += 1
         flows = self.flows
         if flows:
-            dt = flows[0][0] / self.rate if self.fifo else min(f[0] for f in flows) * len(flows) / self.rate
+            # One flow (or FIFO): its bytes / rate, the same float as min(...) * 1 / rate.
+            dt = (flows[0][0] / self.rate if self.fifo or len(flows) == 1
+                  else min(f[0] for f in flows) * len(flows) / self.rate)
             self.loop.at(self.loop.now + dt, self._wake, self.plan)
 
     def _wake(self, plan: int) -> None:
@@ -142,11 +144,11 @@ class _Link:
 class _Async:
     """A collective or host copy: waits for its dependencies, then moves its stages over the links."""
 
-    __slots__ = ("eng", "op", "plan", "deps_left", "start", "stage", "stage_start", "pending", "floor_end",
+    __slots__ = ("eng", "op", "stages", "deps_left", "start", "stage", "stage_start", "pending", "floor_end",
                  "waiters")
 
-    def __init__(self, eng: "FastEngine", op, plan: CollectivePlan | None):
-        self.eng, self.op, self.plan = eng, op, plan
+    def __init__(self, eng: "FastEngine", op, stages: list | None):
+        self.eng, self.op, self.stages = eng, op, stages  # stages: see FastEngine._stages; None: a host copy
         self.deps_left = 0
         self.waiters: list = []  # what to notify when done: _Async or _Stream objects
         self.start = self.stage_start = self.floor_end = 0.0
@@ -160,7 +162,7 @@ class _Async:
     def begin(self) -> None:
         eng = self.eng
         self.start = eng.loop.now
-        if self.plan is None:  # a host copy: one FIFO transfer over PCIe
+        if self.stages is None:  # a host copy: one FIFO transfer over PCIe
             link = eng.links["PCIe d2h" if self.op.category == "copy-to-host" else "PCIe h2d"]
             if not link.transfer(self.op.bytes, self):
                 self.transfer_done_host()
@@ -169,41 +171,30 @@ class _Async:
         self._stage()
 
     def _stage(self) -> None:
-        eng = self.eng
-        stages = self.plan.stages
+        loop = self.eng.loop
+        stages = self.stages
         while self.stage < len(stages):
-            now = eng.loop.now
+            transfers, floor, _ = stages[self.stage]
+            now = loop.now
             self.stage_start = now
-            self.pending = 0
-            floor_end = now
-            links, lp = eng.links, eng.lp
-            for ph in stages[self.stage].phases:
-                if ph.axis == DCN:
-                    ph_links = [links["DCN"]]
-                    latency = lp.dcn_latency_s
-                else:
-                    plus = links[f"ICI {ph.axis}+"]
-                    ph_links = [plus]
-                    if ph.directions == 2 and links[f"ICI {ph.axis}-"] is not plus:
-                        ph_links.append(links[f"ICI {ph.axis}-"])
-                    latency = lp.ici_hop_latency_s * ph.stride
-                for lk in ph_links:
-                    if lk.transfer(ph.link_bytes, self):
-                        self.pending += 1
-                floor = ph.steps * latency
-                if floor > 0 and now + floor > floor_end:  # simpy's timeout(floor) ends at now + floor
-                    floor_end = now + floor
-            self.floor_end = floor_end
-            if self.pending:
+            pending = 0
+            for lk, nbytes in transfers:
+                if lk.transfer(nbytes, self):
+                    pending += 1
+            self.pending = pending
+            # simpy's all_of over timeout(floor) per phase ends at the latest now + floor: now + the
+            # largest floor (float addition is monotonic), or now when no phase has a floor.
+            self.floor_end = floor_end = now + floor if floor > 0 else now
+            if pending:
                 return  # transfer_done continues
             if floor_end > now:
-                eng.loop.at(floor_end, _Async._stage_end, self)
+                loop.at(floor_end, _Async._stage_end, self)
                 return
             self._record_stage()
         self._finish_transfers()
 
     def transfer_done(self) -> None:
-        if self.plan is None:
+        if self.stages is None:
             self.transfer_done_host()
             return
         self.pending -= 1
@@ -220,11 +211,11 @@ class _Async:
         self._stage()
 
     def _record_stage(self) -> None:
-        op, rec, now = self.op, self.eng.rec, self.eng.loop.now
+        op, add, now = self.op, self.eng.rows.append, self.eng.loop.now
         si = self.stage
-        for ph in self.plan.stages[si].phases:
-            rec.add(-1, "DCN" if ph.axis == DCN else f"ICI {ph.axis}", f"{op.name} [{si}]", op.category,
-                    op.layer, op.phase, self.stage_start, now, 0.0, ph.link_bytes, op.index)
+        name = f"{op.name} [{si}]"
+        for stream, nbytes in self.stages[si][2]:
+            add((-1, stream, name, op.category, op.layer, op.phase, self.stage_start, now, 0.0, nbytes, op.index))
         self.stage += 1
 
     def _finish_transfers(self) -> None:
@@ -237,14 +228,15 @@ class _Async:
             self._done()
 
     def transfer_done_host(self) -> None:
-        op, rec, now = self.op, self.eng.rec, self.eng.loop.now
-        rec.add(-1, "PCIe", op.name, op.category, op.layer, op.phase, self.start, now, 0.0, op.bytes, op.index)
+        op, now = self.op, self.eng.loop.now
+        self.eng.rows.append((-1, "PCIe", op.name, op.category, op.layer, op.phase, self.start, now, 0.0, op.bytes,
+                              op.index))
         self._done()
 
     def _done(self) -> None:
         op, eng = self.op, self.eng
-        eng.rec.add(-1, "Async XLA Ops", op.name, op.category, op.layer, op.phase, self.start, eng.loop.now, 0.0,
-                    op.bytes, op.index)
+        eng.rows.append((-1, "Async XLA Ops", op.name, op.category, op.layer, op.phase, self.start, eng.loop.now,
+                         0.0, op.bytes, op.index))
         eng.done[op.index] = True
         for w in self.waiters:
             w.dep_done()
@@ -273,7 +265,7 @@ class _Stream:
     def run(self, waited: bool) -> None:
         """At loop.now == self.t (or later, after a wait): run ops until one must wait or the end."""
         eng = self.eng
-        loop, rec, done, c, slowdown = eng.loop, eng.rec, eng.done, self.c, self.slowdown
+        loop, add, done, c, slowdown = eng.loop, eng.rows.append, eng.done, self.c, self.slowdown
         cops, cost, waits_of, issue = eng.cops, eng.cost, eng.waits_of, eng.issue_points
         progress = eng.progress if c == 0 else None
         n = len(cops)
@@ -305,8 +297,8 @@ class _Stream:
             dt = cost[self.pos] * slowdown
             if dt > 0:
                 t = t + dt
-            rec.add(c, "XLA Ops", op.name, op.category, op.layer, op.phase, start, t, op.flops, op.hbm_bytes,
-                    op.index)
+            add((c, "XLA Ops", op.name, op.category, op.layer, op.phase, start, t, op.flops, op.hbm_bytes,
+                 op.index))
             self.pos += 1
             if op.index in issue:  # some asynchronous op waits for this one: tell it at its end
                 loop.at(t, _Stream._issue, (self, op.index))
@@ -332,6 +324,29 @@ class FastEngine:
         self.program, self.topo, self.mode = engine.program, engine.topo, engine.mode
         self.progress, self.cp, self.lp, self.classes = engine.progress, engine.cp, engine.lp, engine.classes
 
+    def _stages(self, plan: CollectivePlan) -> list[tuple]:
+        """A plan's stages on this engine's links: ((link, bytes) per transfer, the largest hop-latency
+        floor, (timeline row, bytes) per phase): the reference's per-stage work, done once per plan."""
+        links, lp = self.links, self.lp
+        out = []
+        for stage in plan.stages:
+            transfers, floors, rows = [], [0.0], []
+            for ph in stage.phases:
+                if ph.axis == DCN:
+                    ph_links = [links["DCN"]]
+                    latency = lp.dcn_latency_s
+                else:
+                    plus = links[f"ICI {ph.axis}+"]
+                    ph_links = [plus]
+                    if ph.directions == 2 and links[f"ICI {ph.axis}-"] is not plus:
+                        ph_links.append(links[f"ICI {ph.axis}-"])
+                    latency = lp.ici_hop_latency_s * ph.stride
+                transfers += [(lk, ph.link_bytes) for lk in ph_links]
+                floors.append(ph.steps * latency)
+                rows.append(("DCN" if ph.axis == DCN else f"ICI {ph.axis}", ph.link_bytes))
+            out.append((tuple(transfers), max(floors), tuple(rows)))
+        return out
+
     def run(self):
         from tpusim.sim.costmodel import op_time
         from tpusim.sim.engine import Record, SimResult
@@ -339,7 +354,7 @@ class FastEngine:
         t0 = time.perf_counter()
         prog, topo, lp = self.program, self.topo, self.lp
         self.loop = loop = _Loop()
-        self.rec = Record()
+        self.rows: list[tuple] = []  # the record's rows (one append each); columns made at the end
         plans: dict[tuple, CollectivePlan] = {}
         op_plans: dict[int, CollectivePlan] = {}
         for op in prog.ops:
@@ -366,11 +381,13 @@ class FastEngine:
                 links[name] = _Link(loop, topo.chip.pcie_bytes_per_s, fifo=True)
         self.links = links
 
+        stages = {id(plan): self._stages(plan) for plan in plans.values()}
         ops = prog.ops
         self.cops = [op for op in ops if op.stream == COMPUTE]
         self.cost = [op_time(op, self.cp) for op in self.cops]
         self.done = [False] * len(ops)
-        self.asyncs = {op.index: _Async(self, op, op_plans.get(op.index)) for op in ops if op.stream in ASYNC_STREAMS}
+        self.asyncs = {op.index: _Async(self, op, stages[id(op_plans[op.index])] if op.index in op_plans else None)
+                       for op in ops if op.stream in ASYNC_STREAMS}
         self.waits_of = [tuple(d for d in op.deps if d in self.asyncs) for op in self.cops]
         self.issued: dict[int, list] = {}  # compute op -> asynchronous ops issued after it, in op order
         n_classes = len(self.classes)
@@ -400,6 +417,7 @@ class FastEngine:
         step = loop.now
         stats = {name: {"bytes": lk.bytes_moved, "busy_s": lk.busy_s, "bytes_per_s": lk.rate}
                  for name, lk in links.items()}
-        return SimResult(program=prog, topology=topo, mode=self.mode, record=self.rec, step_time_s=step,
+        rec = Record(*(list(col) for col in zip(*self.rows))) if self.rows else Record()
+        return SimResult(program=prog, topology=topo, mode=self.mode, record=rec, step_time_s=step,
                          classes=self.classes, link_stats=stats, events=loop.events,
                          sim_wall_s=time.perf_counter() - t0, compute_params=self.cp, link_params=lp)
