@@ -36,6 +36,7 @@ def summarize(result: SimResult) -> dict:
     compute_s = 0.0
     exposed_by: dict[str, float] = defaultdict(float)
     by_bound: dict[str, float] = defaultdict(float)
+    bounds: dict[tuple, str] = {}
     prev_end = 0.0
     for i, stream in enumerate(rec.stream):
         if stream != "XLA Ops" or rec.device_class[i] != 0:
@@ -58,7 +59,11 @@ def summarize(result: SimResult) -> dict:
             continue
         compute_s += dur
         if dur > 0:
-            by_bound[bound_by(op, result.compute_params)] += dur
+            key = (op.category, op.flops, op.vpu_flops, op.hbm_bytes, op.mxu_shape)  # what bound_by reads
+            side = bounds.get(key)
+            if side is None:  # once per distinct op shape: the layers repeat the same ops
+                side = bounds[key] = bound_by(op, result.compute_params)
+            by_bound[side] += dur
         prev_end = rec.end_s[i]
     exposed = max(step - compute_s, 0.0)
     mfu = prog.model_flops_per_step / (chips * peak * step) if step > 0 else 0.0

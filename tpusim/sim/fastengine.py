@@ -384,7 +384,15 @@ class FastEngine:
         stages = {id(plan): self._stages(plan) for plan in plans.values()}
         ops = prog.ops
         self.cops = [op for op in ops if op.stream == COMPUTE]
-        self.cost = [op_time(op, self.cp) for op in self.cops]
+        # Op costs once per distinct shape (80 layers repeat the same ops): the same floats op_time gives.
+        memo: dict[tuple, float] = {}
+        self.cost = []
+        for op in self.cops:
+            key = (op.category, op.flops, op.vpu_flops, op.hbm_bytes, op.mxu_shape)
+            dt = memo.get(key)
+            if dt is None:
+                dt = memo[key] = op_time(op, self.cp)
+            self.cost.append(dt)
         self.done = [False] * len(ops)
         self.asyncs = {op.index: _Async(self, op, stages[id(op_plans[op.index])] if op.index in op_plans else None)
                        for op in ops if op.stream in ASYNC_STREAMS}
