@@ -1,7 +1,8 @@
 """Start-up: each command imports only what it needs (issue 13). Not timed (timings live in
 ``python -m tpusim.bench``): these check which heavy modules a command loads, which does not depend on
 how busy the machine is. pandas + pyarrow, altair, networkx and vl-convert cost 0.1-2.4 s each to
-import; ``tpusim --help`` and ``tpusim run`` without ``--out`` need none of them."""
+import, simpy (the reference engine) and tqdm (a progress bar, shown on a terminal only) 0.03-0.09 s;
+``tpusim --help`` and ``tpusim run`` without ``--out`` need none of them."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEAVY = ("pandas", "pyarrow", "altair", "networkx", "vl_convert", "tpusim.explore.sweep", "tpusim.analysis.plots")
+HEAVY = ("pandas", "pyarrow", "altair", "networkx", "vl_convert", "simpy", "tqdm", "tpusim.explore.sweep",
+         "tpusim.analysis.plots")
 
 _CHILD = """
 import json, sys
@@ -33,7 +35,7 @@ def _loaded(*args: str, expect: str = "") -> set[str]:
     assert expect in printed, out.stdout + out.stderr  # the command ran to its end
     mods = json.loads(mods)
     return {m for m in mods if m in HEAVY or m.split(".")[0] in {"pandas", "pyarrow", "altair", "networkx",
-                                                                   "vl_convert"}}
+                                                                   "vl_convert", "simpy", "tqdm"}}
 
 
 def test_help_imports_nothing_heavy():
