@@ -15,6 +15,18 @@ import pandas as pd
 from tpusim.sim.engine import SimResult
 from tpusim.analysis.timeline import timeline_frame
 
+# Compute in blues and greens, collectives in warm colours, host traffic in yellows, waiting in grey
+# (the notebook charts of plots.py and the report's SVG of svgcharts.py).
+COLORS = {
+    "matmul": "#4c78a8", "attention": "#72b7b2", "elementwise": "#9ecae9", "embedding": "#54a24b",
+    "loss": "#88d27a", "optimizer": "#b279a2", "compute: MXU": "#4c78a8", "compute: HBM": "#72b7b2",
+    "compute: VPU": "#9ecae9", "all-gather": "#f58518", "reduce-scatter": "#e45756", "all-reduce": "#c03d3e",
+    "all-to-all": "#ff9da6", "collective-permute": "#9d755d", "copy-to-host": "#eeca3b",
+    # copy-start / copy-done (a real profile's ops) apart from the simulated copies each way
+    "copy-from-host": "#d8a200", "copy-start": "#8c6d31", "copy-done": "#bab0ac", "idle": "#dddddd",
+    "other": "#dddddd",
+}
+EXTRA_COLORS = ["#6baed6", "#3182bd", "#a1d99b", "#31a354", "#9e9ac8", "#756bb1", "#fdae6b", "#e6550d"]
 MAX_ROWS = 5000  # altair's default limit on the rows of one dataset
 MAX_LEVELS = 4  # rows of one lane for overlapping ops
 LANES = {"XLA Ops": "compute", "Async XLA Ops": "async: collectives, copies", "ICI x": "link ICI x",

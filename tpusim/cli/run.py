@@ -269,19 +269,9 @@ def _write_run(out, result, summary: dict, all_devices: bool) -> None:
     # identical bytes (the wall time is printed, and kept in --json).
     kept = {k: v for k, v in summary.items() if k != "sim_wall_s"}
     write_atomic(out / "summary.json", (dumps(kept, indent=2) + "\n").encode())
-    _skip_iri_grammar()
-    from tpusim.analysis.report import write_report
+    from tpusim.analysis.report import write_report  # its charts are drawn without altair (svgcharts)
 
     write_report(out / "report.html", result, kept, df)
-
-
-def _skip_iri_grammar() -> None:
-    """Keep jsonschema (which altair imports) from loading ``rfc3987-syntax``: when it is installed
-    (``jupyterlab`` brings it), it builds a Lark grammar at import, 1.6 s on a 2-core machine, only to
-    check IRI formats, which altair never asks for; the report is byte-identical without it. Only in
-    this command's process (a library import must not change what a notebook's jsonschema checks), and
-    not when something already imported it."""
-    sys.modules.setdefault("rfc3987_syntax", None)  # None in sys.modules: `import` raises ImportError
 
 
 @main.command()
