@@ -102,14 +102,16 @@ class _Link:
         self.last = now
 
     def _finish(self) -> list:
-        # As SharedLink: done when what is left would take under a picosecond (float crumbs).
+        # As SharedLink: done when what is left would take under a picosecond (float crumbs):
+        # tol = rate / (1 or flows) * (1e-12 + |now| 1e-15); rate / 1 is rate exactly.
         flows = self.flows
-        tol = self.rate / (1 if self.fifo else len(flows)) * (1e-12 + abs(self.loop.now) * 1e-15)
-        if self.fifo:
-            if flows[0][0] > tol:
+        x = 1e-12 + abs(self.loop.now) * 1e-15
+        if self.fifo or len(flows) == 1:
+            if flows[0][0] > self.rate * x:
                 return []
             self.flows = flows[1:]
             return flows[:1]
+        tol = self.rate / len(flows) * x
         finished = [f for f in flows if f[0] <= tol]
         if finished:
             self.flows = [f for f in flows if f[0] > tol]
@@ -122,8 +124,10 @@ class _Link:
         if flows:
             # One flow (or FIFO): its bytes / rate, the same float as min(...) * 1 / rate.
             dt = (flows[0][0] / self.rate if self.fifo or len(flows) == 1
-                  else min(f[0] for f in flows) * len(flows) / self.rate)
-            self.loop.at(self.loop.now + dt, self._wake, self.plan)
+                  else min([f[0] for f in flows]) * len(flows) / self.rate)
+            loop = self.loop  # loop.at(), inlined: the hottest call of the engine
+            loop.seq += 1
+            heapq.heappush(loop.heap, (loop.now + dt, loop.seq, self._wake, self.plan))
 
     def _wake(self, plan: int) -> None:
         if plan != self.plan:
