@@ -148,3 +148,23 @@ def test_fast_engine_on_imported_hlo(hlo, spec):
     program = import_hlo(read_hlo(hlo), topo)
     for mode in ("calibrated", "datasheet"):
         assert_same_simulation(program, topo, mode=mode)
+
+
+def test_a_program_that_cannot_end_is_an_error_on_both_engines():
+    """A compute op waiting for a collective issued after it (dependencies that form a cycle, which no
+    compiler makes): simpy's run ends with events left waiting; the fast engine says so too, rather
+    than return a step cut short."""
+    from tpusim.sim.program import COLLECTIVE, COMPUTE, Memory, Op, Program
+    from tpusim.sim.topology import parse_topology
+
+    ops = (Op(index=0, name="wait", stream=COMPUTE, category="elementwise", flops=1e9, deps=(1,)),
+           Op(index=1, name="ag", stream=COLLECTIVE, category="all-gather", bytes=1e6, mesh_axes=("m",),
+              axes=("x",), deps=(2,)),
+           Op(index=2, name="later", stream=COMPUTE, category="elementwise", flops=1e9))
+    memory = Memory(params=0, grads=0, optimizer=0, activations=0, working=0, gathered_weights=0)
+    program = Program(name="cycle", ops=ops, devices=16, model_flops_per_step=1.0, tokens_per_step=1.0,
+                      memory=memory, hbm_capacity_bytes=1.0)
+    topo = parse_topology("v5e:4x4")
+    for plain_path in (True, False):
+        with pytest.raises(RuntimeError):
+            simulate(program, topo, plain=plain_path)

@@ -426,6 +426,9 @@ class FastEngine:
             loop.now = t
             loop.events += 1
             fn(arg)
+        if self.streams_left:  # as simpy's env.run(until=...) with no events left: a program that cannot end
+            raise RuntimeError("no events left but a compute stream is still waiting: the program's dependencies "
+                               "form a cycle")
         step = loop.now
         stats = {name: {"bytes": lk.bytes_moved, "busy_s": lk.busy_s, "bytes_per_s": lk.rate}
                  for name, lk in links.items()}
