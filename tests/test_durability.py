@@ -317,6 +317,26 @@ def test_run_that_fails_while_writing_leaves_the_old_folder_whole(small, a_run, 
     assert _snapshot(out) == old and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+@pytest.mark.parametrize("writer", ["tpusim.analysis.xspace.write_xspace",
+                                    "tpusim.analysis.timeline.write_chrome_trace"])
+def test_run_whose_trace_writer_fails_leaves_the_old_folder_whole(small, a_run, tmp_path, monkeypatch, writer):
+    """The traces are written by a second process (cli.run._alongside) while this one writes the rest:
+    its failure is this command's, with the same one-line message, and nothing is swapped in."""
+    import importlib
+
+    out = _copy(a_run, tmp_path)
+    old = _snapshot(out)
+    module, name = writer.rsplit(".", 1)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(importlib.import_module(module), name, disk_full)
+    r = _run_out(small, out, "--mode", "datasheet")
+    assert r.exit_code == 2 and "cannot write the run: No space left on device" in r.stderr
+    assert _snapshot(out) == old and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_run_refuses_a_folder_it_did_not_write(small, tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
