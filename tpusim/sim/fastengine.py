@@ -8,9 +8,9 @@ each). This module computes the same floats with far fewer, cheaper events (issu
 * **Collectives and host copies are callback state machines**: a stage counts its pending transfers;
   the last one to finish ends the stage (or, if a hop-latency floor ends later, one event at the
   floor's end: simpy's ``all_of`` fires at the same maximum). No process, no condition objects.
-* **A link plans its next completion itself**: on every arrival or completion it pushes one heap entry
-  at ``now + min(remaining) x flows / rate`` (the expression ``SharedLink._run`` evaluates) and
-  ignores the entries a later plan made stale. A transfer alone on its link is therefore timed in
+* **A link plans its next completion itself** (:mod:`tpusim.sim.fastlinks`): on every arrival or
+  completion it pushes one heap entry at ``now + min(remaining) x flows / rate`` (the expression
+  ``SharedLink._run`` evaluates) and ignores the entries a later plan made stale. A transfer alone on its link is therefore timed in
   closed form: one event, at ``now + bytes / rate``.
 * **Compute runs are merged**: a device class's stream runs ahead through its ops, adding
   ``t = t + dt`` in op order (the additions simpy's timeouts make, so every op's times are the same
@@ -36,113 +36,9 @@ import time
 
 from tpusim.sim.collectives.lowering import CollectivePlan, lower
 from tpusim.sim.collectives.timing import combine_overhead
-from tpusim.sim.program import ASYNC_STREAMS, COLLECTIVE, COMPUTE, HOST
+from tpusim.sim.fastlinks import Link, Loop
+from tpusim.sim.program import ASYNC_STREAMS, COLLECTIVE, COMPUTE
 from tpusim.sim.topology import DCN
-
-_EPS_BYTES = 1e-6  # as tpusim.sim.engine: smaller transfers are done at once
-
-
-class _Loop:
-    """A time-ordered heap of callbacks; ties run in insertion order (as simpy's counter does)."""
-
-    __slots__ = ("now", "heap", "seq", "events")
-
-    def __init__(self):
-        self.now = 0.0
-        self.heap: list = []
-        self.seq = 0
-        self.events = 0
-
-    def at(self, t: float, fn, arg) -> None:
-        self.seq += 1
-        heapq.heappush(self.heap, (t, self.seq, fn, arg))
-
-
-class _Link:
-    """A link direction shared equally by its transfers (``fifo``: served whole in arrival order),
-    the arithmetic of :class:`tpusim.sim.engine.SharedLink`."""
-
-    __slots__ = ("loop", "rate", "fifo", "flows", "last", "bytes_moved", "busy_s", "plan")
-
-    def __init__(self, loop: _Loop, rate: float, fifo: bool = False):
-        self.loop, self.rate, self.fifo = loop, rate, fifo
-        self.flows: list[list] = []  # [remaining bytes, owner]; owner.transfer_done() when finished
-        self.last = 0.0
-        self.bytes_moved = 0.0
-        self.busy_s = 0.0
-        self.plan = 0  # the heap entry that is current; older ones are stale
-
-    def transfer(self, nbytes: float, owner) -> bool:
-        """Queue ``nbytes`` for ``owner``; False if there is nothing to move (done at once)."""
-        if nbytes <= _EPS_BYTES:
-            return False
-        self._advance()
-        busy = bool(self.flows)
-        self.flows.append([nbytes, owner])
-        self.bytes_moved += nbytes
-        if busy:
-            # SharedLink's process, kicked while it had flows, checks for finished ones before it
-            # re-plans (an idle one does not); their owners hear of it after this instant's caller.
-            finished = self._finish()
-            if finished:
-                self.loop.at(self.loop.now, _Link._notify, finished)
-        self._replan()
-        return True
-
-    def _advance(self) -> None:
-        now = self.loop.now
-        if self.flows and now > self.last:
-            if self.fifo:
-                self.flows[0][0] -= self.rate * (now - self.last)
-            else:
-                share = self.rate / len(self.flows) * (now - self.last)
-                for f in self.flows:
-                    f[0] -= share
-            self.busy_s += now - self.last
-        self.last = now
-
-    def _finish(self) -> list:
-        # As SharedLink: done when what is left would take under a picosecond (float crumbs):
-        # tol = rate / (1 or flows) * (1e-12 + |now| 1e-15); rate / 1 is rate exactly.
-        flows = self.flows
-        x = 1e-12 + abs(self.loop.now) * 1e-15
-        if self.fifo or len(flows) == 1:
-            if flows[0][0] > self.rate * x:
-                return []
-            self.flows = flows[1:]
-            return flows[:1]
-        tol = self.rate / len(flows) * x
-        finished = [f for f in flows if f[0] <= tol]
-        if finished:
-            self.flows = [f for f in flows if f[0] > tol]
-        return finished
-
-    def _replan(self) -> None:
-        # The next completion at the current equal share (SharedLink._run's expression).
-        self.plan += 1
-        flows = self.flows
-        if flows:
-            # One flow (or FIFO): its bytes / rate, the same float as min(...) * 1 / rate.
-            dt = (flows[0][0] / self.rate if self.fifo or len(flows) == 1
-                  else min([f[0] for f in flows]) * len(flows) / self.rate)
-            loop = self.loop  # loop.at(), inlined: the hottest call of the engine
-            loop.seq += 1
-            heapq.heappush(loop.heap, (loop.now + dt, loop.seq, self._wake, self.plan))
-
-    def _wake(self, plan: int) -> None:
-        if plan != self.plan:
-            self.loop.events -= 1  # not an event of the model: a plan an arrival made stale
-            return
-        self._advance()
-        finished = self._finish()
-        self._replan()
-        for f in finished:
-            f[1].transfer_done()
-
-    @staticmethod
-    def _notify(finished: list) -> None:
-        for f in finished:
-            f[1].transfer_done()
 
 
 class _Async:
@@ -357,7 +253,7 @@ class FastEngine:
 
         t0 = time.perf_counter()
         prog, topo, lp = self.program, self.topo, self.lp
-        self.loop = loop = _Loop()
+        self.loop = loop = Loop()
         self.rows: list[tuple] = []  # the record's rows (one append each); columns made at the end
         plans: dict[tuple, CollectivePlan] = {}
         op_plans: dict[int, CollectivePlan] = {}
@@ -370,19 +266,19 @@ class FastEngine:
         # As the reference: one link stands for both directions of an axis when every phase drives both.
         paired = all(ph.directions == 2 for plan in plans.values() for st in plan.stages
                      for ph in st.phases if ph.axis != DCN)
-        links: dict[str, _Link] = {}
+        links: dict[str, Link] = {}
         for a in topo.axis_names:
             if topo.axis_size(a) > 1:
                 if paired:
-                    links[f"ICI {a}+"] = links[f"ICI {a}-"] = _Link(loop, lp.ici_link_bytes_per_s)
+                    links[f"ICI {a}+"] = links[f"ICI {a}-"] = Link(loop, lp.ici_link_bytes_per_s)
                     continue
                 for sign in "+-":
-                    links[f"ICI {a}{sign}"] = _Link(loop, lp.ici_link_bytes_per_s)
+                    links[f"ICI {a}{sign}"] = Link(loop, lp.ici_link_bytes_per_s)
         if topo.slices > 1:
-            links["DCN"] = _Link(loop, lp.dcn_bytes_per_s)
+            links["DCN"] = Link(loop, lp.dcn_bytes_per_s)
         if prog.host_ops:
             for name in ("PCIe d2h", "PCIe h2d"):
-                links[name] = _Link(loop, topo.chip.pcie_bytes_per_s, fifo=True)
+                links[name] = Link(loop, topo.chip.pcie_bytes_per_s, fifo=True)
         self.links = links
 
         stages = {id(plan): self._stages(plan) for plan in plans.values()}
