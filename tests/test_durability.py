@@ -131,6 +131,35 @@ def test_sweep_loses_nothing_and_redoes_nothing_under_signals(small, reference, 
     pd.testing.assert_frame_equal(pd.read_parquet(out).drop(columns=WALL), reference)
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["serial", "worker processes"])
+def test_a_reported_row_was_synced_to_disk_first(small, tmp_path, monkeypatch, workers):
+    """Group commit (one fdatasync for the rows that arrive together) keeps the guarantee: every row a
+    sweep reports (on_row, progress, the table) is in the journal file as it was at a sync made after
+    the row was written. Rows written and not yet synced are in the file, so they survive any process's
+    death; only a power failure can lose them, before they were reported."""
+    from tpusim.explore.store import Journal
+
+    synced: set[str] = set()  # configurations in the journal file at the last sync
+    syncs = []
+    real_sync = Journal.sync
+
+    def sync(self):
+        real_sync(self)
+        syncs.append(1)
+        synced.update(r["config"] for r in read_journal(self.path))
+
+    monkeypatch.setattr(Journal, "sync", sync)
+    reported = []
+
+    def on_row(row):
+        assert row["config"] in synced, "a row was reported before the journal holding it was synced"
+        reported.append(row["config"])
+
+    sweep = make_sweep(small, {"max_target_length": LENGTHS[:8], "remat_policy": ("full", "none")})
+    run_sweep(sweep, out=tmp_path / "rows.parquet", workers=workers, on_row=on_row)
+    assert len(reported) == 16 and 1 <= len(syncs) <= 16
+
+
 def test_a_torn_last_line_is_a_row_that_did_not_finish(small, tmp_path):
     """SIGKILL in the middle of a journal write leaves a line without its newline: dropped, cut off, redone."""
     sweep = make_sweep(small, {"remat_policy": ("full", "none", "minimal")})
@@ -283,6 +312,26 @@ def test_run_that_fails_while_writing_leaves_the_old_folder_whole(small, a_run, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tpusim.analysis.report, "write_report", disk_full)
+    r = _run_out(small, out, "--mode", "datasheet")
+    assert r.exit_code == 2 and "cannot write the run: No space left on device" in r.stderr
+    assert _snapshot(out) == old and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("writer", ["tpusim.analysis.xspace.write_xspace",
+                                    "tpusim.analysis.timeline.write_chrome_trace"])
+def test_run_whose_trace_writer_fails_leaves_the_old_folder_whole(small, a_run, tmp_path, monkeypatch, writer):
+    """The traces are written by a second process (cli.run._alongside) while this one writes the rest:
+    its failure is this command's, with the same one-line message, and nothing is swapped in."""
+    import importlib
+
+    out = _copy(a_run, tmp_path)
+    old = _snapshot(out)
+    module, name = writer.rsplit(".", 1)
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(importlib.import_module(module), name, disk_full)
     r = _run_out(small, out, "--mode", "datasheet")
     assert r.exit_code == 2 and "cannot write the run: No space left on device" in r.stderr
     assert _snapshot(out) == old and sorted(p.name for p in tmp_path.iterdir()) == ["run"]

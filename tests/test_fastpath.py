@@ -1,11 +1,19 @@
 """Every way tpusim runs a step gives the plain path's results, byte for byte, on every shipped
 training workload (issue 13: speed must not change a number).
 
-The plain path is the library as a notebook calls it: compile, simulate, summarize. The others are
-the ones tuned for speed: the ``tpusim`` command (which imports only what it needs), a sweep's task
-(what worker processes and Ray run) and a sweep in worker processes. A future fast path (an engine
-that merges events, shared compiled programs) joins ``PATHS`` and must pass the same comparison.
-Only ``sim_wall_s``, a wall time, may differ.
+The plain path is the library as a notebook calls it: compile, simulate with the simpy reference
+engine (``simulate(..., plain=True)``, one event per op, transfer and condition), summarize. The
+others are the ones tuned for speed: the default engine (tpusim.sim.fastengine: callback state
+machines, links timed in closed form, merged compute runs), the ``tpusim`` command (which imports
+only what it needs), a sweep's task (what worker processes and Ray run) and a sweep in worker
+processes. Only ``sim_wall_s`` (a wall time) and ``events`` (the engine's own count of its work,
+which is what the fast engine cuts) may differ.
+
+The engines are compared on more than the summary: every timeline row (start and end floats
+included) and every link's bytes and busy time, on every shipped training and measured workload,
+with stragglers (several device classes), over DCN (multi-slice), with host offload (PCIe, served
+in order), and on imported HLO programs (one with collective-permutes, which drive one direction
+of a link: the unpaired links).
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from tpusim.explore.sweep import make_sweep, run_sweep, summary_columns
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = sorted(p for p in (ROOT / "workloads").glob("*.yaml")
                   if not p.name.startswith("serve_") and p.name != "models.yaml")
-WALL = ("sim_wall_s",)  # wall-clock fields: the only ones allowed to differ
+MEASURED = sorted(p for p in (ROOT / "workloads" / "measured").glob("*.yaml") if p.name != "measured.yaml")
+WALL = ("sim_wall_s", "events")  # the engine's wall time and its own event count: the only fields allowed to differ
 
 
 def _canon(fields: dict) -> str:
@@ -34,7 +43,19 @@ def _canon(fields: dict) -> str:
 
 def plain(path: Path) -> dict:
     _, topo, program = compile_workload(path)
-    return summarize(simulate(program, topo))
+    return summarize(simulate(program, topo, plain=True))
+
+
+def assert_same_simulation(program, topo, **kw) -> None:
+    """The fast engine and the simpy reference give the same summary, timeline and link statistics."""
+    from tpusim.analysis.timeline import timeline_frame
+
+    ref, fast = simulate(program, topo, plain=True, **kw), simulate(program, topo, **kw)
+    assert _canon(summarize(fast)) == _canon(summarize(ref))
+    a, b = timeline_frame(ref), timeline_frame(fast)
+    assert len(a) == len(b) and a.equals(b)  # exact floats, row for row (after the timeline's sort)
+    assert fast.link_stats == ref.link_stats and fast.step_time_s == ref.step_time_s
+    assert fast.events < ref.events
 
 
 def cli(path: Path) -> dict:
@@ -50,7 +71,12 @@ def sweep_task(path: Path) -> dict:
     return rows[0]
 
 
-PATHS = {"tpusim run --json": cli}
+def engine(path: Path) -> dict:
+    _, topo, program = compile_workload(path)
+    return summarize(simulate(program, topo))
+
+
+PATHS = {"fast engine": engine, "tpusim run --json": cli}
 
 
 def test_shipped_workloads_are_found():
@@ -77,3 +103,68 @@ def test_sweep_in_worker_processes_matches_serial():
     pooled = run_sweep(make_sweep(path, vary, topology="v5e:4x4"), workers=2).rows
     drop = [c for c in WALL if c in serial.columns]
     assert serial.drop(columns=drop).to_json() == pooled.drop(columns=drop).to_json()
+
+
+@pytest.mark.parametrize("path", TRAINING + MEASURED, ids=[p.stem for p in TRAINING + MEASURED])
+def test_fast_engine_matches_the_reference_engine(path):
+    _, topo, program = compile_workload(path)
+    assert_same_simulation(program, topo)
+
+
+def test_fast_engine_with_stragglers():
+    """Three device classes: each its own compute stream; a collective starts when the slowest is there."""
+    _, topo, program = compile_workload(ROOT / "workloads" / "fsdp_70b.yaml")
+    assert_same_simulation(program, topo, stragglers={5: 1.5, 17: 1.07})
+    _, topo, program = compile_workload(ROOT / "workloads" / "llama3_8b_2slice_dp.yaml")
+    assert_same_simulation(program, topo, stragglers={0: 2.0})
+
+
+def test_fast_engine_with_host_offload():
+    """Saved activations copied over PCIe (a FIFO link each way) and back before each layer's backward."""
+    from tpusim.compiler import compile_program
+    from tpusim.model.workload import workload_from_dict
+    from tpusim.sim.topology import parse_topology
+
+    w = workload_from_dict({"model": {"base_emb_dim": 2048, "base_num_query_heads": 16, "head_dim": 128,
+                                      "base_mlp_dim": 8192, "base_num_decoder_layers": 4, "vocab_size": 32000},
+                            "step": {"per_device_batch_size": 2, "max_target_length": 1024,
+                                     "remat_policy": "custom"}}, source="test")
+    topo = parse_topology("v6e:2x4")
+    program = compile_program(w, topo)
+    assert program.host_ops
+    assert_same_simulation(program, topo, mode="datasheet")
+
+
+@pytest.mark.parametrize("hlo, spec", [
+    (ROOT / "traces" / "xla_aot" / "fsdp_L4" / "optimized_hlo.txt.gz", "v5e:4x4"),
+    (ROOT / "traces" / "xla_aot" / "fsdp_tp_L4" / "optimized_hlo.txt.gz", "v5e:4x4"),
+    (ROOT / "traces" / "real" / "tpu-v6e-host-offload" / "hlo" / "jit_f.hlo.txt", "v6e:2x2"),
+], ids=["fsdp_L4 (collective-permutes)", "fsdp_tp_L4", "v6e host offload"])
+def test_fast_engine_on_imported_hlo(hlo, spec):
+    from tpusim.compiler.hlo.importer import import_hlo, read_hlo
+    from tpusim.sim.topology import parse_topology
+
+    topo = parse_topology(spec)
+    program = import_hlo(read_hlo(hlo), topo)
+    for mode in ("calibrated", "datasheet"):
+        assert_same_simulation(program, topo, mode=mode)
+
+
+def test_a_program_that_cannot_end_is_an_error_on_both_engines():
+    """A compute op waiting for a collective issued after it (dependencies that form a cycle, which no
+    compiler makes): simpy's run ends with events left waiting; the fast engine says so too, rather
+    than return a step cut short."""
+    from tpusim.sim.program import COLLECTIVE, COMPUTE, Memory, Op, Program
+    from tpusim.sim.topology import parse_topology
+
+    ops = (Op(index=0, name="wait", stream=COMPUTE, category="elementwise", flops=1e9, deps=(1,)),
+           Op(index=1, name="ag", stream=COLLECTIVE, category="all-gather", bytes=1e6, mesh_axes=("m",),
+              axes=("x",), deps=(2,)),
+           Op(index=2, name="later", stream=COMPUTE, category="elementwise", flops=1e9))
+    memory = Memory(params=0, grads=0, optimizer=0, activations=0, working=0, gathered_weights=0)
+    program = Program(name="cycle", ops=ops, devices=16, model_flops_per_step=1.0, tokens_per_step=1.0,
+                      memory=memory, hbm_capacity_bytes=1.0)
+    topo = parse_topology("v5e:4x4")
+    for plain_path in (True, False):
+        with pytest.raises(RuntimeError):
+            simulate(program, topo, plain=plain_path)

@@ -10,7 +10,8 @@ the wall time of whole ``tpusim run`` processes (start-up included), and sweep c
 second. Each figure also shows the CPU time it took (user + system, children included) and what an
 idle machine would show (a one-threaded process's wall time is about its CPU time; a sweep keeps its
 workers' cores busy): on a machine other jobs share, wall time grows with the load and CPU time much
-less, so the load average is printed too. "met" judges the measured figure, never the estimate. The second table runs each case in a fresh process (so peak memory is its own): compile and
+less, so the load average is printed too. The processes run with bytecode caches, as an installed
+tpusim does (see ``_child_env``). "met" judges the measured figure, never the estimate. The second table runs each case in a fresh process (so peak memory is its own): compile and
 simulate wall time, events and peak resident memory; the flatness cases run one per-device program on
 ever larger v5p slices (the cost must not grow with chips), the layers cases 16, 32 and 80 layers of
 the 70B (it may grow at most linearly).
@@ -73,9 +74,20 @@ SWEEP_64 = {"per_device_batch_size": (0.5, 1, 2, 4), "remat_policy": ("full", "m
 SWEEP_16 = {"ici_tensor_parallelism": (1, 2, 4, 8), "max_target_length": (1024, 2048, 3072, 4096)}
 
 
+def _child_env() -> dict:
+    """The environment of the measured processes: with bytecode caches, as a user's install has them
+    (pip compiles them; an editable install writes them on first import). Where the environment turns
+    writing them off (PYTHONDONTWRITEBYTECODE), every import would compile its module's source again
+    (0.1 s of tpusim's start-up): the children then keep their caches in a folder of their own."""
+    env = dict(os.environ)
+    if env.pop("PYTHONDONTWRITEBYTECODE", None) and "PYTHONPYCACHEPREFIX" not in env:
+        env["PYTHONPYCACHEPREFIX"] = str(Path(tempfile.gettempdir()) / "tpusim-bench-pycache")
+    return env
+
+
 def run_case(path: str, topology: str | None, overrides: dict | None, repeat: int) -> dict:
     out = subprocess.run([sys.executable, "-c", _CHILD, path, topology or "", json.dumps(overrides or {}),
-                          str(repeat)], capture_output=True, text=True, check=True)
+                          str(repeat)], capture_output=True, text=True, check=True, env=_child_env())
     return json.loads(out.stdout)
 
 
@@ -83,7 +95,7 @@ def _timed(cmd: list[str]) -> tuple[float, float]:
     """Wall and CPU seconds (user + system of the child) of one process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_child_env())
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
@@ -93,7 +105,7 @@ def import_seconds(args: list[str]) -> float:
     """Seconds ``python -X importtime -m tpusim ARGS`` spends importing (top-level imports' cumulative
     times summed: the interpreter's own start-up modules included, about 10 ms)."""
     out = subprocess.run([sys.executable, "-X", "importtime", "-m", "tpusim", *args], capture_output=True,
-                         text=True, check=True)
+                         text=True, check=True, env=_child_env())
     total_us = 0
     for line in out.stderr.splitlines():
         m = re.match(r"import time:\s+\d+ \|\s+(\d+) \| (\S.*)$", line)  # top level: name not indented
@@ -148,6 +160,8 @@ TARGETS = [
 
 
 def targets_table(args) -> None:
+    for cmd in (["--help"], RUN):  # fill the bytecode caches (see _child_env) before anything is timed
+        subprocess.run([sys.executable, "-m", "tpusim", *cmd], check=True, capture_output=True, env=_child_env())
     load = os.getloadavg()
     print(f"load average {load[0]:.1f} {load[1]:.1f} {load[2]:.1f} on {os.cpu_count()} cores; median of "
           f"{args.repeat}; sweeps on {args.workers} worker processes\n")

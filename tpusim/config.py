@@ -20,6 +20,9 @@ import yaml
 from tpusim.errors import TpusimError
 
 
+_FAST_LOADER = getattr(yaml, "CSafeLoader", None)
+
+
 def read_yaml(path: str | Path) -> Any:
     """Parse a YAML file; a missing, unreadable or non-regular file, or bad YAML, is a
     :class:`TpusimError` naming the file (see :func:`tpusim.safeio.read_text`)."""
@@ -27,6 +30,14 @@ def read_yaml(path: str | Path) -> Any:
 
     text = read_text(path, what="YAML text")
     try:
+        # libyaml's parser when PyYAML has it: the same constructor and resolver (the same values), 10x
+        # faster (MaxText's base.yml, read by every run: 6 ms instead of 64). Any error is reported by the
+        # pure-Python parser, so the message stays the same whichever parser found it.
+        if _FAST_LOADER is not None:
+            try:
+                return yaml.load(text, Loader=_FAST_LOADER)  # noqa: S506 (a SafeLoader)
+            except yaml.YAMLError:
+                pass
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)

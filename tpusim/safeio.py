@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -139,6 +138,8 @@ def check_writable_file(path: str | Path, *, source: str) -> Path:
     if not stat.S_ISDIR(st.st_mode):
         raise TpusimError("a part of the path is a file, not a folder", source=source)
     try:
+        import tempfile  # only here: start-up time of every command
+
         fd, probe = tempfile.mkstemp(dir=parent, prefix=".probe.")
         os.close(fd)
         os.unlink(probe)

@@ -23,8 +23,9 @@ import altair as alt
 import pandas as pd
 
 from tpusim.sim.engine import SimResult
-from tpusim.analysis.plotdata import (  # the data helpers, re-exported
-    LANES, MAX_LEVELS, MAX_ROWS, breakdown_frame, link_cells, other_links, profile_run, timeline_rows,
+from tpusim.analysis.plotdata import (  # the data helpers (and colours, shared with svgcharts), re-exported
+    COLORS, EXTRA_COLORS, LANES, MAX_LEVELS, MAX_ROWS, breakdown_frame, link_cells, other_links, profile_run,
+    timeline_rows,
 )
 from tpusim.analysis.timeline import write_atomic
 
@@ -32,17 +33,7 @@ __all__ = ["MAX_ROWS", "book_thresholds", "breakdown_chart", "breakdown_frame", 
            "link_heatmap", "offline_charts", "profile_run", "replay_chart", "save_chart", "sweep_chart",
            "timeline_chart", "timeline_rows"]
 
-# Compute in blues and greens, collectives in warm colours, host traffic in yellows, waiting in grey.
-COLORS = {
-    "matmul": "#4c78a8", "attention": "#72b7b2", "elementwise": "#9ecae9", "embedding": "#54a24b",
-    "loss": "#88d27a", "optimizer": "#b279a2", "compute: MXU": "#4c78a8", "compute: HBM": "#72b7b2",
-    "compute: VPU": "#9ecae9", "all-gather": "#f58518", "reduce-scatter": "#e45756", "all-reduce": "#c03d3e",
-    "all-to-all": "#ff9da6", "collective-permute": "#9d755d", "copy-to-host": "#eeca3b",
-    # copy-start / copy-done (a real profile's ops) apart from the simulated copies each way
-    "copy-from-host": "#d8a200", "copy-start": "#8c6d31", "copy-done": "#bab0ac", "idle": "#dddddd",
-    "other": "#dddddd",
-}
-_EXTRA = ["#6baed6", "#3182bd", "#a1d99b", "#31a354", "#9e9ac8", "#756bb1", "#fdae6b", "#e6550d"]
+_EXTRA = EXTRA_COLORS
 
 
 def _color_scale(categories) -> alt.Scale:

@@ -47,7 +47,10 @@ def plain_row(row: dict) -> dict:
 class Journal:
     """Appends rows to a journal. Each row is one ``write`` of one line to a file opened ``O_APPEND``, so
     the lines of several worker processes appending at once stay whole (POSIX appends to a local file
-    are atomic; lines are a few kB), then ``fdatasync``: a finished row survives SIGKILL and power loss."""
+    are atomic; lines are a few kB), then ``fdatasync``: a finished row survives SIGKILL and power loss.
+    A sweep appends with ``sync=False`` and syncs once per group of rows before it reports any of them
+    (group commit, see :mod:`tpusim.explore.workers`): a written row survives SIGKILL at once, power loss
+    once synced."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
