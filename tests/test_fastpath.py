@@ -119,6 +119,19 @@ def test_fast_engine_with_stragglers():
     assert_same_simulation(program, topo, stragglers={0: 2.0})
 
 
+@pytest.mark.parametrize("overrides", [
+    {"quantization": "int8"},  # 8-bit matmuls: the op cost memo must tell them from bf16 ones
+    {"ici_pipeline_parallelism": 2, "pipeline_schedule": "1f1b", "num_pipeline_microbatches": 4,
+     "remat_policy": "full", "per_device_batch_size": 8, "base_num_decoder_layers": 8},  # stages, each with its links
+    {"ici_pipeline_parallelism": 4, "num_pipeline_repeats": 2, "num_pipeline_microbatches": 8,
+     "pipeline_schedule": "interleaved", "remat_policy": "full", "per_device_batch_size": 16,
+     "base_num_decoder_layers": 8},  # permutes both ways around a ring
+], ids=["int8", "pipeline-1f1b", "pipeline-interleaved"])
+def test_fast_engine_with_quantization_and_pipelines(overrides):
+    _, topo, program = compile_workload(ROOT / "workloads" / "llama3_8b_fsdp_tp.yaml", overrides=overrides)
+    assert_same_simulation(program, topo)
+
+
 def test_fast_engine_with_host_offload():
     """Saved activations copied over PCIe (a FIFO link each way) and back before each layer's backward."""
     from tpusim.compiler import compile_program

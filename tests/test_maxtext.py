@@ -86,8 +86,8 @@ def test_known_maxtext_keys_are_never_unknown():
     assert set(w.ignored_keys) == {"abort_on_inf_loss", "steps"}
     assert "sa_block_q=1024" in w.notes  # (llama2-7b.yml also sets logical_axis_rules: noted too)
     with pytest.raises(TpusimError) as e:
-        workload_from_dict({**base, "ici_tensor_sequence_parallelism": 4}, source=SOURCE)
-    assert e.value.key == "ici_tensor_sequence_parallelism" and "not modelled yet" in e.value.reason
+        workload_from_dict({**base, "pipeline_parallel_layers": 4}, source=SOURCE)
+    assert e.value.key == "pipeline_parallel_layers" and "not modelled yet" in e.value.reason
     with pytest.raises(TpusimError) as e:
         workload_from_dict({**base, "abort_on_inf_los": True}, source=SOURCE)
     assert e.value.reason == "unknown key (did you mean 'abort_on_inf_loss'?)"

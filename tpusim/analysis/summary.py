@@ -59,7 +59,7 @@ def summarize(result: SimResult) -> dict:
             continue
         compute_s += dur
         if dur > 0:
-            key = (op.category, op.flops, op.vpu_flops, op.hbm_bytes, op.mxu_shape)  # what bound_by reads
+            key = (op.category, op.flops, op.vpu_flops, op.hbm_bytes, op.mxu_shape, op.mxu_dtype)  # what bound_by reads
             side = bounds.get(key)
             if side is None:  # once per distinct op shape: the layers repeat the same ops
                 side = bounds[key] = bound_by(op, result.compute_params)

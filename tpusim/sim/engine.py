@@ -355,9 +355,9 @@ def simulate(program: Program, topo: Topology, *, mode: str = "calibrated",
     which count and time the engine's own work, differ)."""
     check_stragglers(stragglers or {}, topo)
     engine = Engine(program, topo, mode=mode, stragglers=stragglers, progress=progress)
-    # The fast path knows device classes that differ by their slowdown only; a class carrying more (a
-    # feature added to this engine and not yet to fastengine) runs here, on the reference.
-    if plain or any(set(cls) - {"slowdown", "devices"} for cls in engine.classes):
+    # The fast path knows device classes that differ by their slowdown or are pipeline stages; a class
+    # carrying more (a feature added to this engine and not yet to fastengine) runs here, on the reference.
+    if plain or any(set(cls) - {"slowdown", "devices", "stage"} for cls in engine.classes):
         return engine.run()
     from tpusim.sim.fastengine import FastEngine
 

@@ -27,6 +27,10 @@ checks the summary, the timeline and the link statistics against the reference b
 every shipped workload (stragglers, multi-slice, host offload, an imported HLO program included).
 The rows of the record come in another order (per op they are the same); every reader sorts them
 or reads one device class's compute rows, which are in op order in both.
+
+Pipeline stages (``Program.stages`` > 1) are device classes that each run only their own compute ops,
+on links of their own (``stage 1 ICI x+``), as in the reference; a permute leaves on the link of the
+direction it shifts to.
 """
 
 from __future__ import annotations
@@ -62,8 +66,9 @@ class _Async:
     def begin(self) -> None:
         eng = self.eng
         self.start = eng.loop.now
-        if self.stages is None:  # a host copy: one FIFO transfer over PCIe
-            link = eng.links["PCIe d2h" if self.op.category == "copy-to-host" else "PCIe h2d"]
+        if self.stages is None:  # a host copy: one FIFO transfer over PCIe (its stage's, under a pipeline)
+            pre = f"stage {self.op.stage} " if eng.staged else ""
+            link = eng.links[pre + ("PCIe d2h" if self.op.category == "copy-to-host" else "PCIe h2d")]
             if not link.transfer(self.op.bytes, self):
                 self.transfer_done_host()
             return
@@ -115,7 +120,8 @@ class _Async:
         si = self.stage
         name = f"{op.name} [{si}]"
         for stream, nbytes in self.stages[si][2]:
-            add((-1, stream, name, op.category, op.layer, op.phase, self.stage_start, now, 0.0, nbytes, op.index))
+            add((self.eng.row_device(op), stream, name, op.category, op.layer, op.phase, self.stage_start, now, 0.0,
+                 nbytes, op.index))
         self.stage += 1
 
     def _finish_transfers(self) -> None:
@@ -129,13 +135,13 @@ class _Async:
 
     def transfer_done_host(self) -> None:
         op, now = self.op, self.eng.loop.now
-        self.eng.rows.append((-1, "PCIe", op.name, op.category, op.layer, op.phase, self.start, now, 0.0, op.bytes,
+        self.eng.rows.append((self.eng.row_device(op), "PCIe", op.name, op.category, op.layer, op.phase, self.start, now, 0.0, op.bytes,
                               op.index))
         self._done()
 
     def _done(self) -> None:
         op, eng = self.op, self.eng
-        eng.rows.append((-1, "Async XLA Ops", op.name, op.category, op.layer, op.phase, self.start, eng.loop.now,
+        eng.rows.append((eng.row_device(op), "Async XLA Ops", op.name, op.category, op.layer, op.phase, self.start, eng.loop.now,
                          0.0, op.bytes, op.index))
         eng.done[op.index] = True
         for w in self.waiters:
@@ -145,10 +151,11 @@ class _Async:
 class _Stream:
     """One device class's TensorCore: runs ahead through its compute ops (see the module's docstring)."""
 
-    __slots__ = ("eng", "c", "slowdown", "pos", "t", "blocked", "finished")
+    __slots__ = ("eng", "c", "slowdown", "pos", "t", "blocked", "finished", "cops", "cost", "waits_of")
 
-    def __init__(self, eng: "FastEngine", c: int, slowdown: float):
+    def __init__(self, eng: "FastEngine", c: int, slowdown: float, cops: list, cost: list, waits_of: list):
         self.eng, self.c, self.slowdown = eng, c, slowdown
+        self.cops, self.cost, self.waits_of = cops, cost, waits_of  # this class's compute ops (a stage's own)
         self.pos = 0
         self.t = 0.0
         self.blocked = 0      # asynchronous ops still awaited by the op at pos
@@ -166,7 +173,7 @@ class _Stream:
         """At loop.now == self.t (or later, after a wait): run ops until one must wait or the end."""
         eng = self.eng
         loop, add, done, c, slowdown = eng.loop, eng.rows.append, eng.done, self.c, self.slowdown
-        cops, cost, waits_of, issue = eng.cops, eng.cost, eng.waits_of, eng.issue_points
+        cops, cost, waits_of, issue = self.cops, self.cost, self.waits_of, eng.issue_points
         progress = eng.progress if c == 0 else None
         n = len(cops)
         t = self.t
@@ -224,22 +231,27 @@ class FastEngine:
         self.program, self.topo, self.mode = engine.program, engine.topo, engine.mode
         self.progress, self.cp, self.lp, self.classes = engine.progress, engine.cp, engine.lp, engine.classes
 
-    def _stages(self, plan: CollectivePlan) -> list[tuple]:
+    def row_device(self, op) -> int:
+        """The timeline device of an asynchronous op's rows: its stage under a pipeline, else -1 (all)."""
+        return op.stage if self.staged else -1
+
+    def _stages(self, plan: CollectivePlan, pre: str = "", shift: int = 1) -> list[tuple]:
         """A plan's stages on this engine's links: ((link, bytes) per transfer, the largest hop-latency
-        floor, (timeline row, bytes) per phase): the reference's per-stage work, done once per plan."""
+        floor, (timeline row, bytes) per phase): the reference's per-stage work, done once per plan (and
+        per pipeline stage ``pre``, whose chips have their own links, and per permute direction)."""
         links, lp = self.links, self.lp
         out = []
         for stage in plan.stages:
             transfers, floors, rows = [], [0.0], []
             for ph in stage.phases:
                 if ph.axis == DCN:
-                    ph_links = [links["DCN"]]
+                    ph_links = [links[f"{pre}DCN"]]
                     latency = lp.dcn_latency_s
-                else:
-                    plus = links[f"ICI {ph.axis}+"]
-                    ph_links = [plus]
-                    if ph.directions == 2 and links[f"ICI {ph.axis}-"] is not plus:
-                        ph_links.append(links[f"ICI {ph.axis}-"])
+                else:  # (a one-way phase, a permute, leaves on the side it shifts to)
+                    first = links[f"{pre}ICI {ph.axis}{'-' if ph.directions == 1 and shift < 0 else '+'}"]
+                    ph_links = [first]
+                    if ph.directions == 2 and links[f"{pre}ICI {ph.axis}-"] is not first:
+                        ph_links.append(links[f"{pre}ICI {ph.axis}-"])
                     latency = lp.ici_hop_latency_s * ph.stride
                 transfers += [(lk, ph.link_bytes) for lk in ph_links]
                 floors.append(ph.steps * latency)
@@ -259,51 +271,69 @@ class FastEngine:
         op_plans: dict[int, CollectivePlan] = {}
         for op in prog.ops:
             if op.stream == COLLECTIVE:
-                key = (op.category, op.bytes, op.axes)
+                key = (op.category, op.bytes, op.axes, op.shift)
                 if key not in plans:
-                    plans[key] = lower(op.category, op.bytes, topo, op.axes)
+                    plans[key] = lower(op.category, op.bytes, topo, op.axes, shift=op.shift)
                 op_plans[op.index] = plans[key]
         # As the reference: one link stands for both directions of an axis when every phase drives both.
         paired = all(ph.directions == 2 for plan in plans.values() for st in plan.stages
                      for ph in st.phases if ph.axis != DCN)
+        # Pipeline stages run on disjoint chips, each with its own links ("stage 1 ICI x+"), as the reference.
+        self.staged = staged = prog.stages > 1
+        prefixes = [f"stage {s} " for s in range(prog.stages)] if staged else [""]
         links: dict[str, Link] = {}
-        for a in topo.axis_names:
-            if topo.axis_size(a) > 1:
-                if paired:
-                    links[f"ICI {a}+"] = links[f"ICI {a}-"] = Link(loop, lp.ici_link_bytes_per_s)
-                    continue
-                for sign in "+-":
-                    links[f"ICI {a}{sign}"] = Link(loop, lp.ici_link_bytes_per_s)
-        if topo.slices > 1:
-            links["DCN"] = Link(loop, lp.dcn_bytes_per_s)
+        for pre in prefixes:
+            for a in topo.axis_names:
+                if topo.axis_size(a) > 1:
+                    if paired:
+                        links[f"{pre}ICI {a}+"] = links[f"{pre}ICI {a}-"] = Link(loop, lp.ici_link_bytes_per_s)
+                        continue
+                    for sign in "+-":
+                        links[f"{pre}ICI {a}{sign}"] = Link(loop, lp.ici_link_bytes_per_s)
+            if topo.slices > 1:
+                links[f"{pre}DCN"] = Link(loop, lp.dcn_bytes_per_s)
         if prog.host_ops:
-            for name in ("PCIe d2h", "PCIe h2d"):
-                links[name] = Link(loop, topo.chip.pcie_bytes_per_s, fifo=True)
+            for pre in prefixes:
+                for name in ("PCIe d2h", "PCIe h2d"):
+                    links[pre + name] = Link(loop, topo.chip.pcie_bytes_per_s, fifo=True)
         self.links = links
 
-        stages = {id(plan): self._stages(plan) for plan in plans.values()}
+        stages: dict[tuple, list] = {}
         ops = prog.ops
-        self.cops = [op for op in ops if op.stream == COMPUTE]
+        self.done = [False] * len(ops)
+        self.asyncs = {}
+        for op in ops:
+            if op.stream not in ASYNC_STREAMS:
+                continue
+            plan_stages = None
+            if op.index in op_plans:
+                pre = f"stage {op.stage} " if staged else ""
+                key = (id(op_plans[op.index]), pre, op.shift < 0)
+                plan_stages = stages.get(key)
+                if plan_stages is None:
+                    plan_stages = stages[key] = self._stages(op_plans[op.index], pre, op.shift)
+            self.asyncs[op.index] = _Async(self, op, plan_stages)
         # Op costs once per distinct shape (80 layers repeat the same ops): the same floats op_time gives.
         memo: dict[tuple, float] = {}
-        self.cost = []
-        for op in self.cops:
-            key = (op.category, op.flops, op.vpu_flops, op.hbm_bytes, op.mxu_shape)
-            dt = memo.get(key)
-            if dt is None:
-                dt = memo[key] = op_time(op, self.cp)
-            self.cost.append(dt)
-        self.done = [False] * len(ops)
-        self.asyncs = {op.index: _Async(self, op, stages[id(op_plans[op.index])] if op.index in op_plans else None)
-                       for op in ops if op.stream in ASYNC_STREAMS}
-        self.waits_of = [tuple(d for d in op.deps if d in self.asyncs) for op in self.cops]
+
+        def stream_ops(c: int | None) -> tuple[list, list, list]:
+            cops = [op for op in ops if op.stream == COMPUTE and (c is None or op.stage == c)]
+            cost = []
+            for op in cops:
+                key = (op.category, op.flops, op.vpu_flops, op.hbm_bytes, op.mxu_shape, op.mxu_dtype)
+                dt = memo.get(key)
+                if dt is None:
+                    dt = memo[key] = op_time(op, self.cp)
+                cost.append(dt)
+            return cops, cost, [tuple(d for d in op.deps if d in self.asyncs) for op in cops]
+
         self.issued: dict[int, list] = {}  # compute op -> asynchronous ops issued after it, in op order
         n_classes = len(self.classes)
         for a in self.asyncs.values():
             for d in a.op.deps:
                 if ops[d].stream == COMPUTE:
                     self.issued.setdefault(d, []).append(a)
-                    a.deps_left += n_classes  # each class reaches the issue point
+                    a.deps_left += 1 if staged else n_classes  # each class reaches the issue point (a stage: its own)
                 elif d in self.asyncs:
                     self.asyncs[d].waiters.append(a)
                     a.deps_left += 1
@@ -312,7 +342,9 @@ class FastEngine:
         for a in self.asyncs.values():
             if a.deps_left == 0:
                 a.begin()
-        streams = [_Stream(self, c, cls["slowdown"]) for c, cls in enumerate(self.classes)]
+        shared = None if staged else stream_ops(None)  # every class runs every compute op, unless staged
+        streams = [_Stream(self, c, cls["slowdown"], *(stream_ops(c) if staged else shared))
+                   for c, cls in enumerate(self.classes)]
         self.streams_left = len(streams)
         for s in streams:
             s.resume()
