@@ -130,3 +130,49 @@ def test_tensor_sequence_is_tensor_parallelism_with_the_sequence_split():
     with pytest.raises(TpusimError) as e:
         prog(ici_tensor_parallelism=-1, ici_tensor_sequence_parallelism=2)
     assert e.value.key == "ici_tensor_parallelism"
+
+
+@pytest.mark.parametrize("case", ["mha", "gqa"])
+def test_kv_exchange_matches_libtpu(case):
+    """Against XLA (traces/aot_context.py: libtpu 0.0.42.1, v5e:2x4, context 8, MaxText's flash path
+    with an explicit all-gather of K and V in shard_map): per layer, one all-gather each of K and V
+    whose result is B x T x kv_heads x head_dim bf16, and one reduce-scatter each of dK and dV of the
+    same size, as tpusim's program has. (The AOT step keeps the weights replicated, so its gradients
+    end in one all-reduce; tpusim shards them over the context axis as over fsdp: not compared.)"""
+    import json
+
+    from conftest import REPO
+
+    aot = json.loads((REPO / "traces" / "xla_aot_context.json").read_text())
+    m = aot["model"]
+    kv = m["kv_heads"][case]
+    w = workload_from_dict({"model": {"base_emb_dim": m["d_model"], "base_num_query_heads": m["heads"],
+                                      "base_num_kv_heads": kv, "head_dim": m["head_dim"], "base_mlp_dim": 1024,
+                                      "base_num_decoder_layers": m["layers"], "vocab_size": 32000},
+                            "step": {"per_device_batch_size": m["batch"] / m["context"], "max_target_length": m["seq"],
+                                     "remat_policy": "none", "attention": "dot_product"},
+                            "sharding": {"ici_context_parallelism": m["context"]}}, source="aot_context")
+    prog = compile_program(w, parse_topology(m["topology"]))
+    ours = sorted((o.category, o.bytes) for o in prog.collective_ops if "_context" in o.name)
+    xla = sorted((c["kind"], c["result_bytes"] if c["kind"] == "all-gather" else c["operand_bytes"])
+                 for c in aot["cases"][case] if c["kind"] in ("all-gather", "reduce-scatter"))
+    assert ours == xla
+    assert len(ours) == 4 * m["layers"]
+
+
+@pytest.mark.libtpu
+def test_context_recompile_matches_committed():
+    """``TPUSIM_JAX_PYTHON=/work/venvs/jax/bin/python pytest -m libtpu tests/test_context.py``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    python = os.environ.get("TPUSIM_JAX_PYTHON", sys.executable)
+    run = subprocess.run([python, str(REPO / "traces" / "aot_context.py")], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1"))
+    fresh = json.loads(run.stdout[run.stdout.index("{"):])
+    committed = json.loads((REPO / "traces" / "xla_aot_context.json").read_text())
+    assert fresh["cases"] == committed["cases"]

@@ -98,3 +98,29 @@ def test_bad_hlo(tmp_path):
         read_hlo(p)
     with pytest.raises(TpusimError, match="file not found"):
         read_hlo(tmp_path / "missing.txt")
+
+
+def test_plain_collectives_sharing_a_channel_id_are_separate():
+    """jax's shard_map collectives may all carry channel_id=1 (traces/aot_context.py): each plain
+    collective is one instruction, so two of them are two logical collectives; async collective
+    fusion clones still group by channel (and, in newer XLA, by their chain_id)."""
+    from tpusim.compiler.hlo.collectives import extract_collectives
+
+    text = """HloModule m, num_partitions=4
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+ENTRY %main (p: f32[8,128], q: f32[8,128]) -> (f32[2,128], f32[2,128]) {
+  %p = f32[8,128]{1,0} parameter(0)
+  %q = f32[8,128]{1,0} parameter(1)
+  %rs.1 = f32[2,128]{1,0} reduce-scatter(%p), channel_id=1, replica_groups={{0,1,2,3}}, use_global_device_ids=true, dimensions={0}, to_apply=%add
+  %rs.2 = f32[2,128]{1,0} reduce-scatter(%q), channel_id=1, replica_groups={{0,1,2,3}}, use_global_device_ids=true, dimensions={0}, to_apply=%add
+  ROOT %t = (f32[2,128]{1,0}, f32[2,128]{1,0}) tuple(%rs.1, %rs.2)
+}
+"""
+    colls = extract_collectives(text)["collectives"]
+    assert [(c["kind"], c["operand_bytes"]) for c in colls] == [("reduce-scatter", 4096), ("reduce-scatter", 4096)]

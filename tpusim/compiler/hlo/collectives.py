@@ -14,7 +14,8 @@ One entry of ``collectives`` is one *logical* collective, however XLA spelled it
 * ``async_collective_fusion`` (XLA TPU): the collective is cloned into a fusion whose root is a
   ``custom-call`` ``AsyncCollectiveStart``, zero or more "continuation" fusions that run a slice of
   it next to compute, and a fusion whose root is ``AsyncCollectiveDone``; all clones share one
-  ``channel_id``, which is how they are grouped (``members`` lists them);
+  ``channel_id`` (and, in newer XLA, one ``chain_id`` frontend attribute), which is how they are
+  grouped (``members`` lists them);
 * ``all_reduce_scatter_fusion`` (XLA TPU): an ``all-reduce`` followed by a ``dynamic-slice`` of the
   local shard, in a ``kCustom`` fusion calling ``%all-reduce-scatter*``; reported with
   ``kind: reduce-scatter`` (``hlo_opcode: all-reduce``) and the fusion's result as its result.
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import sys
 from collections import Counter
 from typing import Any
@@ -74,7 +76,7 @@ def extract_collectives(text: str) -> dict[str, Any]:
                 async_wrapper[callee] = ins
 
     # Group the HLO instructions of one logical collective (clones share a channel_id).
-    groups: dict[tuple[str, str], list[tuple[Instr, str, list[Instr]]]] = {}
+    groups: dict[tuple[str, str, str], list[tuple[Instr, str, list[Instr]]]] = {}
     for instrs in mod.computations.values():
         for ins in instrs:
             kind, form = _base_kind(ins.opcode)
@@ -96,11 +98,17 @@ def extract_collectives(text: str) -> dict[str, Any]:
                     role = "all_reduce_scatter"
                 else:
                     role = "fusion_continuation"
-            key = (kind, ins.attrs.get("channel_id") or ins.name)
+            # Newer XLA gives every async collective fusion of a computation the same channel_id and
+            # tells the chains apart by a frontend attribute: clones share both.
+            chain_id = re.search(r'chain_id="([^"]*)"', ins.attrs.get("frontend_attributes", ""))
+            # A plain or start/done collective is one instruction (jax may give all of them channel_id 1).
+            grouped = role.startswith("fusion_") or role == "all_reduce_scatter"
+            key = (kind, (ins.attrs.get("channel_id") or ins.name) if grouped else ins.name,
+                   chain_id.group(1) if chain_id else "")
             groups.setdefault(key, []).append((ins, role, chain))
 
     records: list[dict[str, Any]] = []
-    for (kind, _), members in groups.items():
+    for (kind, _, _), members in groups.items():
         roles = [r for _, r, _ in members]
         # The member that starts it: start fusion, -start, async-wrapped, else the first.
         order = ("fusion_start", "start", "async_wrapped", "all_reduce_scatter", "sync",
