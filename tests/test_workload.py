@@ -129,3 +129,17 @@ def test_mesh_explicit_physical_axes():
 def test_impossible_meshes(ici, spec, slices, dcn, words):
     with pytest.raises(TpusimError, match=words):
         mesh_of(ici, spec, slices, dcn)
+
+
+@pytest.mark.parametrize("overrides, key, words", [
+    ({"dcn_pipeline_parallelism": 2, "num_pipeline_microbatches": 4}, "dcn_pipeline_parallelism", "--slices"),
+    ({"ici_tensor_parallelism": 3}, "ici_tensor_parallelism", "128 chips"),
+])
+def test_a_mesh_axis_that_does_not_divide_is_named(overrides, key, words):
+    """The axis the user set is named (not the -1 axis that would absorb the rest), in slices for DCN."""
+    from tpusim.api import compile_workload
+    from tpusim.errors import TpusimError
+
+    with pytest.raises(TpusimError) as e:
+        compile_workload(REPO / "workloads" / "llama3_8b_fsdp_tp.yaml", overrides=overrides)
+    assert e.value.key == key and words in e.value.reason and "does not divide" in e.value.reason

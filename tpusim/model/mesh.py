@@ -136,8 +136,14 @@ def _fill(sizes: dict[str, int], total: int, what: str, prefix: str, source: str
     rest = [a for a, v in sizes.items() if v == -1]
     if rest:
         if total % known:
-            raise TpusimError(f"the other {prefix} axes multiply to {known}, which does not divide the {total} "
-                              f"chips of {what}", source=source, key=f"{prefix}_{rest[0]}_parallelism")
+            unit = "slices" if prefix == "dcn" else "chips"
+            named = [a for a, v in sizes.items() if v not in (1, -1)]
+            set_ = ", ".join(f"{prefix}_{a}_parallelism={sizes[a]}" for a in named)
+            whole = (f"the {total} slice{'s' * (total > 1)} (more slices: --slices or the workload's slices)"
+                     if prefix == "dcn" else f"the {total} {unit} of {what}")
+            product = f" multiply to {known}" if len(named) > 1 else ""
+            raise TpusimError(f"{set_}{product} does not divide {whole}", source=source,
+                              key=f"{prefix}_{(named or rest)[0]}_parallelism")
         sizes[rest[0]] = total // known
     product = math.prod(sizes.values())
     if product != total:
