@@ -15,7 +15,8 @@ from tpusim.sim.engine import simulate
 from tpusim.errors import InfeasibleError, TpusimError
 from tpusim.analysis.summary import summarize
 from tpusim.sim.topology import parse_topology
-from tpusim.model.workload import _ALIASES, _SECTIONS, workload_from_dict
+from tpusim.model.build import _ALIASES, _SECTIONS
+from tpusim.model.workload import workload_from_dict
 
 MODELLED = {k for keys in _SECTIONS.values() for k in keys} | set(_ALIASES) | {"num_slices"}
 CLASSES = {"modelled": MODELLED, "ignored": set(mx.IGNORED_KEYS), "noted": set(mx.NOTED_KEYS),

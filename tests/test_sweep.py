@@ -79,7 +79,7 @@ def test_rows_say_why_and_carry_every_summary_field(small):
     assert run.total == len(df) == 12 and list(df["index"]) == list(range(12))
     assert list(df.columns[:5]) == ["index", "config", *GRID]
     assert (df[df.ici_tensor_parallelism == 3].status == "invalid").all()
-    assert df[df.ici_tensor_parallelism == 3].reason.str.contains("ici_fsdp_parallelism").all()
+    assert df[df.ici_tensor_parallelism == 3].reason.str.contains("ici_tensor_parallelism=3 does not divide").all()
     oom = df[(df.per_device_batch_size == 64) & (df.ici_tensor_parallelism != 3)]
     assert (oom.status == "infeasible").all() and oom.reason.str.contains("does not fit in HBM").all()
     ok = df[df.status == "ok"]

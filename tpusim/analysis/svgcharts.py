@@ -101,7 +101,7 @@ class _Svg:
     def done(self, width: float, height: float, title: str, subtitle: str = "") -> str:
         head = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{math.ceil(width)}" height="{math.ceil(height)}" '
                 f'viewBox="0 0 {math.ceil(width)} {math.ceil(height)}" {FONT}>',
-                f'<rect width="100%" height="100%" fill="white"/>',
+                '<rect width="100%" height="100%" fill="white"/>',
                 f'<text x="0" y="14" font-size="13" font-weight="bold">{escape(title)}</text>']
         if subtitle:
             head.append(f'<text x="0" y="30" fill="#666">{escape(subtitle)}</text>')

@@ -299,7 +299,7 @@ def register(main: click.Group) -> None:
         from click.core import ParameterSource
 
         from tpusim.config import read_yaml
-        from tpusim.model.workload import REMAT_POLICIES
+        from tpusim.model.spec import REMAT_POLICIES
 
         _check_workers(workers)
         raw = read_yaml(workload)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from tpusim.errors import TpusimError
 from tpusim.model.mesh import Mesh
-from tpusim.model.workload import Parallelism, Workload
+from tpusim.model.spec import Parallelism, Workload
 
 # Remat policies: which matmul outputs a layer keeps for the backward pass (MaxText's names).
 # "input" is the layer's input, kept by every policy but "none" (which keeps everything).

@@ -33,7 +33,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any
 
 from tpusim.config import read_yaml
 from tpusim.errors import InfeasibleError, TpusimError

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from tpusim.sim.collectives.lowering import Axis, Span
 from tpusim.errors import TpusimError
 from tpusim.sim.topology import DCN, Topology
-from tpusim.model.workload import DCN_AXES, MESH_AXES, Parallelism
+from tpusim.model.spec import DCN_AXES, MESH_AXES, Parallelism
 
 # Most bandwidth-hungry first (book training.md: TP moves activations every layer; FSDP moves weights,
 # DP only gradients once per step; a pipeline stage only its microbatches' activations at its edges).

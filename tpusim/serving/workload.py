@@ -41,7 +41,8 @@ from typing import Any
 from tpusim.config import read_yaml, unknown_key_reason
 from tpusim.limits import MAX_REQUESTS
 from tpusim.errors import TpusimError
-from tpusim.model.workload import DTYPE_BYTES, Workload, workload_from_dict
+from tpusim.model.spec import DTYPE_BYTES, Workload
+from tpusim.model.workload import workload_from_dict
 
 QUANTIZATIONS = ("", "int8", "int8_weight_only", "fp8")
 POLICIES = ("continuous", "static")
