@@ -313,10 +313,10 @@ def register(main: click.Group) -> None:
             from tpusim.explore.servesearch import QUANTIZATIONS, search_serving
 
             qs = tuple(q.strip() for q in quants.split(",") if q.strip())
-            bad = [q for q in qs if q not in (*QUANTIZATIONS, "fp8")]
+            bad = [q for q in qs if q not in (*QUANTIZATIONS, "int4_weight_only", "fp8")]
             if not qs or bad:
-                raise TpusimError(f"{', '.join(bad) or 'nothing'}: weight formats are {', '.join(QUANTIZATIONS)}, fp8",
-                                  source="--quantization")
+                raise TpusimError(f"{', '.join(bad) or 'nothing'}: weight formats are {', '.join(QUANTIZATIONS)}, "
+                                  "int4_weight_only, fp8", source="--quantization")
             bar = Progress("search")
             res = search_serving(workload, topology, mode=mode, tpot_s=None if tpot_ms is None else tpot_ms / 1e3,
                                  ttft_s=None if ttft_ms is None else ttft_ms / 1e3, percentile=percentile,

@@ -110,7 +110,7 @@ def search_serving(workload: str, topology: str | None = None, *, mode: str = "c
                 # slots as batching.max_batch (a fractional per_device_batch_size would have to split over the
                 # data x expert shards as a training batch does); one slot to see what fits
                 over = {**mesh, "quantization": q, "quantize_kvcache": q != "bf16", "per_device_batch_size": 1.0,
-                        "max_batch": 1}
+                        "max_batch": 1, "kv_quant_dtype": "int4" if q.startswith("int4") else "int8"}
                 label = f"tensor {t}" + (f" x expert {e}" if e > 1 else "") + f", {chips // rc} replicas, {q}"
                 try:
                     sw = serve_workload_from_dict(plan_raw, source=source, overrides=over)

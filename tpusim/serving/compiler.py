@@ -9,7 +9,8 @@ themselves and what is cached before them. Per device and per layer (``tp`` = te
   its weights from HBM once per step, so at small batch the step is weight-bandwidth-bound and past
   the book's critical batch (C / W_hbm, 240 tokens on v5e in bf16) compute-bound (inference.md).
   ``quantization: int8`` (MaxText's AQT: int8 weights and activations) reads 1-byte weights and runs
-  at the chip's int8 rate; ``int8_weight_only`` / ``fp8`` read 1-byte weights and compute in bf16.
+  at the chip's int8 rate; ``int8_weight_only`` / ``fp8`` read 1-byte weights and compute in bf16,
+  ``int4_weight_only`` half-byte ones (dequantized in the matmul, as the int8 ones).
 * attention over the cache: 4 N H FLOPs per (query, key) pair and the KV bytes it reads (2 K H per
   token per layer, in the cache's dtype); the book's "the KV term is always bandwidth-bound".
 * tensor-parallel all-reduces of the activations after attention and after the MLP (Megatron), over

@@ -13,8 +13,8 @@ they do for ``tpusim run``), an ``inference`` section in MaxText's inference key
       max_prefill_predict_length: 1024   # longest prompt (MaxText)
       max_target_length: 2048            # prompt + output, the KV cache's length (MaxText)
       per_device_batch_size: 6           # decode slots per chip (MaxText)
-      quantization: int8                 # "" (bf16), int8 (int8 x int8 MXU), int8_weight_only, fp8
-      quantize_kvcache: true             # KV cache in kv_quant_dtype (int8) instead of dtype
+      quantization: int8                 # "" (bf16), int8 (int8 x int8 MXU), int8_weight_only, int4_weight_only, fp8
+      quantize_kvcache: true             # KV cache in kv_quant_dtype (int8, int4 or fp8) instead of dtype
     sharding: {ici_tensor_parallelism: 8}  # the rest of the slice: ici_data_parallelism = replicas
     serving:
       seed: 0
@@ -44,7 +44,10 @@ from tpusim.errors import TpusimError
 from tpusim.model.spec import DTYPE_BYTES, Workload
 from tpusim.model.workload import workload_from_dict
 
-QUANTIZATIONS = ("", "int8", "int8_weight_only", "fp8")
+QUANTIZATIONS = ("", "int8", "int8_weight_only", "int4_weight_only", "fp8")
+# Bytes per stored weight / KV element by format (int4: two per byte, as AQT and JetStream pack them).
+WEIGHT_BYTES = {"int8": 1.0, "int8_weight_only": 1.0, "fp8": 1.0, "int4_weight_only": 0.5}
+KV_QUANT_BYTES = {"int8": 1.0, "fp8": 1.0, "int4": 0.5}
 POLICIES = ("continuous", "static")
 DISTRIBUTIONS = ("fixed", "uniform", "lognormal", "sharegpt")
 TRANSFERS = ("ici", "dcn")
@@ -162,11 +165,11 @@ class ServeWorkload:
 
     @property
     def weight_bytes(self) -> float:
-        return 1.0 if self.quantization else DTYPE_BYTES[self.workload.step.dtype]
+        return WEIGHT_BYTES[self.quantization] if self.quantization else DTYPE_BYTES[self.workload.step.dtype]
 
     @property
     def kv_bytes(self) -> float:
-        return DTYPE_BYTES[self.kv_dtype]
+        return KV_QUANT_BYTES.get(self.kv_dtype) or DTYPE_BYTES[self.kv_dtype]
 
     @property
     def int8_math(self) -> bool:
@@ -328,7 +331,7 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
     quant = _choice(values["quantization"], QUANTIZATIONS, source, "inference.quantization")
     kv_dtype = values["dtype"]
     if values["quantize_kvcache"]:
-        kv_dtype = _choice(values["kv_quant_dtype"], ("int8", "fp8"), source, "inference.kv_quant_dtype")
+        kv_dtype = _choice(values["kv_quant_dtype"], tuple(KV_QUANT_BYTES), source, "inference.kv_quant_dtype")
 
     srv = _section(raw, "serving", source)
     for key in srv:
