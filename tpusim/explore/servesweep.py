@@ -1,7 +1,7 @@
 """Sweeps over serving workloads: one ``tpusim serve`` per configuration, one row each.
 
 A workload with a ``serving`` section (:func:`tpusim.serving.workload.is_serving_workload`) is served,
-not stepped: :func:`tpusim.explore.sweep.run_task` hands its configurations to :func:`run_serving_task`,
+not stepped: :func:`tpusim.explore.sweep.run_task` asks :func:`serving_columns_of` for its configurations' columns,
 and :func:`tpusim.explore.sweep.make_sweep` checks its varied keys with :func:`check_serving_vary`.
 Everything else (the grid, the journal, resuming, signals, workers) is the training sweep's.
 
@@ -30,10 +30,10 @@ import json
 from typing import Any
 
 from tpusim.config import unknown_key_reason
-from tpusim.errors import InfeasibleError, TpusimError
+from tpusim.errors import TpusimError
 from tpusim.serving.workload import INFERENCE_KEYS, SERVING_FLAT_KEYS, is_serving_workload, serve_workload_from_dict
 
-__all__ = ["is_serving_workload", "check_serving_vary", "run_serving_task", "serving_columns", "SERVING_VARY_KEYS"]
+__all__ = ["is_serving_workload", "check_serving_vary", "serving_columns_of", "serving_columns", "SERVING_VARY_KEYS"]
 
 ARRIVAL_KEYS = ("concurrency", "rate", "trace")
 SERVING_VARY_KEYS = (*SERVING_FLAT_KEYS, *INFERENCE_KEYS, "ici_tensor_parallelism", "ici_expert_parallelism",
@@ -92,30 +92,14 @@ def serving_columns(summary: dict) -> dict:
     return out
 
 
-def run_serving_task(task, sweep_keys: tuple[str, ...]) -> dict:
-    """Serve one configuration of a serving sweep (a :class:`tpusim.explore.sweep.Task`); the row says
-    ``ok``, or why not. The same numbers as ``tpusim serve`` with these values (a test)."""
+def serving_columns_of(task, overrides: dict, topology: str | None, slices, mode: str) -> dict:
+    """``tpusim serve --json``'s fields for one configuration of a serving sweep (a
+    :class:`tpusim.explore.sweep.Task`), flat: :func:`tpusim.explore.sweep.run_task` makes the row, as
+    for training (the same numbers as ``tpusim serve`` with these values: a test)."""
     from tpusim.serving import serve
 
-    row: dict[str, Any] = {"index": task.index, "config": task.key, **task.inputs}
-    overrides = {k: v for k, v in task.inputs.items() if k not in sweep_keys}
-    topology = task.inputs.get("topology", task.topology)
-    slices = task.inputs.get("slices", task.slices)
-    mode = task.inputs.get("mode", task.mode)
-    try:
-        if slices not in (None, 1):
-            raise TpusimError(f"{slices!r}: serving runs on one slice (replicas are independent engines; "
-                              "disaggregation moves the KV cache over DCN with transfer: dcn)", source="slices")
-        sw = serve_workload_from_dict(task.raw, source=task.source, overrides=overrides)
-        summary = serve(sw, None if topology is None else str(topology), mode=mode).summary
-    except InfeasibleError as e:
-        row.update(status="infeasible", reason=e.message)
-    except TpusimError as e:
-        row.update(status="invalid", reason=e.message)
-    except Exception as e:  # noqa: BLE001 - one bug must not end the sweep
-        row.update(status="error", reason=f"internal error (please report): {type(e).__name__}: {e}")
-    else:
-        row.update(status="ok", reason="")
-        for k, v in serving_columns(summary).items():
-            row.setdefault(k, v)  # a varied `topology` or `mode` keeps the user's spelling
-    return row
+    if slices not in (None, 1):
+        raise TpusimError(f"{slices!r}: serving runs on one slice (replicas are independent engines; "
+                          "disaggregation moves the KV cache over DCN with transfer: dcn)", source="slices")
+    sw = serve_workload_from_dict(task.raw, source=task.source, overrides=overrides)
+    return serving_columns(serve(sw, topology, mode=mode).summary)

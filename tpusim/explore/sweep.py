@@ -53,7 +53,7 @@ from tpusim.explore.store import (  # noqa: F401  (re-exported)
     rows_frame,
     write_rows,
 )
-from tpusim.explore.servesweep import check_serving_vary, is_serving_workload, run_serving_task
+from tpusim.explore.servesweep import check_serving_vary, is_serving_workload, serving_columns_of
 from tpusim.explore.workers import iter_rows  # re-exported (search uses it)
 
 MAX_GRID = 2000  # configurations a sweep runs without --yes
@@ -263,25 +263,17 @@ def summary_columns(summary: dict) -> dict:
 
 
 def run_task(task: Task) -> dict:
-    """Simulate one configuration; the row says ``ok``, or why not (never raises for a bad configuration)."""
-    from tpusim.api import compile_workload
-    from tpusim.sim.engine import simulate
-    from tpusim.analysis.summary import summarize
-    from tpusim.model.workload import workload_from_dict
-
-    if is_serving_workload(task.raw):
-        return run_serving_task(task, SWEEP_KEYS)
+    """Simulate (or, for a serving workload, serve) one configuration; the row says ``ok`` with every
+    field of the command's ``--json``, or why not (never raises for a bad configuration)."""
     row: dict[str, Any] = {"index": task.index, "config": task.key, **task.inputs}
     overrides = {k: v for k, v in task.inputs.items() if k not in SWEEP_KEYS}
     topology = task.inputs.get("topology", task.topology)
+    topology = None if topology is None else str(topology)
     slices = task.inputs.get("slices", task.slices)
     mode = task.inputs.get("mode", task.mode)
+    evaluate = serving_columns_of if is_serving_workload(task.raw) else _training_columns
     try:
-        if slices is not None and (not isinstance(slices, int) or isinstance(slices, bool) or slices < 1):
-            raise TpusimError(f"{slices!r} is not a positive number of slices", source="slices")
-        w = workload_from_dict(task.raw, source=task.source, overrides=overrides)
-        _, topo, program = compile_workload(w, None if topology is None else str(topology), slices=slices)
-        summary = summarize(simulate(program, topo, mode=mode))
+        columns = evaluate(task, overrides, topology, slices, mode)
     except InfeasibleError as e:
         row.update(status="infeasible", reason=e.message)
     except TpusimError as e:
@@ -290,9 +282,23 @@ def run_task(task: Task) -> dict:
         row.update(status="error", reason=f"internal error (please report): {type(e).__name__}: {e}")
     else:
         row.update(status="ok", reason="")
-        for k, v in summary_columns(summary).items():
+        for k, v in columns.items():
             row.setdefault(k, v)  # a varied `topology` or `mode` keeps the user's spelling
     return row
+
+
+def _training_columns(task: Task, overrides: dict, topology: str | None, slices, mode: str) -> dict:
+    """``tpusim run --json``'s fields for one training configuration, flat."""
+    from tpusim.analysis.summary import summarize
+    from tpusim.api import compile_workload
+    from tpusim.model.workload import workload_from_dict
+    from tpusim.sim.engine import simulate
+
+    if slices is not None and (not isinstance(slices, int) or isinstance(slices, bool) or slices < 1):
+        raise TpusimError(f"{slices!r} is not a positive number of slices", source="slices")
+    w = workload_from_dict(task.raw, source=task.source, overrides=overrides)
+    _, topo, program = compile_workload(w, topology, slices=slices)
+    return summary_columns(summarize(simulate(program, topo, mode=mode)))
 
 
 @dataclass(slots=True, kw_only=True)
