@@ -156,6 +156,46 @@ class SimResult:
     link_params: LinkParams
 
 
+def lower_plans(prog: Program, topo: Topology) -> tuple[dict[int, CollectivePlan], bool]:
+    """Each collective op's plan, lowered once per distinct (kind, bytes, axes, shift) before the run,
+    and whether every ICI phase of the program drives both directions of its axis (no permute): then
+    the two directions always carry the same transfers, and one link stands for both (the same times,
+    half the link events). Both engines start from this."""
+    plans: dict[tuple, CollectivePlan] = {}
+    op_plans: dict[int, CollectivePlan] = {}
+    for op in prog.ops:
+        if op.stream == COLLECTIVE:
+            key = (op.category, op.bytes, op.axes, op.shift)
+            if key not in plans:
+                plans[key] = lower(op.category, op.bytes, topo, op.axes, shift=op.shift)
+            op_plans[op.index] = plans[key]
+    paired = all(ph.directions == 2 for plan in plans.values() for st in plan.stages
+                 for ph in st.phases if ph.axis != DCN)
+    return op_plans, paired
+
+
+def link_layout(prog: Program, topo: Topology, lp, paired: bool) -> list[tuple[tuple[str, ...], str, float, bool]]:
+    """The shared links of a run, in order: (the names a collective asks for, the link's label, its
+    rate, FIFO or not). Torus-axis directions (one link for both when ``paired``), the DCN NIC, PCIe
+    each way; pipeline stages run on disjoint chips, so each has its own ("stage 1 ICI x+"). Both
+    engines build their links from this."""
+    prefixes = [f"stage {s} " for s in range(prog.stages)] if prog.stages > 1 else [""]
+    out = []
+    for pre in prefixes:
+        for a in topo.axis_names:
+            if topo.axis_size(a) > 1:
+                if paired:
+                    out.append(((f"{pre}ICI {a}+", f"{pre}ICI {a}-"), f"{pre}ICI {a}", lp.ici_link_bytes_per_s, False))
+                else:
+                    out += [((f"{pre}ICI {a}{s}",), f"{pre}ICI {a}{s}", lp.ici_link_bytes_per_s, False) for s in "+-"]
+        if topo.slices > 1:
+            out.append(((f"{pre}DCN",), f"{pre}DCN", lp.dcn_bytes_per_s, False))
+    if prog.host_ops:  # PCIe is full duplex: one link each way
+        out += [((pre + name,), pre + name, topo.chip.pcie_bytes_per_s, True)
+                for pre in prefixes for name in ("PCIe d2h", "PCIe h2d")]
+    return out
+
+
 class Engine:
     def __init__(self, program: Program, topo: Topology, *, mode: str = "calibrated",
                  stragglers: dict[int, float] | None = None, progress=None):
@@ -183,38 +223,11 @@ class Engine:
         prog, topo = self.program, self.topo
         rec = Record()
         links: dict[str, SharedLink] = {}
-        # Speed trick: when every ICI phase of the program drives both directions of its axis (no
-        # collective-permute), the two directions always carry the same transfers, so one shared link
-        # stands for both: the same times, half the link events.
-        # Collective plans are lowered once per distinct (kind, bytes, axes), before env.run().
-        plans: dict[tuple, CollectivePlan] = {}
-        op_plans: dict[int, CollectivePlan] = {}
-        for op in prog.ops:
-            if op.stream == COLLECTIVE:
-                key = (op.category, op.bytes, op.axes, op.shift)
-                if key not in plans:
-                    plans[key] = lower(op.category, op.bytes, topo, op.axes, shift=op.shift)
-                op_plans[op.index] = plans[key]
-        paired = all(ph.directions == 2 for plan in plans.values() for st in plan.stages
-                     for ph in st.phases if ph.axis != DCN)
-        # Pipeline stages run on disjoint chips: each has its own links ("stage 1 ICI x+").
-        prefixes = [f"stage {s} " for s in range(prog.stages)] if self.staged else [""]
-        for pre in prefixes:
-            for a in topo.axis_names:
-                if topo.axis_size(a) > 1:
-                    if paired:
-                        both = SharedLink(env, f"{pre}ICI {a}", self.lp.ici_link_bytes_per_s, self)
-                        links[f"{pre}ICI {a}+"] = links[f"{pre}ICI {a}-"] = both
-                        continue
-                    for sign in "+-":
-                        links[f"{pre}ICI {a}{sign}"] = SharedLink(env, f"{pre}ICI {a}{sign}",
-                                                                  self.lp.ici_link_bytes_per_s, self)
-            if topo.slices > 1:
-                links[f"{pre}DCN"] = SharedLink(env, f"{pre}DCN", self.lp.dcn_bytes_per_s, self)
-        if prog.host_ops:  # PCIe is full duplex: one link each way
-            for pre in prefixes:
-                for name in ("PCIe d2h", "PCIe h2d"):
-                    links[pre + name] = SharedLink(env, pre + name, topo.chip.pcie_bytes_per_s, self, fifo=True)
+        op_plans, paired = lower_plans(prog, topo)
+        for names, label, rate, fifo in link_layout(prog, topo, self.lp, paired):
+            link = SharedLink(env, label, rate, self, fifo=fifo)
+            for name in names:
+                links[name] = link
 
         n_classes = len(self.classes)
         # Completion events: compute ops per class (only those a collective waits on), collectives global.

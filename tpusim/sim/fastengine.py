@@ -38,10 +38,10 @@ from __future__ import annotations
 import heapq
 import time
 
-from tpusim.sim.collectives.lowering import CollectivePlan, lower
+from tpusim.sim.collectives.lowering import CollectivePlan
 from tpusim.sim.collectives.timing import combine_overhead
 from tpusim.sim.fastlinks import Link, Loop
-from tpusim.sim.program import ASYNC_STREAMS, COLLECTIVE, COMPUTE
+from tpusim.sim.program import ASYNC_STREAMS, COMPUTE
 from tpusim.sim.topology import DCN
 
 
@@ -261,41 +261,19 @@ class FastEngine:
 
     def run(self):
         from tpusim.sim.costmodel import op_time
-        from tpusim.sim.engine import Record, SimResult
+        from tpusim.sim.engine import Record, SimResult, link_layout, lower_plans
 
         t0 = time.perf_counter()
         prog, topo, lp = self.program, self.topo, self.lp
         self.loop = loop = Loop()
         self.rows: list[tuple] = []  # the record's rows (one append each); columns made at the end
-        plans: dict[tuple, CollectivePlan] = {}
-        op_plans: dict[int, CollectivePlan] = {}
-        for op in prog.ops:
-            if op.stream == COLLECTIVE:
-                key = (op.category, op.bytes, op.axes, op.shift)
-                if key not in plans:
-                    plans[key] = lower(op.category, op.bytes, topo, op.axes, shift=op.shift)
-                op_plans[op.index] = plans[key]
-        # As the reference: one link stands for both directions of an axis when every phase drives both.
-        paired = all(ph.directions == 2 for plan in plans.values() for st in plan.stages
-                     for ph in st.phases if ph.axis != DCN)
-        # Pipeline stages run on disjoint chips, each with its own links ("stage 1 ICI x+"), as the reference.
+        op_plans, paired = lower_plans(prog, topo)  # as the reference (one link for both directions if paired)
         self.staged = staged = prog.stages > 1
-        prefixes = [f"stage {s} " for s in range(prog.stages)] if staged else [""]
         links: dict[str, Link] = {}
-        for pre in prefixes:
-            for a in topo.axis_names:
-                if topo.axis_size(a) > 1:
-                    if paired:
-                        links[f"{pre}ICI {a}+"] = links[f"{pre}ICI {a}-"] = Link(loop, lp.ici_link_bytes_per_s)
-                        continue
-                    for sign in "+-":
-                        links[f"{pre}ICI {a}{sign}"] = Link(loop, lp.ici_link_bytes_per_s)
-            if topo.slices > 1:
-                links[f"{pre}DCN"] = Link(loop, lp.dcn_bytes_per_s)
-        if prog.host_ops:
-            for pre in prefixes:
-                for name in ("PCIe d2h", "PCIe h2d"):
-                    links[pre + name] = Link(loop, topo.chip.pcie_bytes_per_s, fifo=True)
+        for names, _, rate, fifo in link_layout(prog, topo, lp, paired):
+            link = Link(loop, rate, fifo=fifo)
+            for name in names:
+                links[name] = link
         self.links = links
 
         stages: dict[tuple, list] = {}
