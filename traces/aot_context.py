@@ -19,14 +19,15 @@ the same layer.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import aot_cases  # noqa: E402
+
 OUT = HERE / "xla_aot_context.json"
 D, N, H, LAYERS, BATCH, T, CONTEXT = 1024, 8, 128, 2, 2, 4096, 8
 CASES = {"mha": 8, "gqa": 2}  # kv heads: 8 (K and V as wide as the input) or 2 (a quarter as wide)
@@ -39,9 +40,7 @@ def compile_case(kv: int) -> list[dict]:
     from jax.experimental.shard_map import shard_map
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    sys.path.insert(0, str(HERE))
     from aot_compile import get_topology
-    from hlo_collectives import extract_collectives
 
     topo = get_topology("v5e:2x4", "default")
     mesh = Mesh(np.array(topo.devices).reshape(CONTEXT), ("context",))
@@ -89,26 +88,10 @@ def compile_case(kv: int) -> list[dict]:
     ws = [{k: jax.ShapeDtypeStruct(s, bf, sharding=rep) for k, s in wshape.items()} for _ in range(LAYERS)]
     x = jax.ShapeDtypeStruct((BATCH, T, D), bf, sharding=seq)
     text = jax.jit(step, out_shardings=[{k: rep for k in wshape}] * LAYERS).lower(ws, x).compile().as_text()
-    return [{"kind": c["kind"], "group_size": c.get("group_size"), "executed": c["executed"],
-             "operand_bytes": c["operand_bytes"], "result_bytes": c.get("result_bytes")}
-            for c in extract_collectives(text)["collectives"]]
-
-
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--case":
-        print(json.dumps(compile_case(CASES[sys.argv[2]])))
-        return
-    env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # other compiles may hold libtpu's lockfile
-    out = {"model": {"d_model": D, "heads": N, "head_dim": H, "layers": LAYERS, "batch": BATCH, "seq": T,
-                     "context": CONTEXT, "topology": "v5e:2x4", "kv_heads": CASES}, "cases": {}}
-    for case in CASES:  # one process per compile (libtpu's AOT state)
-        run = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, check=True,
-                             env=env)
-        out["cases"][case] = json.loads(run.stdout.strip().splitlines()[-1])
-    print(json.dumps(out, indent=1))
-    if "--write" in sys.argv:
-        OUT.write_text(json.dumps(out, indent=1) + "\n")
+    return aot_cases.collective_rows(text, result=True)
 
 
 if __name__ == "__main__":
-    main()
+    model = {"d_model": D, "heads": N, "head_dim": H, "layers": LAYERS, "batch": BATCH, "seq": T,
+             "context": CONTEXT, "topology": "v5e:2x4", "kv_heads": CASES}
+    aot_cases.main(__file__, compile_case, CASES, OUT, wrap=lambda cases: {"model": model, "cases": cases})

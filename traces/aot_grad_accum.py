@@ -16,12 +16,14 @@ accumulation XLA fuses the data reduction into the reduce-scatter.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import aot_cases  # noqa: E402
+
 OUT = HERE / "xla_aot_grad_accum.json"
 
 
@@ -31,9 +33,7 @@ def compile_case(k: int) -> list[dict]:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    sys.path.insert(0, str(HERE))
     from aot_compile import get_topology
-    from hlo_collectives import extract_collectives
 
     topo = get_topology("v5e:2x4", "default")
     mesh = Mesh(np.array(topo.devices).reshape(2, 4), ("data", "fsdp"))
@@ -43,12 +43,7 @@ def compile_case(k: int) -> list[dict]:
     params = [jax.ShapeDtypeStruct((d, f), jnp.float32, sharding=ps) for _ in range(2 * layers)]
     x = jax.ShapeDtypeStruct((batch, seq, d), jnp.bfloat16, sharding=bs)
 
-    def loss(ws, x):
-        h = x
-        for i in range(layers):
-            a = jnp.einsum("btd,df->btf", h, ws[2 * i].astype(jnp.bfloat16))
-            h = h + jnp.einsum("btf,df->btd", jax.nn.relu(a), ws[2 * i + 1].astype(jnp.bfloat16))
-        return jnp.mean(h.astype(jnp.float32) ** 2)
+    loss = aot_cases.mlp_loss(layers)
 
     def step(ws, x):
         if k == 1:
@@ -64,23 +59,8 @@ def compile_case(k: int) -> list[dict]:
 
     text = jax.jit(step, in_shardings=([ps] * (2 * layers), bs),
                    out_shardings=[ps] * (2 * layers)).lower(params, x).compile().as_text()
-    return [{"kind": c["kind"], "group_size": c.get("group_size"), "executed": c["executed"],
-             "in_loop": bool(c.get("in_while")), "operand_bytes": c["operand_bytes"]}
-            for c in extract_collectives(text)["collectives"]]
-
-
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--case":
-        print(json.dumps(compile_case(int(sys.argv[2]))))
-        return
-    out = {}
-    for k in (1, 4):  # one process per compile (libtpu's AOT state)
-        run = subprocess.run([sys.executable, __file__, "--case", str(k)], capture_output=True, text=True, check=True)
-        out[f"k{k}"] = json.loads(run.stdout.strip().splitlines()[-1])
-    print(json.dumps(out, indent=1))
-    if "--write" in sys.argv:
-        OUT.write_text(json.dumps(out, indent=1) + "\n")
+    return aot_cases.collective_rows(text, in_loop=True)
 
 
 if __name__ == "__main__":
-    main()
+    aot_cases.main(__file__, compile_case, {"k1": 1, "k4": 4}, OUT)

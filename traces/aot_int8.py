@@ -12,14 +12,15 @@ optimized HLO: ``dot`` / ``convolution`` instructions) and the collectives (kind
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import aot_cases  # noqa: E402
+
 OUT = HERE / "xla_aot_int8.json"
 CASES = ("bf16", "int8")
 _DOT = re.compile(r"=\s*([a-z]+\d+)\[.*?\s(?:dot|convolution)\(")
@@ -31,9 +32,7 @@ def compile_case(case: str) -> dict:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    sys.path.insert(0, str(HERE))
     from aot_compile import get_topology
-    from hlo_collectives import extract_collectives
 
     topo = get_topology("v5e:2x4", "default")
     mesh = Mesh(np.array(topo.devices).reshape(8), ("fsdp",))
@@ -104,25 +103,8 @@ def compile_case(case: str) -> dict:
             types = re.findall(r"\b([a-z]+\d+)\[", line[m.end(1):])
             key = f"{'x'.join(types[:2])}->{m.group(1)}"
             dots[key] = dots.get(key, 0) + 1
-    colls = [{"kind": c["kind"], "group_size": c.get("group_size"), "executed": c["executed"],
-              "operand_bytes": c["operand_bytes"]} for c in extract_collectives(text)["collectives"]]
-    return {"matmuls": dots, "collectives": colls}
-
-
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--case":
-        print(json.dumps(compile_case(sys.argv[2])))
-        return
-    out = {}
-    for case in CASES:  # one process per compile (libtpu's AOT state)
-        env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # other compiles may hold libtpu's lockfile
-        run = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, check=True,
-                             env=env)
-        out[case] = json.loads(run.stdout.strip().splitlines()[-1])
-    print(json.dumps(out, indent=1))
-    if "--write" in sys.argv:
-        OUT.write_text(json.dumps(out, indent=1) + "\n")
+    return {"matmuls": dots, "collectives": aot_cases.collective_rows(text)}
 
 
 if __name__ == "__main__":
-    main()
+    aot_cases.main(__file__, compile_case, {c: c for c in CASES}, OUT)

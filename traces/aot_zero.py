@@ -17,13 +17,14 @@ Prints, per collective, its kind, group size and operand bytes; ``--write`` save
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import aot_cases  # noqa: E402
+
 OUT = HERE / "xla_aot_zero.json"
 CASES = ("dp", "zero1_replicated_params", "zero1_compute_copy")
 
@@ -34,9 +35,7 @@ def compile_case(case: str) -> list[dict]:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    sys.path.insert(0, str(HERE))
     from aot_compile import get_topology
-    from hlo_collectives import extract_collectives
 
     topo = get_topology("v5e:2x4", "default")
     mesh = Mesh(np.array(topo.devices).reshape(8), ("data",))
@@ -47,12 +46,7 @@ def compile_case(case: str) -> list[dict]:
     n = 2 * layers
     x = jax.ShapeDtypeStruct((batch, seq, d), jnp.bfloat16, sharding=bs)
 
-    def loss(ws, x):
-        h = x
-        for i in range(layers):
-            a = jnp.einsum("btd,df->btf", h, ws[2 * i].astype(jnp.bfloat16))
-            h = h + jnp.einsum("btf,df->btd", jax.nn.relu(a), ws[2 * i + 1].astype(jnp.bfloat16))
-        return jnp.mean(h.astype(jnp.float32) ** 2)
+    loss = aot_cases.mlp_loss(layers)
 
     def adam(p, g, m, v):
         g = g.astype(jnp.float32)
@@ -84,24 +78,8 @@ def compile_case(case: str) -> list[dict]:
         ins = ([rep] * n, [opt] * n, [opt] * n, bs)
         outs = ([rep] * n, [opt] * n, [opt] * n)
     text = jax.jit(step, in_shardings=ins, out_shardings=outs).lower(*args).compile().as_text()
-    return [{"kind": c["kind"], "group_size": c.get("group_size"), "executed": c["executed"],
-             "operand_bytes": c["operand_bytes"]} for c in extract_collectives(text)["collectives"]]
-
-
-def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--case":
-        print(json.dumps(compile_case(sys.argv[2])))
-        return
-    out = {}
-    for case in CASES:  # one process per compile (libtpu's AOT state)
-        env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")  # other compiles may hold libtpu's lockfile
-        run = subprocess.run([sys.executable, __file__, "--case", case], capture_output=True, text=True, check=True,
-                             env=env)
-        out[case] = json.loads(run.stdout.strip().splitlines()[-1])
-    print(json.dumps(out, indent=1))
-    if "--write" in sys.argv:
-        OUT.write_text(json.dumps(out, indent=1) + "\n")
+    return aot_cases.collective_rows(text)
 
 
 if __name__ == "__main__":
-    main()
+    aot_cases.main(__file__, compile_case, {c: c for c in CASES}, OUT)
