@@ -33,19 +33,22 @@ DECODE_GAP = ("XLA's decode step is 63 ops where the serving compiler prices 11 
 
 def _case(name):
     d = ROOT / name
-    step = json.loads((d / "summary.json").read_text())["step"]
+    summary = json.loads((d / "summary.json").read_text())
+    step = summary["step"]
     sw = load_serve_workload(d / "config.yaml")
-    topo = parse_topology(json.loads((d / "summary.json").read_text())["topology"])
+    topo = parse_topology(summary["topology"])
     model = StepModel(sw, topo, "calibrated")
     hlo = import_hlo(read_hlo(d / "optimized_hlo.txt.gz"), topo, name=name)
     return step, model, hlo, topo
 
 
-def _ours(step, model):
+def _step_args(step) -> dict:
+    """The step's shape as StepModel.cost / program take it: decode (one new token per sequence over
+    the cache) or a prefill of the whole prompt (causal pairs, one token sampled)."""
     b, s, t = step["batch"], step["cache"], step["tokens"]
     if t == 1:
-        return model.cost(b, b * s)
-    return model.cost(0, 0, prefill_tokens=t, prefill_pairs=t * (t + 1) / 2, prefill_ctx=0, n_logits=1)
+        return dict(n_decode=b, decode_ctx=b * s)
+    return dict(n_decode=0, decode_ctx=0, prefill_tokens=t, prefill_pairs=t * (t + 1) / 2, prefill_ctx=0, n_logits=1)
 
 
 @pytest.mark.parametrize("name", ["decode", "prefill"])
@@ -55,13 +58,7 @@ def test_all_reduces_match_xla(name):
     argmax's value and index, we gather them; a few bytes either way)."""
     step, model, hlo, _ = _case(name)
     big = [o for o in hlo.collective_ops if o.category == "all-reduce" and o.bytes >= 1024]
-    ours = [o for o in model.program(step["batch"] if step["tokens"] == 1 else 0,
-                                     step["batch"] * step["cache"] if step["tokens"] == 1 else 0,
-                                     **({} if step["tokens"] == 1 else
-                                        {"prefill_tokens": step["tokens"],
-                                         "prefill_pairs": step["tokens"] * (step["tokens"] + 1) / 2}),
-                                     n_logits=step["batch"] if step["tokens"] == 1 else 1).collective_ops
-            if o.category == "all-reduce"]
+    ours = [o for o in model.program(**_step_args(step)).collective_ops if o.category == "all-reduce"]
     assert len(ours) == len(big) == 2 * model.model.num_layers + 1
     assert sorted(o.bytes for o in ours) == sorted(o.bytes for o in big)
 
@@ -70,7 +67,7 @@ def test_all_reduces_match_xla(name):
                                   "prefill"])
 def test_step_time_hlo_and_serving_compiler_agree(name):
     step, model, hlo, topo = _case(name)
-    ours = _ours(step, model).time_s
+    ours = model.cost(**_step_args(step)).time_s
     xla = summarize(simulate(hlo, topo, mode="calibrated"))["step_time_s"]
     assert ours == pytest.approx(xla, rel=BUDGET), f"serving step {ours * 1e3:.3f} ms, --hlo {xla * 1e3:.3f} ms"
 

@@ -21,11 +21,14 @@ PATH = REPO / "traces" / "xla_microbench.json"
 DATA = json.loads(PATH.read_text())
 
 
-def _script():
+def _load_script():
     spec = importlib.util.spec_from_file_location("xla_microbench", REPO / "traces" / "xla_microbench.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+SCRIPT = _load_script()  # the script's clock and report (no jax at import)
 
 
 def test_every_generation_is_there():
@@ -36,7 +39,7 @@ def test_tpu7x_estimates_match_the_measured_gemm_curve_from_4096_up():
     """At the clock TPU7x's datasheet peak implies, XLA's GEMM estimate is within 10% of the measured
     throughput (ironwood-gemm-bf16) for m = n = k >= 4096 (VALIDATION says 3-7%); 10% is the
     tolerance of the claim 'holds up for large matmuls', not a fit."""
-    mb = _script()
+    mb = SCRIPT
     chip = get_chip("tpu7x")
     curve = yaml.safe_load((REPO / "topologies" / "collective_measurements.yaml").read_text())[
         "compute"]["tpu7x"]["gemm_tflops_per_device"]
@@ -53,7 +56,7 @@ def test_tpu7x_estimates_match_the_measured_gemm_curve_from_4096_up():
 def test_v6e_capture_fusion_estimate_matches_its_measured_time():
     """The one fusion with both an estimate and a measurement (the v6e capture's broadcast-add):
     within 5% (the spread of its three measured copies is 3%)."""
-    mb = _script()
+    mb = SCRIPT
     chk = DATA["checks"]["v6e_broadcast_add_fusion"]
     chip = get_chip("v6e")
     est_us = chk["estimated_cycles"] / (chip.bf16_flops_per_s / mb.mxu_flops_per_cycle(chip)) * 1e6
@@ -61,7 +64,7 @@ def test_v6e_capture_fusion_estimate_matches_its_measured_time():
 
 
 def test_report_renders():
-    text = _script().report()
+    text = SCRIPT.report()
     assert "| v6e | 24576 x 4096 x 14336 |" in text and "broadcast-add" in text
 
 
