@@ -17,16 +17,23 @@ from collections import defaultdict
 
 from tpusim.sim.costmodel import bound_by
 from tpusim.sim.engine import SimResult
+from tpusim.sim.program import Program
+from tpusim.sim.topology import Topology
 from tpusim.units import fmt_bytes, fmt_time
 
 EXPOSED_THRESHOLD = 0.10
 
 
 def summarize(result: SimResult) -> dict:
-    prog, topo, rec = result.program, result.topology, result.record
-    step = result.step_time_s
-    chips = topo.num_chips
-    peak = topo.chip.bf16_flops_per_s
+    return summary_of(result.program, result.topology, result.mode, step_totals(result), classes=result.classes,
+                      pipeline=pipeline_summary(result) if result.program.stages > 1 else None)
+
+
+def step_totals(result: SimResult) -> dict:
+    """The step's extensive figures, read from the record: what grows by the same amount with every
+    layer added (times, FLOPs, bytes, counts), from which :func:`summary_of` derives the rest. Kept
+    apart so a step's totals can be extrapolated in its layer count (:mod:`tpusim.explore.periodic`)."""
+    prog, rec = result.program, result.record
     coll_end: dict[int, float] = {}
     coll_kind: dict[int, str] = {}
     for stream, index, end, category in zip(rec.stream, rec.op_index, rec.end_s, rec.category):
@@ -65,10 +72,31 @@ def summarize(result: SimResult) -> dict:
                 side = bounds[key] = bound_by(op, result.compute_params)
             by_bound[side] += dur
         prev_end = end
+    return {
+        "step_time_s": result.step_time_s, "compute_s": compute_s,
+        "exposed_by_kind_s": dict(exposed_by), "compute_by_bound_s": dict(by_bound),
+        "links": {name: {"busy_s": s["busy_s"], "bytes": s["bytes"]} for name, s in result.link_stats.items()},
+        "matmul_flops": sum(op.flops for op in prog.compute_ops),
+        "hbm_bytes": sum(op.hbm_bytes for op in prog.compute_ops),
+        "flops_per_device": prog.flops_per_device,
+        "ops": len(prog.ops), "events": result.events, "sim_wall_s": result.sim_wall_s,
+    }
+
+
+def summary_of(prog: Program, topo: Topology, mode: str, totals: dict, *, classes: list[dict],
+               pipeline: dict | None = None) -> dict:
+    """The summary from a step's totals (:func:`step_totals`) and what the program says of the whole
+    step (model FLOPs, tokens, memory, notes)."""
+    step = totals["step_time_s"]
+    chips = topo.num_chips
+    peak = topo.chip.bf16_flops_per_s
+    compute_s, exposed_by, by_bound = totals["compute_s"], totals["exposed_by_kind_s"], totals["compute_by_bound_s"]
     exposed = max(step - compute_s, 0.0)
     mfu = prog.model_flops_per_step / (chips * peak * step) if step > 0 else 0.0
+    # Busiest first; links as busy as each other to 9 digits (both directions of a paired link, up to
+    # the rounding of their sums) keep the topology's order, however their last digits came out.
     links = sorted(({"link": name, "utilization": s["busy_s"] / step if step else 0.0, "bytes": s["bytes"]}
-                    for name, s in result.link_stats.items()), key=lambda d: -d["utilization"])
+                    for name, s in totals["links"].items()), key=lambda d: -float(f"{d['utilization']:.9g}"))
     if exposed > EXPOSED_THRESHOLD * step and exposed_by:
         kind = max(exposed_by, key=exposed_by.get)
         if kind == "collective-permute" and prog.stages > 1:
@@ -81,27 +109,25 @@ def summarize(result: SimResult) -> dict:
     else:
         side = max(by_bound, key=by_bound.get) if by_bound else "mxu"
         bottleneck = {"mxu": "compute: MXU", "hbm": "compute: HBM bandwidth", "vpu": "compute: VPU"}[side]
-    matmul_flops = sum(op.flops for op in prog.compute_ops)
-    hbm_bytes = sum(op.hbm_bytes for op in prog.compute_ops)
     return {
-        "workload": prog.name, "topology": topo.name, "mode": result.mode,
+        "workload": prog.name, "topology": topo.name, "mode": mode,
         "chips": chips, "step_time_s": step, "mfu": mfu,
         "tokens_per_s": prog.tokens_per_step / step if step else 0.0,
         "compute_s": compute_s, "exposed_comm_s": exposed,
         "exposed_comm_by_kind_s": dict(sorted(exposed_by.items(), key=lambda kv: -kv[1])),
         "compute_by_bound_s": dict(by_bound),
-        "utilization": {"flops": matmul_flops / (peak * step) if step else 0.0,
-                        "hbm": hbm_bytes / (topo.chip.hbm_bytes_per_s * step) if step else 0.0},
+        "utilization": {"flops": totals["matmul_flops"] / (peak * step) if step else 0.0,
+                        "hbm": totals["hbm_bytes"] / (topo.chip.hbm_bytes_per_s * step) if step else 0.0},
         "busiest_links": links[:4],
         "bottleneck": bottleneck,
-        "model_flops_per_step": prog.model_flops_per_step, "flops_per_device": prog.flops_per_device,
+        "model_flops_per_step": prog.model_flops_per_step, "flops_per_device": totals["flops_per_device"],
         "tokens_per_step": prog.tokens_per_step,
         "peak_hbm_bytes_per_device": prog.memory.total, "hbm_capacity_bytes": prog.hbm_capacity_bytes,
         "memory": prog.memory.as_dict(),
-        "device_classes": [{"slowdown": c["slowdown"], "devices": len(c["devices"])} for c in result.classes],
-        "ops": len(prog.ops), "events": result.events, "sim_wall_s": result.sim_wall_s,
+        "device_classes": [{"slowdown": c["slowdown"], "devices": len(c["devices"])} for c in classes],
+        "ops": totals["ops"], "events": totals["events"], "sim_wall_s": totals["sim_wall_s"],
         "notes": list(prog.notes),
-        **({"pipeline": pipeline_summary(result)} if prog.stages > 1 else {}),
+        **({"pipeline": pipeline} if pipeline is not None else {}),
     }
 
 

@@ -82,12 +82,18 @@ def local_parameter_counts(w: Workload, sh: Shapes) -> tuple[float, float, float
     return local, gathered, table
 
 
-def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, check_memory: bool = True) -> Program:
+def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, check_memory: bool = True,
+                    layers: int | None = None) -> Program:
     """The per-device program of one training step of ``w`` on ``topo``.
 
     Raises :class:`~tpusim.errors.TpusimError` for a mesh that does not fit or splits a dimension
     unevenly, and :class:`~tpusim.errors.InfeasibleError` (with the breakdown) when it does not fit
     in HBM and ``check_memory`` is set.
+
+    ``layers``: the ops of the step cut to its first ``layers`` layers (embedding, loss and optimizer
+    as in the whole step, over the cut model's parameters), while the model FLOPs, tokens, memory and
+    notes stay the whole step's: what :mod:`tpusim.explore.periodic` simulates to extrapolate a step
+    in its layer count. Not for pipelined steps (their stages split the layers).
     """
     _check_modelled(w)
     quant.check_chip(w, topo.chip)
@@ -95,6 +101,8 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     devices = topo.num_chips
     sh = derive_shapes(w, mesh, devices)
     if pipeline.pipeline_stages(mesh) > 1:
+        if layers is not None:
+            raise ValueError("a pipelined step cannot be cut to fewer layers")
         return _compile_pipeline(w, topo, mesh, sh, check_memory)
     micro_w, micro = _microbatch(w, sh, mesh, devices)
     local, gathered_layer, table = local_parameter_counts(w, sh)
@@ -114,7 +122,11 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in memory.as_dict().items() if k != "total")
         raise InfeasibleError(f"does not fit in HBM: needs {fmt_bytes(memory.total)} per device of "
                               f"{fmt_bytes(capacity)} on {topo.chip.name} ({parts})", source=w.source)
-    ops = build_ops(micro_w, micro, mesh, local_params=local)
+    if layers is None:
+        ops = build_ops(micro_w, micro, mesh, local_params=local)
+    else:
+        cut = replace(micro_w, model=replace(micro_w.model, num_layers=layers))
+        ops = build_ops(cut, micro, mesh, local_params=local_parameter_counts(cut, micro)[0])
     notes = []
     if w.notes:
         notes.append(f"MaxText keys set away from base.yml that tpusim does not model (small effects): "

@@ -119,9 +119,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         o_width = q_width
         attn_in = [("q_proj", sh.d, q_width), ("k_proj", sh.d, kv_width), ("v_proj", sh.d, kv_width)]
 
-    def is_moe(layer: int) -> bool:
-        """MaxText's MoE models: dense first layers, then every moe_layer_step-th layer has experts."""
-        return (m.num_experts > 1 and layer >= m.first_dense_layers and (layer + 1) % m.moe_layer_step == 0)
+    is_moe = m.is_moe
 
     # Weight matrices of a layer: (name, K, N, sharding axes) on one device, after the gather.
     def layer_weights(layer: int) -> list[tuple[str, int, int, tuple]]:

@@ -288,17 +288,17 @@ def run_task(task: Task) -> dict:
 
 
 def _training_columns(task: Task, overrides: dict, topology: str | None, slices, mode: str) -> dict:
-    """``tpusim run --json``'s fields for one training configuration, flat."""
-    from tpusim.analysis.summary import summarize
-    from tpusim.api import compile_workload
+    """``tpusim run --json``'s fields for one training configuration, flat (to float rounding: the
+    step is extrapolated from three short ones where its layers repeat, :mod:`tpusim.explore.periodic`)."""
+    from tpusim.api import workload_and_topology
+    from tpusim.explore.periodic import summarize_step
     from tpusim.model.workload import workload_from_dict
-    from tpusim.sim.engine import simulate
 
     if slices is not None and (not isinstance(slices, int) or isinstance(slices, bool) or slices < 1):
         raise TpusimError(f"{slices!r} is not a positive number of slices", source="slices")
     w = workload_from_dict(task.raw, source=task.source, overrides=overrides)
-    _, topo, program = compile_workload(w, topology, slices=slices)
-    return summary_columns(summarize(simulate(program, topo, mode=mode)))
+    _, topo = workload_and_topology(w, topology, slices=slices)
+    return summary_columns(summarize_step(w, topo, mode=mode))
 
 
 @dataclass(slots=True, kw_only=True)

@@ -80,12 +80,14 @@ class Model:
     def expert_ff(self) -> int:
         return self.d_ff_moe or self.d_ff
 
+    def is_moe(self, layer: int) -> bool:
+        """MaxText's MoE models: dense first layers, then every moe_layer_step-th layer has experts."""
+        return self.num_experts > 1 and layer >= self.first_dense_layers and (layer + 1) % self.moe_layer_step == 0
+
     @property
     def moe_layers(self) -> int:
         """Layers with experts: after the first dense ones, every moe_layer_step-th (MaxText's models)."""
-        if self.num_experts == 1:
-            return 0
-        return sum(1 for i in range(self.first_dense_layers, self.num_layers) if (i + 1) % self.moe_layer_step == 0)
+        return sum(1 for i in range(self.num_layers) if self.is_moe(i))
 
     @property
     def attention_params_per_layer(self) -> int:
