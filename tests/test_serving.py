@@ -177,6 +177,29 @@ def test_step_time_is_the_engines_simulation_of_the_step_program(shape):
     assert m.cost(**shape, n_logits=n_logits).time_s == pytest.approx(simulated, rel=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["datasheet", "calibrated"])
+def test_2d_weight_stationary_step_is_the_engines_simulation_of_its_program(mode):
+    """The 2D weight-stationary step (fsdp 2 x tensor 4, one replica of 8): per layer 4 collectives over the
+    tensor axes and 3 over the fsdp axis (two of them back to back: the reduce-scatter, then the gather
+    after the activation), replayed by the engine one after the other to the summed time."""
+    from tpusim.serving import StepModel
+    from tpusim.sim.engine import simulate
+    from tpusim.sim.topology import parse_topology
+
+    data = small()
+    data["sharding"] = {"ici_tensor_parallelism": 4, "ici_fsdp_parallelism": 2}
+    topo = parse_topology("v5e:2x4")
+    m = StepModel(serve_workload_from_dict(data, source="2d"), topo, mode)
+    assert (m.replicas, m.replica_chips, m.fsdp, m.tp) == (1, 8, 2, 4)
+    program = m.program(n_decode=64, decode_ctx=64 * 1024, n_logits=64)
+    layer, outside = m.ops(64, 64 * 1024, 0, 0, 0, 64)
+    by_axes = [op.axes for op in layer if op.stream == "collective"]
+    assert by_axes.count(m.tensor_axes) == 4 and by_axes.count(m.fsdp_axes) == 3
+    assert len(program.collective_ops) == 7 * 32 + 4  # + the lookup's and the unembedding's four
+    simulated = simulate(program, topo, mode=mode).step_time_s
+    assert m.cost(64, 64 * 1024, n_logits=64).time_s == pytest.approx(simulated, rel=1e-6)
+
+
 def test_trace_file(tmp_path):
     f = tmp_path / "t.csv"
     f.write_text("arrival_s,input_tokens,output_tokens\n0,100,20\n0.5,200,10\n1.0,50,5\n")
@@ -205,6 +228,10 @@ def _write(tmp_path, data):
     (dict(serving={"input_len": 4000}), [], "serving.input_len: 4000 tokens is longer than max_prefill_predict_length"),
     (dict(serving={"batching": {"policy": "fifo"}}), [], "serving.batching.policy: 'fifo' is not one of"),
     (dict(serving={"arival": {"rate": 1}}), [], "serving.arival: unknown key (did you mean 'arrival'?)"),
+    (dict(sharding={"ici_fsdp_parallelism": 4}, model={"base_emb_dim": 4098}), [],
+     "ici_fsdp_parallelism: d_model 4098 is not divisible by ici_fsdp_parallelism 4"),
+    (dict(sharding={"ici_fsdp_parallelism": -1}), [], "sharding.ici_fsdp_parallelism: -1: the 2D weight-stationary"),
+    (dict(sharding={"ici_sequence_parallelism": 2}), [], "ici_sequence_parallelism is not modelled for serving"),
 ])
 def test_bad_input_one_message_exit_2_nothing_written(tmp_path, change, args, message):
     data = small()

@@ -155,7 +155,7 @@ def test_model_name_comes_from_the_chain(tmp_path):
 
 @pytest.mark.parametrize("key, value, says", [
     ("ici_autoregressive_parallelism", 2, "not modelled yet"),
-    ("ici_fsdp_parallelism", 2, "not modelled for serving"),
+    ("ici_sequence_parallelism", 2, "not modelled for serving"),
     ("quantization", "int4", "is not one of"),
     ("max_target_length", 8192, "longer than llama2-70b's context of 4096"),
     ("enable_prefix_caching", True, "enable_prefix_caching: True: not modelled yet for serving (prefix caching"),
@@ -185,6 +185,15 @@ def test_varied_tensor_parallelism_leaves_the_rest_of_the_slice_to_replicas(smal
     rows = run_sweep(make_sweep(small, {"ici_tensor_parallelism": (1, 2, 4, 8), "requests": (40,)}), workers=1).rows
     assert list(rows["status"]) == ["ok"] * 4
     assert list(rows["replicas"]) == [8, 4, 2, 1] and list(rows["chips_per_replica"]) == [1, 2, 4, 8]
+
+
+def test_varied_2d_split_leaves_the_rest_of_the_slice_to_replicas(small):
+    """ici_fsdp_parallelism (2D weight-stationary, the weights' D split) grows the replica as tensor does."""
+    rows = run_sweep(make_sweep(small, {"ici_fsdp_parallelism": (1, 2, 4), "requests": (40,)}), workers=1).rows
+    assert list(rows["status"]) == ["ok"] * 3
+    assert list(rows["replicas"]) == [4, 2, 1] and list(rows["chips_per_replica"]) == [2, 4, 8]
+    weights = list(rows["hbm_per_device.weights"])
+    assert weights[0] > weights[1] > weights[2]  # each matrix split over D as well
 
 
 def test_a_training_key_is_refused_for_a_serving_sweep(small):

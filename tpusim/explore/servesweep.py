@@ -11,7 +11,8 @@ Everything else (the grid, the journal, resuming, signals, workers) is the train
 ``prefill_replicas`` (0: co-located) and ``transfer`` the disaggregation; ``requests``, ``seed``,
 ``input_len``, ``output_len``), MaxText's inference keys (``per_device_batch_size``, ``quantization``
 (``bf16`` for none), ``quantize_kvcache``, ``max_target_length``, ...), the mesh (``ici_tensor_parallelism``,
-``ici_expert_parallelism``, ``ici_data_parallelism``) and any model key, plus ``topology`` and ``mode``.
+``ici_expert_parallelism``, ``ici_fsdp_parallelism`` (2D weight-stationary), ``ici_data_parallelism``) and any
+model key, plus ``topology`` and ``mode``.
 
 A value the serving loader refuses on its own (a negative concurrency, an unknown quantization, a
 context longer than the model's) refuses the whole sweep before anything runs, with one line: it is
@@ -37,7 +38,7 @@ __all__ = ["is_serving_workload", "check_serving_vary", "serving_columns_of", "s
 
 ARRIVAL_KEYS = ("concurrency", "rate", "trace")
 SERVING_VARY_KEYS = (*SERVING_FLAT_KEYS, *INFERENCE_KEYS, "ici_tensor_parallelism", "ici_expert_parallelism",
-                     "ici_data_parallelism", "model_name")
+                     "ici_fsdp_parallelism", "ici_data_parallelism", "model_name")
 _JSON_FIELDS = ("arrival",)  # mappings whose keys differ between rows (concurrency / rate / trace)
 
 

@@ -22,6 +22,9 @@ themselves and what is cached before them. Per device and per layer (``tp`` = te
   token; no data-parallel attention).
 * the KV cache is sharded over kv heads up to K, then over batch (book inference.md); past K the two
   all-to-alls per layer that this costs are charged.
+* with ``ici_fsdp_parallelism`` > 1 the replica is 2D weight-stationary (book inference.md Q7): every
+  weight split over D on the fsdp axis and over F / heads / vocab on the tensor axis, the activations
+  gathered and reduce-scattered over the two in turn (:mod:`tpusim.serving.twod`).
 
 The ops run one after the other (decode has nothing to overlap them with); the step time is their
 sum. :class:`StepModel` caches step times by (decode batch, mean context bucket, prefill tokens
@@ -41,6 +44,7 @@ from tpusim.sim.costmodel import bound_by, compute_params, op_time
 from tpusim.errors import InfeasibleError
 from tpusim.model.mesh import resolve_mesh
 from tpusim.sim.program import COLLECTIVE, COMPUTE, Memory, Op, Program
+from tpusim.serving.twod import check_2d, ops_2d
 from tpusim.serving.workload import ServeWorkload
 from tpusim.sim.topology import Topology
 from tpusim.units import fmt_bytes
@@ -87,9 +91,14 @@ class StepModel:
         self.sw, self.topo, self.mode = sw, topo, mode
         w = sw.workload
         self.mesh = mesh = resolve_mesh(w.parallelism, topo, source=w.source)
+        self.fsdp = mesh.ici["fsdp"]  # 2D weight-stationary: the weights' D split (the book's X); 1: Megatron
+        if self.fsdp > 1:
+            check_2d(w.model, mesh, w.source)
+            # the shapes' batch split over data x fsdp is training's: a serving step's batch is its slots
+            w = dataclasses.replace(w, step=dataclasses.replace(w.step, per_device_batch_size=1.0))
         self.sh = derive_shapes(w, mesh, topo.num_chips)
         self.tp, self.ep = mesh.ici["tensor"], mesh.ici["expert"]
-        self.replica_chips = self.tp * self.ep
+        self.replica_chips = self.tp * self.ep * self.fsdp
         self.replicas = topo.num_chips // self.replica_chips
         m = w.model
         self.model = m
@@ -100,6 +109,7 @@ class StepModel:
         self.lp = link_params(topo, mode, in_step=True)  # collectives inside a compiled step, as the engine times them
         self.model_axes = mesh.axes_of("tensor", "expert")
         self.tensor_axes = mesh.axes_of("tensor")
+        self.fsdp_axes = mesh.axes_of("fsdp")
         self.ab = w.step.act_bytes
         self.wb = sw.weight_bytes
         self.kvb = sw.kv_bytes
@@ -119,7 +129,9 @@ class StepModel:
         mlp = m.mlp_matrices * m.d_model * sh.ff * (m.num_experts // self.ep if m.num_experts > 1 else 1)
         router = m.d_model * m.num_experts if m.num_experts > 1 else 0
         tables = (1 if m.tied_embeddings else 2) * sh.vocab * m.d_model
-        return self.wb * (m.num_layers * (attn + mlp + router + m.norm_params_per_layer) + tables + m.d_model)
+        x = self.fsdp  # 2D weight-stationary: each matrix's D split over the fsdp axis too (norms replicated)
+        return self.wb * (m.num_layers * ((attn + mlp + router) / x + m.norm_params_per_layer) + tables / x
+                          + m.d_model)
 
     def working_bytes(self, tokens: int, seqs: int) -> float:
         """The largest transient of a step of ``tokens``: a layer's activations (Q/K/V, MLP) and the logits."""
@@ -186,6 +198,8 @@ class StepModel:
         ``prefill_pairs``: (query, key) pairs of the prefill chunks (causal); ``prefill_ctx``: cached
         tokens before the chunks, read once; ``n_logits``: tokens sampled this step.
         """
+        if self.fsdp > 1:
+            return ops_2d(self, n_decode, decode_ctx, prefill_tokens, prefill_pairs, prefill_ctx, n_logits)
         m, sh, ab, wb = self.model, self.sh, self.ab, self.wb
         D, H = m.d_model, m.head_dim
         hl, kvl, fl = sh.heads, sh.kv_heads, sh.ff
@@ -201,19 +215,8 @@ class StepModel:
             layer.append(Op(index=len(layer), name=name, stream=COLLECTIVE, category=kind, bytes=nbytes, axes=axes))
 
         mm("qkv_proj", D, (hl + 2 * kvl) * H)
-        if self.batch_sharded_kv and M:  # queries to the chips holding their sequences' cache, and back
-            coll("kv_all_to_all_in", "all-to-all", ab * M * hl * H, self.tensor_axes)
-        kv_tok = 2 * kvl * H * self.kvb / (self.tp // m.num_kv_heads if self.batch_sharded_kv else 1)
-        if n_decode:
-            layer.append(Op(index=len(layer), name="attention_decode", stream=COMPUTE, category="attention",
-                            flops=4.0 * hl * H * decode_ctx,
-                            hbm_bytes=kv_tok * (decode_ctx + n_decode) + 2 * ab * n_decode * hl * H))
-        if prefill_tokens:
-            layer.append(Op(index=len(layer), name="attention_prefill", stream=COMPUTE, category="attention",
-                            flops=4.0 * hl * H * prefill_pairs,
-                            hbm_bytes=kv_tok * (prefill_ctx + prefill_tokens) + 2 * ab * prefill_tokens * hl * H))
-        if self.batch_sharded_kv and M:
-            coll("kv_all_to_all_out", "all-to-all", ab * M * hl * H, self.tensor_axes)
+        for op in self.attention_ops(n_decode, decode_ctx, prefill_tokens, prefill_pairs, prefill_ctx):
+            layer.append(dataclasses.replace(op, index=len(layer)))
         mm("o_proj", hl * H, D)
         if self.replica_chips > 1:
             coll("attn_all_reduce", "all-reduce", ab * M * D, self.tensor_axes)
@@ -244,6 +247,31 @@ class StepModel:
             outside.append(Op(index=len(outside), name="sample_all_gather", stream=COLLECTIVE, category="all-gather",
                               bytes=8.0 * n_logits * self.tp, axes=self.tensor_axes))
         return layer, outside
+
+    def attention_ops(self, n_decode: int, decode_ctx: float, prefill_tokens: int, prefill_pairs: float,
+                      prefill_ctx: float) -> list[Op]:
+        """Attention over the cache for the tensor shard's heads (both layouts): the KV all-to-alls past K
+        kv heads around the decode and prefill attention."""
+        m, sh, ab = self.model, self.sh, self.ab
+        H, hl, kvl = m.head_dim, sh.heads, sh.kv_heads
+        M = n_decode + prefill_tokens
+        ops: list[Op] = []
+        if self.batch_sharded_kv and M:  # queries to the chips holding their sequences' cache, and back
+            ops.append(Op(index=0, name="kv_all_to_all_in", stream=COLLECTIVE, category="all-to-all",
+                          bytes=ab * M * hl * H, axes=self.tensor_axes))
+        kv_tok = 2 * kvl * H * self.kvb / (self.tp // m.num_kv_heads if self.batch_sharded_kv else 1)
+        if n_decode:
+            ops.append(Op(index=0, name="attention_decode", stream=COMPUTE, category="attention",
+                          flops=4.0 * hl * H * decode_ctx,
+                          hbm_bytes=kv_tok * (decode_ctx + n_decode) + 2 * ab * n_decode * hl * H))
+        if prefill_tokens:
+            ops.append(Op(index=0, name="attention_prefill", stream=COMPUTE, category="attention",
+                          flops=4.0 * hl * H * prefill_pairs,
+                          hbm_bytes=kv_tok * (prefill_ctx + prefill_tokens) + 2 * ab * prefill_tokens * hl * H))
+        if self.batch_sharded_kv and M:
+            ops.append(Op(index=0, name="kv_all_to_all_out", stream=COLLECTIVE, category="all-to-all",
+                          bytes=ab * M * hl * H, axes=self.tensor_axes))
+        return ops
 
     def _op_time(self, op: Op) -> tuple[float, str]:
         if op.stream == COLLECTIVE:
@@ -284,8 +312,9 @@ class StepModel:
     def program(self, n_decode: int, decode_ctx: float, prefill_tokens: int = 0, prefill_pairs: float = 0.0,
                 prefill_ctx: float = 0.0, n_logits: int | None = None) -> Program:
         """The step as a :class:`~tpusim.sim.program.Program` for :func:`tpusim.sim.engine.simulate`: every layer's
-        ops in order, each collective issued after the op before it and waited for by the op after it
-        (at decode nothing overlaps them). ``cost`` sums the same ops' times without simpy."""
+        ops in order, each collective issued after the op before it (a compute op, or the collective it
+        continues: 2D weight-stationary reduce-scatters then gathers) and waited for by the next compute
+        op (at decode nothing overlaps them). ``cost`` sums the same ops' times without simpy."""
         layer, outside = self.ops(n_decode, decode_ctx, prefill_tokens, prefill_pairs, prefill_ctx,
                                   n_decode if n_logits is None else n_logits)
         ops: list[Op] = []
@@ -294,7 +323,7 @@ class StepModel:
         def add(op: Op, layer_index: int) -> None:
             i = len(ops)
             if op.stream == COLLECTIVE:
-                deps = (last[0],) if last[0] >= 0 else ()
+                deps = (pending[-1],) if pending else (last[0],) if last[0] >= 0 else ()
                 pending.append(i)
             else:
                 deps = tuple(pending)
@@ -334,7 +363,7 @@ class StepModel:
     def describe(self) -> dict:
         mem = self.memory
         return {"replicas": self.replicas, "chips_per_replica": self.replica_chips, "tensor": self.tp,
-                "expert": self.ep, "max_batch": self.max_batch, "token_budget": self.token_budget,
+                "expert": self.ep, "fsdp": self.fsdp, "max_batch": self.max_batch, "token_budget": self.token_budget,
                 "kv_bytes_per_token": self.kv_per_token_total,
                 "hbm_per_device": {"weights": mem.weights, "kv_cache": mem.kv_cache, "working": mem.working,
                                    "total": mem.total, "capacity": mem.capacity},

@@ -26,8 +26,11 @@ they do for ``tpusim run``), an ``inference`` section in MaxText's inference key
       disaggregation: {prefill_replicas: 1, transfer: ici}
 
 Replicas: ``ici_data_parallelism`` (and ``dcn_data_parallelism``) copies of the model, each on
-``tensor x expert`` chips with its own scheduler (a departure from MaxText's lock-step data axis,
-which serving frameworks run as independent engines).
+``tensor x expert x fsdp`` chips with its own scheduler (a departure from MaxText's lock-step data axis,
+which serving frameworks run as independent engines). ``ici_fsdp_parallelism`` > 1 is 2D
+weight-stationary sharding (:mod:`tpusim.serving.twod`): MaxText's rules put the weights' ``embed``
+dimension on fsdp and ``mlp`` / ``heads`` / ``vocab`` on tensor; the weights stay where they are and
+the activations move (book inference.md Q7), not FSDP's weight gathers.
 """
 
 from __future__ import annotations
@@ -212,7 +215,8 @@ def with_overrides(raw: dict, overrides: dict[str, Any]) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     maxtext_style = "base_config" in raw
     overrides = dict(overrides)
-    if ({"ici_tensor_parallelism", "ici_expert_parallelism"} & set(overrides) and "ici_data_parallelism" not in overrides
+    mesh_keys = {"ici_tensor_parallelism", "ici_expert_parallelism", "ici_fsdp_parallelism"}
+    if (mesh_keys & set(overrides) and "ici_data_parallelism" not in overrides
             and -1 not in (overrides.get("ici_tensor_parallelism"), overrides.get("ici_expert_parallelism"))):
         overrides["ici_data_parallelism"] = -1  # a replica of another size: the replicas are the rest of the slice
     for key, value in overrides.items():
@@ -288,11 +292,15 @@ def serve_workload_from_dict(raw: Any, *, source: str, rate: float | None = None
                               source=source, key=key if maxtext_style else f"inference.{key}")
     sharding = {**{k: flat.pop(k) for k in list(flat) if k.startswith(("ici_", "dcn_"))},
                 **_section(raw, "sharding", source)}
-    for axis in ("fsdp", "sequence"):
-        if sharding.get(f"ici_{axis}_parallelism", 1) != 1:
-            raise TpusimError(f"ici_{axis}_parallelism is not modelled for serving (use tensor, expert and data)",
-                              source=source, key=f"sharding.ici_{axis}_parallelism")
-    sharding["ici_fsdp_parallelism"] = 1
+    if sharding.get("ici_sequence_parallelism", 1) != 1:
+        raise TpusimError("ici_sequence_parallelism is not modelled for serving (use tensor, fsdp, expert and data)",
+                          source=source, key="sharding.ici_sequence_parallelism")
+    # ici_fsdp_parallelism is the D split of 2D weight-stationary serving (serving/twod.py), 1 unless set
+    # here: base.yml's -1 (training's "the rest of the slice") is not the chain's choice for a replica
+    fsdp = sharding.setdefault("ici_fsdp_parallelism", 1)
+    if not (isinstance(fsdp, int) and not isinstance(fsdp, bool) and fsdp >= 1):
+        raise TpusimError(f"{fsdp!r}: the 2D weight-stationary split must be a positive integer (the rest of the "
+                          "slice is ici_data_parallelism: replicas)", source=source, key="sharding.ici_fsdp_parallelism")
     if "ici_tensor_parallelism" not in sharding and "ici_data_parallelism" not in sharding:
         sharding["ici_tensor_parallelism"] = -1  # one replica over the whole slice
     elif sharding.get("ici_tensor_parallelism") != -1:
