@@ -45,6 +45,7 @@ def test_search_finds_a_plan_within_the_limit_and_the_serve_command_agrees(tmp_p
                                                                        for t in res["top"]), reverse=True)
     # the winner served on its own: the same number
     over = {"ici_tensor_parallelism": best["tensor"], "ici_data_parallelism": best["replicas"],
+            **({"ici_fsdp_parallelism": best["fsdp"]} if best["fsdp"] > 1 else {}),
             "quantization": best["quantization"], "quantize_kvcache": best["quantization"] != "bf16",
             "per_device_batch_size": 1.0, "max_batch": best["slots_per_replica"],
             "concurrency": best["slots_per_replica"] * best["replicas"],
@@ -52,6 +53,14 @@ def test_search_finds_a_plan_within_the_limit_and_the_serve_command_agrees(tmp_p
     s = serve(serve_workload_from_dict(SMALL, source=str(path), overrides=over)).summary
     assert s["throughput"]["output_tokens_per_s_per_chip"] == pytest.approx(best["tokens_per_s_per_chip"], rel=1e-12)
     assert "why" in best and all("below #1" in t["why"] for t in res["top"][1:])
+
+
+def test_dense_models_are_searched_over_2d_meshes_too(tmp_path):
+    """A dense model's replicas are tensor or fsdp x tensor (inference.md Q7's 2D weight-stationary
+    layout): on 8 chips, every (fsdp, tensor) with fsdp x tensor dividing 8 (10 pairs) in each of the 3
+    weight formats."""
+    res = search_serving(str(_write(tmp_path, SMALL)), tpot_s=0.05, budget=4, workers=1)
+    assert res["counts"]["enumerated"] == 10 * 3
 
 
 def test_roofline_bound_is_never_below_the_simulation(tmp_path):
@@ -82,7 +91,8 @@ def test_impossible_latency_is_refused_with_the_roofline_floor(book_cases, tmp_p
     r = CliRunner().invoke(main, ["search", str(_write(tmp_path, LLAMA3_70B)), "--tpot-ms", "4", "--quantization",
                                   "int8"])
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
-    m = re.search(r"fastest decode step on v5e:4x4 is ([\d.]+) ms \(tensor 16, 1 replicas, int8", r.output)
+    # the fastest mesh is one replica of all 16 chips (2D fsdp x tensor: no K/V projection held twice)
+    m = re.search(r"fastest decode step on v5e:4x4 is ([\d.]+) ms \((fsdp \d+ x )?tensor \d+, 1 replicas, int8", r.output)
     assert m, r.output
     assert float(m.group(1)) * 1e-3 == pytest.approx(floor, rel=c["max_rel_dev_book_vs_recomputed"])
 

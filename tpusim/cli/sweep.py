@@ -274,7 +274,7 @@ def register(main: click.Group) -> None:
                   help="keep the workload's per-device batch (else also try half and double)")
     @click.option("--budget", type=int, default=256, show_default=True,
                   help="simulate at most this many plans (best roofline estimates first), besides pure FSDP "
-                       "and the best pipelined and unpipelined plans")
+                       "and the best pipelined and unpipelined plans (serving: 128 unless given)")
     @click.option("--tpot-ms", type=float, default=None, help="serving: the TPOT limit (ms)")
     @click.option("--ttft-ms", type=float, default=None, help="serving: the TTFT limit (ms)")
     @click.option("--percentile", type=int, default=90, show_default=True,
@@ -320,7 +320,7 @@ def register(main: click.Group) -> None:
             bar = Progress("search")
             res = search_serving(workload, topology, mode=mode, tpot_s=None if tpot_ms is None else tpot_ms / 1e3,
                                  ttft_s=None if ttft_ms is None else ttft_ms / 1e3, percentile=percentile,
-                                 quantizations=qs, top=top, budget=min(budget, 64) if "budget" not in given else budget,
+                                 quantizations=qs, top=top, budget=min(budget, 128) if "budget" not in given else budget,
                                  requests=n_requests, workers=workers, ray=ray_address, progress=bar)
             bar.close()
             _emit(as_json, res, "\n".join(_serving_search_lines(res)))

@@ -2,7 +2,8 @@
 
 The book's question (applied-inference.md): how many chips per model replica, what sharding, what
 batch and what weight format serve LLaMA-2-70B at a latency target. A *plan* is a mesh of the slice's
-chips into replicas of ``tensor x expert`` chips (the rest ``ici_data_parallelism`` replicas, each its
+chips into replicas of ``tensor x expert`` chips for an MoE model, ``tensor`` or ``fsdp x tensor`` (2D
+weight-stationary, inference.md Q7) for a dense one (the rest ``ici_data_parallelism`` replicas, each its
 own engine), a weight format (``bf16``, ``int8_weight_only``, ``int8``; the KV cache quantized with the
 weights, as the book's tables assume) and a number of decode slots per replica (powers of two up to
 the most whose KV caches fit, and that most). Serving is co-located (the workload's disaggregation is
@@ -98,64 +99,70 @@ def search_serving(workload: str, topology: str | None = None, *, mode: str = "c
     floors: list[tuple[float, str]] = []  # the fastest decode step each fitting mesh allows (batch 1)
     cands: list[dict] = []
     fits_by_format: dict[str, int] = {}  # the fewest chips a replica in each format needs (the book's minimum slice)
-    experts = _divisors(model.num_experts) if model.num_experts > 1 else [1]
+    # Replica meshes: tensor x expert for MoE models; tensor, or fsdp x tensor (2D weight-stationary,
+    # inference.md Q7: weights split over D on fsdp and F on tensor) for dense ones.
+    moe = model.num_experts > 1
+    splits = [(e, t, 1) for e in _divisors(model.num_experts) if chips % e == 0 for t in _divisors(chips // e)] if moe \
+        else [(1, t, f) for t in _divisors(chips) for f in _divisors(chips // t)]
     for q in quantizations:
-        for e in experts:
-            for t in _divisors(chips // e) if chips % e == 0 else []:
-                counts["enumerated"] += 1
-                rc = t * e
-                mesh = {"ici_tensor_parallelism": t, "ici_data_parallelism": chips // rc}
-                if model.num_experts > 1:
-                    mesh["ici_expert_parallelism"] = e
-                # slots as batching.max_batch (a fractional per_device_batch_size would have to split over the
-                # data x expert shards as a training batch does); one slot to see what fits
-                over = {**mesh, "quantization": q, "quantize_kvcache": q != "bf16", "per_device_batch_size": 1.0,
-                        "max_batch": 1, "kv_quant_dtype": "int4" if q.startswith("int4") else "int8"}
-                label = f"tensor {t}" + (f" x expert {e}" if e > 1 else "") + f", {chips // rc} replicas, {q}"
-                try:
-                    sw = serve_workload_from_dict(plan_raw, source=source, overrides=over)
-                    sm = StepModel(sw, topo, mode)
-                    fits = sm.max_batch_that_fits()
-                except InfeasibleError as ex:
-                    counts["out_of_hbm"] += 1
-                    rejected.append({"plan": label, "reason": ex.reason})
-                    continue
-                except TpusimError as ex:
-                    counts["invalid"] += 1
-                    rejected.append({"plan": label, "reason": ex.reason})
-                    continue
-                if fits < 1:
-                    counts["out_of_hbm"] += 1
-                    rejected.append({"plan": label, "reason": "the weights leave no room for one KV cache"})
-                    continue
-                chip = topo.chip
-                peak = chip.int8_flops_per_s if sw.int8_math else chip.bf16_flops_per_s
-                w_bytes = sm.weight_bytes_per_device()
-                w_elems = w_bytes / sw.weight_bytes
+        for e, t, f in splits:
+            counts["enumerated"] += 1
+            rc = t * e * f
+            mesh = {"ici_tensor_parallelism": t, "ici_data_parallelism": chips // rc}
+            if moe:
+                mesh["ici_expert_parallelism"] = e
+            if f > 1:
+                mesh["ici_fsdp_parallelism"] = f
+            # slots as batching.max_batch (a fractional per_device_batch_size would have to split over the
+            # data x expert shards as a training batch does); one slot to see what fits
+            over = {**mesh, "quantization": q, "quantize_kvcache": q != "bf16", "per_device_batch_size": 1.0,
+                    "max_batch": 1, "kv_quant_dtype": "int4" if q.startswith("int4") else "int8"}
+            label = ((f"fsdp {f} x " if f > 1 else "") + f"tensor {t}" + (f" x expert {e}" if e > 1 else "")
+                     + f", {chips // rc} replicas, {q}")
+            try:
+                sw = serve_workload_from_dict(plan_raw, source=source, overrides=over)
+                sm = StepModel(sw, topo, mode)
+                fits = sm.max_batch_that_fits()
+            except InfeasibleError as ex:
+                counts["out_of_hbm"] += 1
+                rejected.append({"plan": label, "reason": ex.reason})
+                continue
+            except TpusimError as ex:
+                counts["invalid"] += 1
+                rejected.append({"plan": label, "reason": ex.reason})
+                continue
+            if fits < 1:
+                counts["out_of_hbm"] += 1
+                rejected.append({"plan": label, "reason": "the weights leave no room for one KV cache"})
+                continue
+            chip = topo.chip
+            peak = chip.int8_flops_per_s if sw.int8_math else chip.bf16_flops_per_s
+            w_bytes = sm.weight_bytes_per_device()
+            w_elems = w_bytes / sw.weight_bytes
 
-                def decode_floor(b: int) -> float:
-                    return max((w_bytes + b * ctx * sm.kv_per_token) / chip.hbm_bytes_per_s,
-                               2.0 * w_elems * b / peak)
+            def decode_floor(b: int) -> float:
+                return max((w_bytes + b * ctx * sm.kv_per_token) / chip.hbm_bytes_per_s,
+                           2.0 * w_elems * b / peak)
 
-                prefill_floor = w_bytes / chip.hbm_bytes_per_s  # any first token: every weight read once
-                floors.append((decode_floor(1), label))
-                fits_by_format[q] = min(fits_by_format.get(q, rc), rc)
-                batches = sorted({*(1 << i for i in range(fits.bit_length()) if 1 << i <= fits), fits})
-                family: list[dict] = []
-                for b in batches:
-                    step = decode_floor(b)
-                    plan = {"mesh": label, "tensor": t, "expert": e, "replicas": chips // rc, "chips_per_replica": rc,
-                            "quantization": q, "slots_per_replica": b, "overrides": {**over,
-                            "max_batch": b, "concurrency": b * (chips // rc)},
-                            "roofline_step_s": step, "bound_tokens_per_s_per_chip": b / (step * rc)}
-                    if tpot_s is not None and step > tpot_s:
-                        counts["roofline"] += 1
-                    elif ttft_s is not None and prefill_floor > ttft_s:
-                        counts["roofline"] += 1
-                    else:
-                        family.append(plan)
-                if family:
-                    cands.append({"plans": family, "lo": -1, "hi": len(family)})
+            prefill_floor = w_bytes / chip.hbm_bytes_per_s  # any first token: every weight read once
+            floors.append((decode_floor(1), label))
+            fits_by_format[q] = min(fits_by_format.get(q, rc), rc)
+            batches = sorted({*(1 << i for i in range(fits.bit_length()) if 1 << i <= fits), fits})
+            family: list[dict] = []
+            for b in batches:
+                step = decode_floor(b)
+                plan = {"mesh": label, "tensor": t, "expert": e, "fsdp": f, "replicas": chips // rc, "chips_per_replica": rc,
+                        "quantization": q, "slots_per_replica": b, "overrides": {**over,
+                        "max_batch": b, "concurrency": b * (chips // rc)},
+                        "roofline_step_s": step, "bound_tokens_per_s_per_chip": b / (step * rc)}
+                if tpot_s is not None and step > tpot_s:
+                    counts["roofline"] += 1
+                elif ttft_s is not None and prefill_floor > ttft_s:
+                    counts["roofline"] += 1
+                else:
+                    family.append(plan)
+            if family:
+                cands.append({"plans": family, "lo": -1, "hi": len(family)})
     if not cands:
         raise TpusimError(_impossible(floors, rejected, tpot_s, ttft_s, spec, chips, f"p{percentile}"),
                           source=_limit_source(tpot_s))
@@ -274,7 +281,7 @@ def _explain(p: dict, best: dict, rank: int, pkey: str) -> dict:
             f"{p['slots_per_replica']} slots instead of {best['slots_per_replica']}"
             if p["slots_per_replica"] != best["slots_per_replica"] else "") if d]
         why += f"; {loss:.0%} below #1: {', '.join(diffs) or 'same plan shape'}"
-    return {"mesh": p["mesh"], "tensor": p["tensor"], "expert": p["expert"], "replicas": p["replicas"],
+    return {"mesh": p["mesh"], "tensor": p["tensor"], "expert": p["expert"], "fsdp": p["fsdp"], "replicas": p["replicas"],
             "chips_per_replica": p["chips_per_replica"], "quantization": p["quantization"],
             "slots_per_replica": p["slots_per_replica"], "tokens_per_s_per_chip": p["tokens_per_s_per_chip"],
             f"tpot_{pkey}_s": p["tpot_s"], f"ttft_{pkey}_s": p["ttft_s"],
