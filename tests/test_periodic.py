@@ -19,7 +19,7 @@ import pytest
 from tpusim.analysis.summary import summarize
 from tpusim.api import compile_workload, workload_and_topology
 from tpusim.compiler import compile_program
-from tpusim.explore.periodic import extrapolate, layer_period, short_layer_counts, summarize_step
+from tpusim.explore.periodic import extrapolate, layer_period, settled, short_layer_counts, summarize_step
 from tpusim.explore.sweep import make_sweep, run_sweep, summary_columns
 from tpusim.model.workload import workload_from_dict
 from tpusim.sim.engine import simulate
@@ -121,6 +121,56 @@ def test_model_families(name, topology, extra):
     topo = parse_topology(topology)
     assert short_layer_counts(w) is not None  # extrapolated, not the fallback
     assert_close(summarize_step(w, topo), whole(w, topo))
+
+
+# Steps whose short cuts are collinear and yet not on the whole step's line, found by sampling: the
+# first, a large reduction of the embedding's gradient that overlaps the whole backward loop of a short
+# cut (its exposure shrinks with every layer added, then stops); the second, an expert-weight gather
+# queue on two links still draining from the dense first layer after 8 layers. Neither loop ends
+# settled, so both are simulated whole.
+UNSETTLED = [
+    ({"model_name": "gemma2-2b", "per_device_batch_size": 1, "max_target_length": 1024, "remat_policy": "none",
+      "attention": "flash"}, "v4:4x4x4"),
+    ({"model_name": "deepseek2-16b", "per_device_batch_size": 1, "max_target_length": 1024,
+      "ici_expert_parallelism": 4}, "v5p:4x4x4"),
+]
+
+
+@pytest.mark.parametrize("config,topology", UNSETTLED, ids=[c[0]["model_name"] for c in UNSETTLED])
+def test_loops_that_have_not_settled_are_simulated_whole(config, topology):
+    w, topo = workload_from_dict(config, source="x"), parse_topology(topology)
+    a, b, c = short_layer_counts(w)
+    runs = [simulate(compile_program(w, topo, layers=k), topo) for k in (a, c)]
+    assert not all(settled(r, b - a) for r in runs)
+    assert_close(summarize_step(w, topo), whole(w, topo))
+
+
+def test_random_configurations():
+    """40 configurations drawn (seeded) across model families, chips, batch, sequence, remat, tensor and
+    expert parallelism: the extrapolated summary is the whole simulation's, or the step was simulated
+    whole (500 drawn this way while writing this showed no other outcome)."""
+    import random
+
+    from tpusim.errors import TpusimError
+
+    rng = random.Random(11)
+    models = ["llama3-8b", "mixtral-8x7b", "deepseek2-16b", "gemma2-2b", "gemma3-4b", "qwen3-30b-a3b", "gpt3-6b",
+              "llama4-17b-16e"]
+    done = 0
+    while done < 40:
+        cfg = {"model_name": rng.choice(models), "per_device_batch_size": rng.choice([0.5, 1, 2, 4]),
+               "max_target_length": rng.choice([1024, 2048, 4096]), "remat_policy": rng.choice(["full", "minimal", "none"]),
+               "ici_tensor_parallelism": rng.choice([1, 1, 2, 4]), "attention": rng.choice(["flash", "dot_product"])}
+        if rng.random() < 0.4:
+            cfg["ici_expert_parallelism"] = rng.choice([2, 4])
+        topo = parse_topology(rng.choice(["v5e:4x4", "v5e:8x8", "v5p:4x4x4", "v6e:4x4", "v5p:2x2x4", "v4:4x4x4"]))
+        try:
+            w = workload_from_dict(cfg, source="random")
+            expected = whole(w, topo)
+        except TpusimError:
+            continue
+        assert_close(summarize_step(w, topo), expected, f"{cfg} on {topo.name}")
+        done += 1
 
 
 def test_layer_periods():

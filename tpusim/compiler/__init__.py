@@ -90,8 +90,8 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     unevenly, and :class:`~tpusim.errors.InfeasibleError` (with the breakdown) when it does not fit
     in HBM and ``check_memory`` is set.
 
-    ``layers``: the ops of the step cut to its first ``layers`` layers (embedding, loss and optimizer
-    as in the whole step, over the cut model's parameters), while the model FLOPs, tokens, memory and
+    ``layers``: the ops of the step cut to its first ``layers`` layers (embedding, loss, the weights'
+    cast and the optimizer over the whole step's parameters, as in the whole step), while the model FLOPs, tokens, memory and
     notes stay the whole step's: what :mod:`tpusim.explore.periodic` simulates to extrapolate a step
     in its layer count. Not for pipelined steps (their stages split the layers).
     """
@@ -125,8 +125,10 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     if layers is None:
         ops = build_ops(micro_w, micro, mesh, local_params=local)
     else:
+        # the ops that are not the layers' (weights' cast, optimizer update, embedding) stay the whole
+        # step's, so every cut starts and ends as the whole step does: only the layer count differs
         cut = replace(micro_w, model=replace(micro_w.model, num_layers=layers))
-        ops = build_ops(cut, micro, mesh, local_params=local_parameter_counts(cut, micro)[0])
+        ops = build_ops(cut, micro, mesh, local_params=local)
     notes = []
     if w.notes:
         notes.append(f"MaxText keys set away from base.yml that tpusim does not model (small effects): "
