@@ -92,6 +92,24 @@ def test_attention_flops_crossovers(book_cases, case_id, ratio_T):
     assert model_flops_breakdown(causal, 1)["attention"] == pytest.approx(parts["attention"] / 2)
 
 
+@pytest.mark.parametrize("fused, matmuls", [(False, 7), (True, 5)])
+def test_flash_backward_matmuls(fused, matmuls):
+    """Splash attention's backward, as jax's kernel writes it and libtpu compiles it (fwd, dkv, dq
+    kernels): MaxText's default (sa_use_fused_bwd_kernel: false) runs dkv (K Q^T, P^T dO, V dO^T,
+    dS^T Q) and dq (Q K^T, dO V^T, dS K), 7 matmuls of the score block against the forward's 2 (Q K^T,
+    P V); fused, 5. The second kernel also re-reads Q, K, V and dO and redoes the softmax's vector work."""
+    m = model(D=2048, N=16, H=128, F=8192, L=2, V=32000)
+    w = workload(m, per_device_batch_size=2, max_target_length=4096, remat_policy="none",
+                 sa_use_fused_bwd_kernel=fused)
+    prog = compile_program(w, parse_topology("v5p:2x2x1"))
+    fwd = [o for o in prog.ops if o.category == "attention" and o.phase == "forward"]
+    bwd = [o for o in prog.ops if o.category == "attention" and o.phase == "backward"]
+    assert len(fwd) == len(bwd) == 2
+    assert bwd[0].flops == pytest.approx(fwd[0].flops * matmuls / 2, rel=1e-12)
+    assert bwd[0].vpu_flops == pytest.approx(fwd[0].vpu_flops * (13 if not fused else 7) / 6, rel=1e-12)
+    assert any(o.name.endswith("attention_delta") for o in prog.ops)  # rowsum(O dO) before the kernels
+
+
 def test_executed_flops_follow_remat():
     """Executed FLOPs: 6 N T without remat; full remat adds a forward (book: ~8 N T)."""
     base = dict(per_device_batch_size=4, max_target_length=2048, attention="dot_product", attention_flops="full")

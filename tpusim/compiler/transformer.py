@@ -28,12 +28,18 @@ from tpusim.model.workload import Workload
 # VPU FLOPs per element of the elementwise ops (their exact count hardly matters next to the matmuls).
 NORM_FLOPS, ROPE_FLOPS, ACT_FLOPS, ADD_FLOPS, SOFTMAX_XENT_FLOPS = 4, 6, 5, 1, 6
 ADAM_FLOPS_PER_PARAM, SGD_FLOPS_PER_PARAM = 12, 2
-FLASH_BWD_OVER_FWD = 2.5  # a flash backward recomputes QK^T: 5 matmuls against the forward's 2
+# A flash (splash) backward against its forward's 2 matmuls (QK^T, PV), as jax's splash attention
+# kernel writes it (jax.experimental.pallas.ops.tpu.splash_attention, the kernel MaxText calls; its
+# libtpu compile shows the kernels: fwd, then dkv and dq). MaxText's default (sa_use_fused_bwd_kernel:
+# false) runs two kernels, each recomputing QK^T and P: dkv (K Q^T, P^T dO, V dO^T, dS^T Q) and dq
+# (Q K^T, dO V^T, dS K): 7 matmuls. Fused, one kernel does both: 5.
+FLASH_BWD_OVER_FWD, FLASH_BWD_OVER_FWD_FUSED = 3.5, 2.5
 # Vector ops per attention score inside a flash kernel (counted from the algorithm, not fitted).
 # Forward: scale, running max, subtract, exp (EUP: one per lane per cycle, taken as a VPU op), row
-# sum, cast to bf16 = 6. Backward: recompute scale, subtract, exp, then dP - delta, x P, scale, cast
-# = 7. The causal mask costs a select on the diagonal blocks only (ignored).
-FLASH_VPU_OPS_FWD, FLASH_VPU_OPS_BWD = 6, 7
+# sum, cast to bf16 = 6. Backward (dkv, or the fused kernel): recompute scale, subtract, exp, then
+# dP - delta, x P, scale, cast = 7; a separate dq kernel does it again but for one cast: 6. The causal
+# mask costs a select on the diagonal blocks only (ignored).
+FLASH_VPU_OPS_FWD, FLASH_VPU_OPS_BWD, FLASH_VPU_OPS_BWD_DQ = 6, 7, 6
 # Dense attention (einsums, no kernel) as XLA compiles it (traces/xla_aot_chips): bytes per score.
 # The QK^T matmul writes f32 scores (4) and the PV matmul reads bf16 probabilities (2); between them
 # the softmax reads the scores and writes the probabilities (4 + 2); its backward reads P and dP
@@ -330,13 +336,22 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
                             layer=layer, phase="backward"))
         backward_matmul(p, "o_proj", tok, o_width, d, layer=layer, weight=weights["o_proj"],
                         wshape=ws["o_proj"][:2], axes=ws["o_proj"][2])
-        ratio = FLASH_BWD_OVER_FWD if w.step.flash else DENSE_BWD_OVER_FWD
+        two_kernels = w.step.flash and not w.step.flash_fused_bwd  # splash's dkv and dq kernels
+        ratio = ((FLASH_BWD_OVER_FWD if two_kernels else FLASH_BWD_OVER_FWD_FUSED) if w.step.flash
+                 else DENSE_BWD_OVER_FWD)
         if not w.step.flash:  # dense softmax backward: dS = P (dP - rowsum(dP P)), through HBM
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_BWD, nbytes=1, **ew)
+        else:  # delta = rowsum(O dO), before the kernels: reads O and dO, writes f32 per query and head
+            b.compute(f"{p}/attention_delta", "elementwise", flops=2 * tok * q_width,
+                      hbm=2 * ab * tok * q_width + 4 * tok * sh.heads, **ew)
         r = span(layer) * context.imbalance(w, sh.sp, local_layer=m.is_local(layer))
-        attn = dict(flops=ratio * attn_fwd_flops * r, hbm=ab * (4 * tok * q_width + 4 * sh.seqs * t_full * kv_width * r),
+        # reads Q, K, V, dO and writes dQ, dK, dV (4 of Q's size, 4 of K's); a second kernel reads all four again
+        reads = 6 if two_kernels else 4
+        vpu_ops = FLASH_VPU_OPS_BWD + (FLASH_VPU_OPS_BWD_DQ if two_kernels else 0)
+        attn = dict(flops=ratio * attn_fwd_flops * r,
+                    hbm=ab * (reads * tok * q_width + reads * sh.seqs * t_full * kv_width * r),
                     layer=layer, mxu=(int(tok), qk_dim, t_full),
-                    vpu=FLASH_VPU_OPS_BWD * scores * r if w.step.flash else 0.0)
+                    vpu=vpu_ops * scores * r if w.step.flash else 0.0)
         if ring:
             context.ring_backward(b, p, n=sh.sp, kv_bytes=sh.seqs * t_full * kv_width * ab, **attn)
         else:

@@ -169,6 +169,7 @@ class Step:
     optimizer_memory_host_offload: bool = False  # Adam's moments live in host memory between steps
     context_load_balance: bool = True  # context_parallel_load_balance: causal work spread evenly over context
     context_strategy: str = "all_gather"  # context_parallel_strategy: all_gather (K/V gathered) or ring
+    flash_fused_bwd: bool = False  # sa_use_fused_bwd_kernel: splash's backward in one kernel, not dkv + dq
 
     @property
     def act_bytes(self) -> int:
