@@ -27,11 +27,14 @@ from __future__ import annotations
 import hashlib
 from collections import namedtuple
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-
-from tpusim.analysis.lanes import lane_name, stream_lanes, to_ns
+from tpusim.analysis.lanes import lane_name, ns_list, stream_lanes
 from tpusim.analysis.profiles.xplane import XSpace
+from tpusim.analysis.timeline import columns_of, device_rows
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # XLA's device_type_string per chip, as profiles report it (tpusim/sim/chips.py takes them as aliases).
 DEVICE_TYPE = {"v2": "TPU v2", "v3": "TPU v3", "v4": "TPU v4", "v5e": "TPU v5 Lite", "v5p": "TPU v5",
@@ -124,8 +127,8 @@ def _op_stats(r, pid: int, module: str) -> dict:
             "tf_op": f"{module}/{scope.replace(' ', '_')}/{r.category}:"}
 
 
-def device_plane(space, plane_id: int, device: int, rows: pd.DataFrame, *, chip, module: str, pid: int,
-                 step_ns: int, runs: list[tuple[str, int, int, int]] | None = None, op_stats=None) -> None:
+def device_plane(space, plane_id: int, device: int, rows: dict[str, list] | pd.DataFrame, *, chip, module: str,
+                 pid: int, step_ns: int, runs: list[tuple[str, int, int, int]] | None = None, op_stats=None) -> None:
     """Add ``/device:TPU:<device>`` with the rows of that device (timeline schema) to ``space``.
 
     ``runs``: the module runs the plane holds, ``(module, program id, start ns, duration ns)`` each, with
@@ -133,8 +136,9 @@ def device_plane(space, plane_id: int, device: int, rows: pd.DataFrame, *, chip,
     replay's modules one after the other); by default one run of ``module`` over the step. Each run is a
     step (its ops' ``group_id``). ``op_stats(run, name)``: stats put over an op's own, e.g. the profile's
     ``symbol_id`` and ``long_name`` for an op the replay took from it (None: keep tpusim's)."""
+    rows = columns_of(rows)
     runs = runs if runs is not None else [(module, pid, 0, int(step_ns))]
-    run_of = rows["run"].tolist() if "run" in rows else [0] * len(rows)
+    run_of = rows["run"] if "run" in rows else [0] * len(rows["start_s"])
     p = _Plane(space.planes.add(id=plane_id, name=f"/device:TPU:{device}"))
     p.add_stats(p.plane.stats, {
         "device_type_string": DEVICE_TYPE.get(chip.name, chip.display_name),
@@ -142,13 +146,13 @@ def device_plane(space, plane_id: int, device: int, rows: pd.DataFrame, *, chip,
         "peak_hbm_bw_gigabytes_per_second": chip.hbm_bytes_per_s / 1e9,    # bytes/s -> GB/s
         "has_megacore": int(bool(getattr(chip, "megacore", False))),
     })
-    start = to_ns(rows.start_s.to_numpy()) * 1000  # ps, from whole ns (the same instants as the JSON)
-    end = to_ns(rows.end_s.to_numpy()) * 1000
+    start = [t * 1000 for t in ns_list(rows["start_s"])]  # ps, from whole ns (the same instants as the JSON)
+    end = [t * 1000 for t in ns_list(rows["end_s"])]
     # XProf's trace viewer turns the copies of an "Async XLA Ops" line into "Host Offload Ops" rows and
     # drops its other events: collectives get a line of their own.
-    stream = rows.stream.to_numpy().copy()
-    stream[(stream == "Async XLA Ops") & ~rows.category.str.startswith("copy").to_numpy()] = "XLA Collectives"
-    lanes = stream_lanes(stream.tolist(), start.tolist(), end.tolist())
+    stream = ["XLA Collectives" if s == "Async XLA Ops" and not c.startswith("copy") else s
+              for s, c in zip(rows["stream"], rows["category"])]
+    lanes = stream_lanes(stream, start, end)
     keys = sorted({(s, k) for s, k in zip(stream, lanes)} | {("XLA Modules", 0), ("Steps", 0)},
                   key=lambda t: (LINE_ORDER.index(t[0]) if t[0] in LINE_ORDER else len(LINE_ORDER), t[0], t[1]))
     lines = {}
@@ -164,8 +168,7 @@ def device_plane(space, plane_id: int, device: int, rows: pd.DataFrame, *, chip,
                                           offset_ps=int(start_ns) * 1000, duration_ps=int(dur_ns) * 1000)
         p.add_stats(ev.stats, {"step_num": n, "group_id": n})
     group_stat = p.stat_id("group_id")
-    start, end = start.tolist(), end.tolist()
-    for i, r in enumerate(map(_Row._make, zip(*(rows[c].tolist() for c in _Row._fields)))):
+    for i, r in enumerate(map(_Row._make, zip(*(rows[c] for c in _Row._fields)))):
         run = run_of[i]
         if r.stream in ("XLA Ops", "Async XLA Ops"):  # an op: its stats as real profiles carry them
             stats = _op_stats(r, runs[run][1], runs[run][0])
@@ -179,13 +182,15 @@ def device_plane(space, plane_id: int, device: int, rows: pd.DataFrame, *, chip,
             ev.stats.add(metadata_id=group_stat, int64_value=run)
 
 
-def xspace_bytes(df: pd.DataFrame, *, chip, program_name: str, step_time_s: float, host: str = "tpusim") -> bytes:
-    """The serialized XSpace of a simulated step's timeline (:func:`tpusim.analysis.timeline.timeline_frame`)."""
+def xspace_bytes(frame: dict[str, list] | pd.DataFrame, *, chip, program_name: str, step_time_s: float,
+                 host: str = "tpusim") -> bytes:
+    """The serialized XSpace of a simulated step's timeline (:func:`tpusim.analysis.timeline.timeline_columns`
+    or ``timeline_frame``)."""
     space = XSpace(hostnames=[host])
     module = f"jit_{program_name}"
     pid = program_id(program_name)
-    step_ns = int(to_ns(step_time_s))
-    for n, (device, rows) in enumerate(df.groupby("device", sort=True)):
+    step_ns = ns_list([step_time_s])[0]
+    for n, (device, rows) in enumerate(device_rows(columns_of(frame))):
         device_plane(space, n + 1, int(device), rows, chip=chip, module=module, pid=pid, step_ns=step_ns)
     return space.SerializeToString(deterministic=True)
 
@@ -206,7 +211,8 @@ def clear_xprof_cache(run_dir: Path) -> None:
             f.unlink(missing_ok=True)
 
 
-def write_xspace(out: Path, df: pd.DataFrame, result, *, run: str = "tpusim", host: str = "simulated") -> Path:
+def write_xspace(out: Path, frame: dict[str, list] | pd.DataFrame, result, *, run: str = "tpusim",
+                 host: str = "simulated") -> Path:
     """Write ``out/plugins/profile/<run>/<host>.xplane.pb`` for a simulated step; returns its path."""
     from tpusim.analysis.timeline import write_atomic
 
@@ -214,6 +220,6 @@ def write_xspace(out: Path, df: pd.DataFrame, result, *, run: str = "tpusim", ho
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{host}.xplane.pb"
     clear_xprof_cache(d)
-    write_atomic(path, xspace_bytes(df, chip=result.topology.chip, program_name=result.program.name,
+    write_atomic(path, xspace_bytes(frame, chip=result.topology.chip, program_name=result.program.name,
                                     step_time_s=result.step_time_s, host=host))
     return path
