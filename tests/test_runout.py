@@ -142,6 +142,26 @@ def test_a_device_in_two_classes_is_merged_as_the_frame_sorted_it():
     pd.testing.assert_frame_equal(frame_of(timeline_columns(result)), _frame_as_before(result), check_exact=True)
 
 
+def test_xspace_op_metadata_encoded_is_the_message_of_the_add_calls():
+    """The XSpace writer encodes the op metadata of a simulated step itself (``_Plane.op_metadata``, issue 13);
+    with ``op_stats`` (a replay's) the same stats go through protobuf's ``add`` calls. Same bytes."""
+    from tpusim.analysis.lanes import ns_list
+    from tpusim.analysis.timeline import device_rows, timeline_columns
+    from tpusim.analysis.xspace import _OP_ORDER, XSpace, _op_stats, _Row, device_plane, program_id, xspace_bytes
+
+    result, _ = _simulate(CASES["mixtral_straggler"])
+    columns = timeline_columns(result)
+    row = _Row._make(next(zip(*(columns[c] for c in _Row._fields))))
+    assert list(_op_stats(row, 1, "m")) == _OP_ORDER
+    name, chip = result.program.name, result.topology.chip
+    space = XSpace(hostnames=["tpusim"])
+    for n, (device, rows) in enumerate(device_rows(columns)):
+        device_plane(space, n + 1, int(device), rows, chip=chip, module=f"jit_{name}", pid=program_id(name),
+                     step_ns=ns_list([result.step_time_s])[0], op_stats=lambda run, op: None)
+    assert space.SerializeToString(deterministic=True) == xspace_bytes(
+        columns, chip=chip, program_name=name, step_time_s=result.step_time_s)
+
+
 def _record(tpusim_root: Path, commit: str) -> None:
     """Write GOLDEN from the tpusim checkout at ``tpusim_root`` (its `python -m tpusim`, run there), the
     code of ``commit``."""
