@@ -1,7 +1,8 @@
 """``run --out`` writes the bytes it wrote before it stopped importing pandas (issue 13).
 
-The writers now take the timeline as column lists (``timeline_columns``) and write the Parquet file
-with pyarrow alone. Two checks that every file is unchanged:
+The writers now take the timeline as column lists (``timeline_columns``), write the Parquet file
+with pyarrow alone, the Chrome trace's JSON as text and the XSpace's op metadata in protobuf's wire
+format. Two checks that every file is unchanged:
 
 * ``tests/data/runout_sha256.json``: the SHA-256 of every file ``tpusim run --out`` wrote for four
   runs with the code before the change (commit 9a567eb: ``timeline_frame`` in pandas,
@@ -117,7 +118,8 @@ def _simulate(args: list[str]):
 def test_timeline_columns_and_parquet_are_the_frame_pandas_wrote(case):
     import pandas as pd
 
-    from tpusim.analysis.timeline import frame_of, timeline_columns, timeline_frame, timeline_parquet
+    from tpusim.analysis.timeline import (chrome_trace_json, frame_of, timeline_columns, timeline_frame,
+                                          timeline_parquet)
 
     result, all_devices = _simulate(CASES[case])
     before = _frame_as_before(result, all_devices=all_devices)
@@ -127,6 +129,9 @@ def test_timeline_columns_and_parquet_are_the_frame_pandas_wrote(case):
     buf = io.BytesIO()
     before.to_parquet(buf, index=False, engine="pyarrow")  # what write_parquet did
     assert timeline_parquet(columns) == buf.getvalue()
+    # The Chrome trace is written as text (chrome_trace_json): what json.dumps writes of what it says
+    text = chrome_trace_json(columns, result)
+    assert json.dumps(json.loads(text), separators=(",", ":")) == text
 
 
 def test_a_device_in_two_classes_is_merged_as_the_frame_sorted_it():

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import tempfile
 from itertools import groupby
@@ -195,16 +196,30 @@ def chrome_trace(frame: dict[str, list] | pd.DataFrame, result: SimResult) -> di
 
     Times are whole nanoseconds and ops that overlap on a row go to extra rows (``Async XLA Ops #2``):
     Perfetto drops events that overlap partially on one thread (see :mod:`tpusim.analysis.lanes`).
+    The document :func:`chrome_trace_json` writes, read back.
     """
+    return json.loads(chrome_trace_json(frame, result))
+
+
+def chrome_trace_json(frame: dict[str, list] | pd.DataFrame, result: SimResult) -> str:
+    """:func:`chrome_trace` as JSON text, written directly: ``json.dumps(trace, separators=(",", ":"))``
+    character for character (keys in this order, strings escaped by json's own ASCII encoder, floats
+    as ``repr``: all times are whole nanoseconds over 1000, flops and bytes finite), without building
+    12,000 dicts for the encoder to walk (issue 13: 0.06 s for the 70B, half of it)."""
+    from json.encoder import encode_basestring_ascii as q
+
     from tpusim.analysis.lanes import lane_name, ns_list, stream_lanes
 
-    events: list[dict] = []
+    def number(x: float) -> str:
+        return repr(x) if math.isfinite(x) else json.dumps(x)
+
+    events: list[str] = []
     step_ns = ns_list([result.step_time_s])[0]
-    module = f"jit_train_step({result.program.name})"
+    module, mode = q(f"jit_train_step({result.program.name})"), q(result.mode)
     for device, rows in device_rows(columns_of(frame)):
         pid = int(device) + 1
-        events.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": f"/device:TPU:{device}"}})
-        events.append({"ph": "M", "pid": pid, "name": "process_sort_index", "args": {"sort_index": pid}})
+        events.append(f'{{"ph":"M","pid":{pid},"name":"process_name","args":{{"name":{q(f"/device:TPU:{device}")}}}}}')
+        events.append(f'{{"ph":"M","pid":{pid},"name":"process_sort_index","args":{{"sort_index":{pid}}}}}')
         start_ns, end_ns = ns_list(rows["start_s"]), ns_list(rows["end_s"])
         stream = rows["stream"]
         lane = stream_lanes(stream, start_ns, end_ns)
@@ -214,24 +229,23 @@ def chrome_trace(frame: dict[str, list] | pd.DataFrame, result: SimResult) -> di
             key=lambda p: (STREAM_ORDER.index(p[0]) if p[0] in STREAM_ORDER else len(STREAM_ORDER), p[0], p[1]))
         tids = {p: i + 1 for i, p in enumerate(threads)}
         for (s, k), tid in tids.items():
-            events.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": lane_name(s, k)}})
-            events.append({"ph": "M", "pid": pid, "tid": tid, "name": "thread_sort_index", "args": {"sort_index": tid}})
-        events.append({"ph": "X", "pid": pid, "tid": tids["XLA Modules", 0], "name": module, "ts": 0,
-                       "dur": step_ns / 1000, "args": {"run": "tpusim", "mode": result.mode}})
+            head = f'{{"ph":"M","pid":{pid},"tid":{tid},"name":'
+            events.append(f'{head}"thread_name","args":{{"name":{q(lane_name(s, k))}}}}}')
+            events.append(f'{head}"thread_sort_index","args":{{"sort_index":{tid}}}}}')
+        events.append(f'{{"ph":"X","pid":{pid},"tid":{tids["XLA Modules", 0]},"name":{module},"ts":0,'
+                      f'"dur":{step_ns / 1000!r},"args":{{"run":"tpusim","mode":{mode}}}}}')
         cols = zip(rows["name"], rows["category"], rows["phase"], rows["layer"], rows["flops"], rows["bytes"])
         for i, (name, category, phase, layer, flops, nbytes) in enumerate(cols):
-            args = {"category": category, "phase": phase, "layer": int(layer)}
+            args = f'"category":{q(category)},"phase":{q(phase)},"layer":{int(layer)}'
             if flops:
-                args["model_flops"] = float(flops)
+                args += f',"model_flops":{number(float(flops))}'
             if nbytes:
-                args["bytes_accessed" if stream[i] == "XLA Ops" else "bytes"] = float(nbytes)
-            events.append({"ph": "X", "pid": pid, "tid": tids[stream[i], lane[i]], "name": name,
-                           "ts": start_ns[i] / 1000, "dur": (end_ns[i] - start_ns[i]) / 1000, "args": args})
-    return {"displayTimeUnit": "ns", "metadata": {"tpusim": {"topology": result.topology.name, "mode": result.mode,
-                                                              "workload": result.program.name}},
-            "traceEvents": events}
+                args += f',"{"bytes_accessed" if stream[i] == "XLA Ops" else "bytes"}":{number(float(nbytes))}'
+            events.append(f'{{"ph":"X","pid":{pid},"tid":{tids[stream[i], lane[i]]},"name":{q(name)},'
+                          f'"ts":{start_ns[i] / 1000!r},"dur":{(end_ns[i] - start_ns[i]) / 1000!r},"args":{{{args}}}}}')
+    return (f'{{"displayTimeUnit":"ns","metadata":{{"tpusim":{{"topology":{q(result.topology.name)},"mode":{mode},'
+            f'"workload":{q(result.program.name)}}}}},"traceEvents":[' + ",".join(events) + "]}")
 
 
 def write_chrome_trace(frame: dict[str, list] | pd.DataFrame, result: SimResult, path: Path) -> None:
-    text = json.dumps(chrome_trace(frame, result), separators=(",", ":")).encode()
-    write_atomic(path, gzip.compress(text, mtime=0))
+    write_atomic(path, gzip.compress(chrome_trace_json(frame, result).encode(), mtime=0))
