@@ -251,7 +251,7 @@ def device_plane(space, plane_id: int, device: int, rows: dict[str, list] | pd.D
     group_stat = p.stat_id("group_id")
     for i, r in enumerate(map(_Row._make, zip(*(rows[c] for c in _Row._fields)))):
         run = run_of[i]
-        if r.stream in ("XLA Ops", "Async XLA Ops") and op_stats is None:  # an op: its stats as real profiles carry them
+        if r.stream in ("XLA Ops", "Async XLA Ops") and op_stats is None:  # an op, its stats as real profiles have them
             mid = p.op_metadata(r, runs[run][1], runs[run][0], key=("op", run, r.op_index))
         elif r.stream in ("XLA Ops", "Async XLA Ops"):  # the same, some of them the profile's
             stats = _op_stats(r, runs[run][1], runs[run][0])
