@@ -134,6 +134,25 @@ def test_timeline_columns_and_parquet_are_the_frame_pandas_wrote(case):
     assert json.dumps(json.loads(text), separators=(",", ":")) == text
 
 
+def test_with_pandas_2_pandas_writes_the_parquet(monkeypatch):
+    """pandas 2 holds strings as objects, and its to_parquet another schema: timeline_parquet lets it
+    write the file (the fast path reproduces pandas 3's)."""
+    import importlib.metadata
+
+    import pandas as pd
+
+    from tpusim.analysis.timeline import frame_of, timeline_columns, timeline_parquet
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.2.3" if name == "pandas" else real(name))
+    result, _ = _simulate(CASES["llama3_8b_all_devices"])
+    columns = timeline_columns(result)
+    buf = io.BytesIO()
+    frame_of(columns).to_parquet(buf, index=False, engine="pyarrow")
+    assert timeline_parquet(columns) == buf.getvalue()
+    pd.testing.assert_frame_equal(pd.read_parquet(io.BytesIO(timeline_parquet(columns))), frame_of(columns))
+
+
 def test_a_device_in_two_classes_is_merged_as_the_frame_sorted_it():
     """The engine never puts a device in two classes; were it to, the rows would still come out as
     the frame's stable sort left them (by start and op, ties in concatenation order)."""

@@ -145,12 +145,23 @@ def timeline_parquet(columns: dict[str, list]) -> bytes:
     """The Parquet file of a timeline's columns, written by pyarrow without pandas: the bytes
     ``write_parquet(frame_of(columns))`` writes (the same Arrow schema, the same ``pandas`` schema
     metadata, the same writer options: pandas' ``to_parquet`` is ``Table.from_pandas`` then
-    ``write_table(compression="snappy")``)."""
+    ``write_table(compression="snappy")``). That is pandas 3's DataFrame (strings in Arrow); with an
+    older pandas (object strings, another schema), pandas writes it."""
+    from importlib.metadata import version
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    pandas_version = version("pandas")
+    if int(pandas_version.split(".")[0]) < 3:
+        import io
+
+        buf = io.BytesIO()
+        frame_of(columns).to_parquet(buf, index=False, engine="pyarrow")
+        return buf.getvalue()
     arrow = {"int32": pa.int32(), "float64": pa.float64(), "str": pa.large_string()}
-    schema = pa.schema([(c, arrow[DTYPES[c]]) for c in COLUMNS], metadata={b"pandas": _pandas_metadata(pa.__version__)})
+    metadata = _pandas_metadata(pa.__version__, pandas_version)
+    schema = pa.schema([(c, arrow[DTYPES[c]]) for c in COLUMNS], metadata={b"pandas": metadata})
     table = pa.Table.from_arrays([_arrow_array(pa, arrow[DTYPES[c]], columns[c]) for c in COLUMNS], schema=schema)
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="snappy")
@@ -173,18 +184,16 @@ def _arrow_array(pa, kind, values: list):
     return pa.Array.from_buffers(kind, len(values), buffers)
 
 
-def _pandas_metadata(pyarrow_version: str) -> bytes:
-    """What ``pyarrow.Table.from_pandas`` records of :func:`frame_of`'s DataFrame (``pyarrow.pandas_compat.
-    construct_metadata``, no index): how pandas reads the file back. The pandas version is the installed
-    one, read without importing pandas."""
-    from importlib.metadata import version
-
+def _pandas_metadata(pyarrow_version: str, pandas_version: str) -> bytes:
+    """What ``pyarrow.Table.from_pandas`` records of :func:`frame_of`'s DataFrame with pandas 3
+    (``pyarrow.pandas_compat.construct_metadata``, no index): how pandas reads the file back. The
+    versions are the installed ones (pandas' read without importing it)."""
     kinds = {"int32": ("int32", "int32"), "float64": ("float64", "float64"), "str": ("object", "str")}
     columns = [{"name": c, "field_name": c, "pandas_type": kinds[DTYPES[c]][0], "numpy_type": kinds[DTYPES[c]][1],
                 "metadata": None} for c in COLUMNS]
     return json.dumps({"index_columns": [], "column_indexes": [], "columns": columns, "attributes": {},
                        "creator": {"library": "pyarrow", "version": pyarrow_version},
-                       "pandas_version": version("pandas")}).encode("utf8")
+                       "pandas_version": pandas_version}).encode("utf8")
 
 
 def write_timeline_parquet(columns: dict[str, list], path: Path) -> None:
