@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -36,6 +38,35 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """End this process when ``parent_pid`` ends, however it ends (SIGKILL included): a process that
+    writes into a run's temporary folder for it (``cli/run._alongside``) never outlives the run.
+
+    The same as ``tpusim.explore.workers.die_with_parent`` (the sweep's workers), here in the foundation
+    so that ``run --out``'s writer does not import the sweep's modules (and pandas with them, issue 13)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1  # <linux/prctl.h>
+            if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
+                if os.getppid() != parent_pid:  # the parent died before prctl
+                    os._exit(1)
+                return
+        except (OSError, AttributeError):
+            pass
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="tpusim-parent-watch").start()
 
 
 def _siblings(out: Path, kind: str) -> list[tuple[Path, int]]:

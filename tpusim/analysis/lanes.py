@@ -12,13 +12,28 @@ successor by one unit).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def to_ns(seconds) -> np.ndarray:
     """Seconds (array-like) to integer nanoseconds, rounded to nearest."""
+    import numpy as np  # here: the writers of `run --out` use ns_list and run without numpy
+
     return np.rint(np.asarray(seconds, dtype=float) * 1e9).astype(np.int64)
+
+
+def ns_list(seconds: Iterable[float]) -> list[int]:
+    """:func:`to_ns` of a list, as Python ints and without numpy (the writers of ``run --out`` work on
+    column lists): the same product ``s * 1e9`` rounded half to even as ``np.rint`` does, so the same
+    integers.
+
+    >>> ns_list([1.5e-9, 2.5e-9, 0.1])
+    [2, 2, 100000000]
+    """
+    return [round(s * 1e9) for s in seconds]
 
 
 def lane_name(stream: str, lane: int) -> str:

@@ -8,12 +8,13 @@
 
 from __future__ import annotations
 
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from tpusim.sim.engine import SimResult
-from tpusim.analysis.timeline import timeline_frame
+from tpusim.analysis.timeline import columns_of, timeline_columns
+
+if TYPE_CHECKING:  # imported where used: report.html's charts (svgcharts) are drawn without pandas (issue 13)
+    import pandas as pd
 
 # Compute in blues and greens, collectives in warm colours, host traffic in yellows, waiting in grey
 # (the notebook charts of plots.py and the report's SVG of svgcharts.py).
@@ -33,7 +34,7 @@ LANES = {"XLA Ops": "compute", "Async XLA Ops": "async: collectives, copies", "I
          "ICI y": "link ICI y", "ICI z": "link ICI z", "DCN": "link DCN", "PCIe": "host: PCIe"}
 
 
-def timeline_rows(frame: SimResult | pd.DataFrame, *, device: int | None = None,
+def timeline_rows(frame: SimResult | dict[str, list] | pd.DataFrame, *, device: int | None = None,
                   window: tuple[float, float] | None = None, max_rows: int = MAX_ROWS) -> pd.DataFrame:
     """The rows :func:`timeline_chart` draws: one device's ops on the streams of :data:`LANES`.
 
@@ -45,53 +46,82 @@ def timeline_rows(frame: SimResult | pd.DataFrame, *, device: int | None = None,
     the bar takes the category that held most of its time. Such ops are under a pixel wide at the
     scale of the whole step; a ``window`` shows them one by one.
     """
+    import pandas as pd
+
+    bars = timeline_bars(frame, device=device, window=window, max_rows=max_rows)
+    return pd.DataFrame({c: pd.Series(v, dtype=_BAR_DTYPES[c]) for c, v in bars.items()})
+
+
+_BAR_DTYPES = {"stream": "str", "name": "str", "category": "str", "start_s": "float64", "end_s": "float64",
+               "busy_s": "float64", "ops": "int64", "lane": "str"}
+
+
+def timeline_bars(frame: SimResult | dict[str, list] | pd.DataFrame, *, device: int | None = None,
+                  window: tuple[float, float] | None = None, max_rows: int = MAX_ROWS) -> dict[str, list]:
+    """:func:`timeline_rows` as column lists, in plain Python (``report.html`` draws them: ``run --out``
+    imports no pandas)."""
     if isinstance(frame, SimResult):
         reps = [c["devices"][0] for c in frame.classes]
-        frame = timeline_frame(frame, all_devices=device is not None and device not in reps)
+        frame = timeline_columns(frame, all_devices=device is not None and device not in reps)
         device = reps[0] if device is None else device
-    device = int(frame.device.min()) if device is None else device
-    rows = frame[(frame.device == device) & frame.stream.isin(list(LANES))]
-    if rows.empty:
-        raise ValueError(f"no rows for device {device}; the frame has devices {sorted(set(frame.device))[:8]}")
+    cols = columns_of(frame)
+    device = int(min(cols["device"])) if device is None else device
+    keep = [i for i, (d, s) in enumerate(zip(cols["device"], cols["stream"])) if d == device and s in LANES]
+    if not keep:
+        raise ValueError(f"no rows for device {device}; the frame has devices {sorted(set(cols['device']))[:8]}")
     if window is not None:
-        rows = rows[(rows.end_s >= window[0]) & (rows.start_s <= window[1])]
-    out = rows[["stream", "name", "category", "start_s", "end_s"]].reset_index(drop=True)
-    out = out.assign(busy_s=out.end_s - out.start_s, ops=1)
-    if len(out) > max_rows:
+        start, end = cols["start_s"], cols["end_s"]
+        keep = [i for i in keep if end[i] >= window[0] and start[i] <= window[1]]
+    out = {c: [cols[c][i] for i in keep] for c in ("stream", "name", "category", "start_s", "end_s")}
+    out["busy_s"] = [e - s for s, e in zip(out["start_s"], out["end_s"])]
+    out["ops"] = [1] * len(keep)
+    if len(keep) > max_rows:
         out = _merge_short(out, max_rows)
-    out = out.sort_values(["start_s", "end_s"], kind="stable").reset_index(drop=True)
-    level = np.zeros(len(out), dtype=int)
-    for _, g in out.groupby("stream", sort=False):
-        ends: list[float] = []  # end of the last bar on each row of the lane
-        for i, start, end in zip(g.index, g.start_s, g.end_s):
-            free = next((k for k, e in enumerate(ends) if e <= start), None)
-            if free is None:
-                free = min(len(ends), MAX_LEVELS - 1)
-                ends.extend([0.0] * (free + 1 - len(ends)))
-            ends[free] = max(ends[free], end)
-            level[i] = free
-    lane = out.stream.map(LANES)
-    return out.assign(lane=lane.where(level == 0, lane + " (" + pd.Series(level + 1).astype(str) + ")"))
+    out = _take(out, _by_start(out))
+    ends: dict[str, list[float]] = {}  # per stream: the end of the last bar on each row of its lane
+    lanes = []
+    for stream, start, end in zip(out["stream"], out["start_s"], out["end_s"]):
+        row_ends = ends.setdefault(stream, [])
+        free = next((k for k, e in enumerate(row_ends) if e <= start), None)
+        if free is None:
+            free = min(len(row_ends), MAX_LEVELS - 1)
+            row_ends.extend([0.0] * (free + 1 - len(row_ends)))
+        row_ends[free] = max(row_ends[free], end)
+        lanes.append(LANES[stream] if free == 0 else f"{LANES[stream]} ({free + 1})")
+    out["lane"] = lanes
+    return out
 
 
-def _merge_short(rows: pd.DataFrame, max_rows: int) -> pd.DataFrame:
-    res = (rows.end_s.max() - rows.start_s.min()) * rows.stream.nunique() / max_rows
-    rows = rows.sort_values(["start_s", "end_s"], kind="stable")
+def _by_start(rows: dict[str, list]) -> list[int]:
+    """Row positions by start, then end; ties in row order (a stable sort)."""
+    start, end = rows["start_s"], rows["end_s"]
+    return sorted(range(len(start)), key=lambda i: (start[i], end[i]))
+
+
+def _take(rows: dict[str, list], order: list[int]) -> dict[str, list]:
+    return {c: [v[i] for i in order] for c, v in rows.items()}
+
+
+def _merge_short(rows: dict[str, list], max_rows: int) -> dict[str, list]:
+    res = (max(rows["end_s"]) - min(rows["start_s"])) * len(set(rows["stream"])) / max_rows
+    rows = _take(rows, _by_start(rows))
+    streams: dict[str, list[int]] = {}  # rows of each stream, streams in the order they first start
+    for i, stream in enumerate(rows["stream"]):
+        streams.setdefault(stream, []).append(i)
+    name, category, start, end, busy = (rows[c] for c in ("name", "category", "start_s", "end_s", "busy_s"))
     while True:
         bars: list[dict] = []
-        for stream, g in rows.groupby("stream", sort=False):
+        for stream, idx in streams.items():
             bar: dict | None = None
-            # Columns as lists: itertuples over pandas' Arrow-backed strings is several times slower.
-            for name, category, start_s, end_s, busy_s in zip(g.name.tolist(), g.category.tolist(),
-                                                               g.start_s.tolist(), g.end_s.tolist(), g.busy_s.tolist()):
-                if bar is not None and start_s - bar["start_s"] < res and start_s <= bar["end_s"] + res:
-                    bar["end_s"] = max(bar["end_s"], end_s)
-                    bar["busy_s"] += busy_s
+            for i in idx:
+                if bar is not None and start[i] - bar["start_s"] < res and start[i] <= bar["end_s"] + res:
+                    bar["end_s"] = max(bar["end_s"], end[i])
+                    bar["busy_s"] += busy[i]
                     bar["ops"] += 1
-                    bar["by"][category] = bar["by"].get(category, 0.0) + busy_s
+                    bar["by"][category[i]] = bar["by"].get(category[i], 0.0) + busy[i]
                 else:
-                    bar = {"stream": stream, "name": name, "start_s": start_s, "end_s": end_s,
-                           "busy_s": busy_s, "ops": 1, "by": {category: busy_s}}
+                    bar = {"stream": stream, "name": name[i], "start_s": start[i], "end_s": end[i],
+                           "busy_s": busy[i], "ops": 1, "by": {category[i]: busy[i]}}
                     bars.append(bar)
         if len(bars) <= max_rows:
             break
@@ -101,7 +131,7 @@ def _merge_short(rows: pd.DataFrame, max_rows: int) -> pd.DataFrame:
         b["category"] = max(by, key=by.get)
         if b["ops"] > 1:
             b["name"] = f"{b['ops']} ops from {b['name']}"
-    return pd.DataFrame(bars)[["stream", "name", "category", "start_s", "end_s", "busy_s", "ops"]]
+    return {c: [b[c] for b in bars] for c in ("stream", "name", "category", "start_s", "end_s", "busy_s", "ops")}
 
 
 def profile_run(profile, module: str | None = None, *, device: int = 0) -> pd.DataFrame:
@@ -129,9 +159,22 @@ def breakdown_frame(run: SimResult | dict) -> pd.DataFrame:
     communication by the collective kind waited for (as :func:`tpusim.analysis.summary.summarize` charges it),
     and ``idle``: the rest of the step. ``attrs`` holds the workload, topology, step time and MFU.
     """
+    import pandas as pd
+
     from tpusim.analysis.summary import summarize
 
     s = summarize(run) if isinstance(run, SimResult) else run
+    parts = breakdown_parts(s)
+    step = s["step_time_s"]
+    f = pd.DataFrame({"part": list(parts), "seconds": list(parts.values())})
+    f["fraction"] = f.seconds / step if step else 0.0
+    f.attrs.update({k: s[k] for k in ("workload", "topology", "step_time_s", "mfu")})
+    return f
+
+
+def breakdown_parts(summary: dict) -> dict[str, float]:
+    """:func:`breakdown_frame`'s parts and their seconds, from a summary (:func:`tpusim.analysis.summary.summarize`)."""
+    s = summary
     step = s["step_time_s"]
     by_bound = s["compute_by_bound_s"]
     parts = {f"compute: {k.upper()}": by_bound[k] for k in ("mxu", "hbm", "vpu") if by_bound.get(k, 0) > 0}
@@ -140,10 +183,7 @@ def breakdown_frame(run: SimResult | dict) -> pd.DataFrame:
         parts["compute: other"] = rest
     parts.update({k: v for k, v in s["exposed_comm_by_kind_s"].items() if k != "other" and v > 0})
     parts["idle"] = max(step - s["compute_s"] - sum(v for k, v in parts.items() if not k.startswith("compute")), 0.0)
-    f = pd.DataFrame({"part": list(parts), "seconds": list(parts.values())})
-    f["fraction"] = f.seconds / step if step else 0.0
-    f.attrs.update({k: s[k] for k in ("workload", "topology", "step_time_s", "mfu")})
-    return f
+    return parts
 
 
 def link_cells(result: SimResult, *, max_rows: int = MAX_ROWS) -> pd.DataFrame:
@@ -155,6 +195,9 @@ def link_cells(result: SimResult, *, max_rows: int = MAX_ROWS) -> pd.DataFrame:
     on a line axis the end links carry less), so every link of a direction holds that link's busy time
     over the step. 3D slices show the z planes that fit in ``max_rows`` rows (the last plane always).
     """
+    import numpy as np
+    import pandas as pd
+
     topo, step = result.topology, result.step_time_s
     rank = len(topo.shape)
     shape = tuple(topo.shape) + (1,) * (3 - rank)
@@ -196,6 +239,8 @@ def link_cells(result: SimResult, *, max_rows: int = MAX_ROWS) -> pd.DataFrame:
 
 def other_links(result: SimResult) -> pd.DataFrame:
     """The links that are not ICI (DCN, PCIe each way): ``link, utilisation, busy_s, bytes``."""
+    import pandas as pd
+
     step = result.step_time_s
     return pd.DataFrame([{"link": name, "utilisation": st["busy_s"] / step if step else 0.0, "busy_s": st["busy_s"],
                           "bytes": st["bytes"]} for name, st in result.link_stats.items() if not name.startswith("ICI")],

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from tpusim.sim.engine import SimResult
 from tpusim.analysis.svgcharts import breakdown_svg, link_svg, timeline_svg
 from tpusim.analysis.summary import format_summary, summarize
 from tpusim.analysis.timeline import write_atomic
 from tpusim.units import fmt_bytes, fmt_time
+
+if TYPE_CHECKING:  # no pandas on `run --out`'s path (issue 13); a DataFrame timeline is still accepted
+    import pandas as pd
 
 TIMELINE_ROWS = 2500  # bars of the report's timeline: enough to see the step, small enough to stay light
 
@@ -37,7 +39,8 @@ figure { margin: 0; overflow-x: auto; } figcaption { color: #666; font-size: 0.9
 """
 
 
-def report_html(result: SimResult, summary: dict | None = None, frame: pd.DataFrame | None = None) -> str:
+def report_html(result: SimResult, summary: dict | None = None, frame: dict[str, list] | pd.DataFrame | None = None
+                ) -> str:
     """The report as one HTML page (inline SVG charts, inline CSS, no script).
 
     Parameters
@@ -46,8 +49,9 @@ def report_html(result: SimResult, summary: dict | None = None, frame: pd.DataFr
         The simulated step.
     summary : dict, optional
         Its :func:`tpusim.analysis.summary.summarize` (computed when not given).
-    frame : DataFrame, optional
-        Its :func:`tpusim.analysis.timeline.timeline_frame` (computed when not given).
+    frame : dict of lists or DataFrame, optional
+        Its timeline: :func:`tpusim.analysis.timeline.timeline_columns` or ``timeline_frame`` (computed
+        when not given).
     """
     s = summary if summary is not None else summarize(result)
     device = result.classes[0]["devices"][0]
@@ -93,13 +97,13 @@ def report_html(result: SimResult, summary: dict | None = None, frame: pd.DataFr
             f"<style>{_STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def _frame(result: SimResult) -> pd.DataFrame:
-    from tpusim.analysis.timeline import timeline_frame
+def _frame(result: SimResult) -> dict[str, list]:
+    from tpusim.analysis.timeline import timeline_columns
 
-    return timeline_frame(result)
+    return timeline_columns(result)
 
 
 def write_report(path: str | Path, result: SimResult, summary: dict | None = None,
-                 frame: pd.DataFrame | None = None) -> None:
+                 frame: dict[str, list] | pd.DataFrame | None = None) -> None:
     """Write :func:`report_html` to ``path``, whole or not at all."""
     write_atomic(Path(path), report_html(result, summary, frame).encode())

@@ -15,9 +15,7 @@ from __future__ import annotations
 import math
 from html import escape
 
-import pandas as pd
-
-from tpusim.analysis.plotdata import COLORS, EXTRA_COLORS, LANES, MAX_LEVELS, breakdown_frame, timeline_rows
+from tpusim.analysis.plotdata import COLORS, EXTRA_COLORS, LANES, MAX_LEVELS, breakdown_parts, timeline_bars
 
 FONT = 'font-family="sans-serif" font-size="11"'
 LABEL_PX = 7  # width of a label character, roughly, at 11 px (to size the label column)
@@ -110,20 +108,22 @@ class _Svg:
 
 def breakdown_svg(summary: dict, label: str, *, width: int = 700) -> str:
     """One stacked bar of where the step went (seconds), labelled with the step time and MFU."""
-    f = breakdown_frame(summary)
-    colors = _colors(f.part)
+    import numpy as np  # the sum of the parts as pandas summed them (numpy's pairwise sum), so the same bars
+
+    parts = breakdown_parts(summary)
+    colors = _colors(parts)
     left = min(300, LABEL_PX * len(label) + 10)
     top, bar_h = 30, 20
-    end = float(f.seconds.sum())
+    end = float(np.sum(np.array(list(parts.values()), dtype=float)))
     hi = 1.3 * end if end > 0 else 1.0  # room for the label after the bar
     svg = _Svg()
     svg.text(left - 6, top + bar_h / 2 + 4, label, "end")
     x = 0.0
-    for part, seconds in zip(f.part, f.seconds):
+    for part, seconds in parts.items():
         w = width * seconds / hi
         svg.rect(left + x, top, w, bar_h, colors[part], title=f"{part}: {seconds:.4g} s")
         x += w
-    step, mfu = f.attrs["step_time_s"], f.attrs["mfu"]
+    step, mfu = summary["step_time_s"], summary["mfu"]
     step_text = f"step {step * 1e3:.3g} ms" if step < 1 else f"step {step:.3g} s"
     svg.text(left + x + 4, top + bar_h / 2 + 4, f"{step_text}, MFU {mfu:.1%}")
     svg.x_axis(left, top + bar_h + 6, width, hi, "seconds of the step")
@@ -134,24 +134,25 @@ def breakdown_svg(summary: dict, label: str, *, width: int = 700) -> str:
                     "step breakdown: compute, exposed communication, idle")
 
 
-def timeline_svg(frame: pd.DataFrame, device: int, *, max_rows: int, width: int = 900) -> str:
-    """One device's streams over the step as a Gantt chart, the legend below it."""
-    rows = timeline_rows(frame, device=device, max_rows=max_rows)
+def timeline_svg(frame, device: int, *, max_rows: int, width: int = 900) -> str:
+    """One device's streams over the step as a Gantt chart, the legend below it. ``frame``: the timeline
+    (:func:`tpusim.analysis.timeline.timeline_columns` or its DataFrame)."""
+    rows = timeline_bars(frame, device=device, max_rows=max_rows)
     order = [f"{lane}{n}" for lane in LANES.values() for n in ["", *(f" ({k})" for k in range(2, MAX_LEVELS + 1))]]
-    present = set(rows.lane)
+    present = set(rows["lane"])
     lanes = [lane for lane in order if lane in present]
-    hi = float(rows.end_s.max()) if len(rows) else 1.0
+    hi = max(rows["end_s"]) if rows["end_s"] else 1.0
     unit, k = ("ms", 1e3) if hi < 2.0 else ("s", 1.0)
-    colors = _colors(rows.category)
+    colors = _colors(rows["category"])
     left = LABEL_PX * max(len(lane) for lane in lanes) + 10
     top, lane_h = 24, 24
     svg = _Svg()
     y_of = {lane: top + i * lane_h for i, lane in enumerate(lanes)}
     for lane, y in y_of.items():
         svg.text(left - 6, y + lane_h / 2 + 4, lane, "end")
-    edge = ' stroke="white" stroke-width="0.5"' if len(rows) <= 600 else ""
+    edge = ' stroke="white" stroke-width="0.5"' if len(rows["lane"]) <= 600 else ""
     scale = width / hi if hi > 0 else 0.0
-    for lane, cat, start, end in zip(rows.lane, rows.category, rows.start_s, rows.end_s):
+    for lane, cat, start, end in zip(rows["lane"], rows["category"], rows["start_s"], rows["end_s"]):
         x0, x1 = left + min(start, hi) * scale, left + min(end, hi) * scale
         svg.rect(x0, y_of[lane] + 2, x1 - x0, lane_h - 4, colors[cat], edge)
     plot_h = lane_h * len(lanes)

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from tpusim.errors import TpusimError
 from tpusim.analysis.profiles import frame
@@ -21,6 +20,9 @@ from tpusim.analysis.profiles.hloproto import HloInstruction, HloModule
 from tpusim.analysis.profiles.podviewer import read_pod_viewer
 from tpusim.analysis.profiles.tracejson import read_trace_json
 from tpusim.analysis.profiles.xplane import read_xplane
+
+if TYPE_CHECKING:  # pandas is imported by the modules' functions: `run --out` imports this package without it
+    import pandas as pd
 
 __all__ = ["Device", "HloInstruction", "HloModule", "Profile", "op_category", "op_stats", "read_pod_viewer",
            "read_profile", "replica_groups"]

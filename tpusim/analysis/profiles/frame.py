@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from tpusim.errors import TpusimError
 from tpusim.compiler.hlo.parse import expand_replica_groups
@@ -35,6 +33,12 @@ MODULES = "XLA Modules"
 _IDS = ("module", "program_id", "run_id")
 _COLLECTIVE = re.compile(r"^(all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute|"
                          r"collective-broadcast|ragged-all-to-all)(-start|-done)?$")
+# pandas and numpy are imported by the functions that use them: `run --out` imports this package (for
+# tpusim.analysis.xspace's XSpace) and needs neither (issue 13).
+if TYPE_CHECKING:
+    import numpy as np
+    import pandas as pd
+
 _MODULE_NAME = re.compile(r"^(.*)\((\d+)\)$")  # XLA Modules events: "jit_f(12190760917235803885)"
 
 
@@ -104,6 +108,8 @@ def _fill_modules(df: pd.DataFrame) -> None:
 
     Containment is tested on the host clock, the one the module events are on.
     """
+    import numpy as np
+
     mods = df[df.stream == MODULES]
     for device, m in mods.groupby("device", sort=False):
         m = m.sort_values("start_ps")
@@ -120,6 +126,8 @@ def _fill_modules(df: pd.DataFrame) -> None:
 
 def _id_array(values: pd.Series, dtype: str) -> pd.api.extensions.ExtensionArray:
     """64-bit ids as a nullable array, wrapped into the dtype's range as two's complement."""
+    import pandas as pd
+
     half = 2**63
     wrap = (lambda x: x % 2**64) if dtype == "UInt64" else (lambda x: (x + half) % 2**64 - half)
     return pd.array([None if x is None or pd.isna(x) else wrap(int(x)) for x in values], dtype=dtype)
@@ -129,6 +137,9 @@ def _check_times(df: pd.DataFrame, source: str) -> None:
     """Refuse events with a non-finite time or a negative duration (host or device clock), and
     negative or non-finite flops or bytes: a profile cannot have them, and they would make every
     figure computed from it meaningless."""
+    import numpy as np
+    import pandas as pd
+
     def floats(col: str) -> np.ndarray:
         try:
             return pd.to_numeric(df[col], errors="raise").astype(float).to_numpy()
@@ -157,6 +168,9 @@ def timeline_frame(rows: list[dict], *, source: str) -> pd.DataFrame:
     ``bytes_accessed`` (0 when unknown); ``layer`` is -1 and ``phase`` empty (a profile does not
     know them).
     """
+    import numpy as np
+    import pandas as pd
+
     if not rows:
         raise TpusimError("no device events and no XLA op events in this profile", source=source)
     # Ids as Python ints in object columns: XLA program ids exceed int64 and float64 would round them.

@@ -13,10 +13,12 @@ import json
 import math
 import re
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from tpusim.errors import TpusimError
+
+if TYPE_CHECKING:  # imported by read_pod_viewer: `run --out` imports this package without pandas
+    import pandas as pd
 
 COLUMNS = ["step", "name", "kind", "data_bytes", "duration_s", "occurrences", "replica_groups", "description"]
 # XLA TPU writes reduce-scatter as a kCustom fusion calling %all-reduce-scatter.N; tpusim says reduce-scatter.
@@ -110,6 +112,8 @@ def read_pod_viewer(path: str | Path) -> pd.DataFrame:
     the file gives none), ``description`` (the HLO instruction). Every field is checked: a value of
     the wrong type, a negative size or duration, is a TpusimError naming its place in the file.
     """
+    import pandas as pd
+
     from tpusim.limits import MAX_BYTES
 
     src = str(path)
