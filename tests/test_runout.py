@@ -5,9 +5,10 @@ with pyarrow alone, the Chrome trace's JSON as text and the XSpace's op metadata
 format. Two checks that every file is unchanged:
 
 * ``tests/data/runout_sha256.json``: the SHA-256 of every file ``tpusim run --out`` wrote for four
-  runs with the code before the change (commit 9a567eb: ``timeline_frame`` in pandas,
+  runs with the writers before the change (commit 9a567eb: ``timeline_frame`` in pandas,
   ``DataFrame.to_parquet``), made by ``python tests/test_runout.py --record`` in a checkout of that
-  commit, with the library versions it lists. The trace (JSON + gzip), the XSpace (protobuf), the
+  commit, with the library versions it lists. (Re-recorded when the model changed what is simulated:
+  that commit's writers with the later model files, the ones ``made_by`` names, copied over it.) The trace (JSON + gzip), the XSpace (protobuf), the
   summary and the report do not depend on pandas or pyarrow; the Parquet file names the pyarrow and
   pandas versions that wrote it, so its hash (and the manifest, which holds its size) is compared
   where those versions are the recorded ones, and
