@@ -89,6 +89,22 @@ def test_replica_groups_to_axes():
     assert group_axes(topo, list(range(16)), 16) == ("x", "y")
     assert group_axes(topo, [0, 1, 2, 3], 16) == ("y",)       # row-major ids: y varies fastest
     assert group_axes(topo, [0, 4, 8, 12], 16) == ("x",)
+    # XLA's mesh form: ids row-major over the mesh axes, a group differs only along the listed ones.
+    assert replica_groups("mesh['axis_0'=2,'axis_1'=1,'axis_2'=2] {'axis_0'}", 4) == [[0, 2], [1, 3]]
+    assert replica_groups("mesh['axis_0'=4,'axis_1'=1,'axis_2'=4,'axis_3'=1] {'axis_3','axis_2'}", 16) == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+    assert replica_groups("mesh['axis_0'=16,'axis_1'=1] {'axis_0'}", 16) == [list(range(16))]
+
+
+def test_mesh_form_groups_are_the_meshs_rows():
+    """libtpu's v6e FSDP 4 x tensor 4 compile (traces/xla_aot_chips_maxtext/v6e) writes 9 tensor-parallel
+    activation all-reduces (16.8 MB each: 8 in the layers, 1 of the unembedding's input gradient) with
+    mesh-form replica groups: each runs over the 4 devices of a tensor row (one torus axis), as the
+    embedding's iota-form all-reduce ``[4,4]<=[16]`` of the same size does, not over all 16 devices."""
+    case = REPO / "traces" / "xla_aot_chips_maxtext" / "v6e" / "big_fsdp_tp_L2"
+    prog = import_hlo(read_hlo(case / "optimized_hlo.txt.gz"), parse_topology("v6e:4x4"))
+    tp = [o for o in prog.ops if o.category == "all-reduce" and o.bytes == 4 * 1024 * 2048 * 2]
+    assert len(tp) == 10 and {o.axes for o in tp} == {("y",)}
 
 
 def test_bad_hlo(tmp_path):

@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import hlo_collectives  # noqa: E402  (standard library only)
+from aot_tp_flags import FLAGS as MAXTEXT_LIBTPU_FLAGS  # noqa: E402  (the MaxText v5p 32B run's flags)
 
 # case -> mesh, remat and extra XLA compiler options.  All on one v5e 4x4 slice (16 chips).
 # The first three are the reference cases (XLA's defaults).  The "*_no_windowed_einsum" ones are
@@ -195,8 +196,11 @@ def compile_one(case: str, layers: int, out_root: Path, topology: str, chip_conf
     (out / "cost_analysis.json").write_text(json.dumps(cost, indent=1) + "\n")
     (out / "memory_analysis.json").write_text(json.dumps(mem, indent=1) + "\n")
     mt = model.maxtext_config(cfg, mesh, topology)
+    libtpu_args = os.environ.get("LIBTPU_INIT_ARGS", "").strip()
     with open(out / "config.yaml", "w") as f:
         f.write(f"# Written by traces/aot_compile.py (case {case}); MaxText key names.\n")
+        if libtpu_args:
+            f.write(f"# Compiled with LIBTPU_INIT_ARGS={libtpu_args}\n")
         if spec["compiler_options"]:
             f.write("# XLA compiler options (as LIBTPU_INIT_ARGS): " + " ".join(
                 f"--{k}={str(v).lower()}" for k, v in spec["compiler_options"].items()) + "\n")
@@ -225,6 +229,7 @@ def compile_one(case: str, layers: int, out_root: Path, topology: str, chip_conf
         "mesh_device_coords": [[list(d.coords) for d in row] for row in mesh.devices],
         "remat": spec["remat"],
         "compiler_options": spec["compiler_options"],
+        "libtpu_init_args": libtpu_args,
         "model": dataclasses.asdict(cfg),
         "global_batch": model.global_batch_size(cfg, mesh),
         "param_bytes_global": model.param_bytes(cfg),
@@ -325,19 +330,27 @@ def main() -> None:
                     help="compile here instead of one subprocess per (case, L)")
     ap.add_argument("--chip", dest="chips", choices=sorted(CHIP_TOPOLOGIES), action="append",
                     help="compile the training-size cases for this chip into xla_aot_chips/CHIP (repeatable)")
+    ap.add_argument("--maxtext-flags", action="store_true",
+                    help="with --chip: compile with the LIBTPU flags of MaxText's published runs "
+                         "(aot_tp_flags.FLAGS) into xla_aot_chips_maxtext/CHIP")
     ns = ap.parse_args()
+    if ns.maxtext_flags and not ns.chips:
+        ap.error("--maxtext-flags needs --chip")
     cases = ns.case or [c for c in CASES if c not in CHIP_CASES]
     if ns.chips:  # the training-size cases for each chip, each into its own folder
         for chip in ns.chips:
             topology, chip_config = CHIP_TOPOLOGIES[chip]
-            out = HERE / "xla_aot_chips" / chip
+            out = HERE / ("xla_aot_chips_maxtext" if ns.maxtext_flags else "xla_aot_chips") / chip
             out.mkdir(parents=True, exist_ok=True)
+            env = dict(os.environ)
+            if ns.maxtext_flags:  # libtpu reads its flags from the environment when it loads
+                env["LIBTPU_INIT_ARGS"] = (env.get("LIBTPU_INIT_ARGS", "") + " " + MAXTEXT_LIBTPU_FLAGS).strip()
             cmd = [sys.executable, __file__, "--out", str(out), "--topology", topology, "--chip-config", chip_config]
             for case in ns.case or CHIP_CASES:
                 cmd += ["--case", case]
             for layers in ns.layers or []:
                 cmd += ["--layers", str(layers)]
-            if subprocess.run(cmd).returncode:
+            if subprocess.run(cmd, env=env).returncode:
                 sys.exit(f"failed: {chip}")
         return
     layer_counts = ns.layers or list(LAYER_COUNTS)

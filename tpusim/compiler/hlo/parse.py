@@ -258,18 +258,37 @@ def expand_replica_groups(rg: str | None, num_devices: int | None = None) -> lis
 
     Forms: ``{{0,1},{2,3}}`` (explicit), the iota form ``[G,S]<=[d0,d1,...]T(perm)`` (ids over the
     dims, transposed by ``perm``, cut into G groups of S) and ``{}`` (one group of every device, when
-    ``num_devices`` is known). XLA's newer ``mesh[...]`` form is not expanded (None).
+    ``num_devices`` is known). XLA's newer form ``mesh['axis_0'=4,'axis_1'=4] {'axis_1'}`` lays the
+    device ids out row-major over its axes (the first axis major, as the iota form does) and groups the
+    devices that differ only along the listed axes: the iota form transposed to put those axes last.
+    (Checked on libtpu's v6e FSDP 4 x tensor 4 compile, traces/xla_aot_chips_maxtext: its
+    tensor-parallel all-reduces come out over the mesh's tensor rows, its embedding all-to-all over
+    the fsdp columns.) A mesh form written with a device list of its own is not expanded (None).
 
     >>> expand_replica_groups("[4,2]<=[2,4]T(1,0)")
     [[0, 4], [1, 5], [2, 6], [3, 7]]
     >>> expand_replica_groups("{{0,1},{2,3}}")
     [[0, 1], [2, 3]]
+    >>> expand_replica_groups("mesh['axis_0'=2,'axis_1'=1,'axis_2'=2] {'axis_0'}")
+    [[0, 2], [1, 3]]
     """
     if rg is None:
         return None
     rg = rg.strip()
     if rg in ("", "{}"):
         return [list(range(num_devices))] if num_devices else None
+    m = re.match(r"^mesh\[((?:'[^']+'=\d+,?)+)\]\s*\{((?:'[^']+',?)*)\}$", rg)
+    if m:
+        sizes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+        names = [k for k, _ in sizes]
+        listed = re.findall(r"'([^']+)'", m.group(2))
+        if len(set(listed)) != len(listed) or not set(listed) <= set(names):
+            raise ValueError(f"replica_groups {rg}: the listed axes are not distinct axes of the mesh")
+        perm = [i for i, k in enumerate(names) if k not in listed] + [names.index(a) for a in listed]
+        size = math.prod(int(sizes[i][1]) for i in perm[len(perm) - len(listed):])
+        dims = ",".join(v for _, v in sizes)
+        total = math.prod(int(v) for _, v in sizes)
+        return expand_replica_groups(f"[{total // size},{size}]<=[{dims}]T({','.join(map(str, perm))})")
     m = re.match(r"^\[(\d+),(\d+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?$", rg)
     if m:
         dims = [int(x) for x in m.group(3).split(",")]
