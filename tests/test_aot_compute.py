@@ -63,17 +63,15 @@ def _known(kind):
     return out
 
 
-# Why the step times part on v5p (measured with `tpusim run` vs `tpusim run --hlo`, 18.3 vs 19.8 ms;
+# Why the step times part on v5p with default flags (`tpusim run` 17.4 ms vs `tpusim run --hlo` 19.8 ms;
 # the compute streams agree, 16.3 ms each): XLA's compile with default flags issues the weight
 # all-gathers as 27 synchronous all-gathers that the next op waits for (2.84 ms exposed; on v5e the
-# same kind of gathers hide behind 2.3x longer compute), plus two all-to-alls that reshard the token
-# embedding (0.43 ms). tpusim's program prefetches each gather one layer ahead, as MaxText's
-# async-collective-fusion flags make XLA do, and has no embedding all-to-all (MaxText's runs use
-# iota embeddings). The per-collective fixed cost, which this reason used to blame, is now the
-# in-step one (5.5 us) and the windowed-einsum permutes expose 0.18 ms.
-WINDOWED_PERMUTES = ("XLA's default-flag compile makes 27 weight all-gathers synchronous (2.84 ms exposed on v5p) "
-                     "and reshards the embedding with all-to-alls (0.43 ms); tpusim prefetches gathers one layer "
-                     "ahead as MaxText's async-collective-fusion flags do")
+# same kind of gathers hide behind 2.3x longer compute). tpusim's program prefetches each gather one
+# layer ahead, as MaxText's async-collective-fusion flags make XLA do: with them (maxtext/v5p) the two
+# agree. Both reshard the token embedding (jnp.take) with all-to-alls.
+WINDOWED_PERMUTES = ("XLA's default-flag compile makes 27 weight all-gathers synchronous (2.84 ms exposed on v5p); "
+                     "tpusim prefetches gathers one layer ahead as MaxText's async-collective-fusion flags do "
+                     "(compiled with them, maxtext/v5p, the two agree)")
 ACCUMULATORS = ("XLA's FSDP windowed-einsum loops read and write each matmul's output once per loop step "
                 "(16 steps per weight; about 3 GB on v5e, 7 GB on v5p per step) and its memory-space "
                 "assignment adds HBM<->VMEM DMAs; tpusim's program has one pass per matmul. The time still "
@@ -95,35 +93,27 @@ KNOWN_GAPS = {
                                                  "(-22%): not yet explained op by op",
 }
 # With MaxText's flags XLA's schedule is the one tpusim assumes for the weights (v5p: 25 of 27 all-gathers
-# asynchronous, 0.36 ms of gathers exposed in all; the compute streams agree, 16.31 vs 16.20 ms). What
-# still parts the v5p step (`tpusim run` 18.30 ms, `--hlo` 17.26 ms) is the token embedding: traces/model.py
-# looks tokens up with jnp.take, which XLA partitions over the table's fsdp-sharded D and reshards with two
-# 16.8 MB activation all-to-alls (0.43 ms exposed), where tpusim's program gathers the whole 134 MB table and
-# reduce-scatters its gradient, as MaxText's one-hot embedding (use_iota_embed=true in every published run)
-# needs: 1.31 ms exposed at the step's start (issued with layer 0's gathers, sharing their links; alone it
-# takes 0.68 ms) and 0.68 ms at its end, with nothing left to hide them behind.
-TAKE_EMBEDDING = ("traces/model.py's jnp.take embedding becomes two 16.8 MB all-to-alls in XLA (0.43 ms exposed); "
-                  "tpusim gathers and reduce-scatters the 134 MB table as MaxText's iota embedding does "
-                  "(1.31 + 0.68 ms exposed at the step's start and end); the compute streams agree (16.31 vs "
-                  "16.20 ms) and XLA hides all but 0.36 ms of the weight gathers, as tpusim does")
-# v6e (`run` 7.39 ms, `--hlo` 7.79 ms, -5.1%): the tensor-parallel collectives agree (XLA's 9 activation
-# all-reduces expose 2.79 ms, tpusim's 18 all-gathers + reduce-scatters of the same activations 2.77 ms) and
-# all but 0.14 ms of XLA's weight gathers are hidden; what differs is XLA's windowed-einsum permutes (0.75 ms
-# exposed, tpusim's FSDP collectives hide whole), the embedding (XLA's all-to-alls 0.61 ms, tpusim's table
-# gather + reduce-scatter 0.88 ms) and tpusim's compute, 0.23 ms longer (VMEM residency).
+# asynchronous, 0.36 ms of gathers exposed in all; the compute streams agree, 16.31 vs 16.20 ms), and the
+# token embedding is resharded the same way (traces/model.py looks tokens up with jnp.take, MaxText's
+# default, use_iota_embed false: XLA partitions the lookup over the table's fsdp-sharded D and reshards
+# with two 16.8 MB activation all-to-alls, as tpusim's program does): v5p's steps agree (17.36 vs 17.25 ms).
+# v6e (`run` 7.17 ms, `--hlo` 7.79 ms, -8.0%): the tensor-parallel collectives agree (XLA's 9 activation
+# all-reduces expose 2.79 ms, tpusim's 18 all-gathers + reduce-scatters of the same activations 2.77 ms),
+# so do the embedding's all-to-alls (0.61 vs 0.66 ms); what differs is XLA's windowed-einsum permutes and
+# gathers (0.89 ms exposed, where tpusim's prefetched FSDP collectives hide whole) and tpusim's compute,
+# 0.23 ms longer (VMEM residency).
 VMEM_TP_MAXTEXT = ("with tensor parallelism XLA keeps most activations in VMEM (its HBM traffic is 2.33 GB, "
                    "tpusim's 3.54 GB), so tpusim's compute is 6.6% slower (3.72 vs 3.49 ms); tpusim has no VMEM "
                    "residency model")
 MAXTEXT_GAPS = {
-    ("v5p", "big_fsdp_L2", "step"): TAKE_EMBEDDING,
     ("v5p", "big_fsdp_L2", "bytes"): ACCUMULATORS,
     ("v5e", "big_fsdp_remat_L2", "bytes"): ACCUMULATORS,  # the flags leave v5e's compile as it was
     ("v6e", "big_fsdp_tp_L2", "bytes"): VMEM_TP_MAXTEXT,
     ("v6e", "big_fsdp_tp_L2", "compute"): VMEM_TP_MAXTEXT,
-    ("v6e", "big_fsdp_tp_L2", "step"): "XLA's windowed-einsum permutes expose 0.75 ms that tpusim's prefetched FSDP "
-                                       "collectives do not, against tpusim's 0.23 ms longer compute (" + VMEM_TP_MAXTEXT
-                                       + ") and its embedding table gather + reduce-scatter (0.88 ms exposed, XLA's "
-                                       "all-to-alls 0.61 ms); the tensor-parallel collectives agree (2.77 vs 2.79 ms)",
+    ("v6e", "big_fsdp_tp_L2", "step"): "XLA's windowed-einsum permutes and FSDP gathers expose 0.89 ms that tpusim's "
+                                       "prefetched FSDP collectives do not, and tpusim's compute is 0.23 ms longer ("
+                                       + VMEM_TP_MAXTEXT + "); the tensor-parallel collectives agree (2.77 vs 2.79 ms), "
+                                       "so do the embedding's all-to-alls (0.66 vs 0.61 ms)",
     ("v6e", "big_fsdp_tp_L2", "cost_analysis"): "the importer counts 8.5 GB where XLA's cost analysis counts 10.4 GB "
                                                  "(-19%): not yet explained op by op",
 }

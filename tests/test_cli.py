@@ -86,9 +86,11 @@ def test_program_json(tmp_path):
         assert key in d
     assert d["chips"] == 256 and d["peak_hbm_bytes_per_device"] < d["hbm_capacity_bytes"]
     kinds = {(c["kind"], tuple(c["mesh_axes"])) for c in d["collectives"]}
-    assert kinds == {("all-gather", ("fsdp",)), ("reduce-scatter", ("fsdp",))}
+    assert kinds == {("all-gather", ("fsdp",)), ("reduce-scatter", ("fsdp",)), ("all-to-all", ("fsdp",))}
     ag = next(c for c in d["collectives"] if c["kind"] == "all-gather")
-    assert ag["count"] == 2 * 7 * 80 + 2  # 7 weights per layer, forward and backward, plus the two tables
+    # 7 weights per layer, forward and backward, plus the unembedding table (the token embedding is a
+    # lookup on each device's slice of its table, resharded by all-to-alls)
+    assert ag["count"] == 2 * 7 * 80 + 1
     assert {"kind", "axes", "bytes", "count"} <= set(ag)
 
 

@@ -110,6 +110,29 @@ def test_flash_backward_matmuls(fused, matmuls):
     assert any(o.name.endswith("attention_delta") for o in prog.ops)  # rowsum(O dO) before the kernels
 
 
+@pytest.mark.parametrize("iota", [False, True])
+def test_token_embedding(iota):
+    """MaxText's Embed: with use_iota_embed, a one-hot matmul (tokens x V x D) against the gathered table
+    and its transpose for the table's gradient, reduced over the weight axes; without (MaxText's
+    default, jnp.take), no table gather: the lookup on this device's D-slice and an all-to-all of the
+    tokens x D activations each way, as libtpu compiles it (traces/xla_aot_chips_maxtext), the
+    gradient already sharded as the table."""
+    m = model(D=2048, N=16, H=128, F=8192, L=2, V=32000)
+    w = workload(m, per_device_batch_size=2, max_target_length=2048, use_iota_embed=iota)
+    prog = compile_program(w, parse_topology("v5p:2x2x2"))
+    names = {o.name: o for o in prog.ops}
+    tok = 2 * 2048
+    if iota:
+        assert names["embedding/fwd/one_hot"].flops == 2 * tok * 32000 * 2048
+        assert names["embedding/bwd/one_hot_wgrad"].flops == 2 * tok * 32000 * 2048
+        assert "all-gather/embedding" in names and "reduce-scatter/embedding" in names
+        assert not any(n.startswith("all-to-all/embedding") for n in names)
+    else:
+        assert names["all-to-all/embedding"].bytes == names["all-to-all/embedding_grad"].bytes == tok * 2048 * 2
+        assert "all-gather/embedding" not in names and "reduce-scatter/embedding" not in names
+        assert not any(n.startswith("embedding/fwd/one_hot") for n in names)
+
+
 def test_executed_flops_follow_remat():
     """Executed FLOPs: 6 N T without remat; full remat adds a forward (book: ~8 N T)."""
     base = dict(per_device_batch_size=4, max_target_length=2048, attention="dot_product", attention_flops="full")

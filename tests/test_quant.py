@@ -119,4 +119,4 @@ def test_fsdp_gathers_the_quantized_weights_as_libtpu_does_it():
     q, bf16 = _prog(topo, "int8"), _prog(topo)
     for name in ("all-gather/layer_0/forward/mlp_up", "all-gather/layer_1/backward/q_proj"):
         assert _op(q, name).bytes * 2 == _op(bf16, name).bytes
-    assert _op(q, "all-gather/embedding").bytes == _op(bf16, "all-gather/embedding").bytes
+    assert _op(q, "all-gather/unembedding").bytes == _op(bf16, "all-gather/unembedding").bytes

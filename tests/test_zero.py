@@ -97,7 +97,8 @@ def test_the_programs_differ_where_the_stages_do():
              for s in STAGES}
     assert kinds["dp"] == {("all-reduce", ("data",))}
     assert kinds["zero1"] == kinds["zero2"] == {("reduce-scatter", ("data",)), ("all-gather", ("data",))}
-    assert kinds["zero3"] == {("reduce-scatter", ("fsdp",)), ("all-gather", ("fsdp",))}
+    # (and ZeRO-3's token embedding, a lookup on each device's slice of the table, resharded by all-to-alls)
+    assert kinds["zero3"] == {("reduce-scatter", ("fsdp",)), ("all-gather", ("fsdp",)), ("all-to-all", ("fsdp",))}
     # ZeRO-1/2 update 1/N of the parameters, and the step ends once the new compute copy is gathered
     dp_opt = next(op for op in _compile("dp")[1].ops if op.name == "optimizer/adamw")
     z1 = _compile("zero1")[1]

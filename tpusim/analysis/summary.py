@@ -24,6 +24,12 @@ from tpusim.units import fmt_bytes, fmt_time
 EXPOSED_THRESHOLD = 0.10
 
 
+def _nine(x: float) -> float:
+    """``x`` to 9 significant digits: figures equal to 9 digits (up to the rounding of their sums, or
+    of an extrapolated step) rank as ties, which keep their first order."""
+    return float(f"{x:.9g}")
+
+
 def summarize(result: SimResult) -> dict:
     return summary_of(result.program, result.topology, result.mode, step_totals(result), classes=result.classes,
                       pipeline=pipeline_summary(result) if result.program.stages > 1 else None)
@@ -96,9 +102,9 @@ def summary_of(prog: Program, topo: Topology, mode: str, totals: dict, *, classe
     # Busiest first; links as busy as each other to 9 digits (both directions of a paired link, up to
     # the rounding of their sums) keep the topology's order, however their last digits came out.
     links = sorted(({"link": name, "utilization": s["busy_s"] / step if step else 0.0, "bytes": s["bytes"]}
-                    for name, s in totals["links"].items()), key=lambda d: -float(f"{d['utilization']:.9g}"))
+                    for name, s in totals["links"].items()), key=lambda d: -_nine(d["utilization"]))
     if exposed > EXPOSED_THRESHOLD * step and exposed_by:
-        kind = max(exposed_by, key=exposed_by.get)
+        kind = max(exposed_by, key=lambda k: _nine(exposed_by[k]))
         if kind == "collective-permute" and prog.stages > 1:
             bottleneck = "pipeline bubble: stages waiting for each other's activations (collective-permute)"
         elif kind.startswith("copy"):
@@ -107,14 +113,14 @@ def summary_of(prog: Program, topo: Topology, mode: str, totals: dict, *, classe
             axes = sorted({",".join(op.mesh_axes) for op in prog.collective_ops if op.category == kind})
             bottleneck = f"communication: exposed {kind} ({'; '.join(axes)})"
     else:
-        side = max(by_bound, key=by_bound.get) if by_bound else "mxu"
+        side = max(by_bound, key=lambda k: _nine(by_bound[k])) if by_bound else "mxu"
         bottleneck = {"mxu": "compute: MXU", "hbm": "compute: HBM bandwidth", "vpu": "compute: VPU"}[side]
     return {
         "workload": prog.name, "topology": topo.name, "mode": mode,
         "chips": chips, "step_time_s": step, "mfu": mfu,
         "tokens_per_s": prog.tokens_per_step / step if step else 0.0,
         "compute_s": compute_s, "exposed_comm_s": exposed,
-        "exposed_comm_by_kind_s": dict(sorted(exposed_by.items(), key=lambda kv: -kv[1])),
+        "exposed_comm_by_kind_s": dict(sorted(exposed_by.items(), key=lambda kv: -_nine(kv[1]))),
         "compute_by_bound_s": dict(by_bound),
         "utilization": {"flops": totals["matmul_flops"] / (peak * step) if step else 0.0,
                         "hbm": totals["hbm_bytes"] / (topo.chip.hbm_bytes_per_s * step) if step else 0.0},

@@ -380,10 +380,21 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         """Forward and backward of one (micro)batch: weights gathered afresh, gradients reduced."""
         dcn_grad_syncs.clear()
         start = () if not last_microbatch[1] else (b.last_compute,)  # a later microbatch: after the one before
-        embed_ag = b.collective("all-gather/embedding", "all-gather", v=table * ab, mesh_axes=weight_axes, deps=start)
+        # The token embedding (MaxText's Embed): with use_iota_embed a one-hot matmul against the gathered
+        # table; without (MaxText's default), a lookup (jnp.take), which XLA runs on each device's slice of
+        # the table (D over the weight axes) and reshards with an all-to-all of the activations (libtpu's
+        # compile of traces/model.py: no table gather, two all-to-alls of tokens x D; docs/VALIDATION.md).
+        # A tied table is gathered either way, for the unembedding.
+        iota = w.step.iota_embed
+        embed_ag = (b.collective("all-gather/embedding", "all-gather", v=table * ab, mesh_axes=weight_axes, deps=start)
+                    if iota or m.tied_embeddings else None)
         fwd_weights = {0: gather_weights(0, "forward", start)}
-        b.wait(embed_ag)
-        elementwise("embedding/lookup", tok * d, 0, 2, layer=-1, phase="forward", category="embedding")
+        if iota:
+            matmul("embedding/fwd/one_hot", tok, sh.vocab, d, layer=-1, phase="forward", weight=embed_ag)
+        else:
+            b.compute("embedding/lookup", "embedding", flops=0.0, hbm=2 * tok * d * ab, layer=-1, phase="forward",
+                      deps=start)
+            b.wait(b.collective("all-to-all/embedding", "all-to-all", v=tok * d * ab, mesh_axes=weight_axes))
         unembed_ag = embed_ag if m.tied_embeddings else None
         # Host offload (remat policies that move saved activations to host memory): copied out after each
         # layer's forward, copied back one layer ahead of its backward.
@@ -437,9 +448,17 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             b.wait(from_host.get(layer))
             backward_layer(layer, bwd_weights[layer], on_start=prefetch)
             b.wait(*dcn_grad_syncs.pop(layer + 1, ()))  # the layer before's cross-slice reduction, pipelined
-        wg = elementwise("embedding/bwd/scatter_add", tok * d, 1, 2, layer=-1, phase="backward", category="embedding")
-        if not m.tied_embeddings:
-            reduce_grad("embedding", -1, table * ab, weight_axes, wg)
+        if iota:
+            wg = matmul("embedding/bwd/one_hot_wgrad", sh.vocab, tok, d, layer=-1, phase="backward")
+            if not m.tied_embeddings:
+                reduce_grad("embedding", -1, table * ab, weight_axes, wg)
+        else:  # the activations' gradient resharded back, added into this device's slice of the table's
+            b.wait(b.collective("all-to-all/embedding_grad", "all-to-all", v=tok * d * ab, mesh_axes=weight_axes,
+                                phase="backward"))
+            wg = elementwise("embedding/bwd/scatter_add", tok * d, 1, 2, layer=-1, phase="backward",
+                             category="embedding")
+            if not m.tied_embeddings:  # already sharded as the table: only the data axes reduce it
+                reduce_grad("embedding", -1, table * ab / mesh.size(*weight_axes), (), wg)
 
 
     # Gradient accumulation (MaxText's gradient_accumulation_steps k): the microbatches run in

@@ -69,6 +69,7 @@ _STEP_KEYS: dict[str, tuple[type, Any]] = {
     "context_parallel_load_balance": (bool, True),
     "context_parallel_strategy": (str, "all_gather"),
     "sa_use_fused_bwd_kernel": (bool, False),
+    "use_iota_embed": (bool, False),
 }
 QUANTIZATIONS = ("", "int8", "fp8", "nanoo_fp8")  # MaxText's AQT modes tpusim models (others: not yet)
 CONTEXT_STRATEGIES = ("all_gather", "ring")  # MaxText's ulysses / usp: not yet
@@ -223,7 +224,7 @@ def _step(values, source, where) -> Step:
                 optimizer_memory_host_offload=values["optimizer_memory_host_offload"],
                 context_load_balance=values["context_parallel_load_balance"],
                 context_strategy=_not_yet(values, "context_parallel_strategy", CONTEXT_STRATEGIES, source, where),
-                flash_fused_bwd=values["sa_use_fused_bwd_kernel"])
+                flash_fused_bwd=values["sa_use_fused_bwd_kernel"], iota_embed=values["use_iota_embed"])
 
 
 def _not_yet(values, key, choices, source, where):

@@ -91,7 +91,7 @@ IGNORED: dict[str, tuple[str, str]] = {
         eval_per_device_batch_size eval_start_step eval_interval eval_steps target_eval_loss
         custom_mesh_and_rule_for_eval logical_axis_rules_for_eval"""),
     "position encoding": ("RoPE variants change a few elementwise ops per token, not the matmuls", """
-        use_iota_embed rope_type rope_linear_scaling_factor rope_use_scale rope_min_timescale rope_max_timescale
+        rope_type rope_linear_scaling_factor rope_use_scale rope_min_timescale rope_max_timescale
         local_rope_max_timescale global_rope_max_timescale global_rope_proportion local_rope_proportion
         max_position_embeddings original_max_position_embeddings rope_factor beta_fast beta_slow mscale
         rope_interleave rope_truncate rope_attention_scaling rope_pairwise compressed_rope_max_timescale

@@ -170,6 +170,7 @@ class Step:
     context_load_balance: bool = True  # context_parallel_load_balance: causal work spread evenly over context
     context_strategy: str = "all_gather"  # context_parallel_strategy: all_gather (K/V gathered) or ring
     flash_fused_bwd: bool = False  # sa_use_fused_bwd_kernel: splash's backward in one kernel, not dkv + dq
+    iota_embed: bool = False  # use_iota_embed: the token embedding as a one-hot matmul, not a lookup (take)
 
     @property
     def act_bytes(self) -> int:
