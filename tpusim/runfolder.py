@@ -42,10 +42,9 @@ def _alive(pid: int) -> bool:
 
 def die_with_parent(parent_pid: int) -> None:
     """End this process when ``parent_pid`` ends, however it ends (SIGKILL included): a process that
-    writes into a run's temporary folder for it (``cli/run._alongside``) never outlives the run.
-
-    The same as ``tpusim.explore.workers.die_with_parent`` (the sweep's workers), here in the foundation
-    so that ``run --out``'s writer does not import the sweep's modules (and pandas with them, issue 13)."""
+    writes into a run's temporary folder for it (``cli/run._alongside``) never outlives the run, and a
+    sweep's worker (``explore.workers``) never outlives its sweep. In the foundation so that ``run
+    --out``'s writer imports no sweep module (and no pandas with it, issue 13)."""
     if sys.platform.startswith("linux"):
         import ctypes
 

@@ -58,6 +58,8 @@ def _work(task) -> dict:
 
 
 def _init_worker(journal: str | None, parent_pid: int) -> None:
+    from tpusim.runfolder import die_with_parent
+
     global _journal
     # The parent decides when to stop (Ctrl-C, or a service manager's SIGTERM, reaches the whole process
     # group): it lets the running configurations finish, or kills us.
@@ -65,31 +67,6 @@ def _init_worker(journal: str | None, parent_pid: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     die_with_parent(parent_pid)
     _journal = Journal(journal) if journal is not None else None
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """End this process when ``parent_pid`` ends, however it ends (SIGKILL included)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            pr_set_pdeathsig = 1  # <linux/prctl.h>
-            if libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0:
-                if os.getppid() != parent_pid:  # the parent died before prctl
-                    os._exit(1)
-                return
-        except (OSError, AttributeError):
-            pass
-    import threading
-    import time
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="tpusim-parent-watch").start()
 
 
 def iter_rows(tasks: Iterable, *, workers: int | None = None, ray: str | None = None, journal: Journal | None = None,
