@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterable, Iterator
 
 from tpusim.errors import TpusimError
