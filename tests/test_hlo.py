@@ -104,7 +104,20 @@ def test_mesh_form_groups_are_the_meshs_rows():
     case = REPO / "traces" / "xla_aot_chips_maxtext" / "v6e" / "big_fsdp_tp_L2"
     prog = import_hlo(read_hlo(case / "optimized_hlo.txt.gz"), parse_topology("v6e:4x4"))
     tp = [o for o in prog.ops if o.category == "all-reduce" and o.bytes == 4 * 1024 * 2048 * 2]
-    assert len(tp) == 10 and {o.axes for o in tp} == {("y",)}
+    assert len(tp) == 10 and {o.axes for o in tp} == {("x",)}  # ids 4r..4r+3: x, as libtpu numbers devices
+
+
+def test_device_ids_are_libtpus():
+    """libtpu numbers a slice's devices with the first torus axis fastest (its ahead-of-time v5p 2x2x4:
+    device 1 at (1, 0, 0), device 2 at (0, 1, 0), device 4 at (0, 0, 1)): on an asymmetric slice a group
+    of devices 0 and 4 runs along z (4 chips), not along y."""
+    from tpusim.compiler.hlo.importer import group_axes, xla_chip
+
+    topo = parse_topology("v5p:2x2x4")
+    to_chip = xla_chip(topo, 16)
+    assert [topo.coords(to_chip(d))[1] for d in (1, 2, 4)] == [(1, 0, 0), (0, 1, 0), (0, 0, 1)]
+    assert group_axes(topo, [to_chip(d) for d in (0, 4, 8, 12)], 16) == ("z",)
+    assert group_axes(topo, [to_chip(d) for d in (0, 1)], 16) == ("x",)
 
 
 def test_bad_hlo(tmp_path):

@@ -209,6 +209,24 @@ def group_axes(topo: Topology, devices: list[int], num_devices: int) -> tuple[Ax
     return tuple(axes)
 
 
+def xla_chip(topo: Topology, num_devices: int):
+    """XLA device id -> tpusim chip id. libtpu numbers a slice's devices with the first torus axis
+    fastest (its ahead-of-time topologies: device 1 at (1, 0, 0); on v5p 2x2x4 device 4 at (0, 0, 1);
+    on v6e 2x4 device 2 at (0, 1)), slice after slice; tpusim's chip ids are row-major, the last axis
+    fastest. Devices beyond one per chip (cores) share their chip."""
+    per_chip = max(1, num_devices // topo.num_chips)
+
+    def chip(device: int) -> int:
+        s, local = divmod(device // per_chip, topo.chips_per_slice)
+        coords = []
+        for n in topo.shape:
+            local, c = divmod(local, n)
+            coords.append(c)
+        return topo.chip_id(s, tuple(coords))
+
+    return chip
+
+
 def replica_groups(rg: str | None, num_devices: int) -> list[list[int]]:
     """Device ids of each replica group (see :func:`tpusim.compiler.hlo.parse.expand_replica_groups`); every
     device when the attribute is empty or in a form we do not expand."""
@@ -297,8 +315,10 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
                 if v > MAX_BYTES:
                     raise TpusimError(f"%{rec['name']} moves {v:.3g} bytes, more than {MAX_BYTES:.0e} (1 PB), "
                                       "tpusim's limit for one collective", source=source)
-                axes = group_axes(topo, groups[0], n_dev) if rec["kind"] != "collective-permute" else \
-                    _permute_axes(topo, rec.get("source_target_pairs"), n_dev)
+                to_chip = xla_chip(topo, n_dev)
+                axes = (group_axes(topo, [to_chip(d) for d in groups[0]], topo.num_chips)
+                        if rec["kind"] != "collective-permute" else
+                        _permute_axes(topo, rec.get("source_target_pairs"), n_dev))
                 kind = rec["kind"] if rec["kind"] in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                                                       "collective-permute") else "all-reduce"
                 i = add(dict(name=prefix + rec["name"], stream=COLLECTIVE, category=kind, bytes=float(v),
@@ -401,7 +421,8 @@ def _permute_axes(topo: Topology, pairs: str | None, n_dev: int) -> tuple[Axis, 
     m = re.search(r"\{(\d+),(\d+)\}", pairs or "")
     if not m:
         return ()
-    return group_axes(topo, [int(m.group(1)), int(m.group(2))], n_dev)[:1]
+    to_chip = xla_chip(topo, n_dev)
+    return group_axes(topo, [to_chip(int(m.group(1))), to_chip(int(m.group(2)))], topo.num_chips)[:1]
 
 
-__all__ = ["DTYPE_BYTES", "group_axes", "host_copy_kind", "import_hlo", "read_hlo", "replica_groups"]
+__all__ = ["DTYPE_BYTES", "group_axes", "host_copy_kind", "import_hlo", "read_hlo", "replica_groups", "xla_chip"]
