@@ -43,6 +43,7 @@ from tpusim.sim.topology import Topology
 WARMUP_LAYERS = 3  # layers of the shortest cut (at least p + 1, so its last layer has one p before it)
 RTOL = 1e-9        # a second difference this small (relative) is rounding; float sums leave ~1e-15
 
+
 def layer_period(w: Workload) -> int | None:
     """The period of the model's layer pattern after its first dense layers (1 for a uniform stack),
     or None if it has none short enough to pay off."""
@@ -52,6 +53,7 @@ def layer_period(w: Workload) -> int | None:
         if all(sig[i] == sig[i + p] for i in range(len(sig) - p)):
             return p
     return None
+
 
 def short_layer_counts(w: Workload) -> tuple[int, int, int] | None:
     """The three layer counts (a, a+p, a+2p) to simulate, with L - a a multiple of p, or None when
@@ -65,6 +67,7 @@ def short_layer_counts(w: Workload) -> tuple[int, int, int] | None:
     if L < a + 4 * p:
         return None
     return a, a + p, a + 2 * p
+
 
 def summarize_step(w: Workload, topo: Topology, *, mode: str = "calibrated") -> dict:
     """``summarize(simulate(compile_program(w, topo), topo, mode=mode))`` to float rounding, by
@@ -83,6 +86,7 @@ def summarize_step(w: Workload, topo: Topology, *, mode: str = "calibrated") -> 
             totals["sim_wall_s"] = sum(r.sim_wall_s for r in results)
             return summary_of(head, topo, mode, totals, classes=results[-1].classes)
     return summarize(simulate(compile_program(w, topo, mesh=mesh), topo, mode=mode))
+
 
 def settled(result, period: int, *, rtol: float = RTOL) -> bool:
     """Whether each layer loop of a simulated step ends in its periodic state: at the start of the
@@ -125,6 +129,7 @@ def settled(result, period: int, *, rtol: float = RTOL) -> bool:
                 return False
     return True
 
+
 def extrapolate(totals: list[dict], counts: tuple[int, int, int], layers: int) -> dict | None:
     """The totals of ``layers`` layers from those of three short steps (``sim_wall_s`` left out), or
     None if any figure's second difference is more than rounding (the steps are not in their steady
@@ -159,5 +164,6 @@ def extrapolate(totals: list[dict], counts: tuple[int, int, int], layers: int) -
         if out[key] is None:
             return None
     return out
+
 
 _TIMES = {"step_time_s", "compute_s", "exposed_by_kind_s", "compute_by_bound_s", "links"}  # links: busy_s
