@@ -173,6 +173,27 @@ def test_random_configurations():
         done += 1
 
 
+# The step's other features: microbatches (the loops run once per microbatch), slices over DCN, host
+# offload of activations and of the optimizer's moments. Extrapolated or simulated whole, the same summary.
+FEATURES = [
+    ({"model_name": "llama3-8b", "per_device_batch_size": 4, "gradient_accumulation_steps": 2}, "v5e:4x4", 1),
+    ({"model_name": "mixtral-8x7b", "per_device_batch_size": 2, "gradient_accumulation_steps": 2,
+      "max_target_length": 1024, "ici_expert_parallelism": 4}, "v5p:4x4x4", 1),
+    ({"model_name": "llama3-8b", "per_device_batch_size": 2, "dcn_data_parallelism": 2,
+      "ici_fsdp_parallelism": 16}, "v5e:4x4", 2),
+    ({"model_name": "llama3-8b", "per_device_batch_size": 2, "remat_policy": "minimal_offloaded"}, "v6e:2x4", 1),
+    ({"model_name": "llama3-8b", "per_device_batch_size": 2, "optimizer_memory_host_offload": True}, "v6e:2x4", 1),
+]
+
+
+@pytest.mark.parametrize("config,topology,slices", FEATURES, ids=["accumulation", "accumulation_moe", "dcn",
+                                                                   "activation_offload", "optimizer_offload"])
+def test_step_features(config, topology, slices):
+    w = workload_from_dict({"max_target_length": 2048, **config}, source="x")
+    topo = parse_topology(topology, slices=slices)
+    assert_close(summarize_step(w, topo), whole(w, topo))
+
+
 def test_layer_periods():
     def period(name, **extra):
         return layer_period(workload_from_dict({"model_name": name, "per_device_batch_size": 1, **extra},
