@@ -5,8 +5,9 @@ The plain path is the library as a notebook calls it: compile, simulate with the
 engine (``simulate(..., plain=True)``, one event per op, transfer and condition), summarize. The
 others are the ones tuned for speed: the default engine (tpusim.sim.fastengine: callback state
 machines, links timed in closed form, merged compute runs), the ``tpusim`` command (which imports
-only what it needs) and a sweep in worker processes against a serial one (a sweep's row itself is
-the step extrapolated in its layer count: equal to float rounding, tests/test_periodic.py). Only
+only what it needs), a sweep's row with ``--exact`` and a sweep in worker processes against a serial
+one (a sweep's row by default is the step extrapolated in its layer count: equal to float rounding,
+tests/test_periodic.py). Only
 ``sim_wall_s`` (a wall time) and ``events`` (the engine's own count of its work, which is what the
 fast engine cuts) may differ.
 
@@ -29,7 +30,7 @@ from tpusim.api import compile_workload
 from tpusim.cli import main
 from tpusim.sim.engine import simulate
 from tpusim.analysis.summary import summarize
-from tpusim.explore.sweep import make_sweep, run_sweep
+from tpusim.explore.sweep import make_sweep, run_sweep, summary_columns
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = sorted(p for p in (ROOT / "workloads").glob("*.yaml")
@@ -82,7 +83,12 @@ def test_fast_paths_match_the_plain_path(path):
     expected = plain(path)
     for name, run in PATHS.items():
         assert _canon(run(path)) == _canon(json.loads(json.dumps(expected))), name
-    # A sweep's row: the step extrapolated in its layers, equal to float rounding (tests/test_periodic.py)
+    # A sweep's row with --exact holds the same fields, flattened (summary_columns) and through a DataFrame;
+    # without it the step is extrapolated in its layers, equal to float rounding (tests/test_periodic.py).
+    rows = run_sweep(make_sweep(path, {"mode": ("calibrated",)}, exact=True), workers=1).rows.to_dict("records")
+    assert len(rows) == 1 and rows[0]["status"] == "ok", rows
+    want = summary_columns(json.loads(json.dumps(expected)))
+    assert _canon({k: rows[0][k] for k in want}) == _canon(want)
 
 
 def test_sweep_in_worker_processes_matches_serial():

@@ -181,6 +181,26 @@ def test_cli_sweep_file_varies_topology(small, tmp_path):
     assert read_sweep_file(small) is None  # a workload, not a sweep
 
 
+def test_cli_exact_rows_are_the_run_commands(small, tmp_path):
+    """--exact simulates each step whole: its rows hold tpusim run --json's step time to the last digit
+    (without it, the step is extrapolated in its layers, equal to 1e-9: tests/test_periodic.py)."""
+    out = tmp_path / "rows.csv"
+    r = CliRunner().invoke(main, ["sweep", str(small), "--vary", "remat_policy=full,none", "--exact", "--out",
+                                  str(out), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    from tpusim.analysis.summary import summarize
+    from tpusim.api import compile_workload
+    from tpusim.config import read_yaml
+    from tpusim.model.workload import workload_from_dict
+    from tpusim.sim.engine import simulate
+
+    rows = pd.read_csv(out)  # (pandas reads floats back exactly)
+    for policy in ("full", "none"):
+        w = workload_from_dict(read_yaml(small), source=str(small), overrides={"remat_policy": policy})
+        _, topo, prog = compile_workload(w)
+        assert rows[rows.remat_policy == policy].step_time_s.item() == summarize(simulate(prog, topo))["step_time_s"]
+
+
 @pytest.mark.parametrize("args, says", [
     (["--vary", "per_devce_batch_size=1,2"], "--vary: per_devce_batch_size: unknown key (did you mean"),
     (["--vary", "remat_policy="], "--vary: remat_policy has an empty value"),

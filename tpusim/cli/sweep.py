@@ -195,10 +195,13 @@ def register(main: click.Group) -> None:
     @workers_option
     @ray_option
     @click.option("--yes", is_flag=True, help=f"run grids of more than {max_grid:,} configurations")
+    @click.option("--exact", is_flag=True, help="simulate every training step whole (rows equal to tpusim run's to "
+                                                "the last digit; slower: by default a step is extrapolated in its "
+                                                "layers, equal to 1e-9)")
     @_json_option
     @click.pass_context
     def sweep(ctx: click.Context, spec: str, topology: str | None, vary_items: tuple[str, ...], slices: int | None,
-              mode: str, out: str | None, workers: int | None, ray_address: str | None, yes: bool,
+              mode: str, out: str | None, workers: int | None, ray_address: str | None, yes: bool, exact: bool,
               as_json: bool) -> None:
         """Simulate every combination of the --vary values: one row per configuration, with every field
         of tpusim run, or why it is invalid or does not fit. A SWEEP.yaml has workload:, topology: (or a
@@ -228,7 +231,8 @@ def register(main: click.Group) -> None:
 
             check_writable_file(path, source=f"--out {out}")
         sw = make_sweep(settings["workload"], vary, topology=topology or settings.get("topology"),
-                        slices=slices if slices is not None else settings.get("slices"), mode=mode, yes=yes)
+                        slices=slices if slices is not None else settings.get("slices"), mode=mode, yes=yes,
+                        exact=exact)
         for warning in sw.warnings:
             click.echo(f"tpusim: warning: {warning}", err=True)
         bar = Progress("sweep")

@@ -75,6 +75,7 @@ class Task:
     slices: int | None
     mode: str
     inputs: dict
+    exact: bool = False  # simulate every training step whole (never extrapolated in its layers)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,6 +89,7 @@ class Sweep:
     mode: str = "calibrated"
     vary: dict[str, tuple] = field(default_factory=dict)
     warnings: tuple[str, ...] = ()
+    exact: bool = False  # every step simulated whole: rows equal to tpusim run's to the last digit
 
     @property
     def size(self) -> int:
@@ -105,7 +107,7 @@ class Sweep:
         for i, combo in enumerate(itertools.product(*self.vary.values())):
             inputs = dict(zip(keys, combo, strict=True))
             yield Task(index=i, key=config_key({**context, **inputs}), raw=self.raw, source=self.workload,
-                       topology=self.topology, slices=self.slices, mode=self.mode, inputs=inputs)
+                       topology=self.topology, slices=self.slices, mode=self.mode, inputs=inputs, exact=self.exact)
 
     def indexer(self) -> Callable[[str], int]:
         """A configuration's key -> its index in the grid, by arithmetic (no enumeration); ValueError
@@ -206,7 +208,7 @@ def read_sweep_file(path: str | Path) -> dict | None:
 
 def make_sweep(workload: str | Path, vary: dict[str, tuple], *, topology: str | None = None,
                slices: int | None = None, mode: str = "calibrated", limit: int = MAX_GRID,
-               yes: bool = False) -> Sweep:
+               yes: bool = False, exact: bool = False) -> Sweep:
     """Check a grid before running it: every varied key is one the workload has (the loader's unknown-key
     error), no value list is empty, ``mode`` values exist, and the grid has at most ``limit``
     configurations unless ``yes``."""
@@ -242,7 +244,7 @@ def make_sweep(workload: str | Path, vary: dict[str, tuple], *, topology: str | 
     if serving:
         warnings += check_serving_vary(raw, source, vary, SWEEP_KEYS)
     sweep = Sweep(workload=source, raw=raw, topology=topology, slices=slices, mode=mode, vary=dict(vary),
-                  warnings=tuple(warnings))
+                  warnings=tuple(warnings), exact=exact)
     if sweep.size > limit and not yes:
         raise TpusimError(f"the grid has {sweep.size:,} configurations, more than {limit:,}: pass --yes to run "
                           "them all, or vary fewer values", source="tpusim sweep")
@@ -289,15 +291,21 @@ def run_task(task: Task) -> dict:
 
 def _training_columns(task: Task, overrides: dict, topology: str | None, slices, mode: str) -> dict:
     """``tpusim run --json``'s fields for one training configuration, flat (to float rounding: the
-    step is extrapolated from three short ones where its layers repeat, :mod:`tpusim.explore.periodic`)."""
+    step is extrapolated from three short ones where its layers repeat, :mod:`tpusim.explore.periodic`;
+    ``task.exact``: simulated whole, to the last digit)."""
+    from tpusim.analysis.summary import summarize
     from tpusim.api import workload_and_topology
+    from tpusim.compiler import compile_program
     from tpusim.explore.periodic import summarize_step
     from tpusim.model.workload import workload_from_dict
+    from tpusim.sim.engine import simulate
 
     if slices is not None and (not isinstance(slices, int) or isinstance(slices, bool) or slices < 1):
         raise TpusimError(f"{slices!r} is not a positive number of slices", source="slices")
     w = workload_from_dict(task.raw, source=task.source, overrides=overrides)
     _, topo = workload_and_topology(w, topology, slices=slices)
+    if task.exact:
+        return summary_columns(summarize(simulate(compile_program(w, topo), topo, mode=mode)))
     return summary_columns(summarize_step(w, topo, mode=mode))
 
 
