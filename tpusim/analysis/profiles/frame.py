@@ -85,9 +85,9 @@ def op_category(name: str) -> str:
 def replica_groups(long_name: str) -> list[list[int]] | None:
     """The device groups of a collective from its HLO text, or None if it has none we can read.
 
-    Reads the explicit form ``{{0,1},{2,3}}`` and the iota form ``[G,S]<=[d0,d1,...]T(perm)``
-    (iota over the dims, transposed by ``perm``, reshaped to G groups of S). XLA's newer
-    ``mesh[...]`` form is not expanded.
+    Reads the explicit form ``{{0,1},{2,3}}``, the iota form ``[G,S]<=[d0,d1,...]T(perm)``
+    (iota over the dims, transposed by ``perm``, reshaped to G groups of S) and XLA's newer mesh
+    form ``mesh['axis_0'=2,'axis_1'=2] {'axis_0'}`` (:func:`tpusim.compiler.hlo.parse.expand_replica_groups`).
 
     Examples
     --------
@@ -95,8 +95,11 @@ def replica_groups(long_name: str) -> list[list[int]] | None:
     [[0, 4], [1, 5], [2, 6], [3, 7]]
     >>> replica_groups("all-gather(...), replica_groups={{0,1},{2,3}}, dimensions={0}")
     [[0, 1], [2, 3]]
+    >>> replica_groups("all-reduce(...), replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_0'}, to_apply=%add")
+    [[0, 2], [1, 3]]
     """
-    m = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?|\{(?:\{[\d,\s]*\},?\s*)*\})", long_name)
+    m = re.search(r"replica_groups=(\[[\d,]+\]<=\[[\d,]+\](?:T\([\d,]+\))?|\{(?:\{[\d,\s]*\},?\s*)*\}"
+                  r"|mesh\[(?:'[^']+'=\d+,?)+\]\s*\{(?:'[^']+',?)*\})", long_name)
     try:
         return expand_replica_groups(m.group(1)) if m else None
     except ValueError as e:  # an iota form naming millions of devices, or a bad permutation
