@@ -12,6 +12,7 @@ part of a chip: see :mod:`tpusim.sim.calibration`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -65,17 +66,11 @@ class ChipSpec:
 
     @property
     def chips_per_host(self) -> int:
-        n = 1
-        for d in self.host_shape:
-            n *= d
-        return n
+        return math.prod(self.host_shape)
 
     @property
     def max_chips(self) -> int:
-        n = 1
-        for d in self.max_slice_shape:
-            n *= d
-        return n
+        return math.prod(self.max_slice_shape)
 
     @property
     def devices_per_chip(self) -> int:

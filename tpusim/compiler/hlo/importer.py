@@ -269,6 +269,7 @@ def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: st
 
 def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | None, source: str) -> Program:
     n_dev = checks.module_devices(mod, topo.num_chips, topo.chip.cores_per_chip, topo.name, source=source)
+    to_chip = xla_chip(topo, n_dev)
     unknown = checks.unknown_opcodes(mod)
     # Which scheduled instruction starts / ends each logical collective.
     starts: dict[str, dict] = {}
@@ -315,10 +316,9 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
                 if v > MAX_BYTES:
                     raise TpusimError(f"%{rec['name']} moves {v:.3g} bytes, more than {MAX_BYTES:.0e} (1 PB), "
                                       "tpusim's limit for one collective", source=source)
-                to_chip = xla_chip(topo, n_dev)
                 axes = (group_axes(topo, [to_chip(d) for d in groups[0]], topo.num_chips)
                         if rec["kind"] != "collective-permute" else
-                        _permute_axes(topo, rec.get("source_target_pairs"), n_dev))
+                        _permute_axes(topo, rec.get("source_target_pairs"), to_chip))
                 kind = rec["kind"] if rec["kind"] in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                                                       "collective-permute") else "all-reduce"
                 i = add(dict(name=prefix + rec["name"], stream=COLLECTIVE, category=kind, bytes=float(v),
@@ -416,12 +416,12 @@ def _spread_dma(ops: list[Op], start: int, nbytes: float, carry: list[float]) ->
         ops[i] = dataclasses.replace(ops[i], hbm_bytes=ops[i].hbm_bytes + share)
 
 
-def _permute_axes(topo: Topology, pairs: str | None, n_dev: int) -> tuple[Axis, ...]:
-    """The axis a collective-permute moves along, from its first source-target pair."""
+def _permute_axes(topo: Topology, pairs: str | None, to_chip) -> tuple[Axis, ...]:
+    """The axis a collective-permute moves along, from its first source-target pair (``to_chip``: XLA
+    device id -> chip id, :func:`xla_chip`)."""
     m = re.search(r"\{(\d+),(\d+)\}", pairs or "")
     if not m:
         return ()
-    to_chip = xla_chip(topo, n_dev)
     return group_axes(topo, [to_chip(int(m.group(1))), to_chip(int(m.group(2)))], topo.num_chips)[:1]
 
 
