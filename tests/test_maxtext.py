@@ -203,3 +203,52 @@ def test_hostile_names_are_one_clear_error(raw, key):
     with pytest.raises(TpusimError) as e:
         workload_from_dict({**raw, "per_device_batch_size": 1}, source=SOURCE)
     assert e.value.key == key
+
+
+# ---- global_parameter_scale ------------------------------------------------------------------------
+
+def _dev_entries_with_scale() -> list[dict]:
+    dev = yaml.safe_load((__import__("pathlib").Path(__file__).parent / "data" / "measured-dev.yaml").read_text())
+    seen, out = set(), []
+    for e in dev["entries"] if isinstance(dev, dict) else dev:
+        scale = (e.get("model") or {}).get("global_parameter_scale")
+        if scale and scale not in seen:
+            seen.add(scale)
+            out.append(e)
+    return out
+
+
+@pytest.mark.parametrize("entry", _dev_entries_with_scale(), ids=lambda e: e["id"])
+def test_global_parameter_scale_gives_the_published_dimensions(entry):
+    """MaxText's scripts size their synthetic models by global_parameter_scale on base.yml's dimensions;
+    the development set lists what each run's model was (dims and parameter count, 4 significant
+    figures): the scale rule must give exactly those dims and the count within its rounding."""
+    m = entry["model"]
+    w = workload_from_dict({"base_config": "base.yml", "per_device_batch_size": 1,
+                            "global_parameter_scale": m["global_parameter_scale"]}, source=SOURCE)
+    got = w.model
+    assert (got.num_layers, got.d_model, got.num_heads, got.num_kv_heads, got.head_dim, got.d_ff, got.vocab_size) \
+        == (m["layers"], m["d_model"], m["q_heads"], m["kv_heads"], m["head_dim"], m["ffn_dim"], m["vocab"])
+    total = m["params_total"]
+    half_unit = 0.5 * 10 ** (math.floor(math.log10(total)) - 3)  # printed to 4 significant figures
+    assert abs(got.params - total) <= half_unit
+
+
+def test_global_parameter_scale_rotation():
+    """MaxText's pyconfig: each doubling doubles in turn heads and MLP, then embedding, then layers."""
+    from tpusim.model.build import parameter_scales
+    assert [parameter_scales(2 ** i) for i in range(7)] == [
+        (0, 0, 0, 0), (0, 1, 1, 0), (1, 1, 1, 0), (1, 1, 1, 1), (1, 2, 2, 1), (2, 2, 2, 1), (2, 2, 2, 2)]
+    w = workload_from_dict({"base_config": "base.yml", "per_device_batch_size": 1, "global_parameter_scale": 1024,
+                            "base_num_kv_heads": 4}, source=SOURCE)
+    # 1024 = 2^10: heads and MLP x8, embedding x8, layers x8 ... then one more heads/MLP doubling
+    assert (w.model.d_model, w.model.num_heads, w.model.num_kv_heads, w.model.d_ff, w.model.num_layers) == \
+        (2048 * 8, 16 * 16, 4 * 16, 7168 * 16, 16 * 8)
+
+
+@pytest.mark.parametrize("scale", [3, 0, -2])
+def test_global_parameter_scale_not_a_power_of_two_is_one_error(scale):
+    with pytest.raises(TpusimError) as e:
+        workload_from_dict({"base_config": "base.yml", "per_device_batch_size": 1, "global_parameter_scale": scale},
+                           source=SOURCE)
+    assert e.value.key == "global_parameter_scale"

@@ -24,6 +24,7 @@ _MODEL_KEYS: dict[str, tuple[type, Any]] = {
     "head_dim": (int, None),
     "base_mlp_dim": (int, REQUIRED),
     "base_num_decoder_layers": (int, REQUIRED),
+    "global_parameter_scale": (int, 1),
     "vocab_size": (int, 32000),
     "mlp_activations": (list, ["silu", "linear"]),
     "num_experts": (int, 1),
@@ -123,7 +124,44 @@ def _positive(values, key, source, where, allow_minus_one=False):
     return v
 
 
+def parameter_scales(scale: int) -> tuple[int, int, int, int]:
+    """MaxText's ``global_parameter_scale`` as powers of two for (embedding, heads, MLP, layers): its
+    pyconfig's ``get_individual_scales``. Each doubling of the scale doubles, in turn, the heads and
+    the MLP width, then the embedding, then the layers; head_dim stays (scale 16 on base.yml's
+    2048 / 16 heads / 7168 / 16 layers is MaxText's 16B: 4096 / 64 / 28672 / 32)."""
+    log2 = scale.bit_length() - 1
+    base, rem = divmod(log2, 3)
+    heads = base + int(rem > 0)
+    return base + int(rem > 1), heads, heads, base
+
+
+def _scaled(values, source, where) -> dict:
+    """``values`` with MaxText's ``global_parameter_scale`` applied to the base_* dimensions."""
+    scale = _positive(values, "global_parameter_scale", source, where)
+    if scale & (scale - 1):
+        raise TpusimError(f"{scale} is not a power of 2 (MaxText's rule; for finer sizes set base_emb_dim, "
+                          f"base_num_query_heads, base_mlp_dim and base_num_decoder_layers)", source=source,
+                          key=where.get("global_parameter_scale", "global_parameter_scale"))
+    if scale == 1:
+        return values
+    emb, heads, mlp, layers = parameter_scales(scale)
+    out = dict(values)
+    d, n = out["base_emb_dim"], out["base_num_query_heads"]
+    if out["head_dim"] is None and n > 0 and d % n == 0:
+        out["head_dim"] = d // n  # a head's size does not scale
+    out["base_emb_dim"] <<= emb
+    out["base_num_query_heads"] <<= heads
+    if out["base_num_kv_heads"] is not None:
+        out["base_num_kv_heads"] <<= heads
+    out["base_mlp_dim"] <<= mlp
+    if out["base_moe_mlp_dim"] > 0:
+        out["base_moe_mlp_dim"] <<= mlp
+    out["base_num_decoder_layers"] <<= layers
+    return out
+
+
 def _model(values, preset_name, source, where) -> Model:
+    values = _scaled(values, source, where)
     for k in ("base_emb_dim", "base_num_query_heads", "base_mlp_dim", "base_num_decoder_layers", "vocab_size",
               "num_experts", "num_experts_per_tok"):
         _positive(values, k, source, where)

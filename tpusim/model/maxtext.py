@@ -211,7 +211,7 @@ REFUSED: dict[str, tuple[str, str]] = {
         dcn_context_autoregressive_parallelism ici_autoregressive_parallelism dcn_autoregressive_parallelism
         ici_diloco_parallelism dcn_diloco_parallelism dcn_context_parallelism enable_diloco"""),
     "training loop": ("changes what one step computes", """
-        global_parameter_scale training_objective use_dpo use_sft enable_rampup_batch_size
+        training_objective use_dpo use_sft enable_rampup_batch_size
         weight_sparsity_n parameter_memory_host_offload use_batch_split_schedule"""),
     "architecture": ("layers tpusim's Transformer does not have yet", """
         mtp_num_layers use_indexer moba engram_layers mhc_expansion_rate
