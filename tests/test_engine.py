@@ -16,6 +16,9 @@ from tpusim.analysis.timeline import COLUMNS, chrome_trace, timeline_frame
 from tpusim.sim.topology import parse_topology
 from tpusim.model.workload import workload_from_dict
 
+# tpu-recipes' remat_policy custom (v6e Llama 3.1): the layer input and the q/k/v/out projections offloaded
+RECIPES_CUSTOM = {k: "offload" for k in ("decoder_layer_input", "query_proj", "key_proj", "value_proj", "out_proj")}
+
 NO_MEMORY = Memory(params=0, grads=0, optimizer=0, activations=0, working=0, gathered_weights=0)
 
 
@@ -247,7 +250,8 @@ def test_host_offload_moves_saved_activations_over_pcie():
     """Offloading remat policies copy the saved tensors to host after each layer's forward and back
     before its backward; the copies share each direction of the chip's PCIe link."""
     topo = parse_topology("v6e:2x4")
-    w = small_workload(step={"per_device_batch_size": 2, "max_target_length": 1024, "remat_policy": "custom"})
+    w = small_workload(step={"per_device_batch_size": 2, "max_target_length": 1024,
+                               "remat_policy": "custom", **RECIPES_CUSTOM})
     prog = compile_program(w, topo)
     out = [o for o in prog.host_ops if o.category == "copy-to-host"]
     back = [o for o in prog.host_ops if o.category == "copy-from-host"]

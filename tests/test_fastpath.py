@@ -32,6 +32,9 @@ from tpusim.sim.engine import simulate
 from tpusim.analysis.summary import summarize
 from tpusim.explore.sweep import make_sweep, run_sweep, summary_columns
 
+# tpu-recipes' remat_policy custom (v6e Llama 3.1): the layer input and the q/k/v/out projections offloaded
+RECIPES_CUSTOM = {k: "offload" for k in ("decoder_layer_input", "query_proj", "key_proj", "value_proj", "out_proj")}
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING = sorted(p for p in (ROOT / "workloads").glob("*.yaml")
                   if not p.name.startswith("serve_") and p.name != "models.yaml")
@@ -137,7 +140,7 @@ def test_fast_engine_with_host_offload():
     w = workload_from_dict({"model": {"base_emb_dim": 2048, "base_num_query_heads": 16, "head_dim": 128,
                                       "base_mlp_dim": 8192, "base_num_decoder_layers": 4, "vocab_size": 32000},
                             "step": {"per_device_batch_size": 2, "max_target_length": 1024,
-                                     "remat_policy": "custom"}}, source="test")
+                                     "remat_policy": "custom", **RECIPES_CUSTOM}}, source="test")
     topo = parse_topology("v6e:2x4")
     program = compile_program(w, topo)
     assert program.host_ops

@@ -252,3 +252,52 @@ def test_global_parameter_scale_not_a_power_of_two_is_one_error(scale):
         workload_from_dict({"base_config": "base.yml", "per_device_batch_size": 1, "global_parameter_scale": scale},
                            source=SOURCE)
     assert e.value.key == "global_parameter_scale"
+
+
+# ---- remat_policy: custom, tensor by tensor ---------------------------------------------------------
+
+_CUSTOM_BASE = {"base_config": "base.yml", "model_name": "llama2-7b", "base_num_decoder_layers": 4,
+                "per_device_batch_size": 2, "topology": "v5p:2x2x1"}
+
+
+def _step_and_memory(**keys):
+    w = workload_from_dict({**_CUSTOM_BASE, **keys}, source=SOURCE)
+    topo = parse_topology("v5p:2x2x1")
+    prog = compile_program(w, topo, check_memory=False)
+    return summarize(simulate(prog, topo))["step_time_s"], prog.memory.total, prog.host_ops
+
+
+@pytest.mark.parametrize("named, custom", [
+    ("full", {}),  # base.yml's per-tensor defaults: everything recomputed but the layer input
+    ("save_dot_except_mlp", {"query_proj": "device", "key_proj": "device", "value_proj": "device",
+                             "out_proj": "device"}),
+    ("minimal", {"query_proj": "device", "key_proj": "device", "value_proj": "device", "out_proj": "device",
+                 "mlpwi_0": "device", "mlpwi_1": "device", "mlpwo": "device"}),
+    ("qkv_proj_offloaded", {"query_proj": "offload", "key_proj": "offload", "value_proj": "offload"}),
+])
+def test_custom_remat_equals_the_named_policy_that_saves_the_same_tensors(named, custom):
+    """MaxText's named policies are save/offload lists of the same checkpoint names its custom policy
+    takes key by key (layers/decoders.py): the same choice must give the same step and memory."""
+    t_named, m_named, host_named = _step_and_memory(remat_policy=named)
+    t_custom, m_custom, host_custom = _step_and_memory(remat_policy="custom", **custom)
+    assert t_custom == pytest.approx(t_named, rel=1e-12)
+    assert m_custom == pytest.approx(m_named, rel=1e-12)
+    assert [o.bytes for o in host_custom] == [o.bytes for o in host_named]
+
+
+def test_custom_remat_offloads_what_it_names_and_saves_the_context():
+    _, m_full, _ = _step_and_memory(remat_policy="full")
+    _, m_ctx, _ = _step_and_memory(remat_policy="custom", context="device")
+    tok, q, layers = 2 * 2048, 32 * 128, 4  # llama2-7b: 32 heads of 128; fsdp over 4 chips, 2 sequences each
+    # every layer keeps its context; the backward's transient (one layer's residuals) already held one
+    assert m_ctx - m_full == pytest.approx((layers - 1) * tok * q * 2)
+    _, m_off, host = _step_and_memory(remat_policy="custom", decoder_layer_input="offload", out_proj="offload")
+    d = 4096
+    assert [o.bytes for o in host if o.category == "copy-to-host"] == [2 * tok * (d + d)] * layers
+    assert m_off < m_full  # the layer inputs left HBM
+
+
+def test_custom_remat_bad_choice_is_one_error():
+    with pytest.raises(TpusimError) as e:
+        workload_from_dict({**_CUSTOM_BASE, "remat_policy": "custom", "query_proj": "host"}, source=SOURCE)
+    assert e.value.key == "query_proj" and e.value.reason == "'host' is not one of remat, device, offload"

@@ -105,13 +105,13 @@ def test_at_least_12_configurations_within_5_percent_on_hbm():
 def _host_bytes(case: dict) -> float:
     """tpusim's bytes per device offloaded to host memory: every layer's offloaded tensors."""
     from tpusim.compiler.memory import layer_activation_bytes
-    from tpusim.compiler.shapes import OFFLOADED_TENSORS, derive_shapes
+    from tpusim.compiler.shapes import derive_shapes, offloaded_tensors
     from tpusim.model.mesh import resolve_mesh
 
     w = workload_from_dict(case["config"], source=case["case"])
     topo = parse_topology(case["config"]["topology"])
     sh = derive_shapes(w, resolve_mesh(w.parallelism, topo, source=w.source), topo.num_chips)
-    return w.model.num_layers * layer_activation_bytes(w, sh, kept=OFFLOADED_TENSORS[w.step.remat_policy])
+    return w.model.num_layers * layer_activation_bytes(w, sh, kept=offloaded_tensors(w.step))
 
 
 @pytest.mark.parametrize("path", OFFLOADING, ids=[p.stem for p in OFFLOADING])

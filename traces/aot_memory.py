@@ -104,7 +104,8 @@ def maxtext_config(case: str) -> dict[str, Any]:
             "per_device_batch_size": c["pdbs"], "max_target_length": SEQ_LEN, "dtype": "bfloat16",
             "weight_dtype": c.get("weight_dtype", "float32"), "remat_policy": c["remat"], "scan_layers": True,
             "attention": "flash", "opt_type": "adamw", "ici_fsdp_parallelism": c["fsdp"],
-            "ici_tensor_parallelism": c["tensor"], "topology": c["topology"]}
+            "ici_tensor_parallelism": c["tensor"], "topology": c["topology"],
+            **({k: "offload" for k in CUSTOM_OFFLOADED} if c["remat"] == "custom" else {})}
 
 
 def build_step(cfg: dict[str, Any], mesh: Any) -> tuple[Any, tuple]:

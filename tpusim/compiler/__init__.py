@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from tpusim.compiler import pipeline, quant
 from tpusim.compiler.memory import peak_memory
-from tpusim.compiler.shapes import Shapes, derive_shapes
+from tpusim.compiler.shapes import Shapes, derive_shapes, offloaded_tensors
 from tpusim.compiler.transformer import build_ops
 from tpusim.errors import InfeasibleError, TpusimError
 from tpusim.model.mesh import Mesh, resolve_mesh
@@ -135,7 +135,13 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
                      f"{', '.join(w.notes)}")
     if w.ignored_keys:
         notes.append(f"ignored (no effect on performance): {', '.join(w.ignored_keys)}")
-    if w.step.remat_policy in ("minimal_offloaded", "qkv_proj_offloaded", "custom"):
+    offloaded = offloaded_tensors(w.step)
+    if w.step.remat_policy == "custom":
+        kept = [t for t in w.step.custom_device if t != "input"]
+        notes.append(f"remat_policy custom: {', '.join(offloaded) or 'nothing'} offloaded to host memory, "
+                     f"{', '.join(kept) or 'nothing'} saved in HBM besides the layer input, the rest recomputed"
+                     + ("" if offloaded or kept else " (as full: MaxText's per-tensor keys are all 'remat')"))
+    if offloaded:
         notes.append(f"remat_policy {w.step.remat_policy}: saved activations live in host memory, copied "
                      "over PCIe after each layer's forward and back before its backward")
     if memory.working < natural.working:

@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from tpusim.compiler import zero
-from tpusim.compiler.shapes import OFFLOADED_TENSORS, Shapes
+from tpusim.compiler.shapes import Shapes, offloaded_tensors
 from tpusim.sim.program import Memory
 from tpusim.model.workload import Workload
 
@@ -46,7 +46,7 @@ def _widths(w: Workload, sh: Shapes) -> dict[str, float]:
     rows = tok * sh.topk if m.num_experts > 1 else tok
     q, kv = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
     return {"input": tok * d / sh.tp, "q_proj": tok * q, "k_proj": tok * kv, "v_proj": tok * kv,
-            "o_proj": tok * d / sh.tp, "mlp_gate": rows * sh.ff if m.gated_mlp else 0, "mlp_up": rows * sh.ff,
+            "o_proj": tok * d / sh.tp, "context": tok * q, "mlp_gate": rows * sh.ff if m.gated_mlp else 0, "mlp_up": rows * sh.ff,
             "mlp_down": rows * d / sh.tp}
 
 
@@ -92,9 +92,8 @@ def layer_activation_bytes(w: Workload, sh: Shapes, *, kept: tuple[str, ...] | N
 
 def saved_on_device(w: Workload, sh: Shapes) -> tuple[str, ...]:
     """The tensors the remat policy keeps in HBM for the backward (not offloaded, not dead)."""
-    policy = w.step.remat_policy
     saved = ("input", *(sh.saved or ()))
-    offloaded = OFFLOADED_TENSORS.get(policy, ())
+    offloaded = offloaded_tensors(w.step)
     return tuple(name for name in dict.fromkeys(saved) if name not in offloaded and name != "mlp_down")
 
 

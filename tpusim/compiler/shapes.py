@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 from tpusim.errors import TpusimError
 from tpusim.model.mesh import Mesh
-from tpusim.model.spec import Parallelism, Workload
+from tpusim.model.spec import Parallelism, Step, Workload
 
 # Remat policies: which matmul outputs a layer keeps for the backward pass (MaxText's names).
-# "input" is the layer's input, kept by every policy but "none" (which keeps everything).
+# "input" is the layer's input, kept by every policy but "none" (which keeps everything). "custom"
+# keeps what MaxText's per-tensor keys say (Step.custom_device / custom_offload).
 _SAVED = {
     "full": (),
     "minimal": ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down"),
@@ -20,16 +21,30 @@ _SAVED = {
     "save_out_proj": ("o_proj",),
     "save_dot_except_mlp": ("q_proj", "k_proj", "v_proj", "o_proj"),
     "save_dot_except_mlpwi": ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_down"),
-    "custom": ("q_proj", "k_proj", "v_proj", "o_proj"),
 }
-OFFLOADED = ("minimal_offloaded", "qkv_proj_offloaded", "custom")
-# What each offloading policy copies to host memory after a layer's forward (MaxText's policies; the
-# tpu-recipes' "custom" offloads the decoder layer input and the out/q/k/v projections).
-OFFLOADED_TENSORS = {
+# What each offloading policy copies to host memory after a layer's forward (MaxText's policies).
+_OFFLOADED = {
     "minimal_offloaded": tuple(t for t in _SAVED["minimal"] if t != "mlp_down"),  # never a residual
     "qkv_proj_offloaded": ("q_proj", "k_proj", "v_proj"),
-    "custom": ("input", "q_proj", "k_proj", "v_proj", "o_proj"),
 }
+
+
+def saved_tensors(step: Step) -> tuple[str, ...] | None:
+    """The tensors besides the layer input that a layer keeps for its backward, in HBM or host memory
+    (None: no remat, every residual kept)."""
+    if step.remat_policy == "none":
+        return None
+    if step.remat_policy == "custom":
+        return tuple(t for t in (*step.custom_device, *step.custom_offload) if t != "input")
+    return _SAVED[step.remat_policy]
+
+
+def offloaded_tensors(step: Step) -> tuple[str, ...]:
+    """The tensors the policy copies to host memory after each layer's forward (the down-projection's
+    output is never a residual, so offloading it moves nothing)."""
+    if step.remat_policy == "custom":
+        return tuple(t for t in step.custom_offload if t != "mlp_down")
+    return _OFFLOADED.get(step.remat_policy, ())
 
 
 def zero_stage(par: Parallelism, data_shards: int) -> int:
@@ -107,7 +122,7 @@ def derive_shapes(w: Workload, mesh: Mesh, devices: int) -> Shapes:
     experts_local = divide(m.num_experts, ep, "experts", "ici_expert_parallelism") if m.num_experts > 1 else 1
     if m.num_experts == 1 and ep > 1:
         pass  # a dense model's expert axis acts as another batch / weight-sharding axis (MaxText does so)
-    saved = None if s.remat_policy == "none" else _SAVED[s.remat_policy]
+    saved = saved_tensors(s)
     ff_dense = ff
     if m.num_experts > 1 and m.moe_layers < m.num_layers:
         ff_dense = divide(m.d_ff, tp, "dense MLP width", "ici_tensor_parallelism")

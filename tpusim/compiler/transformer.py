@@ -21,7 +21,7 @@ from tpusim.compiler import context, quant, zero
 from tpusim.compiler.shapes import Shapes
 from tpusim.model.mesh import Mesh
 from tpusim.compiler.memory import layer_activation_bytes
-from tpusim.compiler.shapes import OFFLOADED_TENSORS
+from tpusim.compiler.shapes import offloaded_tensors
 from tpusim.sim.program import COLLECTIVE, COMPUTE, HOST, Op
 from tpusim.model.workload import Workload
 
@@ -398,8 +398,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         unembed_ag = embed_ag if m.tied_embeddings else None
         # Host offload (remat policies that move saved activations to host memory): copied out after each
         # layer's forward, copied back one layer ahead of its backward.
-        offload = (layer_activation_bytes(w, sh, kept=OFFLOADED_TENSORS[w.step.remat_policy])
-                   if w.step.remat_policy in OFFLOADED_TENSORS else 0.0)
+        offloaded = offloaded_tensors(w.step)
+        offload = layer_activation_bytes(w, sh, kept=offloaded) if offloaded else 0.0
         to_host: dict[int, int] = {}
         from_host: dict[int, int] = {}
 

@@ -71,7 +71,20 @@ _STEP_KEYS: dict[str, tuple[type, Any]] = {
     "context_parallel_strategy": (str, "all_gather"),
     "sa_use_fused_bwd_kernel": (bool, False),
     "use_iota_embed": (bool, False),
+    # remat_policy: custom, MaxText's per-tensor choice: "remat" (recompute), "device" (save in HBM) or
+    # "offload" (save in host memory); base.yml's defaults (the layer input on device, the rest remat)
+    **{k: (str, "device" if k == "decoder_layer_input" else "remat") for k in (
+        "decoder_layer_input", "query_proj", "key_proj", "value_proj", "out_proj", "context", "mlpwi", "mlpwi_0",
+        "mlpwi_1", "mlpwo", "moe_mlpwi_0", "moe_mlpwi_1", "moe_mlpwo")},
 }
+# MaxText's checkpoint names (layers/attentions.py, linears.py, moe.py) -> the tensors tpusim's layer
+# saves by name (compiler/memory.py's widths); the fused mlpwi holds both gate and up.
+CUSTOM_TENSORS = {"decoder_layer_input": ("input",), "query_proj": ("q_proj",), "key_proj": ("k_proj",),
+                  "value_proj": ("v_proj",), "out_proj": ("o_proj",), "context": ("context",),
+                  "mlpwi": ("mlp_gate", "mlp_up"), "mlpwi_0": ("mlp_gate",), "mlpwi_1": ("mlp_up",),
+                  "mlpwo": ("mlp_down",), "moe_mlpwi_0": ("mlp_gate",), "moe_mlpwi_1": ("mlp_up",),
+                  "moe_mlpwo": ("mlp_down",)}
+REMAT_CHOICES = ("remat", "device", "offload")
 QUANTIZATIONS = ("", "int8", "fp8", "nanoo_fp8")  # MaxText's AQT modes tpusim models (others: not yet)
 CONTEXT_STRATEGIES = ("all_gather", "ring")  # MaxText's ulysses / usp: not yet
 _SHARDING_KEYS: dict[str, tuple[type, Any]] = {
@@ -248,11 +261,19 @@ def _step(values, source, where) -> Step:
         _choice(values, k, tuple(DTYPE_BYTES), source, where)
     if values["mu_dtype"]:
         _choice(values, "mu_dtype", tuple(DTYPE_BYTES), source, where)
+    policy = _choice(values, "remat_policy", REMAT_POLICIES, source, where)
+    device: list[str] = []
+    offload: list[str] = []
+    for key, tensors in CUSTOM_TENSORS.items():
+        choice = _choice(values, key, REMAT_CHOICES, source, where)
+        if policy == "custom" and choice != "remat":
+            (offload if choice == "offload" else device).extend(tensors)
     return Step(per_device_batch_size=pdbs, seq_len=values["max_target_length"], dtype=values["dtype"],
                 weight_dtype=values["weight_dtype"],
                 # adam_pax is Adam as Pax implements it: the same two moments and FLOPs
                 optimizer=_choice(values, "opt_type", OPTIMIZERS, source, where).replace("adam_pax", "adam"),
-                remat_policy=_choice(values, "remat_policy", REMAT_POLICIES, source, where),
+                remat_policy=policy, custom_device=tuple(dict.fromkeys(t for t in device if t not in offload)),
+                custom_offload=tuple(dict.fromkeys(offload)),
                 attention=_choice(values, "attention", ATTENTION_KERNELS, source, where),
                 attention_flops=_choice(values, "attention_flops", ("causal", "full"), source, where),
                 num_vocab_tiling=values["num_vocab_tiling"], mu_dtype=values["mu_dtype"],

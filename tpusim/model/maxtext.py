@@ -155,10 +155,9 @@ IGNORED: dict[str, tuple[str, str]] = {
         gdn_key_head_dim gdn_value_head_dim gdn_num_key_heads gdn_num_value_heads gdn_chunk_size
         use_qk_norm_in_gdn num_diloco_fragments enable_streaming_diloco use_sequential_layers
         num_communication_overlapping_steps communication_overlapping_alpha batch_split_factor"""),
-    "custom remat policy": ("the per-tensor save/offload choices of remat_policy: custom (tpusim models custom as "
-                            "the recipes' offload of the saved dots)", """
-        decoder_layer_input context mlpwi mlpwi_0 mlpwi_1 mlpwo moe_mlpwi_0 moe_mlpwi_1 moe_mlpwo query_proj
-        key_proj value_proj kv_proj qkv_proj out_proj query_wa_proj kv_wa_proj mla_q mla_kv attention_out"""),
+    "custom remat policy": ("per-tensor save/offload choices of remat_policy: custom for tensors tpusim's layer "
+                            "does not have by that name (fused or MLA projections): treated as recomputed", """
+        kv_proj qkv_proj query_wa_proj kv_wa_proj mla_q mla_kv attention_out"""),
 }
 
 # Accepted; a value other than base.yml's names the key in a note (a small effect tpusim does not model).

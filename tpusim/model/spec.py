@@ -171,6 +171,10 @@ class Step:
     context_strategy: str = "all_gather"  # context_parallel_strategy: all_gather (K/V gathered) or ring
     flash_fused_bwd: bool = False  # sa_use_fused_bwd_kernel: splash's backward in one kernel, not dkv + dq
     iota_embed: bool = False  # use_iota_embed: the token embedding as a one-hot matmul, not a lookup (take)
+    # remat_policy custom: the tensors (compiler/memory.py's names) MaxText's per-tensor keys save in HBM
+    # ("device") and in host memory ("offload"); the rest are recomputed
+    custom_device: tuple[str, ...] = ()
+    custom_offload: tuple[str, ...] = ()
 
     @property
     def act_bytes(self) -> int:
