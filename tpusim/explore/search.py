@@ -68,7 +68,8 @@ class Roofline:
     tensor_ratio: float       # Y alpha / (n_tensor_axes F): above 1, tensor parallelism is
 
 
-def roofline(w, topo, mesh, sh, *, mxu_eff: float = 1.0, link_eff: float = 1.0, microbatches: int = 1) -> Roofline:
+def roofline(w, topo, mesh, sh, *, mxu_eff: float = 1.0, link_eff: float = 1.0, dcn_eff: float = 1.0,
+             microbatches: int = 1) -> Roofline:
     """Per-step roofline of workload ``w`` on ``mesh`` (:class:`~tpusim.model.mesh.Mesh`, shapes ``sh``).
 
     Compute: model FLOPs per device (x 4/3 for full remat) / C. Per collective, the bytes through one
@@ -76,12 +77,16 @@ def roofline(w, topo, mesh, sh, *, mxu_eff: float = 1.0, link_eff: float = 1.0, 
     chip's DCN egress). FSDP: 2 all-gathers + 1 reduce-scatter of the weights (1/Y each with tensor
     parallelism Y); DP: 1 all-reduce of the gradient shard; tensor: 4 activation collectives per layer
     per pass; sequence: K and V gathered per layer per pass; expert: 2 all-to-alls per layer per pass.
+    The lower bound takes every rate at its peak; the estimate the calibrated MXU, ICI and DCN
+    efficiencies (``mxu_eff``, ``link_eff``, ``dcn_eff``).
     Pipelined over p stages with m microbatches (MaxText's GPipe): a device holds L / p layers, gathers
-    their weights once per microbatch, idles the Playbook's (p - 1) / m of its compute (lower bound and
-    estimate alike), and sends each microbatch's activations forward and their gradient back: 2 m
-    permutes, 2 (p - 1) of them on the critical path (the fill and the drain).
+    their weights once per microbatch, and sends each microbatch's activations forward and their
+    gradient back: 2 m permutes, 2 (p - 1) of them on the critical path (the fill and the drain). The
+    last stage also computes the unembedding and the loss, so the step is at least its m microbatches
+    plus the fill and drain through the other stages' p - 1 (the Playbook's bubble, (p - 1) / m of a
+    stage's compute, for balanced stages): lower bound and estimate alike.
     """
-    from tpusim.compiler import model_flops_per_step
+    from tpusim.compiler import model_flops_breakdown, model_flops_per_step
 
     m, chip = w.model, topo.chip
     p = mesh.size("pipeline", "dcn_pipeline")
@@ -93,41 +98,51 @@ def roofline(w, topo, mesh, sh, *, mxu_eff: float = 1.0, link_eff: float = 1.0, 
     def axes(*names: str) -> int:
         return sum(1 for a in mesh.axes_of(*names) if a != "dcn")
 
-    def t(nbytes: float, n: int, *names: str, dcn: bool = False) -> float:
-        if n <= 1:
-            return 0.0
-        bw = topo.dcn_bytes_per_s_per_chip if dcn else chip.ici_axis_bytes_per_s * max(axes(*names), 1)
-        return nbytes * (n - 1) / n / bw if bw else float("inf")
+    def communication(ici_eff: float, dcn_rate_eff: float) -> tuple[float, float]:
+        """(critical, overlapped) seconds with the ICI and DCN rates at these fractions of their peak."""
+        def t(nbytes: float, n: int, *names: str, dcn: bool = False) -> float:
+            if n <= 1:
+                return 0.0
+            bw = (topo.dcn_bytes_per_s_per_chip * dcn_rate_eff if dcn
+                  else chip.ici_axis_bytes_per_s * ici_eff * max(axes(*names), 1))
+            return nbytes * (n - 1) / n / bw if bw else float("inf")
 
-    weights = m.params / tp * ab / p
-    x_ici, x_dcn = mesh.size("fsdp", "sequence", "expert"), mesh.size("dcn_fsdp")
-    k = w.step.gradient_accumulation_steps  # each microbatch gathers and reduce-scatters the weights again
-    gathers = 3 * (microbatches if p > 1 else k)  # (pipelining and accumulation are exclusive)
-    fsdp_s = t(gathers * weights, x_ici, "fsdp", "sequence", "expert") + t(gathers * weights / x_ici, x_dcn, dcn=True)
-    grads = weights / (x_ici * x_dcn) * (sh.weight_bytes / ab if k > 1 else 1)  # (the f32 accumulator)
-    data_s = t(2 * grads, mesh.size("data"), "data") + t(2 * grads, mesh.size("dcn_data"), dcn=True)
-    act = sh.tok * sh.d * ab
-    tensor_s = t(4 * passes * L * act, tp, "tensor")
-    kv = sh.seqs * sh.seq_len * sh.kv_heads * sh.head_dim * ab * 2
-    sequence_s = t(passes * L * kv * sh.sp, sh.sp, "sequence")
-    expert_s = t(2 * passes * L * act * sh.topk, sh.ep, "expert") if m.num_experts > 1 else 0.0
-    flops = model_flops_per_step(w, sh.global_batch) / topo.num_chips
-    compute_s = flops / c
-    critical = tensor_s + sequence_s + expert_s
-    overlapped = max(fsdp_s, data_s)
-    if p > 1:  # each permute: one microbatch's activations (D / tensor) to the neighbouring stage
-        permute = act / microbatches / tp
-        one = (permute / topo.dcn_bytes_per_s_per_chip if mesh.size("dcn_pipeline") > 1
-               else permute / (chip.ici_axis_bytes_per_s / 2))
-        critical += 2 * (p - 1) * one
-        overlapped = max(overlapped, 2 * microbatches * one)
-        compute_s *= 1 + (p - 1) / microbatches  # the bubble
+        weights = m.params / tp * ab / p
+        x_ici, x_dcn = mesh.size("fsdp", "sequence", "expert"), mesh.size("dcn_fsdp")
+        k = w.step.gradient_accumulation_steps  # each microbatch gathers and reduce-scatters the weights again
+        gathers = 3 * (microbatches if p > 1 else k)  # (pipelining and accumulation are exclusive)
+        fsdp_s = t(gathers * weights, x_ici, "fsdp", "sequence", "expert") + t(gathers * weights / x_ici, x_dcn,
+                                                                                 dcn=True)
+        grads = weights / (x_ici * x_dcn) * (sh.weight_bytes / ab if k > 1 else 1)  # (the f32 accumulator)
+        data_s = t(2 * grads, mesh.size("data"), "data") + t(2 * grads, mesh.size("dcn_data"), dcn=True)
+        act = sh.tok * sh.d * ab
+        tensor_s = t(4 * passes * L * act, tp, "tensor")
+        kv = sh.seqs * sh.seq_len * sh.kv_heads * sh.head_dim * ab * 2
+        sequence_s = t(passes * L * kv * sh.sp, sh.sp, "sequence")
+        expert_s = t(2 * passes * L * act * sh.topk, sh.ep, "expert") if m.num_experts > 1 else 0.0
+        critical, overlapped = tensor_s + sequence_s + expert_s, max(fsdp_s, data_s)
+        if p > 1:  # each permute: one microbatch's activations (D / tensor) to the neighbouring stage
+            permute = act / microbatches / tp
+            one = (permute / (topo.dcn_bytes_per_s_per_chip * dcn_rate_eff) if mesh.size("dcn_pipeline") > 1
+                   else permute / (chip.ici_axis_bytes_per_s * ici_eff / 2))
+            critical += 2 * (p - 1) * one
+            overlapped = max(overlapped, 2 * microbatches * one)
+        return critical, overlapped
+
+    compute_s = model_flops_per_step(w, sh.global_batch) / topo.num_chips / c
+    if p > 1:
+        parts = model_flops_breakdown(w, sh.global_batch)
+        stage = (parts["layers"] + parts["attention"]) / topo.num_chips / c  # one stage's layers, per device
+        last = stage + parts["unembedding"] * p / topo.num_chips / c  # ... and the head, on the last stage
+        compute_s = last + (p - 1) / microbatches * stage  # the bubble: fill and drain
+    critical, overlapped = communication(1.0, 1.0)
+    critical_e, overlapped_e = communication(link_eff, dcn_eff)
     recompute = REMAT_RECOMPUTE.get(w.step.remat_policy, 1.0)
     tokens = sh.global_batch * sh.seq_len / topo.num_chips
     n_fsdp, n_tp = axes("fsdp", "sequence", "expert"), axes("tensor")
     return Roofline(compute_s=compute_s * recompute, critical_s=critical, overlapped_s=overlapped,
                     lower_s=max(compute_s + critical, overlapped),
-                    estimate_s=max(compute_s * recompute / mxu_eff, overlapped / link_eff) + critical / link_eff,
+                    estimate_s=max(compute_s * recompute / mxu_eff, overlapped_e) + critical_e,
                     tokens_per_chip=tokens, fsdp_axes=n_fsdp, tensor_axes=n_tp,
                     fsdp_limit_tokens=alpha / max(n_fsdp, 1) / tp,
                     tensor_ratio=tp * alpha / (max(n_tp, 1) * m.d_ff) if tp > 1 else 0.0)
@@ -238,7 +253,8 @@ def plans(workload: str | Path, topology: str | None = None, *, slices: int | No
             ov["gradient_accumulation_steps"] = w.step.gradient_accumulation_steps
             key = config_key(ov)
         r = roofline(w, topo, mesh, sh, mxu_eff=cal.compute.mxu_efficiency,
-                     link_eff=cal.collectives.ici_link_efficiency, microbatches=m)
+                     link_eff=cal.collectives.ici_link_efficiency, dcn_eff=cal.collectives.dcn_efficiency,
+                     microbatches=m)
         pure = ici["fsdp"] == topo.chips_per_slice and p == 1
         found[key] = {"overrides": ov, "roofline": r, "pure_fsdp": pure, "stages": p,
                       "hbm_fraction": mem.total / topo.chip.hbm_bytes}
@@ -309,7 +325,9 @@ def search(workload: str | Path, topology: str | None = None, *, slices: int | N
                    key=lambda k: (per_token(candidates[k], "estimate_s"), k), default=None)
         if best is not None and best not in chosen:
             chosen.append(best)
-    counts["budget"] = max(len(keep) - len(chosen), 0)
+    baselines = sum(1 for k in chosen if k not in keep)  # pruned, but simulated after all
+    counts["roofline"] -= baselines
+    counts["budget"] = len(keep) - (len(chosen) - baselines)
     spec = f"{topo.chip.name}:{'x'.join(map(str, topo.shape))}"
     tasks = [Task(index=i, key=k, raw=found["raw"], source=found["source"], topology=spec, slices=topo.slices,
                   mode=mode, inputs=candidates[k]["overrides"]) for i, k in enumerate(chosen)]
