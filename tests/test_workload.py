@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tpusim.errors import TpusimError
@@ -101,9 +103,31 @@ def test_mesh_fills_the_rest_and_places_tensor_on_a_whole_axis():
     assert m.dcn == {"data": 1, "fsdp": 1, "pipeline": 1}
 
 
-def test_mesh_prefers_wrapped_axes_for_tensor():
-    m = mesh_of({"tensor": 16}, "v5e:8x16")  # y (16) wraps, x (8) does not
+def test_mesh_puts_tensor_on_the_axis_of_its_size():
+    m = mesh_of({"tensor": 16}, "v5e:8x16")
     assert m.physical["tensor"] == ("y",)
+
+
+def _mesh_utils_cases():
+    import json
+    return json.loads((Path(__file__).parent / "data" / "mesh_utils_assignments.json").read_text())["cases"]
+
+
+@pytest.mark.parametrize("case", _mesh_utils_cases(), ids=lambda c: f"{c['torus']}-" + "-".join(
+    f"{a}{n}" for a, n in c["mesh"].items()))
+def test_mesh_placement_is_mesh_utils(case):
+    """MaxText builds its mesh with jax's mesh_utils.create_device_mesh: tpusim places each mesh axis on
+    the torus axes it does (tests/data/mesh_utils_assignments.json, made by running jax 0.10.2's
+    _create_device_mesh_for_nd_torus: traces/mesh_utils_cases.py), whole axes only (the cases where
+    mesh_utils needs allow_split_physical_axes are not in the file)."""
+    x, y, z = map(int, case["torus"].split("x"))
+    spec = f"v5e:{x}x{y}" if z == 1 else f"v5p:{x}x{y}x{z}"
+    w = load({**BASE, "model": {**BASE["model"], "num_experts": 16, "num_experts_per_tok": 2},
+              "sharding": {f"ici_{a}_parallelism": n for a, n in
+                           {"fsdp": 1, "data": 1, **case["mesh"]}.items()}})
+    m = resolve_mesh(w.parallelism, parse_topology(spec), source="w.yaml")
+    got = {a: "".join(m.physical[a]) for a in case["mesh"]}
+    assert got == case["axes"]
 
 
 def test_mesh_splits_an_axis_when_it_must():

@@ -2,9 +2,13 @@
 
 :func:`resolve_mesh` fills in ``-1`` ("the rest"), checks that the mesh matches the chips, and places
 each mesh axis on physical axes: as the workload says (``physical_axes: {tensor: x, fsdp: yz}``), or
-automatically, the most bandwidth-hungry parallelism first (tensor, expert, sequence, fsdp, data), on
-whole torus axes where it can (wrapped ones first), else on a part of an axis: the inner contiguous
-segment (a line) goes to the hungrier axis, the strided rest to the next.
+automatically as MaxText's mesh is built (``jax.experimental.mesh_utils.create_device_mesh``, jax
+0.10.2 ``_create_device_mesh_for_nd_torus``): mesh axes from the most network-intensive, in the
+reverse of MaxText's ``mesh_axes`` order (expert, tensor, context = sequence, fsdp, stage = pipeline,
+data), each on whole torus axes whose sizes multiply to its size, preferring more torus axes (more
+links) and, among as many, the first in x, y, z order. Where no whole axes fit (MaxText then needs
+``allow_split_physical_axes: true``), on a part of an axis: the inner contiguous segment (a line)
+goes to the hungrier axis, the strided rest to the next.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from tpusim.errors import TpusimError
 from tpusim.sim.topology import DCN, Topology
 from tpusim.model.spec import DCN_AXES, MESH_AXES, Parallelism
 
-# Most bandwidth-hungry first (book training.md: TP moves activations every layer; FSDP moves weights,
-# DP only gradients once per step; a pipeline stage only its microbatches' activations at its edges).
-PRIORITY = ("tensor", "expert", "sequence", "fsdp", "data", "pipeline")
+# The order jax's mesh_utils assigns MaxText's mesh axes to the torus: the reverse of base.yml's
+# mesh_axes (data, stage, fsdp, ..., context, ..., tensor, ..., expert), most network-intensive first.
+PRIORITY = ("expert", "tensor", "sequence", "fsdp", "pipeline", "data")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -155,19 +159,15 @@ def _fill(sizes: dict[str, int], total: int, what: str, prefix: str, source: str
 
 
 def _place(size: int, topo: Topology, remaining: dict[str, int], taken: dict[str, int]) -> tuple[Axis, ...] | None:
-    """Whole untouched axes whose product is ``size`` (wrapped first), else whole axes plus one carved part."""
+    """Whole untouched axes whose product is ``size`` (the most axes, then the first in x, y, z order, as
+    mesh_utils does), else whole axes plus one carved part."""
     whole = [a for a in remaining if taken[a] == 1]
-    best: tuple[str, ...] | None = None
-    for r in range(1, len(whole) + 1):
+    for r in range(len(whole), 0, -1):
         for combo in itertools.combinations(whole, r):
             if math.prod(remaining[a] for a in combo) == size:
-                key = (sum(topo.axis_wraps(a) for a in combo), -len(combo))
-                if best is None or key > (sum(topo.axis_wraps(a) for a in best), -len(best)):
-                    best = combo
-    if best is not None:
-        for a in best:
-            taken[a] = remaining[a]
-        return best
+                for a in combo:
+                    taken[a] = remaining[a]
+                return combo
     # Whole axes (largest product first) plus a part of one more axis.
     options = []
     for r in range(0, len(whole) + 1):
