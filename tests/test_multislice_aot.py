@@ -161,3 +161,10 @@ def test_tpusim_cross_slice_reductions_hide_behind_a_backward_layer(slices):
     ops = df[df.op_index.isin(dcn)].groupby("op_index").agg(start=("start_s", "min"), end=("end_s", "max"))
     backward = df[(df.layer == 5) & (df.phase == "backward") & (df.stream == "XLA Ops")]
     assert (ops.end - ops.start).sum() < 0.05 * (backward.end_s.max() - backward.start_s.min())
+
+
+@pytest.mark.parametrize("name", [c for c in CASES if c.endswith("_default")])
+def test_the_runs_flags_change_nothing_here(name):
+    """With and without the 16B runs' LIBTPU flags, one slice count compiles to the same program."""
+    program = _script().program
+    assert program(_case(name)[1]) == program(_case(name.replace("_default", "_maxtext"))[1])
