@@ -150,7 +150,7 @@ def analyse(case_dir: Path) -> dict:
         base = op.name.rsplit("/", 1)[-1]
         return names.get(base, (op.category, "?"))
 
-    return {"case": str(case_dir.relative_to(HERE.parent)), "flags": bool(summary.get("libtpu_init_args")),
+    return {"case": str(case_dir.resolve().relative_to(HERE.parent)), "flags": bool(summary.get("libtpu_init_args")),
             "placement": placement,
             "run": table(prog, simulate(prog, topo, mode="calibrated"), ours_group),
             "run_placed": table(placed, simulate(placed, topo, mode="calibrated"), ours_group),
