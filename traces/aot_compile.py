@@ -76,6 +76,16 @@ CHIP_CASES: dict[str, dict[str, Any]] = {
     "big_fsdp_tp": {"fsdp": 4, "tensor": 4, "remat": "none", "compiler_options": {}, "model": BIG_MODEL},
 }
 CASES.update(CHIP_CASES)
+# MaxText's tensor parallelism (``--chip v5p --case big_tp_sharded_residual``, with and without
+# ``--maxtext-flags``): the residual stream sharded on D over tensor (``activation_embed -> tensor``),
+# so each layer all-gathers the activations over tensor before Q/K/V and the MLP and
+# reduce-scatters them after O and down; 32 MiB per activation collective (traces/aot_tp_flags.py's
+# size). Not in CHIP_CASES: a plain ``--chip`` rerun leaves it alone.
+TP_MODEL = {"emb_dim": 4096, "num_query_heads": 32, "num_kv_heads": 32, "head_dim": 128, "mlp_dim": 16384,
+            "vocab_size": 32768, "seq_len": 2048, "batch_per_fsdp_shard": 2, "residual_over_tensor": True}
+TP_CASES = {"big_tp_sharded_residual": {"fsdp": 4, "tensor": 4, "remat": "none", "compiler_options": {},
+                                        "model": TP_MODEL}}
+CASES.update(TP_CASES)
 CHIP_TOPOLOGIES = {"v5e": ("v5e:4x4", "default"), "v5p": ("v5p:2x2x4", "megacore"), "v6e": ("v6e:4x4", "default")}
 LAYER_COUNTS = (2, 4)
 DEFAULT_TOPOLOGY = "v5e:4x4"
@@ -336,7 +346,7 @@ def main() -> None:
     ns = ap.parse_args()
     if ns.maxtext_flags and not ns.chips:
         ap.error("--maxtext-flags needs --chip")
-    cases = ns.case or [c for c in CASES if c not in CHIP_CASES]
+    cases = ns.case or [c for c in CASES if c not in CHIP_CASES and c not in TP_CASES]
     if ns.chips:  # the training-size cases for each chip, each into its own folder
         for chip in ns.chips:
             topology, chip_config = CHIP_TOPOLOGIES[chip]

@@ -18,7 +18,8 @@ would get it laid out:
   over ``fsdp`` (MaxText's logical axis ``embed -> fsdp``), tensor parallelism shards heads, the
   MLP dim ``F`` and the vocab over ``tensor`` (Megatron: column-parallel Q/K/V/gate/up/unembed,
   row-parallel O/down); the batch is sharded over ``fsdp`` and replicated over ``tensor``; the
-  residual stream ``[B, T, D]`` is replicated over ``tensor`` (no sequence parallelism).  RMSNorm
+  residual stream ``[B, T, D]`` is replicated over ``tensor`` (no sequence parallelism), or, with
+  ``residual_over_tensor``, sharded on ``D`` over ``tensor`` as MaxText's default rules do.  RMSNorm
   scales ``[D]`` are replicated (MaxText maps the logical axis ``norm`` to ``tensor``, which is not
   the ``D`` of the activations here, so at these sizes we keep them replicated; they are 1 KiB).
 
@@ -65,6 +66,11 @@ class ModelConfig:
         ``fsdp`` mesh size (it is replicated over ``tensor``).
     remat: ``"none"`` or ``"full"`` (per-layer ``jax.checkpoint``, nothing saveable).
     learning_rate: SGD step size.
+    residual_over_tensor: shard the residual stream ``[B, T, D]`` (and the RMSNorm outputs) with
+        ``D`` over ``tensor``, as MaxText's default logical rule ``activation_embed -> tensor``
+        does, instead of replicating it over ``tensor``: XLA must then all-gather the activations
+        over ``tensor`` before the column-parallel matmuls and reduce-scatter them after the
+        row-parallel ones (off by default: the committed compiles are of the replicated stream).
     """
 
     emb_dim: int = 512
@@ -78,6 +84,7 @@ class ModelConfig:
     batch_per_fsdp_shard: int = 2
     remat: str = "none"
     learning_rate: float = 1e-2
+    residual_over_tensor: bool = False
 
     def __post_init__(self) -> None:
         if self.num_query_heads % self.num_kv_heads:
@@ -237,6 +244,19 @@ def _constrain(x: jax.Array, mesh: Mesh, *spec: Any) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*spec)))
 
 
+def residual_spec(cfg: ModelConfig) -> tuple[Any, ...]:
+    """PartitionSpec entries of the residual stream ``[B, T, D]``: batch over ``fsdp``; ``D`` over
+    ``tensor`` only with ``residual_over_tensor`` (MaxText's ``activation_embed -> tensor``)."""
+    return (FSDP, None, TENSOR) if cfg.residual_over_tensor else (FSDP, None, None)
+
+
+def normed(x: jax.Array, scale: jax.Array, cfg: ModelConfig, mesh: Mesh) -> jax.Array:
+    """RMSNorm of the residual; with ``residual_over_tensor`` its output keeps the residual's
+    sharding, as MaxText constrains ``lnx`` to ``activation_embed``."""
+    y = rms_norm(x, scale)
+    return _constrain(y, mesh, *residual_spec(cfg)) if cfg.residual_over_tensor else y
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float = 1e-6) -> jax.Array:
     """RMSNorm over the last dim; statistics in float32, output in the input dtype."""
     xf = x.astype(LOSS_DTYPE)
@@ -267,26 +287,26 @@ def attention(x: jax.Array, p: Params, cfg: ModelConfig, mesh: Mesh) -> jax.Arra
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, K * G, H)
     out = _constrain(out, mesh, FSDP, None, TENSOR, None)
     y = jnp.einsum("btnh,nhd->btd", out, p["wo"])  # row-parallel: all-reduce over tensor
-    return _constrain(y, mesh, FSDP, None, None)
+    return _constrain(y, mesh, *residual_spec(cfg))  # (or reduce-scatter, residual_over_tensor)
 
 
-def mlp(x: jax.Array, p: Params, mesh: Mesh) -> jax.Array:
+def mlp(x: jax.Array, p: Params, mesh: Mesh, cfg: ModelConfig) -> jax.Array:
     """Gated SiLU MLP: ``down(silu(x @ gate) * (x @ up))``; ``x`` ``[B, T, D]``."""
     gate = jnp.einsum("btd,df->btf", x, p["w_gate"])
     up = jnp.einsum("btd,df->btf", x, p["w_up"])
     hidden = _constrain(jax.nn.silu(gate) * up, mesh, FSDP, None, TENSOR)
     y = jnp.einsum("btf,fd->btd", hidden, p["w_down"])  # row-parallel: all-reduce over tensor
-    return _constrain(y, mesh, FSDP, None, None)
+    return _constrain(y, mesh, *residual_spec(cfg))
 
 
 def decoder_layer(x: jax.Array, p: Params, cfg: ModelConfig, mesh: Mesh) -> jax.Array:
     """One pre-norm decoder layer on the residual ``x`` ``[B, T, D]``."""
     with jax.named_scope("attn"):
-        x = x + attention(rms_norm(x, p["attn_norm"]), p, cfg, mesh)
-    x = _constrain(x, mesh, FSDP, None, None)
+        x = x + attention(normed(x, p["attn_norm"], cfg, mesh), p, cfg, mesh)
+    x = _constrain(x, mesh, *residual_spec(cfg))
     with jax.named_scope("mlp"):
-        x = x + mlp(rms_norm(x, p["mlp_norm"]), p, mesh)
-    return _constrain(x, mesh, FSDP, None, None)
+        x = x + mlp(normed(x, p["mlp_norm"], cfg, mesh), p, mesh, cfg)
+    return _constrain(x, mesh, *residual_spec(cfg))
 
 
 def loss_fn(params: Params, tokens: jax.Array, targets: jax.Array, cfg: ModelConfig,
@@ -294,7 +314,7 @@ def loss_fn(params: Params, tokens: jax.Array, targets: jax.Array, cfg: ModelCon
     """Mean next-token softmax cross-entropy (float32) of the model on ``tokens`` ``[B, T]``."""
     with jax.named_scope("embed"):
         x = jnp.take(params["embed"], tokens, axis=0)  # [B, T, D]
-        x = _constrain(x, mesh, FSDP, None, None)
+        x = _constrain(x, mesh, *residual_spec(cfg))
 
     layer_fn = decoder_layer
     if cfg.remat == "full":
@@ -306,7 +326,7 @@ def loss_fn(params: Params, tokens: jax.Array, targets: jax.Array, cfg: ModelCon
             x = layer_fn(x, layer_params, cfg, mesh)
 
     with jax.named_scope("final_norm"):
-        x = rms_norm(x, params["final_norm"])
+        x = normed(x, params["final_norm"], cfg, mesh)
     with jax.named_scope("unembed"):
         logits = jnp.einsum("btd,dv->btv", x, params["unembed"])
         logits = _constrain(logits, mesh, FSDP, None, TENSOR)
