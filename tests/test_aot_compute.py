@@ -83,9 +83,8 @@ VMEM_TP = ("with tensor parallelism each device's activations are 1/4 as large a
 # MaxText's tensor parallelism (residual D over tensor; tests/test_tp_overlap.py, docs/VALIDATION.md
 # "Tensor-parallel overlap"): XLA keeps the activation collectives synchronous, as tpusim does; the steps part
 # for two other reasons.
-TP_PLACEMENT = ("tpusim places tensor on the z line of 4 chips (0.32 ms per 32 MiB activation all-gather or "
-                "reduce-scatter) where libtpu's mesh (mesh_utils) puts it on the 2x2 xy plane (0.16 ms), so tpusim's 18 "
-                "synchronous TP collectives expose 5.78 ms")
+TP_PLACEMENT = ("tpusim places tensor as libtpu's mesh does (mesh_utils: the 2x2 xy plane, 0.16 ms per 32 MiB "
+                "activation all-gather or reduce-scatter), so its 18 synchronous TP collectives expose 2.94 ms")
 TP_FSDP_BYTES = ("XLA's FSDP collective matmuls (windowed einsum, unrolled: each weight gather and gradient "
                  "reduce-scatter split into ring steps, each a partial matmul reading and writing its output) move "
                  "7.6 GB in matmuls against tpusim's 4.5 GB with attention, and memory-space DMAs add 1.2 GB; "
@@ -95,7 +94,7 @@ KNOWN_GAPS = {
     ("v5p", "big_tp_sharded_residual_L2", "step"): TP_PLACEMENT + "; XLA's 32 synchronous ones 4.90 ms. XLA's default "
                                                    "flags expose FSDP time tpusim hides: 16 synchronous weight all-gathers "
                                                    "1.21 ms, its windowed-einsum permutes 2.66 ms, 3 gradient "
-                                                   "reduce-scatters 0.81 ms (run 20.51 ms, --hlo 24.48 ms)",
+                                                   "reduce-scatters 0.81 ms (run 18.72 ms, --hlo 24.48 ms)",
     ("v5p", "big_tp_sharded_residual_L2", "cost_analysis"): "the importer counts 18.8 GB where XLA's cost analysis "
                                                             "counts 23.8 GB (-21%): not yet explained op by op",
     ("v5p", "big_fsdp_L2", "step"): WINDOWED_PERMUTES,
@@ -127,7 +126,7 @@ MAXTEXT_GAPS = {
     ("v5p", "big_tp_sharded_residual_L2", "step"): TP_PLACEMENT + "; XLA's 3.83 ms (18 synchronous, 14 asynchronous "
                                                    "re-gathers). XLA exposes FSDP time tpusim hides: its windowed-einsum "
                                                    "permutes 2.91 ms, 3 synchronous gradient reduce-scatters 0.82 ms "
-                                                   "(run 20.51 ms, --hlo 22.43 ms; with XLA's placement run gives 18.72 ms)",
+                                                   "(run 18.72 ms, --hlo 22.43 ms)",
     ("v5p", "big_tp_sharded_residual_L2", "cost_analysis"): "the importer counts 20.2 GB where XLA's cost analysis "
                                                             "counts 24.4 GB (-17%): not yet explained op by op",
     ("v5p", "big_fsdp_L2", "bytes"): ACCUMULATORS,
