@@ -301,3 +301,15 @@ def test_custom_remat_bad_choice_is_one_error():
     with pytest.raises(TpusimError) as e:
         workload_from_dict({**_CUSTOM_BASE, "remat_policy": "custom", "query_proj": "host"}, source=SOURCE)
     assert e.value.key == "query_proj" and e.value.reason == "'host' is not one of remat, device, offload"
+
+
+def test_older_maxtext_keys():
+    """Keys of 2023-24 MaxText scripts no longer in base.yml: int8_training (AQT's switch before
+    quantization) is quantization: int8; the stack-trace and replicator keys change no step."""
+    base = {"base_config": "base.yml", "model_name": "llama2-7b", "per_device_batch_size": 1}
+    w = workload_from_dict({**base, "int8_training": True, "collect_stack_trace": True}, source=SOURCE)
+    assert w.step.quantization == "int8" and "collect_stack_trace" in w.ignored_keys
+    assert workload_from_dict({**base, "int8_training": False}, source=SOURCE).step.quantization == ""
+    with pytest.raises(TpusimError) as e:
+        workload_from_dict({**base, "int8_training": "yes"}, source=SOURCE)
+    assert e.value.key == "int8_training"

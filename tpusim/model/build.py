@@ -103,8 +103,11 @@ _ALIASES = {"ici_context_parallelism": "ici_sequence_parallelism", "optimizer": 
 # Keys of older MaxText versions (not in today's base.yml) that do not change a step's performance.
 MAXTEXT_LEGACY_IGNORED = frozenset("""
 base_num_encoder_layers cosine_learning_rate_final_fraction enable_profiler global_batch_size_to_train_on
-libtpu_init_args max_grad_norm xla_flags
+libtpu_init_args max_grad_norm xla_flags collect_stack_trace stack_trace_to_cloud stack_trace_interval_seconds
+use_replicator_service
 """.split())
+# MaxText's 2023 AQT switch, before quantization: int8 (true: the same int8 training).
+MAXTEXT_LEGACY_INT8 = "int8_training"
 
 
 def _typed(key: str, value: Any, typ: type, source: str) -> Any:

@@ -26,8 +26,8 @@ from tpusim.config import read_yaml, unknown_key_reason
 from tpusim.data import data_dir
 from tpusim.errors import TpusimError
 
-from tpusim.model.build import (_ALIASES, _SECTIONS, _TOP_KEYS, MAXTEXT_LEGACY_IGNORED, REQUIRED, _model, _parallelism,
-                                _step, _typed)
+from tpusim.model.build import (_ALIASES, _SECTIONS, _TOP_KEYS, MAXTEXT_LEGACY_IGNORED, MAXTEXT_LEGACY_INT8, REQUIRED,
+                                _model, _parallelism, _step, _typed)
 from tpusim.model.spec import Workload  # (and Model, Step, Parallelism: tpusim.model.spec)
 
 
@@ -117,6 +117,9 @@ def workload_from_dict(raw: Any, *, source: str, overrides: dict[str, Any] | Non
             n = _typed(where[key], value, int, source)
             if n != -1 and "slices" not in top:
                 top["slices"] = n
+        elif key == MAXTEXT_LEGACY_INT8:
+            if _typed(where[key], value, bool, source) and not flat.get("quantization"):
+                flat["quantization"], where["quantization"] = "int8", where[key]
         elif key in maxtext.REFUSED_KEYS:
             if not maxtext.is_default(key, value):
                 group = maxtext.REFUSED[maxtext.REFUSED_KEYS[key]][0]
