@@ -3,12 +3,14 @@
 Every command prints a short summary for people, or one JSON object with ``--json``. A mistake in
 what the user gave ends with one line on stderr naming the option or file, and exit status 2.
 
-``common`` holds the group and what every command shares; ``run`` (training: topology, collective,
-program, run, replay, compare), ``serve`` and ``sweep`` (sweep, search) add their commands to it.
+``common`` holds the group and what every command shares; ``describe`` (topology, collective, program),
+``run``, ``replay`` (replay, compare), ``serve`` and ``sweep`` (sweep, search) add their commands to it.
 Imports point one way: each command module imports ``common``, never another command module.
 """
 
-from tpusim.cli import run as _run, serve as _serve, sweep as _sweep  # noqa: F401 (they add their commands)
+# (each adds its commands to the group)
+from tpusim.cli import describe as _describe, replay as _replay, run as _run, serve as _serve  # noqa: F401
+from tpusim.cli import sweep as _sweep
 from tpusim.cli.common import INTERNAL_ERROR, dumps, main
 
 _sweep.register(main)

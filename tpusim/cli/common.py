@@ -110,3 +110,10 @@ _slices_option = click.option("--slices", default=1, show_default=True, type=int
 _json_option = click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 _mode_option = click.option("--mode", type=click.Choice(["calibrated", "datasheet"]), default="calibrated",
                             show_default=True, help="fitted link efficiencies, or the datasheet (the book's formulas)")
+
+def prepare_out(out_dir: str, command: str):
+    """Check the output folder now (writable; new, empty or a run folder), so a bad one fails before
+    any simulation; the run is written beside it and swapped in whole (:mod:`tpusim.runfolder`)."""
+    from tpusim.runfolder import RunFolder
+
+    return RunFolder(out_dir, command)
