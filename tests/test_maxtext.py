@@ -246,7 +246,7 @@ def test_global_parameter_scale_rotation():
         (2048 * 8, 16 * 16, 4 * 16, 7168 * 16, 16 * 8)
 
 
-@pytest.mark.parametrize("scale", [3, 0, -2])
+@pytest.mark.parametrize("scale", [3, 0, -2, 2 ** 40])
 def test_global_parameter_scale_not_a_power_of_two_is_one_error(scale):
     with pytest.raises(TpusimError) as e:
         workload_from_dict({"base_config": "base.yml", "per_device_batch_size": 1, "global_parameter_scale": scale},

@@ -173,6 +173,14 @@ def _scaled(values, source, where) -> dict:
     if out["base_moe_mlp_dim"] > 0:
         out["base_moe_mlp_dim"] <<= mlp
     out["base_num_decoder_layers"] <<= layers
+    key = where.get("global_parameter_scale", "global_parameter_scale")
+    if out["base_num_decoder_layers"] > MAX_LAYERS:
+        raise TpusimError(f"{scale} makes {out['base_num_decoder_layers']:,} layers; tpusim compiles at most "
+                          f"{MAX_LAYERS:,}", source=source, key=key)
+    widest = max(out["base_emb_dim"], out["base_mlp_dim"], out["base_num_query_heads"])
+    if widest > MAX_SIZE:
+        raise TpusimError(f"{scale} makes a dimension of {widest:.3g}, more than {MAX_SIZE:,}, tpusim's limit for a "
+                          f"size", source=source, key=key)
     return out
 
 
