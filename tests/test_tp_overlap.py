@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections import defaultdict
 
 import pytest
 
+from tpusim.analysis.breakdown import exposed_by_op
 from tpusim.api import compile_workload
 from tpusim.compiler.hlo.collectives import extract_collectives
 from tpusim.compiler.hlo.importer import import_hlo, read_hlo, replica_groups
@@ -93,25 +93,9 @@ def test_tensor_parallel_collectives_on_the_critical_path_stay_synchronous(case_
 
 
 def _tp_exposed_s(result, is_tp):
-    """Exposed seconds charged to the collectives ``is_tp`` picks (as tpusim.analysis.summary does it:
-    the gap before a compute op, or a "-done" op's duration, goes to the last-ending collective it waits for)."""
-    prog, rec = result.program, result.record
-    coll_end: dict[int, float] = {}
-    for stream, index, end in zip(rec.stream, rec.op_index, rec.end_s):
-        if stream == "Async XLA Ops":
-            coll_end[index] = max(end, coll_end.get(index, 0.0))
-    exposed: dict[int, float] = defaultdict(float)
-    prev_end = 0.0
-    for stream, cls, index, start, end in zip(rec.stream, rec.device_class, rec.op_index, rec.start_s, rec.end_s):
-        if stream != "XLA Ops" or cls != 0:
-            continue
-        op = prog.ops[index]
-        waited = [d for d in op.deps if d in coll_end]
-        if waited:
-            last = max(waited, key=lambda d: coll_end[d])
-            exposed[last] += max(start - prev_end, 0.0) + ((end - start) if op.category.endswith("-done") else 0.0)
-        prev_end = end
-    return sum(t for i, t in exposed.items() if is_tp(prog.ops[i]))
+    """Exposed seconds charged to the collectives ``is_tp`` picks (as tpusim.analysis.summary charges them)."""
+    exposed, _ = exposed_by_op(result)
+    return sum(t for i, t in exposed.items() if i >= 0 and is_tp(result.program.ops[i]))
 
 
 def test_xla_hides_none_of_the_tensor_parallel_time_tpusim_charges():

@@ -26,6 +26,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from tpusim.analysis.breakdown import exposed_by_op  # noqa: E402
 from tpusim.api import compile_workload  # noqa: E402
 from tpusim.compiler.hlo.collectives import extract_collectives  # noqa: E402
 from tpusim.compiler.hlo.importer import import_hlo, read_hlo, replica_groups  # noqa: E402
@@ -34,33 +35,6 @@ from tpusim.sim.engine import simulate  # noqa: E402
 
 CASE = "big_tp_sharded_residual_L2"
 DEFAULT_DIRS = (HERE / "xla_aot_chips" / "v5p" / CASE, HERE / "xla_aot_chips_maxtext" / "v5p" / CASE)
-
-
-def exposed_by_op(result) -> tuple[dict[int, float], float]:
-    """Exposed seconds per collective op index (as tpusim.analysis.summary.step_totals charges them) and the
-    compute seconds of the reference device."""
-    prog, rec = result.program, result.record
-    coll_end: dict[int, float] = {}
-    for stream, index, end in zip(rec.stream, rec.op_index, rec.end_s):
-        if stream == "Async XLA Ops":
-            coll_end[index] = max(end, coll_end.get(index, 0.0))
-    exposed: dict[int, float] = defaultdict(float)
-    compute = 0.0
-    prev_end = 0.0
-    for stream, cls, index, start, end in zip(rec.stream, rec.device_class, rec.op_index, rec.start_s, rec.end_s):
-        if stream != "XLA Ops" or cls != 0:
-            continue
-        op = prog.ops[index]
-        waited = [d for d in op.deps if d in coll_end]
-        last = max(waited, key=lambda d: coll_end[d]) if waited else -1
-        if start - prev_end > 0:
-            exposed[last] += start - prev_end
-        if op.category.endswith("-done"):
-            exposed[last] += end - start
-        else:
-            compute += end - start
-        prev_end = end
-    return dict(exposed), compute
 
 
 def hlo_groups(text: str, summary: dict) -> dict[str, tuple[str, str]]:

@@ -45,6 +45,34 @@ def breakdown(path: str | Path, mode: str = "calibrated") -> dict:
             "exposed": s["exposed_comm_by_kind_s"], "roofline_s": prog.flops_per_device / topo.chip.bf16_flops_per_s}
 
 
+def exposed_by_op(result) -> tuple[dict[int, float], float]:
+    """Exposed seconds per collective op index on the reference device (charged as
+    :func:`tpusim.analysis.summary.step_totals` charges them: the gap before a compute op, or a "-done"
+    op's duration, to the last-ending collective it waits for; -1 when it waits for none) and that
+    device's compute seconds."""
+    prog, rec = result.program, result.record
+    coll_end: dict[int, float] = {}
+    for stream, index, end in zip(rec.stream, rec.op_index, rec.end_s):
+        if stream == "Async XLA Ops":
+            coll_end[index] = max(end, coll_end.get(index, 0.0))
+    exposed: dict[int, float] = defaultdict(float)
+    compute = prev_end = 0.0
+    for stream, cls, index, start, end in zip(rec.stream, rec.device_class, rec.op_index, rec.start_s, rec.end_s):
+        if stream != "XLA Ops" or cls != 0:
+            continue
+        op = prog.ops[index]
+        waited = [d for d in op.deps if d in coll_end]
+        last = max(waited, key=lambda d: coll_end[d]) if waited else -1
+        if start - prev_end > 0:
+            exposed[last] += start - prev_end
+        if op.category.endswith("-done"):
+            exposed[last] += end - start
+        else:
+            compute += end - start
+        prev_end = end
+    return dict(exposed), compute
+
+
 def default_paths() -> list[Path]:
     measured = sorted(p for p in (data_dir("workloads") / "measured").glob("*.yaml") if p.name != "measured.yaml")
     root = Path(__file__).resolve().parents[2] / "traces" / "xla_aot_chips"
