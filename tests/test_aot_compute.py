@@ -64,8 +64,8 @@ def _known(kind):
     return out
 
 
-# Why the step times part on v5p with default flags (`tpusim run` 17.4 ms vs `tpusim run --hlo` 19.8 ms;
-# the compute streams agree, 16.3 ms each): XLA's compile with default flags issues the weight
+# Why the step times part on v5p with default flags (`tpusim run` 17.4 ms vs `tpusim run --hlo` 20.5 ms;
+# the compute streams agree, 16.3 and 16.1 ms): XLA's compile with default flags issues the weight
 # all-gathers as 27 synchronous all-gathers that the next op waits for (2.84 ms exposed; on v5e the
 # same kind of gathers hide behind 2.3x longer compute). tpusim's program prefetches each gather one
 # layer ahead, as MaxText's async-collective-fusion flags make XLA do: with them (maxtext/v5p) the two
@@ -79,7 +79,7 @@ ACCUMULATORS = ("XLA's FSDP windowed-einsum loops read and write each matmul's o
                 "agrees because those matmuls are MXU-bound (see the compute-time test)")
 VMEM_TP = ("with tensor parallelism each device's activations are 1/4 as large and XLA keeps most of "
            "them in VMEM (its HBM traffic is 2.1 GB; tpusim prices every elementwise op through HBM: 3.5 GB), "
-           "so tpusim's compute is 8% slower; tpusim has no VMEM residency model")
+           "so tpusim's compute is 16% slower (3.72 vs 3.22 ms); tpusim has no VMEM residency model")
 # MaxText's tensor parallelism (residual D over tensor; tests/test_tp_overlap.py, docs/VALIDATION.md
 # "Tensor-parallel overlap"): XLA keeps the activation collectives synchronous, as tpusim does; the steps part
 # for two other reasons.
@@ -94,7 +94,7 @@ KNOWN_GAPS = {
     ("v5p", "big_tp_sharded_residual_L2", "step"): TP_PLACEMENT + "; XLA's 32 synchronous ones 4.90 ms. XLA's default "
                                                    "flags expose FSDP time tpusim hides: 16 synchronous weight all-gathers "
                                                    "1.21 ms, its windowed-einsum permutes 2.66 ms, 3 gradient "
-                                                   "reduce-scatters 0.81 ms (run 18.72 ms, --hlo 24.48 ms)",
+                                                   "reduce-scatters 0.81 ms (run 18.72 ms, --hlo 24.43 ms)",
     ("v5p", "big_tp_sharded_residual_L2", "cost_analysis"): "the importer counts 18.8 GB where XLA's cost analysis "
                                                             "counts 23.8 GB (-21%): not yet explained op by op",
     ("v5p", "big_fsdp_L2", "step"): WINDOWED_PERMUTES,
@@ -104,29 +104,30 @@ KNOWN_GAPS = {
     ("v6e", "big_fsdp_tp_L2", "compute"): VMEM_TP,
     ("v6e", "big_fsdp_tp_L2", "step"): "XLA's default-flag compile makes its 27 weight all-gathers synchronous (1.34 ms "
                                        "exposed; tpusim prefetches them) and its windowed-einsum permutes expose "
-                                       "0.55 ms; the tensor-parallel all-reduces expose 3.09 ms, tpusim's all-gathers + "
+                                       "0.57 ms; the tensor-parallel all-reduces expose 3.09 ms, tpusim's all-gathers + "
                                        "reduce-scatters 2.77 ms; and " + VMEM_TP,
     ("v6e", "big_fsdp_tp_L2", "cost_analysis"): "the importer counts 8.1 GB where XLA's cost analysis counts 10.3 GB "
                                                  "(-22%): not yet explained op by op",
 }
 # With MaxText's flags XLA's schedule is the one tpusim assumes for the weights (v5p: 25 of 27 all-gathers
-# asynchronous, 0.36 ms of gathers exposed in all; the compute streams agree, 16.31 vs 16.20 ms), and the
+# asynchronous, 0.36 ms of gathers exposed in all; the compute streams agree, 16.31 vs 16.04 ms), and the
 # token embedding is resharded the same way (traces/model.py looks tokens up with jnp.take, MaxText's
 # default, use_iota_embed false: XLA partitions the lookup over the table's fsdp-sharded D and reshards
-# with two 16.8 MB activation all-to-alls, as tpusim's program does): v5p's steps agree (17.36 vs 17.25 ms).
-# v6e (`run` 7.17 ms, `--hlo` 7.79 ms, -8.0%): the tensor-parallel collectives agree (XLA's 9 activation
+# with two 16.8 MB activation all-to-alls, as tpusim's program does): v5p's steps agree (17.36 vs 18.04 ms,
+# -3.8%: XLA's windowed-einsum permutes expose 1.16 ms that tpusim's prefetched gathers hide).
+# v6e (`run` 7.17 ms, `--hlo` 7.64 ms, -6.2%): the tensor-parallel collectives agree (XLA's 9 activation
 # all-reduces expose 2.79 ms, tpusim's 18 all-gathers + reduce-scatters of the same activations 2.77 ms),
 # so do the embedding's all-to-alls (0.61 vs 0.66 ms); what differs is XLA's windowed-einsum permutes and
-# gathers (0.89 ms exposed, where tpusim's prefetched FSDP collectives hide whole) and tpusim's compute,
-# 0.23 ms longer (VMEM residency).
+# gathers (0.91 ms exposed, where tpusim's prefetched FSDP collectives hide whole) and tpusim's compute,
+# 0.39 ms longer (VMEM residency).
 VMEM_TP_MAXTEXT = ("with tensor parallelism XLA keeps most activations in VMEM (its HBM traffic is 2.33 GB, "
-                   "tpusim's 3.54 GB), so tpusim's compute is 6.6% slower (3.72 vs 3.49 ms); tpusim has no VMEM "
+                   "tpusim's 3.54 GB), so tpusim's compute is 12% slower (3.72 vs 3.33 ms); tpusim has no VMEM "
                    "residency model")
 MAXTEXT_GAPS = {
     ("v5p", "big_tp_sharded_residual_L2", "step"): TP_PLACEMENT + "; XLA's 3.83 ms (18 synchronous, 14 asynchronous "
                                                    "re-gathers). XLA exposes FSDP time tpusim hides: its windowed-einsum "
                                                    "permutes 2.91 ms, 3 synchronous gradient reduce-scatters 0.82 ms "
-                                                   "(run 18.72 ms, --hlo 22.43 ms)",
+                                                   "(run 18.72 ms, --hlo 22.42 ms)",
     ("v5p", "big_tp_sharded_residual_L2", "cost_analysis"): "the importer counts 20.2 GB where XLA's cost analysis "
                                                             "counts 24.4 GB (-17%): not yet explained op by op",
     ("v5p", "big_fsdp_L2", "bytes"): ACCUMULATORS,

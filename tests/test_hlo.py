@@ -188,3 +188,31 @@ def test_cross_program_prefetch_is_paid_once_per_step():
     single = sum(o.hbm_bytes for o in import_hlo(_prefetch_module(False), topo).ops)
     assert once == pytest.approx(single)  # one table's worth either way
     assert single > table  # (the adds read and write their own bytes too)
+
+
+def test_an_async_dma_fills_the_idle_hbm_of_mxu_bound_ops_first():
+    """XLA streams buffers into VMEM while the TensorCore works: the DMA's bytes go to the ops in flight
+    that leave HBM idle (an MXU-bound matmul) before any op pays for them; shared equally, an HBM-bound
+    add would carry half and the step would be longer than the hardware's."""
+    from tpusim.compiler.hlo.importer import import_hlo
+    from tpusim.sim.costmodel import compute_params
+
+    text = ("HloModule m, num_partitions=1\n\n"
+            "ENTRY %main (w: bf16[512,1024], a: bf16[1024,1024], b: bf16[1024,1024]) -> bf16[1024,1024] {\n"
+            "  %w = bf16[512,1024]{1,0:T(8,128)(2,1)} parameter(0)\n"
+            "  %a = bf16[1024,1024]{1,0:T(8,128)(2,1)} parameter(1)\n"
+            "  %b = bf16[1024,1024]{1,0:T(8,128)(2,1)} parameter(2)\n"
+            "  %copy-start = (bf16[512,1024]{1,0:T(8,128)(2,1)S(1)}, bf16[512,1024]{1,0:T(8,128)(2,1)}, "
+            "u32[]{:S(2)}) copy-start(%w)\n"
+            "  %d = bf16[1024,1024]{1,0:T(8,128)(2,1)} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}\n"
+            "  %e = bf16[1024,1024]{1,0:T(8,128)(2,1)} add(%d, %a)\n"
+            "  %copy-done = bf16[512,1024]{1,0:T(8,128)(2,1)S(1)} copy-done(%copy-start)\n"
+            "  ROOT %f = bf16[1024,1024]{1,0:T(8,128)(2,1)} add(%e, %b)\n"
+            "}\n")
+    topo = parse_topology("v5e:1x1")
+    ops = {o.name: o for o in import_hlo(text, topo).ops}
+    dma = 512 * 1024 * 2
+    assert ops["d"].hbm_bytes == pytest.approx(3 * 1024 * 1024 * 2 + dma)  # the matmul's own bytes and the DMA
+    assert ops["e"].hbm_bytes == pytest.approx(3 * 1024 * 1024 * 2)       # the add pays nothing
+    cp = compute_params(topo.chip, "calibrated")
+    assert ops["d"].flops / cp.mxu_flops_per_s >= ops["d"].hbm_bytes / cp.hbm_bytes_per_s  # still MXU-bound

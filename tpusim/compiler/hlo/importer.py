@@ -41,6 +41,7 @@ from tpusim.compiler.hlo.analysis import _Analysis
 from tpusim.compiler.hlo.collectives import extract_collectives
 from tpusim.compiler.hlo.hbm import hbm_bytes as _hbm_bytes
 from tpusim.limits import MAX_BYTES, MAX_CONV_POSITIONS
+from tpusim.sim.costmodel import ComputeParams, compute_params, op_time
 from tpusim.sim.program import COLLECTIVE, COMPUTE, HOST, Memory, Op, Program
 from tpusim.sim.topology import Topology
 
@@ -363,7 +364,7 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
             if ins.opcode in ("copy-done", "slice-done") and ins.operands and \
                     ins.operands[0].split()[-1].lstrip("%") in dmas:
                 start, nb = dmas.pop(ins.operands[0].split()[-1].lstrip("%"))
-                _spread_dma(ops, start, nb, carry)
+                _spread_dma(ops, start, nb, carry, cp)
                 continue
             if ins.opcode == "copy-done":
                 src = ins.operands[0].split()[-1].lstrip("%") if ins.operands else ""
@@ -388,6 +389,7 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
     ends_copy: dict[str, int] = {}
     dmas: dict[str, tuple[int, float]] = {}
     prefetched_again = _refetched_cross_program_prefetches(mod.computations.get(mod.entry, []))
+    cp = compute_params(topo.chip, "calibrated")  # the DMAs' spread: the default mode's rates
     carry: list[float] = []
     costs: dict[str, tuple] = {}
     walk(mod.entry)
@@ -416,21 +418,26 @@ def _refetched_cross_program_prefetches(entry: list) -> set[str]:
     return {name for name, param in cross.items() if param in again}
 
 
-def _spread_dma(ops: list[Op], start: int, nbytes: float, carry: list[float]) -> None:
+def _spread_dma(ops: list[Op], start: int, nbytes: float, carry: list[float], cp: ComputeParams) -> None:
     """Share an async DMA's HBM bytes among the compute ops that ran while it was in flight.
 
     XLA TPU's memory-space assignment prefetches buffers into VMEM (and evicts them) with DMAs that
-    run alongside the TensorCore: they cost HBM bandwidth, not TensorCore time. Adding their bytes to
-    the ops in flight makes an MXU-bound op hide them and an HBM-bound one pay for them. With no op
-    in between, the next compute op carries them.
+    run alongside the TensorCore: they cost HBM bandwidth, not TensorCore time. The bytes go first to
+    the ops that leave HBM idle (an MXU- or VPU-bound op's spare bandwidth: its time at ``cp``'s rates
+    times the HBM rate, less its own bytes), in proportion to that slack; what the slack cannot hold
+    is shared equally, each byte then costing the same. With no op in between, the next compute op
+    carries them.
     """
     window = [i for i in range(start, len(ops)) if ops[i].stream == COMPUTE and not ops[i].category.endswith("-done")]
     if not window:
         carry[:] = [(carry[0] if carry else 0.0) + nbytes]
         return
-    share = nbytes / len(window)
-    for i in window:
-        ops[i] = dataclasses.replace(ops[i], hbm_bytes=ops[i].hbm_bytes + share)
+    slack = [max(op_time(ops[i], cp) * cp.hbm_bytes_per_s - ops[i].hbm_bytes, 0.0) for i in window]
+    room = sum(slack)
+    spare = max(nbytes - room, 0.0) / len(window)
+    fill = min(nbytes / room, 1.0) if room > 0 else 0.0
+    for i, free in zip(window, slack):
+        ops[i] = dataclasses.replace(ops[i], hbm_bytes=ops[i].hbm_bytes + free * fill + spare)
 
 
 def _permute_axes(topo: Topology, pairs: str | None, to_chip) -> tuple[Axis, ...]:
