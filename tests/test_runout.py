@@ -197,7 +197,7 @@ def _record(tpusim_root: Path, commit: str) -> None:
                            check=True, stdout=subprocess.DEVNULL)
             runs[case] = _hashes(Path(tmp) / "run")
     made_by = (f"python tests/test_runout.py --record CHECKOUT {commit}, CHECKOUT holding tpusim at commit {commit} "
-               f"(git archive {commit} | tar -x -C CHECKOUT)")
+               f"(git archive {commit} | tar -x -C CHECKOUT) with the current model files copied over it (name them)")
     GOLDEN.write_text(json.dumps({"made_by": made_by, "versions": _versions(), "runs": runs}, indent=1) + "\n")
 
 
