@@ -137,11 +137,14 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
         notes.append(f"ignored (no effect on performance): {', '.join(w.ignored_keys)}")
     offloaded = offloaded_tensors(w.step)
     if w.step.remat_policy == "custom":
-        kept = [t for t in w.step.custom_device if t != "input"]
-        notes.append(f"remat_policy custom: {', '.join(offloaded) or 'nothing'} offloaded to host memory, "
-                     f"{', '.join(kept) or 'nothing'} saved in HBM besides the layer input, the rest recomputed"
-                     + ("" if offloaded or kept else " (as full: MaxText's per-tensor keys are all 'remat')"))
-    if offloaded:
+        kept = list(dict.fromkeys(t for t in ("input", *w.step.custom_device) if t not in offloaded))
+        parts = [f"{', '.join(offloaded)} offloaded to host memory (copied over PCIe after each layer's forward, "
+                 f"back before its backward)"] if offloaded else []
+        parts += [f"{', '.join(kept)} kept in HBM"] if kept else []
+        same_as_full = kept == ["input"] and not offloaded
+        notes.append(f"remat_policy custom: {'; '.join(parts)}; the rest recomputed"
+                     + (" (as full: MaxText's per-tensor keys are all 'remat')" if same_as_full else ""))
+    elif offloaded:
         notes.append(f"remat_policy {w.step.remat_policy}: saved activations live in host memory, copied "
                      "over PCIe after each layer's forward and back before its backward")
     if memory.working < natural.working:
