@@ -46,8 +46,8 @@ def _widths(w: Workload, sh: Shapes) -> dict[str, float]:
     rows = tok * sh.topk if m.num_experts > 1 else tok
     q, kv = sh.heads * sh.head_dim, sh.kv_heads * sh.head_dim
     return {"input": tok * d / sh.tp, "q_proj": tok * q, "k_proj": tok * kv, "v_proj": tok * kv,
-            "o_proj": tok * d / sh.tp, "context": tok * q, "mlp_gate": rows * sh.ff if m.gated_mlp else 0, "mlp_up": rows * sh.ff,
-            "mlp_down": rows * d / sh.tp}
+            "o_proj": tok * d / sh.tp, "context": tok * q, "mlp_gate": rows * sh.ff if m.gated_mlp else 0,
+            "mlp_up": rows * sh.ff, "mlp_down": rows * d / sh.tp}
 
 
 def layer_residual_bytes(w: Workload, sh: Shapes) -> float:

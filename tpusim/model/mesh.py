@@ -123,7 +123,7 @@ def resolve_mesh(par: Parallelism, topo: Topology, *, source: str = "workload") 
         size = ici[mesh_axis]
         if size == 1 or mesh_axis in physical:
             continue
-        placement = _place(size, topo, remaining, taken)
+        placement = _place(size, remaining, taken)
         if placement is None:
             free = ", ".join(f"{a}: {remaining[a] // taken[a]} of {remaining[a]}" for a in remaining
                              if taken[a] < remaining[a])
@@ -158,7 +158,7 @@ def _fill(sizes: dict[str, int], total: int, what: str, prefix: str, source: str
     return sizes
 
 
-def _place(size: int, topo: Topology, remaining: dict[str, int], taken: dict[str, int]) -> tuple[Axis, ...] | None:
+def _place(size: int, remaining: dict[str, int], taken: dict[str, int]) -> tuple[Axis, ...] | None:
     """Whole untouched axes whose product is ``size`` (the most axes, then the first in x, y, z order, as
     mesh_utils does), else whole axes plus one carved part."""
     whole = [a for a in remaining if taken[a] == 1]
