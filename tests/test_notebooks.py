@@ -21,6 +21,7 @@ from functools import cache
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -238,10 +239,14 @@ def check_serving(f: dict) -> None:
     assert high.ttft_p50_s > low.ttft_p50_s
     # output tokens/s grows less than the offered rate: the replicas saturate
     assert high.output_tokens_per_s / low.output_tokens_per_s < high.rate / low.rate
-    # the sweep's curve: more clients, more tokens/s per chip (until the slots are full) and a longer TTFT
+    # the sweep's curve: more clients, more tokens/s per chip until the slots are full, then flat (within
+    # 5%, tests/test_serving_sweep.py's saturation budget), and a longer TTFT
     curve = pd.DataFrame(f["sweep"]).sort_values("concurrency")
     assert (curve.status == "ok").all()
-    assert curve["throughput.output_tokens_per_s_per_chip"].is_monotonic_increasing
+    per_chip = curve["throughput.output_tokens_per_s_per_chip"].to_numpy()
+    saturated = int(np.argmax(per_chip >= 0.95 * per_chip.max()))
+    assert (np.diff(per_chip[:saturated + 1]) > 0).all()
+    assert (per_chip[saturated:] >= 0.95 * per_chip.max()).all()
     assert curve["ttft_s.p50"].iloc[-1] > curve["ttft_s.p50"].iloc[0]
 
 
