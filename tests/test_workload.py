@@ -118,16 +118,20 @@ def _mesh_utils_cases():
 def test_mesh_placement_is_mesh_utils(case):
     """MaxText builds its mesh with jax's mesh_utils.create_device_mesh: tpusim places each mesh axis on
     the torus axes it does (tests/data/mesh_utils_assignments.json, made by running jax 0.10.2's
-    _create_device_mesh_for_nd_torus: traces/mesh_utils_cases.py), whole axes only (the cases where
-    mesh_utils needs allow_split_physical_axes are not in the file)."""
+    _create_device_mesh_for_nd_torus: traces/mesh_utils_cases.py), and where no whole axes fit the part of
+    an axis it gives with allow_split_physical_axes (a contiguous segment or a strided set)."""
     x, y, z = map(int, case["torus"].split("x"))
     spec = f"v5e:{x}x{y}" if z == 1 else f"v5p:{x}x{y}x{z}"
     w = load({**BASE, "model": {**BASE["model"], "num_experts": 16, "num_experts_per_tok": 2},
               "sharding": {f"ici_{a}_parallelism": n for a, n in
                            {"fsdp": 1, "data": 1, **case["mesh"]}.items()}})
     m = resolve_mesh(w.parallelism, parse_topology(spec), source="w.yaml")
-    got = {a: "".join(m.physical[a]) for a in case["mesh"]}
-    assert got == case["axes"]
+
+    def part(p) -> str:
+        return p if isinstance(p, str) else f"{p.axis}:{p.size}/{p.stride}"
+
+    got = {a: sorted(part(p) for p in m.physical[a]) for a in case["mesh"]}
+    assert got == {a: sorted(parts) for a, parts in case["axes"].items()}
 
 
 def test_mesh_splits_an_axis_when_it_must():
@@ -135,6 +139,17 @@ def test_mesh_splits_an_axis_when_it_must():
     m = mesh_of({"tensor": 4}, "v5e:16x16")
     assert m.physical["tensor"] == (Span("x", 4, 1),)  # the contiguous inner segment
     assert set(m.axes_of("fsdp")) == {"y", Span("x", 4, 4)}
+
+
+def test_mesh_splits_axes_as_mesh_utils_does():
+    """fsdp 4 x context 8 x tensor 8 on a 16x16 takes no whole axes: jax's mesh_utils with
+    allow_split_physical_axes gives the assignment x: [1, 2, 8], y: [4, 4, 1] (fsdp, context, tensor;
+    the later mesh axis inner), so tensor is a contiguous 8 of x and context spans both axes."""
+    from tpusim.sim.collectives import Span
+    m = mesh_of({"fsdp": 4, "tensor": 8, "sequence": 8}, "v5e:16x16")
+    assert m.physical["tensor"] == (Span("x", 8, 1),)
+    assert m.physical["sequence"] == (Span("x", 2, 8), Span("y", 4, 1))
+    assert m.physical["fsdp"] == (Span("y", 4, 4),)
 
 
 def test_mesh_explicit_physical_axes():
@@ -148,7 +163,6 @@ def test_mesh_explicit_physical_axes():
     ({"fsdp": 8, "tensor": 4}, "v5p:4x4x4", 1, None, "has 32 devices but a v5p:4x4x4 slice has 64"),
     ({"fsdp": -1, "tensor": 3}, "v5p:4x4x4", 1, None, "does not divide"),
     ({"fsdp": -1}, "v5p:4x4x4", 2, {"data": 3}, "has 3 devices but 2 slices"),
-    ({"fsdp": 4, "tensor": 8, "sequence": 8}, "v5e:16x16", 1, None, "cannot place"),
 ])
 def test_impossible_meshes(ici, spec, slices, dcn, words):
     with pytest.raises(TpusimError, match=words):

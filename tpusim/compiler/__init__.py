@@ -147,6 +147,9 @@ def compile_program(w: Workload, topo: Topology, *, mesh: Mesh | None = None, ch
     elif offloaded:
         notes.append(f"remat_policy {w.step.remat_policy}: saved activations live in host memory, copied "
                      "over PCIe after each layer's forward and back before its backward")
+    if mesh.split:
+        notes.append("mesh: some axes take part of a torus axis, placed as jax's mesh_utils does with "
+                     "allow_split_physical_axes (MaxText refuses this mesh unless allow_split_physical_axes: true)")
     if memory.working < natural.working:
         notes.append(f"memory: XLA would keep {fmt_bytes(natural.total)} of transients and saved tensors; over the "
                      f"{fmt_bytes(capacity)} HBM it rematerialises {fmt_bytes(natural.working - memory.working)} of the "

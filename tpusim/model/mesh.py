@@ -6,14 +6,17 @@ automatically as MaxText's mesh is built (``jax.experimental.mesh_utils.create_d
 0.10.2 ``_create_device_mesh_for_nd_torus``): mesh axes from the most network-intensive, in the
 reverse of MaxText's ``mesh_axes`` order (expert, tensor, context = sequence, fsdp, stage = pipeline,
 data), each on whole torus axes whose sizes multiply to its size, preferring more torus axes (more
-links) and, among as many, the first in x, y, z order. Where no whole axes fit (MaxText then needs
-``allow_split_physical_axes: true``), on a part of an axis: the inner contiguous segment (a line)
-goes to the hungrier axis, the strided rest to the next.
+links) and, among as many, the first in x, y, z order. Where some mesh axis fits no whole axes (MaxText
+then needs ``allow_split_physical_axes: true``), every axis is placed as mesh_utils' splitting
+algorithm does: prime factor by prime factor on parts of torus axes (whole axes preferred), a torus
+axis split among mesh axes with the more network-intensive one inner (a contiguous segment, a line)
+and the others strided (``Span``).
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter
 import math
 from dataclasses import dataclass, field
 
@@ -32,6 +35,7 @@ class Mesh:
     ici: dict[str, int]
     dcn: dict[str, int]
     physical: dict[str, tuple[Axis, ...]]  # ICI mesh axis -> its part of the torus
+    split: bool = False  # some mesh axis takes part of a torus axis (MaxText: allow_split_physical_axes)
     # size() and axes_of() by their arguments: the compiler asks the same few questions ~10,000 times
     # per 80-layer program (15% of compiling it). Not part of the mesh's value.
     _memo: dict = field(default_factory=dict, init=False, compare=False, repr=False)
@@ -119,19 +123,27 @@ def resolve_mesh(par: Parallelism, topo: Topology, *, source: str = "workload") 
             for a in letters:
                 taken[a] = remaining[a]
 
-    for mesh_axis in PRIORITY:
-        size = ici[mesh_axis]
-        if size == 1 or mesh_axis in physical:
-            continue
-        placement = _place(size, remaining, taken)
-        if placement is None:
-            free = ", ".join(f"{a}: {remaining[a] // taken[a]} of {remaining[a]}" for a in remaining
-                             if taken[a] < remaining[a])
-            raise TpusimError(f"cannot place ici_{mesh_axis}_parallelism={size} on what is left of {topo.name} "
-                              f"({free or 'nothing'}); choose sizes that divide the torus axes",
-                              source=source, key=f"ici_{mesh_axis}_parallelism")
-        physical[mesh_axis] = placement
-    return Mesh(ici=ici, dcn=dcn, physical=physical)
+    free = [a for a in remaining if taken[a] == 1]  # whole torus axes no explicit placement took
+    auto = [a for a in reversed(PRIORITY) if ici[a] > 1 and a not in physical]  # MaxText's mesh order
+    shape = [remaining[a] for a in free]
+    assignment = _whole_axes(shape, [ici[a] for a in auto])
+    split = assignment is None  # MaxText needs allow_split_physical_axes: true here
+    if split:
+        assignment = _split_axes(shape, [ici[a] for a in auto])
+    if assignment is None:
+        sizes = ", ".join(f"ici_{a}_parallelism={ici[a]}" for a in auto)
+        left = " x ".join(str(n) for n in shape) or "nothing"
+        raise TpusimError(f"cannot place {sizes} on what is left of {topo.name} ({left}); choose sizes whose prime "
+                          "factors the torus axes hold", source=source, key=f"ici_{auto[-1]}_parallelism")
+    for j, mesh_axis in enumerate(auto):
+        parts: list[Axis] = []
+        for i, a in enumerate(free):
+            n = assignment[i][j]
+            if n > 1:
+                stride = math.prod(assignment[i][j + 1:])  # later (more intensive) mesh axes are inner
+                parts.append(a if n == remaining[a] else Span(a, n, stride))
+        physical[mesh_axis] = tuple(parts)
+    return Mesh(ici=ici, dcn=dcn, physical=physical, split=split)
 
 
 def _fill(sizes: dict[str, int], total: int, what: str, prefix: str, source: str) -> dict[str, int]:
@@ -158,38 +170,64 @@ def _fill(sizes: dict[str, int], total: int, what: str, prefix: str, source: str
     return sizes
 
 
-def _place(size: int, remaining: dict[str, int], taken: dict[str, int]) -> tuple[Axis, ...] | None:
-    """Whole untouched axes whose product is ``size`` (the most axes, then the first in x, y, z order, as
-    mesh_utils does), else whole axes plus one carved part."""
-    whole = [a for a in remaining if taken[a] == 1]
-    for r in range(len(whole), 0, -1):
-        for combo in itertools.combinations(whole, r):
-            if math.prod(remaining[a] for a in combo) == size:
-                for a in combo:
-                    taken[a] = remaining[a]
-                return combo
-    # Whole axes (largest product first) plus a part of one more axis.
-    options = []
-    for r in range(0, len(whole) + 1):
-        for combo in itertools.combinations(whole, r):
-            w = math.prod(remaining[a] for a in combo)
-            if size % w:
-                continue
-            q = size // w
-            for a in remaining:
-                if a in combo:
-                    continue
-                left = remaining[a] // taken[a]
-                if q > 1 and left % q == 0:
-                    options.append((w, a, q, combo))
-    if not options:
-        return None
-    w, a, q, combo = max(options, key=lambda o: (o[0], -len(o[3])))
-    part = Span(a, q, taken[a])
-    taken[a] *= q
-    for c in combo:
-        taken[c] = remaining[c]
-    return tuple(combo) + (part,)
+def _whole_axes(shape: list[int], sizes: list[int]) -> list[list[int]] | None:
+    """mesh_utils' ``_create_device_mesh_for_nd_torus``: each mesh axis (``sizes`` in MaxText's order, least
+    network-intensive first), from the last, on whole torus axes whose sizes multiply to its size, the most
+    axes first, then the first combination in x, y, z order. The assignment matrix [torus axis][mesh
+    axis] -> size, or None when a mesh axis fits no whole axes."""
+    out = [[1] * len(sizes) for _ in shape]
+    left = list(shape)
+    for j in reversed(range(len(sizes))):
+        for r in range(len(shape), 0, -1):
+            combo = next((c for c in itertools.combinations(range(len(shape)), r)
+                          if math.prod(left[i] for i in c) == sizes[j]), None)
+            if combo is not None:
+                for i in combo:
+                    out[i][j], left[i] = shape[i], 0
+                break
+        else:
+            return None
+    return out
+
+
+def _prime_factors(n: int) -> list[int]:
+    out, p = [], 2
+    while p * p <= n:
+        while n % p == 0:
+            out.append(p)
+            n //= p
+        p += 1
+    return out + ([n] if n > 1 else [])
+
+
+def _split_axes(shape: list[int], sizes: list[int]) -> list[list[int]] | None:
+    """mesh_utils' ``_create_device_mesh_for_nd_torus_splitting_axes`` (MaxText's
+    ``allow_split_physical_axes: true``): each mesh axis, from the last, on a part of the torus axes (its
+    prime factors spread over axes with room for them), preferring whole axes (by their product, then
+    their count), then axes no earlier mesh axis took, then the larger part on the earlier axis."""
+    out = [[1] * len(sizes) for _ in shape]
+    for j in reversed(range(len(sizes))):
+        used = [math.prod(row) for row in out]
+        room = [n // u for n, u in zip(shape, used)]
+        need = Counter(_prime_factors(sizes[j]))
+        by_factor = {f: [i for i, n in enumerate(room) for g in _prime_factors(n) if g == f] for f in need}
+        choices = [set(itertools.combinations(by_factor[f], k)) for f, k in need.items()]
+        best: tuple | None = None
+        for pick in itertools.product(*choices):
+            cand = [1] * len(shape)
+            for f, axes in zip(need, pick):
+                for i in axes:
+                    cand[i] *= f
+            whole = [i for i, n in enumerate(cand) if n == shape[i] and n > 1]
+            key = (math.prod(cand[i] for i in whole), len(whole),
+                   math.prod(n for i, n in enumerate(cand) if used[i] > 1), tuple(cand))
+            if best is None or key > best[0]:
+                best = (key, cand)
+        if best is None:
+            return None
+        for i, n in enumerate(best[1]):
+            out[i][j] = n
+    return out
 
 
 def mesh_axis_names() -> tuple[str, ...]:
