@@ -18,7 +18,7 @@ from tpusim.compiler import compile_program
 from tpusim.sim.costmodel import bound_by
 from tpusim.data import data_dir
 from tpusim.sim.engine import simulate
-from tpusim.analysis.summary import summarize
+from tpusim.analysis.summary import reference_rows, summarize
 
 COLUMNS = ("MXU matmuls", "attention", "VPU-bound", "HBM-bound")
 
@@ -46,23 +46,15 @@ def breakdown(path: str | Path, mode: str = "calibrated") -> dict:
 
 
 def exposed_by_op(result) -> tuple[dict[int, float], float]:
-    """Exposed seconds per collective op index on the reference device (charged as
-    :func:`tpusim.analysis.summary.step_totals` charges them: the gap before a compute op, or a "-done"
-    op's duration, to the last-ending collective it waits for; -1 when it waits for none) and that
-    device's compute seconds."""
-    prog, rec = result.program, result.record
-    coll_end: dict[int, float] = {}
-    for stream, index, end in zip(rec.stream, rec.op_index, rec.end_s):
-        if stream == "Async XLA Ops":
-            coll_end[index] = max(end, coll_end.get(index, 0.0))
+    """Exposed seconds per collective op index on the reference device, charged as
+    :func:`tpusim.analysis.summary.step_totals` charges them (:func:`~tpusim.analysis.summary.reference_rows`;
+    -1 when an op waited for none), and that device's compute seconds."""
     exposed: dict[int, float] = defaultdict(float)
     compute = prev_end = 0.0
-    for stream, cls, index, start, end in zip(rec.stream, rec.device_class, rec.op_index, rec.start_s, rec.end_s):
-        if stream != "XLA Ops" or cls != 0:
-            continue
-        op = prog.ops[index]
-        waited = [d for d in op.deps if d in coll_end]
-        last = max(waited, key=lambda d: coll_end[d]) if waited else -1
+    rows, waited_for = reference_rows(result)
+    for op, start, end in rows:
+        waited = waited_for(op)
+        last = -1 if waited is None else waited
         if start - prev_end > 0:
             exposed[last] += start - prev_end
         if op.category.endswith("-done"):

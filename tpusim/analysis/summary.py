@@ -35,39 +35,54 @@ def summarize(result: SimResult) -> dict:
                       pipeline=pipeline_summary(result) if result.program.stages > 1 else None)
 
 
+def reference_rows(result: SimResult):
+    """The reference device's compute rows in time order, as (op, start, end), and ``waited_for(op)``: the
+    index of the collective or copy, among those ``op`` depends on, that ended last (None: none). Exposed
+    time is charged to it: the gap before an op, and the whole of a "-done" op (imported HLO), which lasts
+    while the TensorCore waits (:func:`step_totals`, :func:`tpusim.analysis.breakdown.exposed_by_op`)."""
+    prog, rec = result.program, result.record
+    coll_end: dict[int, float] = {}
+    for stream, index, end in zip(rec.stream, rec.op_index, rec.end_s):
+        if stream == "Async XLA Ops":
+            coll_end[index] = end
+
+    def waited_for(op) -> int | None:
+        waited = [d for d in op.deps if d in coll_end]
+        return max(waited, key=coll_end.__getitem__) if waited else None
+
+    ops = prog.ops
+    rows = [(ops[index], start, end) for stream, cls, index, start, end
+            in zip(rec.stream, rec.device_class, rec.op_index, rec.start_s, rec.end_s)
+            if stream == "XLA Ops" and cls == 0]
+    return rows, waited_for
+
+
 def step_totals(result: SimResult) -> dict:
     """The step's extensive figures, read from the record: what grows by the same amount with every
     layer added (times, FLOPs, bytes, counts), from which :func:`summary_of` derives the rest. Kept
     apart so a step's totals can be extrapolated in its layer count (:mod:`tpusim.explore.periodic`)."""
-    prog, rec = result.program, result.record
-    coll_end: dict[int, float] = {}
-    coll_kind: dict[int, str] = {}
-    for stream, index, end, category in zip(rec.stream, rec.op_index, rec.end_s, rec.category):
-        if stream == "Async XLA Ops":
-            coll_end[index] = end
-            coll_kind[index] = category
+    prog = result.program
     compute_s = 0.0
     exposed_by: dict[str, float] = defaultdict(float)
     by_bound: dict[str, float] = defaultdict(float)
     bounds: dict[tuple, str] = {}
+    rows, waited_for = reference_rows(result)
+
+    def kind(op, default: str) -> str:
+        waited = waited_for(op)
+        return prog.ops[waited].category if waited is not None else default
+
     prev_end = 0.0
-    for stream, cls, index, start, end in zip(rec.stream, rec.device_class, rec.op_index, rec.start_s, rec.end_s):
-        if stream != "XLA Ops" or cls != 0:
-            continue
-        op = prog.ops[index]
+    for op, start, end in rows:
         gap = start - prev_end
         if gap > 0:
-            waited = [d for d in op.deps if d in coll_end]
-            kind = coll_kind[max(waited, key=lambda d: coll_end[d])] if waited else "other"
-            exposed_by[kind] += gap
+            exposed_by[kind(op, "other")] += gap
         dur = end - start
         if op.category.endswith("-done"):
             # A "-done" op (imported HLO) lasts while the TensorCore waits for its copy or collective:
             # exposed waiting charged to what it waited for, not compute (it has no FLOPs or bytes).
-            waited = [d for d in op.deps if d in coll_end]
-            kind = coll_kind[max(waited, key=lambda d: coll_end[d])] if waited else op.category[:-5]
             if dur > 0:
-                exposed_by[kind] += dur
+                exposed_by[kind(op, op.category[:-5])] += dur
             prev_end = end
             continue
         compute_s += dur
