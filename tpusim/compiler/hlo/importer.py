@@ -361,13 +361,12 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
                 nb = 0.0 if ins.name in prefetched_again else _hbm_bytes(ins, an)
                 dmas[ins.name] = (len(ops), nb)
                 continue
-            if ins.opcode in ("copy-done", "slice-done") and ins.operands and \
-                    ins.operands[0].split()[-1].lstrip("%") in dmas:
-                start, nb = dmas.pop(ins.operands[0].split()[-1].lstrip("%"))
+            if ins.opcode in ("copy-done", "slice-done") and _first_operand(ins) in dmas:
+                start, nb = dmas.pop(_first_operand(ins))
                 _spread_dma(ops, start, nb, carry, cp)
                 continue
             if ins.opcode == "copy-done":
-                src = ins.operands[0].split()[-1].lstrip("%") if ins.operands else ""
+                src = _first_operand(ins)
                 if src in ends_copy:
                     i = add(dict(name=prefix + ins.name, stream=COMPUTE, category="copy-done",
                                  deps=tuple(pending) + (ends_copy[src],)))
@@ -405,16 +404,18 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
                    hbm_capacity_bytes=topo.chip.hbm_bytes, notes=tuple(notes))
 
 
+def _first_operand(ins) -> str:
+    """The name of an instruction's first operand ("" for none)."""
+    return ins.operands[0].split()[-1].lstrip("%") if ins.operands else ""
+
+
 def _refetched_cross_program_prefetches(entry: list) -> set[str]:
     """Names of the entry's cross-program prefetches (``copy-start`` with ``cross_program_prefetch_index``)
     whose parameter the program copies into VMEM again before it ends (XLA's end-of-program prefetch,
     so that the next run finds the buffer in place): in steady state only that second copy moves bytes."""
-    def source(ins) -> str:
-        return ins.operands[0].split()[-1].lstrip("%") if ins.operands else ""
-
     starts = [i for i in entry if i.opcode == "copy-start" and host_copy_kind(i.result_type) is None]
-    cross = {i.name: source(i) for i in starts if "cross_program_prefetch_index" in i.attrs}
-    again = {source(i) for i in starts if i.name not in cross}
+    cross = {i.name: _first_operand(i) for i in starts if "cross_program_prefetch_index" in i.attrs}
+    again = {_first_operand(i) for i in starts if i.name not in cross}
     return {name for name, param in cross.items() if param in again}
 
 
