@@ -94,11 +94,15 @@ def mxu_rate(op: Op, cp: ComputeParams) -> float:
     return peak * padding_efficiency(op.mxu_shape, cp.mxu_dim) * size_efficiency(op.mxu_shape, cp)
 
 
+def unit_time(op: Op, cp: ComputeParams) -> float:
+    """Seconds ``op`` keeps its compute unit (MXU or VPU) busy, whatever its HBM traffic."""
+    rate = mxu_rate(op, cp) if op.category in MXU_UNIT_CATEGORIES else cp.vpu_flops_per_s
+    return max(op.flops / rate if op.flops else 0.0, op.vpu_flops / cp.vpu_flops_per_s)
+
+
 def op_time(op: Op, cp: ComputeParams) -> float:
     """Seconds for ``op`` on one chip (0 for an empty op)."""
-    rate = mxu_rate(op, cp) if op.category in MXU_UNIT_CATEGORIES else cp.vpu_flops_per_s
-    return max(op.flops / rate if op.flops else 0.0, op.vpu_flops / cp.vpu_flops_per_s,
-               op.hbm_bytes / cp.hbm_bytes_per_s)
+    return max(unit_time(op, cp), op.hbm_bytes / cp.hbm_bytes_per_s)
 
 
 def bound_by(op: Op, cp: ComputeParams) -> str:

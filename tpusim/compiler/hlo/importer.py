@@ -41,7 +41,7 @@ from tpusim.compiler.hlo.analysis import _Analysis
 from tpusim.compiler.hlo.collectives import extract_collectives
 from tpusim.compiler.hlo.hbm import hbm_bytes as _hbm_bytes
 from tpusim.limits import MAX_BYTES, MAX_CONV_POSITIONS
-from tpusim.sim.costmodel import ComputeParams, compute_params, op_time
+from tpusim.sim.costmodel import ComputeParams, compute_params, unit_time
 from tpusim.sim.program import COLLECTIVE, COMPUTE, HOST, Memory, Op, Program
 from tpusim.sim.topology import Topology
 
@@ -363,7 +363,7 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
                 continue
             if ins.opcode in ("copy-done", "slice-done") and _first_operand(ins) in dmas:
                 start, nb = dmas.pop(_first_operand(ins))
-                _spread_dma(ops, start, nb, carry, cp)
+                _spread_dma(ops, start, nb, carry, cp, unit)
                 continue
             if ins.opcode == "copy-done":
                 src = _first_operand(ins)
@@ -389,6 +389,7 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
     dmas: dict[str, tuple[int, float]] = {}
     prefetched_again = _refetched_cross_program_prefetches(mod.computations.get(mod.entry, []))
     cp = compute_params(topo.chip, "calibrated")  # the DMAs' spread: the default mode's rates
+    unit: dict[int, float] = {}  # op index -> its compute unit's time (_spread_dma)
     carry: list[float] = []
     costs: dict[str, tuple] = {}
     walk(mod.entry)
@@ -419,7 +420,8 @@ def _refetched_cross_program_prefetches(entry: list) -> set[str]:
     return {name for name, param in cross.items() if param in again}
 
 
-def _spread_dma(ops: list[Op], start: int, nbytes: float, carry: list[float], cp: ComputeParams) -> None:
+def _spread_dma(ops: list[Op], start: int, nbytes: float, carry: list[float], cp: ComputeParams,
+                unit: dict[int, float]) -> None:
     """Share an async DMA's HBM bytes among the compute ops that ran while it was in flight.
 
     XLA TPU's memory-space assignment prefetches buffers into VMEM (and evicts them) with DMAs that
@@ -433,7 +435,11 @@ def _spread_dma(ops: list[Op], start: int, nbytes: float, carry: list[float], cp
     if not window:
         carry[:] = [(carry[0] if carry else 0.0) + nbytes]
         return
-    slack = [max(op_time(ops[i], cp) * cp.hbm_bytes_per_s - ops[i].hbm_bytes, 0.0) for i in window]
+    rate = cp.hbm_bytes_per_s
+    for i in window:
+        if i not in unit:
+            unit[i] = unit_time(ops[i], cp)  # (a DMA's bytes change an op's HBM side, never its FLOPs)
+    slack = [max(max(unit[i], ops[i].hbm_bytes / rate) * rate - ops[i].hbm_bytes, 0.0) for i in window]
     room = sum(slack)
     spare = max(nbytes - room, 0.0) / len(window)
     fill = min(nbytes / room, 1.0) if room > 0 else 0.0
