@@ -51,7 +51,8 @@ AXES = ("data", "fsdp", "tensor", "sequence", "expert", "pipeline")
 ACCUMULATION = (2, 4, 8)  # microbatches tried, fewest first, for a plan whose activations do not fit
 
 
-def _divisors(n: int) -> list[int]:
+def divisors(n: int) -> list[int]:
+    """Every divisor of ``n``, ascending (the sizes a mesh axis of ``n`` chips can take)."""
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
@@ -59,14 +60,14 @@ def meshes(chips: int, model, seq_len: int, *, pipeline: int = 1) -> list[dict[s
     """ICI sizes of data, fsdp, tensor, sequence, expert multiplying to ``chips`` that the model can split
     (each stage's, with ``pipeline`` stages beside them)."""
     out = []
-    for tp in _divisors(chips):
+    for tp in divisors(chips):
         if model.num_heads % tp or model.d_ff % tp or (model.num_kv_heads % tp and tp % model.num_kv_heads):
             continue
-        for sp in (s for s in _divisors(chips // tp) if seq_len % s == 0):
-            experts = _divisors(chips // tp // sp) if model.num_experts > 1 else [1]
+        for sp in (s for s in divisors(chips // tp) if seq_len % s == 0):
+            experts = divisors(chips // tp // sp) if model.num_experts > 1 else [1]
             for ep in (e for e in experts if model.num_experts % e == 0 or e == 1):
                 rest = chips // (tp * sp * ep)
-                for fsdp in _divisors(rest):
+                for fsdp in divisors(rest):
                     out.append({"data": rest // fsdp, "fsdp": fsdp, "tensor": tp, "sequence": sp, "expert": ep,
                                 **({"pipeline": pipeline} if pipeline > 1 else {})})
     return out

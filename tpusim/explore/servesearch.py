@@ -37,16 +37,13 @@ from collections.abc import Callable
 
 from tpusim.config import read_yaml
 from tpusim.errors import InfeasibleError, TpusimError
+from tpusim.explore.search import divisors
 from tpusim.explore.sweep import Task, config_key, iter_rows
 from tpusim.limits import MAX_REQUESTS
 from tpusim.serving.workload import is_serving_workload, serve_workload_from_dict
 
 QUANTIZATIONS = ("bf16", "int8_weight_only", "int8")
 PERCENTILES = (50, 90, 99)
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def _mean_lengths(sw) -> tuple[float, float]:
@@ -102,8 +99,8 @@ def search_serving(workload: str, topology: str | None = None, *, mode: str = "c
     # Replica meshes: tensor x expert for MoE models; tensor, or fsdp x tensor (2D weight-stationary,
     # inference.md Q7: weights split over D on fsdp and F on tensor) for dense ones.
     moe = model.num_experts > 1
-    splits = [(e, t, 1) for e in _divisors(model.num_experts) if chips % e == 0 for t in _divisors(chips // e)] if moe \
-        else [(1, t, f) for t in _divisors(chips) for f in _divisors(chips // t)]
+    splits = [(e, t, 1) for e in divisors(model.num_experts) if chips % e == 0 for t in divisors(chips // e)] if moe \
+        else [(1, t, f) for t in divisors(chips) for f in divisors(chips // t)]
     for q in quantizations:
         for e, t, f in splits:
             counts["enumerated"] += 1
