@@ -110,6 +110,59 @@ def test_flash_backward_matmuls(fused, matmuls):
     assert any(o.name.endswith("attention_delta") for o in prog.ops)  # rowsum(O dO) before the kernels
 
 
+def _blocks_with_a_score(t: int, bq: int, bkv: int, allowed) -> float:
+    """Brute force: the share of the t x t grid in bq x bkv blocks where allowed(row, col) holds anywhere."""
+    import numpy as np
+    r, c = np.meshgrid(np.arange(t), np.arange(t), indexing="ij")
+    mask = allowed(r, c)
+    area = sum(mask[i:i + bq, j:j + bkv].size for i in range(0, t, bq) for j in range(0, t, bkv)
+               if mask[i:i + bq, j:j + bkv].any())
+    return area / t**2
+
+
+@pytest.mark.parametrize("t, bq, bkv, window, chunked", [
+    (64, 8, 8, 0, False), (64, 16, 8, 0, False), (64, 8, 32, 0, False), (60, 16, 8, 0, False),
+    (64, 8, 8, 24, False), (64, 16, 8, 20, False), (64, 8, 8, 32, True), (64, 8, 16, 24, True),
+    (50, 16, 8, 16, True)])
+def test_flash_fraction_is_the_blocks_a_splash_kernel_computes(t, bq, bkv, window, chunked):
+    """jax's splash attention skips the blocks its mask leaves empty and computes the rest whole: the
+    share of the grid tpusim charges equals a brute-force count over the element mask (causal; a
+    sliding window of W keys, row - W < col <= row; chunks of W), for equal and unequal blocks and
+    for a T the blocks do not divide. Equal blocks, causal: (n + 1) / 2n, not the convention's 1/2."""
+    from tpusim.model.spec import Model
+    m = Model(name="m", d_model=64, num_heads=1, num_kv_heads=1, head_dim=64, d_ff=64, num_layers=2,
+              vocab_size=64, gated_mlp=True, sliding_window=window, local_period=2 if window else 0,
+              chunked=chunked)
+    if not window:
+        allowed = (lambda r, c: c <= r)
+    elif chunked:
+        allowed = (lambda r, c: (c <= r) & (r // window == c // window))
+    else:
+        allowed = (lambda r, c: (c <= r) & (r - c < window))
+    layer = 0  # local when there is a window (every 2nd layer is global)
+    assert m.flash_fraction(layer, t, bq, bkv) == pytest.approx(_blocks_with_a_score(t, bq, bkv, allowed), rel=1e-12)
+    if not window and bq == bkv and t % bq == 0:
+        n = t // bq
+        assert m.flash_fraction(layer, t, bq, bkv) == pytest.approx((n + 1) / (2 * n), rel=1e-12)
+
+
+def test_flash_kernels_each_use_their_own_blocks():
+    """sa_block_q/kv set the forward kernel's blocks, sa_block_q_dkv/kv_dkv the dkv kernel's (4 of the
+    backward's 7 matmuls, 7 vector ops a score) and sa_block_q_dq/kv_dq the dq kernel's (3, and 6)."""
+    m = model(D=2048, N=16, H=128, F=8192, L=2, V=32000)
+    t = 4096
+    w = workload(m, per_device_batch_size=2, max_target_length=t, remat_policy="none", sa_block_q=1024,
+                 sa_block_kv=1024, sa_block_q_dkv=512, sa_block_kv_dkv=512, sa_block_q_dq=256, sa_block_kv_dq=256)
+    prog = compile_program(w, parse_topology("v5p:2x2x1"))
+    fwd = next(o for o in prog.ops if o.category == "attention" and o.phase == "forward")
+    bwd = next(o for o in prog.ops if o.category == "attention" and o.phase == "backward")
+    f = {b: (t // b + 1) / (2 * (t // b)) for b in (1024, 512, 256)}  # causal, equal blocks
+    grid = fwd.flops / f[1024]  # the forward's 2 matmuls over the whole T x T grid
+    assert f[1024] == pytest.approx(5 / 8) and grid == 2 * (2 * t) * t * 16 * 2 * 128  # (pdbs 2, 4 chips, 16 heads)
+    assert bwd.flops == pytest.approx(grid / 2 * (4 * f[512] + 3 * f[256]), rel=1e-12)
+    assert bwd.vpu_flops == pytest.approx(fwd.vpu_flops / 6 / f[1024] * (7 * f[512] + 6 * f[256]), rel=1e-12)
+
+
 @pytest.mark.parametrize("iota", [False, True])
 def test_token_embedding(iota):
     """MaxText's Embed: with use_iota_embed, a one-hot matmul (tokens x V x D) against the gathered table

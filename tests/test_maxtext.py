@@ -83,9 +83,10 @@ def test_base_yml_with_each_model_simulates_or_is_refused_physically(name):
 
 def test_known_maxtext_keys_are_never_unknown():
     base = {"base_config": "base.yml", "model_name": "llama2-7b", "per_device_batch_size": 1}
-    w = workload_from_dict({**base, "abort_on_inf_loss": True, "sa_block_q": 1024, "steps": 5}, source=SOURCE)
+    w = workload_from_dict({**base, "abort_on_inf_loss": True, "sa_block_kv_compute": 1024, "steps": 5},
+                           source=SOURCE)
     assert set(w.ignored_keys) == {"abort_on_inf_loss", "steps"}
-    assert "sa_block_q=1024" in w.notes  # (llama2-7b.yml also sets logical_axis_rules: noted too)
+    assert "sa_block_kv_compute=1024" in w.notes  # (llama2-7b.yml also sets logical_axis_rules: noted too)
     with pytest.raises(TpusimError) as e:
         workload_from_dict({**base, "pipeline_parallel_layers": 4}, source=SOURCE)
     assert e.value.key == "pipeline_parallel_layers" and "not modelled yet" in e.value.reason
@@ -154,7 +155,9 @@ def test_parameter_count_matches_the_published_one(name, what):
 def test_compiled_matmuls_are_the_model_flops(name, layers):
     """MLA's low-rank projections, shared and routed experts, dense first layers, interleaved MoE: the
     matmuls the compiled step executes (no remat, no tensor split) are exactly the model FLOPs, which
-    are 6 x (active parameters - input embedding - norms) per token; attention, 6 B T^2 N (qk + v) L / 2."""
+    are 6 x (active parameters - input embedding - norms) per token; attention, 6 B T^2 N (qk + v) L / 2
+    by the model-FLOPs convention, of which the splash kernel computes (n + 1) / n: at T = 1024 its two
+    512-blocks a side leave one of four blocks empty, so it runs 3/4 of the T x T grid, not 1/2."""
     w = workload_from_dict({"model_name": name, "per_device_batch_size": 1, "max_target_length": 1024,
                             "remat_policy": "none", "base_num_decoder_layers": layers}, source=SOURCE)
     topo = parse_topology("v5p:2x2x2")
@@ -163,7 +166,8 @@ def test_compiled_matmuls_are_the_model_flops(name, layers):
     matmuls = topo.num_chips * sum(o.flops for o in program.ops if o.category == "matmul")
     attention = topo.num_chips * sum(o.flops for o in program.ops if o.category == "attention" and o.phase == "forward")
     assert matmuls == pytest.approx(parts["layers"] + parts["unembedding"], rel=1e-12)
-    assert 3 * attention == pytest.approx(parts["attention"], rel=1e-12)
+    n = 1024 // 512
+    assert 3 * attention == pytest.approx(parts["attention"] * (n + 1) / n, rel=1e-12)
     m = w.model
     norms = m.num_layers * m.norm_params_per_layer + m.d_model + (
         m.num_layers * (m.q_lora_rank + m.kv_lora_rank) if m.attention_type == "mla" else 0)
@@ -172,14 +176,23 @@ def test_compiled_matmuls_are_the_model_flops(name, layers):
     assert per_token == pytest.approx(6 * (m.active_params - input_table - norms), rel=1e-12)
 
 
-@pytest.mark.parametrize("name,seq,window,period,local_share", [
-    ("gemma2-2b", 8192, 4096, 2, (2 * 8192 * 4096 - 4096**2) / 8192**2),  # sliding window: (2TW - W^2) / T^2
-    ("gemma3-4b", 8192, 1024, 6, (2 * 8192 * 1024 - 1024**2) / 8192**2),
-    ("llama4-17b-16e", 16384, 8192, 4, 8192 / 16384),                     # chunks of W: W / T
+def _window_blocks(n: int, w: int) -> int:
+    """512-blocks a sliding-window kernel computes: query block i needs key blocks i - w .. i."""
+    return sum(min(i, w) + 1 for i in range(n))
+
+
+@pytest.mark.parametrize("name,seq,window,period,local_share,executed_local", [
+    # sliding window: (2TW - W^2) / T^2 by the convention; blocks: n = T / 512, w = W / 512
+    ("gemma2-2b", 8192, 4096, 2, (2 * 8192 * 4096 - 4096**2) / 8192**2, _window_blocks(16, 8) / 16**2),
+    ("gemma3-4b", 8192, 1024, 6, (2 * 8192 * 1024 - 1024**2) / 8192**2, _window_blocks(16, 2) / 16**2),
+    # chunks of W: W / T by the convention; blocks: two chunks of 16 blocks, each causal
+    ("llama4-17b-16e", 16384, 8192, 4, 8192 / 16384, 2 * (16 * 17 // 2) / 32**2),
 ])
-def test_local_attention_layers_closed_form(name, seq, window, period, local_share):
+def test_local_attention_layers_closed_form(name, seq, window, period, local_share, executed_local):
     """Gemma 2 / 3's sliding-window and Llama 4's chunked layers, against the closed form: causal
-    attention of a global layer is 6 B T^2 N (qk + v) / 2; a local layer does local_share of it."""
+    attention of a global layer is 6 B T^2 N (qk + v) / 2 by the model-FLOPs convention; a local layer
+    does local_share of it. Executed, the splash kernel computes whole 512-blocks: (n + 1) / 2n of the
+    grid for a global layer, and for a local one the blocks that meet its window or chunk."""
     w = workload_from_dict({"model_name": name, "per_device_batch_size": 1, "max_target_length": seq,
                             "remat_policy": "none", "base_num_decoder_layers": 12}, source=SOURCE)
     m = w.model
@@ -191,7 +204,10 @@ def test_local_attention_layers_closed_form(name, seq, window, period, local_sha
     expected = 6 * batch * seq**2 * m.num_heads * 2 * m.head_dim / 2 * (m.num_layers - local + local * local_share)
     assert model_flops_breakdown(w, batch)["attention"] == pytest.approx(expected, rel=1e-12)
     executed = topo.num_chips * sum(o.flops for o in program.ops if o.category == "attention" and o.phase == "forward")
-    assert 3 * executed == pytest.approx(expected, rel=1e-12)
+    n = seq // 512
+    grid = 2 * batch * seq**2 * m.num_heads * 2 * m.head_dim
+    assert executed == pytest.approx(grid * ((m.num_layers - local) * (n + 1) / (2 * n) + local * executed_local),
+                                     rel=1e-12)
 
 
 @pytest.mark.parametrize("raw,key", [

@@ -32,8 +32,8 @@ ADAM_FLOPS_PER_PARAM, SGD_FLOPS_PER_PARAM = 12, 2
 # kernel writes it (jax.experimental.pallas.ops.tpu.splash_attention, the kernel MaxText calls; its
 # libtpu compile shows the kernels: fwd, then dkv and dq). MaxText's default (sa_use_fused_bwd_kernel:
 # false) runs two kernels, each recomputing QK^T and P: dkv (K Q^T, P^T dO, V dO^T, dS^T Q) and dq
-# (Q K^T, dO V^T, dS K): 7 matmuls. Fused, one kernel does both: 5.
-FLASH_BWD_OVER_FWD, FLASH_BWD_OVER_FWD_FUSED = 3.5, 2.5
+# (Q K^T, dO V^T, dS K): 4 + 3 matmuls, each kernel over its own blocks. Fused, one kernel does both: 5.
+FLASH_DKV_MATMULS, FLASH_DQ_MATMULS, FLASH_FUSED_BWD_MATMULS = 4, 3, 5
 # Vector ops per attention score inside a flash kernel (counted from the algorithm, not fitted).
 # Forward: scale, running max, subtract, exp (EUP: one per lane per cycle, taken as a VPU op), row
 # sum, cast to bf16 = 6. Backward (dkv, or the fused kernel): recompute scale, subtract, exp, then
@@ -192,14 +192,22 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
     tok, d, t_full = sh.tok, sh.d, sh.seq_len
     context.check(w, mesh)
     ring = context.ring(w, mesh)  # context_parallel_strategy: ring (else K, V all-gathered)
-    causal_exec = 0.5 if w.step.flash else 1.0  # a causal flash kernel skips the masked half
-    attn_fwd_flops = 2 * tok * t_full * sh.heads * (qk_dim + v_dim) * causal_exec  # QK^T and PV
-    scores = tok * t_full * sh.heads * causal_exec  # attention scores computed on this device
+    attn_fwd_flops = 2 * tok * t_full * sh.heads * (qk_dim + v_dim)  # QK^T and PV over the whole T x T grid
+    scores = tok * t_full * sh.heads  # attention scores in that grid, on this device
+    blocks = w.step.flash_blocks
 
-    def span(layer: int) -> float:
-        """A local layer's share of a global layer's attention work: a flash kernel skips the blocks
-        outside the window (causal, as it runs); dense attention computes every score and masks."""
-        return m.attention_span(layer, t_full, causal=True) if w.step.flash else 1.0
+    def span(layer: int, kernel: int = 0) -> float:
+        """The share of the grid a kernel computes (0 forward, 1 dkv or the fused backward, 2 dq): a
+        flash kernel skips the blocks its causal (or window, chunk) mask leaves empty; dense attention
+        computes every score and masks."""
+        if not w.step.flash:
+            return 1.0
+        return m.flash_fraction(layer, t_full, blocks[2 * kernel], blocks[2 * kernel + 1])
+
+    def kv_share(layer: int, kernel: int = 0) -> float:
+        """The share of K and V a layer's kernel reads: all of it for a global layer, the window's part
+        for a local one."""
+        return span(layer, kernel) / span(None, kernel) if w.step.flash else 1.0
 
     def forward_layer(layer: int, weights: dict, *, phase: str, recompute: bool, on_start=None) -> None:
         """One decoder layer forward; during the backward pass, only what the remat policy drops.
@@ -224,8 +232,9 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
             for kv in ("k", "v"):
                 b.wait(b.collective(f"all-gather/{p}/{kv}_context", "all-gather", v=kv_bytes,
                                     mesh_axes=("sequence",), layer=layer, phase=phase))
-        r = span(layer) * context.imbalance(w, sh.sp, local_layer=m.is_local(layer))
-        attn_hbm = ab * (2 * tok * q_width + 2 * sh.seqs * t_full * kv_width * r)
+        imb = context.imbalance(w, sh.sp, local_layer=m.is_local(layer))
+        r = span(layer) * imb
+        attn_hbm = ab * (2 * tok * q_width + 2 * sh.seqs * t_full * kv_width * kv_share(layer) * imb)
         if not w.step.flash:  # dense: QK^T writes f32 scores and PV reads bf16 probabilities through HBM
             attn_hbm += DENSE_SCORE_BYTES_MXU * scores
         attn = dict(flops=attn_fwd_flops * r, hbm=attn_hbm, layer=layer, phase=phase, mxu=(int(tok), qk_dim, t_full),
@@ -337,21 +346,25 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         backward_matmul(p, "o_proj", tok, o_width, d, layer=layer, weight=weights["o_proj"],
                         wshape=ws["o_proj"][:2], axes=ws["o_proj"][2])
         two_kernels = w.step.flash and not w.step.flash_fused_bwd  # splash's dkv and dq kernels
-        ratio = ((FLASH_BWD_OVER_FWD if two_kernels else FLASH_BWD_OVER_FWD_FUSED) if w.step.flash
-                 else DENSE_BWD_OVER_FWD)
         if not w.step.flash:  # dense softmax backward: dS = P (dP - rowsum(dP P)), through HBM
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_BWD, nbytes=1, **ew)
         else:  # delta = rowsum(O dO), before the kernels: reads O and dO, writes f32 per query and head
             b.compute(f"{p}/attention_delta", "elementwise", flops=2 * tok * q_width,
                       hbm=2 * ab * tok * q_width + 4 * tok * sh.heads, **ew)
-        r = span(layer) * context.imbalance(w, sh.sp, local_layer=m.is_local(layer))
+        imb = context.imbalance(w, sh.sp, local_layer=m.is_local(layer))
+        r, r_dq = span(layer, 1) * imb, span(layer, 2) * imb
         # reads Q, K, V, dO and writes dQ, dK, dV (4 of Q's size, 4 of K's); a second kernel reads all four again
         reads = 6 if two_kernels else 4
-        vpu_ops = FLASH_VPU_OPS_BWD + (FLASH_VPU_OPS_BWD_DQ if two_kernels else 0)
-        attn = dict(flops=ratio * attn_fwd_flops * r,
-                    hbm=ab * (reads * tok * q_width + reads * sh.seqs * t_full * kv_width * r),
-                    layer=layer, mxu=(int(tok), qk_dim, t_full),
-                    vpu=vpu_ops * scores * r if w.step.flash else 0.0)
+        if two_kernels:  # (the forward's flops are its 2 matmuls of the score block)
+            flops = attn_fwd_flops / 2 * (FLASH_DKV_MATMULS * r + FLASH_DQ_MATMULS * r_dq)
+            vpu = scores * (FLASH_VPU_OPS_BWD * r + FLASH_VPU_OPS_BWD_DQ * r_dq)
+        elif w.step.flash:
+            flops, vpu = attn_fwd_flops / 2 * FLASH_FUSED_BWD_MATMULS * r, FLASH_VPU_OPS_BWD * scores * r
+        else:
+            flops, vpu = DENSE_BWD_OVER_FWD * attn_fwd_flops * r, 0.0
+        kv_read = sh.seqs * t_full * kv_width * kv_share(layer, 1) * imb
+        attn = dict(flops=flops, hbm=ab * reads * (tok * q_width + kv_read),
+                    layer=layer, mxu=(int(tok), qk_dim, t_full), vpu=vpu)
         if ring:
             context.ring_backward(b, p, n=sh.sp, kv_bytes=sh.seqs * t_full * kv_width * ab, **attn)
         else:

@@ -9,8 +9,8 @@ from tpusim.config import unknown_key_reason
 from tpusim.errors import TpusimError
 from tpusim.limits import MAX_LAYERS, MAX_SIZE
 from tpusim.model.pipeline import PIPELINE_KEYS
-from tpusim.model.spec import (ATTENTION_KERNELS, DCN_AXES, DTYPE_BYTES, MESH_AXES, OPTIMIZERS, REMAT_POLICIES, Model,
-                               Parallelism, Step)
+from tpusim.model.spec import (ATTENTION_KERNELS, DCN_AXES, DTYPE_BYTES, FLASH_BLOCK_KEYS, MESH_AXES, OPTIMIZERS,
+                               REMAT_POLICIES, Model, Parallelism, Step)
 
 # ---- the vocabulary --------------------------------------------------------------------------------
 
@@ -70,6 +70,9 @@ _STEP_KEYS: dict[str, tuple[type, Any]] = {
     "context_parallel_load_balance": (bool, True),
     "context_parallel_strategy": (str, "all_gather"),
     "sa_use_fused_bwd_kernel": (bool, False),
+    # splash attention's block sizes (forward, dkv and dq kernels): a causal kernel computes every block
+    # that holds an unmasked score, whole (tpusim.model.spec.flash_fraction)
+    **{k: (int, 512) for k in FLASH_BLOCK_KEYS},
     "use_iota_embed": (bool, False),
     # remat_policy: custom, MaxText's per-tensor choice: "remat" (recompute), "device" (save in HBM) or
     # "offload" (save in host memory); base.yml's defaults (the layer input on device, the rest remat)
@@ -266,7 +269,7 @@ def _step(values, source, where) -> Step:
     if not 0 < pdbs <= MAX_SIZE:
         raise TpusimError(f"{pdbs!r} must be a positive number", source=source,
                           key=where.get("per_device_batch_size", "per_device_batch_size"))
-    for k in ("max_target_length", "num_vocab_tiling", "gradient_accumulation_steps"):
+    for k in ("max_target_length", "num_vocab_tiling", "gradient_accumulation_steps", *FLASH_BLOCK_KEYS):
         _positive(values, k, source, where)
     for k in ("dtype", "weight_dtype"):
         _choice(values, k, tuple(DTYPE_BYTES), source, where)
@@ -294,7 +297,8 @@ def _step(values, source, where) -> Step:
                 optimizer_memory_host_offload=values["optimizer_memory_host_offload"],
                 context_load_balance=values["context_parallel_load_balance"],
                 context_strategy=_not_yet(values, "context_parallel_strategy", CONTEXT_STRATEGIES, source, where),
-                flash_fused_bwd=values["sa_use_fused_bwd_kernel"], iota_embed=values["use_iota_embed"])
+                flash_fused_bwd=values["sa_use_fused_bwd_kernel"], iota_embed=values["use_iota_embed"],
+                flash_blocks=tuple(values[k] for k in FLASH_BLOCK_KEYS))
 
 
 def _not_yet(values, key, choices, source, where):

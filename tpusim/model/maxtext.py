@@ -163,8 +163,7 @@ IGNORED: dict[str, tuple[str, str]] = {
 # Accepted; a value other than base.yml's names the key in a note (a small effect tpusim does not model).
 NOTED: dict[str, tuple[str, str]] = {
     "kernel tiling": ("tile sizes and schedules of the Pallas kernels: the kernel's efficiency, not its FLOPs", """
-        sa_block_q sa_block_kv sa_block_kv_compute sa_block_q_dkv sa_block_kv_dkv sa_block_kv_dkv_compute
-        sa_block_q_dq sa_block_kv_dq sa_bwd_dkv_megacore sa_q_layout sa_k_layout
+        sa_block_kv_compute sa_block_kv_dkv_compute sa_bwd_dkv_megacore sa_q_layout sa_k_layout
         sa_v_layout use_splash_scheduler ring_scan_unroll sa_fuse_reciprocal sa_use_base2_exp local_sa_block_q
         local_sa_block_kv local_sa_block_kv_compute local_sa_block_q_dkv local_sa_block_kv_dkv
         local_sa_block_kv_dkv_compute local_sa_block_q_dq local_sa_block_kv_dq local_sa_use_fused_bwd_kernel

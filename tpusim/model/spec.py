@@ -4,6 +4,9 @@ dataclasses in SI units and MaxText's names (:mod:`tpusim.model.workload` reads 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
 
 from tpusim.model.pipeline import Pipeline
 
@@ -15,6 +18,10 @@ REMAT_POLICIES = ("full", "minimal", "none", "save_qkv_proj", "save_out_proj", "
 ATTENTION_KERNELS = ("flash", "dot_product", "autoselected", "splash", "cudnn_flash_te")
 MESH_AXES = ("data", "fsdp", "sequence", "tensor", "expert", "pipeline")
 DCN_AXES = ("data", "fsdp", "pipeline")
+# MaxText's splash attention block sizes: the forward kernel's (q, kv), the backward's dkv kernel's and
+# its dq kernel's; base.yml's default is 512 for each.
+FLASH_BLOCK_KEYS = ("sa_block_q", "sa_block_kv", "sa_block_q_dkv", "sa_block_kv_dkv", "sa_block_q_dq",
+                    "sa_block_kv_dq")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +82,18 @@ class Model:
         if causal and not self.chunked:
             return (2 * t * win - win * win) / (t * t)
         return win / t
+
+    def flash_fraction(self, layer: int | None, seq_len: int, block_q: int, block_kv: int) -> float:
+        """The share of the T x T score grid a causal flash kernel computes for this layer: every
+        ``block_q x block_kv`` block that holds an unmasked score, whole. jax's splash attention (the
+        kernel MaxText calls) skips only the blocks its mask leaves empty and computes the others in
+        full, masking inside them; MaxText takes each block size as min(sa_block_*, T). A global layer
+        of n equal blocks a side computes (n + 1) / 2n of the grid, not 1/2; a local layer the blocks
+        that meet its sliding window or its chunk. ``layer=None``: a global layer."""
+        local = layer is not None and self.is_local(layer) and seq_len > self.sliding_window
+        window = self.sliding_window if local else 0
+        return _block_fraction(seq_len, min(block_q, seq_len), min(block_kv, seq_len), window,
+                               self.chunked and window > 0)
 
     @property
     def expert_ff(self) -> int:
@@ -171,6 +190,7 @@ class Step:
     context_strategy: str = "all_gather"  # context_parallel_strategy: all_gather (K/V gathered) or ring
     flash_fused_bwd: bool = False  # sa_use_fused_bwd_kernel: splash's backward in one kernel, not dkv + dq
     iota_embed: bool = False  # use_iota_embed: the token embedding as a one-hot matmul, not a lookup (take)
+    flash_blocks: tuple[int, ...] = (512,) * 6  # FLASH_BLOCK_KEYS' values: (q, kv) of the fwd, dkv and dq kernels
     # remat_policy custom: the tensors (compiler/memory.py's names) MaxText's per-tensor keys save in HBM
     # ("device") and in host memory ("offload"); the rest are recomputed
     custom_device: tuple[str, ...] = ()
@@ -220,3 +240,21 @@ class Workload:
     ignored_keys: tuple[str, ...] = field(default=())
     notes: tuple[str, ...] = field(default=())  # MaxText keys set away from base.yml that tpusim does not model
     pipeline: Pipeline = field(default=Pipeline())  # stages: ici/dcn_pipeline_parallelism (tpusim.model.pipeline)
+
+
+@lru_cache(maxsize=256)
+def _block_fraction(t: int, bq: int, bkv: int, window: int, chunked: bool) -> float:
+    """See :meth:`Model.flash_fraction`. Query block i spans rows r0..r1; the key blocks it needs run
+    from the one holding its first row's earliest visible key (0; r0 - W + 1 in a sliding window; the
+    start of r0's chunk) to the one holding r1 (causal), a contiguous run."""
+    r0 = np.arange(0, t, bq)
+    r1 = np.minimum(r0 + bq, t) - 1
+    if not window:
+        first = np.zeros_like(r0)
+    elif chunked:
+        first = (r0 // window) * window
+    else:
+        first = np.maximum(r0 - window + 1, 0)
+    j_lo, j_hi = first // bkv, r1 // bkv
+    cols = np.minimum((j_hi + 1) * bkv, t) - j_lo * bkv
+    return float(np.sum((r1 - r0 + 1) * cols)) / (t * t)
