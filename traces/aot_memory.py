@@ -10,7 +10,9 @@ state donated. libtpu compiles it for the slice with no TPU attached; ``compiled
 gives XLA's buffer assignment: argument, output, alias, temp, host (offloaded) and peak bytes.
 
 Writes ``xla_aot_memory/<case>.json``: the case in MaxText key names (tpusim reads it as a workload),
-``memory_analysis``, the largest buffers of XLA's memory-usage report, versions and compile time.
+``memory_analysis``, the largest buffers of XLA's memory-usage report, versions and compile time; cases
+with ``save_hlo`` (MaxText v4 22B at full size on v4:4x4x4, compiled with that run's LIBTPU flag) also
+``<case>.hlo.txt.gz``, XLA's optimized HLO, for ``tpusim run --hlo`` (see docs/VALIDATION.md).
 
     /work/venvs/jax/bin/python traces/aot_memory.py                  # every case (7-25 min each on 2 busy cores)
     /work/venvs/jax/bin/python traces/aot_memory.py --case v5e_1b_full --out /tmp/x
