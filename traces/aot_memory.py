@@ -10,7 +10,9 @@ state donated. libtpu compiles it for the slice with no TPU attached; ``compiled
 gives XLA's buffer assignment: argument, output, alias, temp, host (offloaded) and peak bytes.
 
 Writes ``xla_aot_memory/<case>.json``: the case in MaxText key names (tpusim reads it as a workload),
-``memory_analysis``, the largest buffers of XLA's memory-usage report, versions and compile time.
+``memory_analysis``, the largest buffers of XLA's memory-usage report, versions and compile time; cases
+with ``save_hlo`` (MaxText v4 22B at full size on v4:4x4x4, compiled with that run's LIBTPU flag) also
+``<case>.hlo.txt.gz``, XLA's optimized HLO, for ``tpusim run --hlo`` (see docs/VALIDATION.md).
 
     /work/venvs/jax/bin/python traces/aot_memory.py                  # every case (7-25 min each on 2 busy cores)
     /work/venvs/jax/bin/python traces/aot_memory.py --case v5e_1b_full --out /tmp/x
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gzip
 import json
 import os
 import re
@@ -39,7 +42,15 @@ DIMS = {
            "vocab_size": 32000},
     "4b": {"base_emb_dim": 4096, "base_num_query_heads": 32, "head_dim": 128, "base_mlp_dim": 14336,
            "vocab_size": 32000},
+    # MaxText's v4 22b.sh (tests/data/measured-dev.yaml maxtext-v4-22b-1xv4-128): 24 heads of 128 < D.
+    "22b": {"base_emb_dim": 6144, "base_num_query_heads": 24, "head_dim": 128, "base_mlp_dim": 24576,
+            "vocab_size": 32000},
 }
+# The v4 22B run's LIBTPU flags (measured-dev.yaml maxtext-v4-22b-1xv4-128 "other"; its
+# TPU_MEGACORE=MEGACORE_DENSE is the "megacore" chip config: one device per v4 chip).
+V4_22B_FLAGS = "--xla_enable_async_all_gather=true"
+# v4 runs as one device per chip (megacore, as the published run); the other cases compiled with "default".
+CHIP_CONFIG = {"v4": "megacore", "v5e": "default", "v5p": "default", "v6e": "default"}
 # case -> topology, dims, layers, per-device batch, mesh, remat policy, weight dtype.
 _C = dict
 CASES: dict[str, dict[str, Any]] = {
@@ -65,6 +76,12 @@ CASES: dict[str, dict[str, Any]] = {
                         weight_dtype="bfloat16"),
     "v6e_4b_full": _C(topology="v6e:4x4", dims="4b", layers=16, pdbs=2, fsdp=16, tensor=1, remat="full"),
     "v6e_1b_tp2_minimal": _C(topology="v6e:4x4", dims="1b", layers=16, pdbs=4, fsdp=8, tensor=2, remat="minimal"),
+    # The published v4 22B run at full size (workloads/measured/maxtext_v4_22b.yaml; num_vocab_tiling 8 not
+    # built: the loss is untiled), with its LIBTPU flag; and the same step at 4 sequences, where HBM is not tight.
+    "v4_22b_full": _C(topology="v4:4x4x4", dims="22b", layers=48, pdbs=13, fsdp=64, tensor=1, remat="full",
+                      libtpu_flags=V4_22B_FLAGS, save_hlo=True),
+    "v4_22b_full_b4": _C(topology="v4:4x4x4", dims="22b", layers=48, pdbs=4, fsdp=64, tensor=1, remat="full",
+                         libtpu_flags=V4_22B_FLAGS, save_hlo=True),
 }
 SEQ_LEN = 2048
 # MaxText's checkpoint names (layers/attentions.py, layers/linears.py) and what each policy does with
@@ -238,7 +255,7 @@ def compile_case(case: str, out: Path, dump: str | None) -> dict[str, Any]:
     from aot_compile import get_topology, make_mesh, memory_analysis_dict, versions
 
     cfg = maxtext_config(case)
-    topo = get_topology(cfg["topology"], "default")
+    topo = get_topology(cfg["topology"], CHIP_CONFIG[cfg["topology"].split(":")[0]])
     mesh = make_mesh(list(topo.devices), cfg["ici_fsdp_parallelism"], cfg["ici_tensor_parallelism"])
     jitted, args = build_step(cfg, mesh)
     t0 = time.perf_counter()
@@ -256,6 +273,8 @@ def compile_case(case: str, out: Path, dump: str | None) -> dict[str, Any]:
               "largest_buffers": largest_buffers(report), "peak_breakdown": peak_breakdown(live), "compile_wall_s": round(wall, 1),
               "versions": versions()}
     out.mkdir(parents=True, exist_ok=True)
+    if CASES[case].get("save_hlo"):  # XLA's optimized program, for `tpusim run --hlo`
+        (out / f"{case}.hlo.txt.gz").write_bytes(gzip.compress(compiled.as_text().encode(), mtime=0))
     (out / f"{case}.json").write_text(json.dumps(result, indent=1) + "\n")
     ma = result["memory_analysis"]
     print(f"[{case}] compile {wall:.0f}s peak {ma['peak_memory_in_bytes'] / 1e9:.3f} GB "
@@ -280,7 +299,9 @@ def main() -> None:
             env = dict(os.environ, TPUSIM_XLA_DUMP_DIR=dump)
             env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={dump}").strip()
             env.setdefault("JAX_PLATFORMS", "cpu")
-            env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # other compiles may hold libtpu's lockfile
+            env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+            if CASES[case].get("libtpu_flags"):  # libtpu reads its flags from the environment when it loads
+                env["LIBTPU_INIT_ARGS"] = (env.get("LIBTPU_INIT_ARGS", "") + " " + CASES[case]["libtpu_flags"]).strip()  # other compiles may hold libtpu's lockfile
             r = subprocess.run([sys.executable, __file__, "--in-process", "--case", case, "--out", str(ns.out)],
                                env=env)
             if r.returncode:

@@ -73,13 +73,8 @@ _PASS_THROUGH = ("parameter", "tuple", "all-gather", "all-reduce", "reduce-scatt
                  "all-to-all", "all-gather-start", "all-reduce-start", "collective-permute-start")
 
 
-def _fusion_hbm_bytes(ins: Instr, an: _Analysis) -> float:
-    """HBM bytes a fusion really moves, as XLA's cost analysis counts them.
-
-    A parameter read only through (dynamic-)slices costs the slices' bytes; a parameter that is
-    the buffer of a root dynamic-update-slice is updated in place (it costs nothing; the update is
-    written). Arrays in VMEM cost nothing (see :func:`hbm_array_bytes`).
-    """
+def _params_and_users(ins: Instr, an: _Analysis) -> tuple[list[Instr], dict[int, str], dict[str, list]]:
+    """A fusion's body, its parameters by number, and each value's users (instruction, operand index)."""
     callees = _callees(ins)
     body = an.mod.computations.get(callees[0], []) if callees else []
     params: dict[int, str] = {}
@@ -92,6 +87,38 @@ def _fusion_hbm_bytes(ins: Instr, an: _Analysis) -> float:
     for i in body:
         for k, op in enumerate(i.operands):
             users.setdefault(op.split()[-1].lstrip("%"), []).append((i, k))
+    return body, params, users
+
+
+def _sliced_read(uses: list[tuple[Instr, int]], an: _Analysis, depth: int = 0) -> float | None:
+    """Bytes read of a fusion parameter used only through (dynamic-)slices, also inside nested
+    fusions (XLA TPU nests a kLoop fusion that slices one layer out of a scanned stack in the
+    convolution fusion that reads it); None if some use reads it whole."""
+    if not uses or depth > 8:
+        return None
+    total = 0.0
+    for u, j in uses:
+        if u.opcode in _SLICERS and j == 0:
+            total += _plain_bytes(u.result_type)
+        elif u.opcode == "fusion":
+            _, params, users = _params_and_users(u, an)
+            inner = _sliced_read(users.get(params.get(j, ""), []), an, depth + 1)
+            if inner is None:
+                return None
+            total += inner
+        else:
+            return None
+    return total
+
+
+def _fusion_hbm_bytes(ins: Instr, an: _Analysis) -> float:
+    """HBM bytes a fusion really moves, as XLA's cost analysis counts them.
+
+    A parameter read only through (dynamic-)slices (directly or in a nested fusion) costs the
+    slices' bytes; a parameter that is the buffer of a root dynamic-update-slice is updated in place
+    (it costs nothing; the update is written). Arrays in VMEM cost nothing (see :func:`hbm_array_bytes`).
+    """
+    body, params, users = _params_and_users(ins, an)
     root = next((i for i in body if i.is_root), None)
     roots = [root] if root is not None else []
     if root is not None and root.opcode == "tuple":
@@ -106,10 +133,8 @@ def _fusion_hbm_bytes(ins: Instr, an: _Analysis) -> float:
         uses = users.get(name, []) if name else []
         if name in in_place or (uses and all(u.opcode in _PASS_THROUGH for u, _ in uses)):
             continue
-        if uses and all(u.opcode in _SLICERS and j == 0 for u, j in uses):
-            total += sum(_plain_bytes(u.result_type) for u, _ in uses)
-        else:
-            total += hbm_array_bytes(t)
+        sliced = _sliced_read(uses, an)
+        total += hbm_array_bytes(t) if sliced is None else sliced
     out_types = _split_top(ins.result_type.strip()[1:-1]) if ins.result_type.strip().startswith("(") \
         else [ins.result_type]
     for j, t in enumerate(out_types):
