@@ -33,7 +33,7 @@ MULTISLICE = ("the one-slice step is 1.2% optimistic and the multi-slice growth 
 RUNS = [
     "maxtext_v5e_16b",
     "maxtext_v5p_32b",
-    pytest.param("maxtext_v4_22b", marks=pytest.mark.xfail(strict=True, reason=COMPUTE + " (today -11%)")),
+    "maxtext_v4_22b",  # -5.0% with XLA's rematerialisation to fit v4's HBM timed (was -11.3% without)
     "recipes_v6e8_llama31_8b",  # -10.0%: inside the budget, though not the validate goal of 8%
     pytest.param("recipes_v6e64_llama31_70b", marks=pytest.mark.xfail(strict=True, reason=COMPUTE + V6E + " (today -18%)")),
     "maxtext_v5e_16b_2slices",

@@ -62,12 +62,13 @@ def test_only_when_hbm_is_tight_xla_recomputes_qkv_and_an_f_wide_matmul_per_laye
 
 
 def test_tpusim_matmul_flops_per_layer_are_xlas_less_its_remat_to_fit():
-    """Per layer, tpusim's MXU FLOPs match XLA's loop bodies' once the remat-to-fit ops are set aside
+    """Per layer, tpusim's MXU FLOPs match XLA's loop bodies' once the remat-to-fit ops (both's) are set aside
     (budget 1%: the issue's matmul-FLOP budget); XLA's own total is ~10.6% more."""
     from tpusim.api import workload_and_topology
 
     w, topo = workload_and_topology(REPO / "workloads" / "measured" / "maxtext_v4_22b.yaml")
-    ours = sum(o.flops for o in compile_program(w, topo).ops if o.category == "matmul" and o.layer >= 0) / L
+    ours = sum(o.flops for o in compile_program(w, topo).ops
+               if o.category == "matmul" and o.layer >= 0 and "/remat_to_fit/" not in o.name) / L
     loops = [o for o in _program("v4_22b_full").ops if o.category == "matmul" and o.name.startswith("while")]
     xla = sum(o.flops for o in loops if ".remat" not in o.name) / L
     assert ours == pytest.approx(xla, rel=0.01)
@@ -81,3 +82,40 @@ def test_a_nested_fusions_slice_of_the_stacked_layer_inputs_costs_the_slice():
     mod = parse_module(_hlo("v4_22b_full"))
     tok = _tokens("v4_22b_full")
     assert hbm_bytes(mod.by_name["fusion.360.remat"], _Analysis(mod)) == 2 * tok * D + 2 * tok * N * H
+
+
+def _v4_run(**step):
+    from tpusim.api import workload_and_topology
+
+    w, topo = workload_and_topology(REPO / "workloads" / "measured" / "maxtext_v4_22b.yaml")
+    if step:
+        from dataclasses import replace
+        w = replace(w, step=replace(w.step, **step))
+    return w, topo, compile_program(w, topo)
+
+
+def test_tpusim_recomputes_to_fit_only_when_hbm_is_tight():
+    """Over v4's HBM (13 sequences), each layer's backward recomputes its widest matmul output, an
+    F-wide one (2 tok D F), which covers the shortfall its memory model finds; at 4 sequences, under
+    the HBM, nothing (as XLA: its ``*.remat`` ops appear only at 13)."""
+    w, topo, prog = _v4_run()
+    tok = 13 * T
+    fit = [o for o in prog.ops if "/remat_to_fit/" in o.name]
+    assert len(fit) == L and all(o.category == "matmul" and o.phase == "backward" for o in fit)
+    assert all(o.flops == 2 * tok * D * F for o in fit)
+    shortfall = float(next(n for n in prog.notes if "rematerialises" in n).split("rematerialises ")[1].split(" GB")[0])
+    assert tok * F * 2 >= shortfall * 1e9
+    _, _, small = _v4_run(per_device_batch_size=4)
+    assert not [o for o in small.ops if "/remat_to_fit/" in o.name]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "tpusim recomputes one F-wide matmul per layer (8.04 TFLOP), enough for the 1.11 GB its memory model "
+    "finds over the HBM; XLA's pass also recomputes Q, K and V (11.06 TFLOP, 1.80 GB freed): its transients "
+    "are counted differently (8.3 GB left at its peak against tpusim's 11.0 GB natural), and which tensors its "
+    "cost heuristic picks is not modelled; ~0.7 s of the step"))
+def test_recomputed_flops_per_layer_match_xlas():
+    _, _, prog = _v4_run()
+    ours = sum(o.flops for o in prog.ops if "/remat_to_fit/" in o.name) / L
+    xla = sum(o.flops for o in _program("v4_22b_full").ops if ".remat" in o.name and o.name.startswith("while")) / L
+    assert ours == pytest.approx(xla, rel=0.05)

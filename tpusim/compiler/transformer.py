@@ -98,8 +98,15 @@ class _Builder:
         return idx
 
 
-def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> list[Op]:
-    """The step's ops on one device; ``local_params`` is this device's shard of the parameters."""
+def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat_to_fit: float = 0.0) -> list[Op]:
+    """The step's ops on one device; ``local_params`` is this device's shard of the parameters.
+
+    ``remat_to_fit``: bytes of a layer's backward transients XLA must free to fit the HBM
+    (:func:`tpusim.compiler.memory.peak_memory`). Its rematerialisation pass then recomputes whole
+    matmul outputs a second time inside each layer's backward; libtpu's compile of MaxText v4 22B
+    (``traces/xla_aot_memory/v4_22b_full``, ops named ``*.remat``, none at 4 sequences where HBM is not
+    tight) recomputes an F-wide one and Q, K, V. tpusim recomputes the layer's widest matmul outputs
+    first until they cover the bytes (XLA's own choice depends on its cost heuristic and live ranges)."""
     b = _Builder(mesh)
     m = w.model
     L = m.num_layers
@@ -302,11 +309,31 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float) -> li
         wg = matmul(f"{p}/{name}/wgrad", k_, m_, n_, layer=layer, phase="backward")
         reduce_grad(f"layer_{layer}/{name}", layer, wshape[0] * wshape[1] * ab, axes, wg)
 
+    def fit_recompute(layer: int) -> list[tuple[str, float, int, int]]:
+        """The matmuls XLA recomputes again to free ``remat_to_fit`` bytes: the widest outputs first."""
+        if remat_to_fit <= 0:
+            return []
+        rows = tok * sh.topk if is_moe(layer) else tok
+        ff = sh.ff if is_moe(layer) else sh.ff_dense
+        gated = ("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)
+        outputs = [(name, tok, k_, n_) for name, k_, n_ in attn_in] + [("o_proj", tok, o_width, d)]
+        outputs += [(name, rows, d, ff) for name in gated] + [("mlp_down", rows, ff, d)]
+        chosen, freed = [], 0.0
+        for out in sorted(outputs, key=lambda o: -o[1] * o[3]):
+            if freed >= remat_to_fit:
+                break
+            chosen.append(out)
+            freed += out[1] * out[3] * ab
+        return chosen
+
     def backward_layer(layer: int, weights: dict, on_start) -> None:
         p = f"layer_{layer}/bwd"
         ws = {name: (k, n, axes) for name, k, n, axes in layer_weights(layer)}
         if sh.saved is not None:  # rematerialise what the policy did not keep
             forward_layer(layer, weights, phase="backward", recompute=True, on_start=on_start)
+        for name, m_, k_, n_ in fit_recompute(layer):
+            matmul(f"{p}/remat_to_fit/{name}", m_, k_, n_, layer=layer, phase="backward", weight=weights[name],
+                   recompute=True)
         ew = dict(layer=layer, phase="backward")
         first = elementwise(f"{p}/mlp_residual", tok * d / sh.tp, ADD_FLOPS, 3, **ew)
         if sh.saved is None:
