@@ -42,7 +42,8 @@ def test_v4_22b_splash_flops_per_layer_are_tpusims_attention_flops():
     per_layer = sum(o.flops for o in kernels) / L
     one_matmul = 2 * TOK * T * N * H * 5 / 8
     assert per_layer == pytest.approx((2 + 2 + 4 + 3) * one_matmul, rel=0.01)
-    by_kind = {kind: sum(o.flops for o in kernels if f"splash_mha_{kind}_" in o.name) / L for kind in ("fwd", "dkv", "dq")}
+    by_kind = {kind: sum(o.flops for o in kernels if f"splash_mha_{kind}_" in o.name) / L
+               for kind in ("fwd", "dkv", "dq")}
     assert by_kind == pytest.approx({"fwd": 4 * one_matmul, "dkv": 4 * one_matmul, "dq": 3 * one_matmul}, rel=0.01)
     ours = [o for o in _v4_analytic_program().ops if o.category == "attention"]
     assert per_layer == pytest.approx(sum(o.flops for o in ours) / L, rel=0.01)
@@ -177,3 +178,16 @@ def test_an_unknown_pallas_kernel_is_still_a_copy():
     other, prog = _kernel_op(_module(target="SomeOtherTarget"))
     assert (other.category, other.flops) == ("copy", 0.0)
     assert not any("splash" in n or "Pallas" in n for n in prog.notes)
+
+
+def test_a_kernel_with_absurd_blocks_is_one_clear_error():
+    """One-row blocks over a sequence of 2^25 would be counted over 33 million query blocks: refused
+    with a message naming the kernel's blocks (exit status 2 from the CLI), not left to run out of memory."""
+    from tpusim.errors import TpusimError
+
+    arr = "bf16[1,1,33554432,1]{3,2,1,0}"
+    text = (_module(mask="{...}", meta=r'{\"block_q\": 1, \"block_kv\": 1}')
+            .replace("bf16[2,4,1024,128]{3,2,1,0}", arr).replace("bf16[2,4,1024,128]", arr)
+            .replace("f32[2,4,1024,128]{3,2,1,0}", "f32[1]{0}"))
+    with pytest.raises(TpusimError, match="query blocks"):
+        import_hlo(text, ONE)

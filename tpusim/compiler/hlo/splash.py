@@ -34,6 +34,8 @@ import re
 from dataclasses import dataclass
 
 from tpusim.compiler.hlo.analysis import _Analysis
+from tpusim.errors import TpusimError
+from tpusim.limits import MAX_CONV_POSITIONS
 from tpusim.compiler.hlo.parse import Instr, array_shapes
 from tpusim.compiler.transformer import (FLASH_DKV_MATMULS, FLASH_DQ_MATMULS, FLASH_FUSED_BWD_MATMULS,
                                          FLASH_VPU_OPS_BWD, FLASH_VPU_OPS_BWD_DQ, FLASH_VPU_OPS_FWD)
@@ -143,8 +145,11 @@ def _fraction(mask, an: _Analysis, t_q: int, t_kv: int, bq: int | None, bkv: int
     grid = dims[-2:] if len(dims) >= 2 else (1, 1)
     bq = min(bq or -(-t_q // max(grid[0], 1)), t_q)  # (MaxText takes each block as min(sa_block_*, T))
     bkv = min(bkv or -(-t_kv // max(grid[1], 1)), t_kv)
+    if -(-t_q // bq) > MAX_CONV_POSITIONS:
+        raise TpusimError(f"a splash attention kernel with {-(-t_q // bq):,} query blocks; tpusim counts the blocks "
+                          f"of at most {MAX_CONV_POSITIONS:,}")
     values = block_mask_literal(producer, an)
-    if values is not None and len(values) == math.prod(dims):
+    if values and len(values) == math.prod(dims):
         heads = math.prod(dims[:-2]) if len(dims) > 2 else 1  # (one mask per head, or one for all)
         computed = sum(1 for x in values if x != 0)  # (blocks of the whole grid, however jax shrank it)
         return min(1.0, computed * bq * bkv / (heads * t_q * t_kv)), "constant"
@@ -165,7 +170,10 @@ def block_mask_literal(ins: Instr | None, an: _Analysis, *, hops: int = 64) -> l
         if cur is None:
             return None
         if cur.opcode == "get-tuple-element":
-            path.append(int(cur.attrs.get("index", "-1")))
+            index = cur.attrs.get("index", "")
+            if not index.isdigit():
+                return None
+            path.append(int(index))
             cur = an.operand_instr(cur, 0)
         elif cur.opcode == "tuple" and path:
             cur = an.operand_instr(cur, path.pop())
@@ -190,10 +198,10 @@ def _argument(param: Instr, an: _Analysis, path: list[int]) -> Instr | None:
     if not callers:
         return None
     caller = callers[0]
-    try:
-        n = int(param.operands[0])
-    except (ValueError, IndexError):
+    n = param.operands[0] if param.operands else ""
+    if not n.isdigit():
         return None
+    n = int(n)
     if caller.opcode in ("fusion", "call"):
         return an.operand_instr(caller, n)
     if caller.opcode != "while" or not path:
