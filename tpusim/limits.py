@@ -29,7 +29,8 @@ simulated for an hour. Why each number:
   send 1,000 to 2,000 prompts (tests/data/measured-dev-2.yaml: ShareGPT, 2,000 for JetStream, 1,000
   for vLLM), x50; 10,000 requests simulate in about 5 s. A billion were accepted and ran out of memory.
 * ``MAX_CONV_POSITIONS`` (2^24): output positions along one spatial dimension of an HLO
-  convolution, whose valid (position, tap) pairs are counted exactly.
+  convolution, whose valid (position, tap) pairs are counted exactly; also the query blocks of an HLO
+  splash-attention kernel, whose computed blocks are counted the same way.
 """
 
 from __future__ import annotations

@@ -9,6 +9,9 @@ What becomes what (the entry computation is walked in XLA's schedule order, ``is
   convolution in the fusion, plus one per output element of each elementwise instruction. MXU
   shape: (output elements / N, K, N). Category: matmul, copy (layout and data movement) or
   elementwise; layer and phase from the JAX op name.
+* Pallas splash-attention kernels (``tpu_custom_call``): attention ops priced as tpusim's compiler
+  prices the same kernel (:mod:`tpusim.compiler.hlo.splash`); other Pallas kernels are copies, by
+  their bytes alone (noted).
 * collectives (plain, ``-start``/``-done``, async-wrapped, XLA TPU's async collective fusions and
   all-reduce-scatter fusions; grouped by :mod:`tpusim.compiler.hlo.parse`): collective ops issued where the
   start is and waited for where the done is. ``V`` follows the book: all-gather its result,
@@ -34,7 +37,7 @@ from pathlib import Path
 
 from tpusim.sim.collectives.lowering import Axis, Span
 from tpusim.errors import TpusimError
-from tpusim.compiler.hlo import checks
+from tpusim.compiler.hlo import checks, splash
 from tpusim.compiler.hlo.parse import (DTYPE_BYTES, Instr, _callees, _split_top, array_bytes, array_shapes,
                                        expand_replica_groups, parse_module)
 from tpusim.compiler.hlo.analysis import _Analysis
@@ -161,9 +164,12 @@ def _matmul_flops(ins: Instr, an: _Analysis) -> tuple[float, tuple[int, int, int
     return flops, (m, max(1, round(flops / (2.0 * m * n))), int(n))
 
 
-def _compute_cost(ins: Instr, an: _Analysis) -> tuple[float, float, tuple[int, int, int] | None, str]:
-    """(FLOPs, HBM bytes, MXU shape, category) of one scheduled instruction."""
+def _compute_cost(ins: Instr, an: _Analysis) -> tuple[float, float, tuple[int, int, int] | None, str, float]:
+    """(FLOPs, HBM bytes, MXU shape, category, VPU FLOPs) of one scheduled instruction."""
     nbytes = _hbm_bytes(ins, an)
+    kernel = splash.kernel_cost(ins, an) if ins.opcode == "custom-call" else None
+    if kernel is not None:
+        return kernel.flops, float(nbytes), kernel.mxu_shape, "attention", kernel.vpu_flops
     body = [ins]
     if ins.opcode == "fusion":
         body = []
@@ -182,7 +188,7 @@ def _compute_cost(ins: Instr, an: _Analysis) -> tuple[float, float, tuple[int, i
             category = "matmul"
         elif sub.opcode in ELEMENTWISE:
             flops += sum(_elements(d) for _, d in array_shapes(sub.result_type))
-    return flops, float(nbytes), mxu, category
+    return flops, float(nbytes), mxu, category, 0.0
 
 
 def group_axes(topo: Topology, devices: list[int], num_devices: int) -> tuple[Axis, ...]:
@@ -377,11 +383,11 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
                 continue
             if ins.name not in costs:  # once per instruction, however many times a loop runs it
                 costs[ins.name] = _compute_cost(ins, an)
-            flops, nbytes, mxu, category = costs[ins.name]
+            flops, nbytes, mxu, category, vpu = costs[ins.name]
             nbytes += carry.pop() if carry else 0.0
             layer, phase = layer_and_phase(ins)
             i = add(dict(name=prefix + ins.name, stream=COMPUTE, category=category, flops=flops, hbm_bytes=nbytes,
-                         mxu_shape=mxu, deps=tuple(pending), layer=layer, phase=phase))
+                         mxu_shape=mxu, vpu_flops=vpu, deps=tuple(pending), layer=layer, phase=phase))
             pending.clear()
             last_compute[0] = i
 
@@ -393,6 +399,7 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
     carry: list[float] = []
     costs: dict[str, tuple] = {}
     walk(mod.entry)
+    notes += splash.notes(mod, an)
     if unknown:
         notes.append("opcodes tpusim does not know, simulated by their bytes alone: "
                      + ", ".join(f"{k} (x{n})" for k, n in sorted(unknown.items())))

@@ -174,6 +174,40 @@ def _parse_instr(line: str, computation: str) -> Instr | None:
                  operands=operands, attrs=attrs, is_root=is_root)
 
 
+_QUOTED_RE = re.compile(r'"(?:[^"\\]|\\.)*"')
+MAX_CONTINUATION_LINES = 64
+
+
+def _continued(lines: list[str], i: int) -> tuple[str, int]:
+    """Instruction line ``i`` with the lines that continue it joined on, and the index after them.
+
+    XLA prints an attribute value that holds a newline as it is: a Pallas kernel's
+    ``frontend_attributes={kernel_metadata={`` is followed by its JSON on the next line and by
+    ``}}, metadata=...`` on the one after (libtpu's splash attention, ``traces/xla_aot_memory/v4_22b_full``).
+    A line whose brackets do not balance (outside quotes) takes the next lines until they do; if they
+    do not within :data:`MAX_CONTINUATION_LINES` lines, or a next line starts an instruction or ends
+    the computation (a file cut short), the line stays alone."""
+    line = lines[i]
+    if line.count("{") == line.count("}") and line.count("(") == line.count(")"):
+        return line, i + 1
+    depth, j = _depth(line), i + 1
+    while depth > 0 and j < len(lines) and j - i <= MAX_CONTINUATION_LINES:
+        nxt = lines[j]
+        if nxt.strip() == "}" or _INSTR_RE.match(nxt):
+            break
+        depth += _depth(nxt)
+        j += 1
+    if depth == 0 and j > i + 1:
+        return "".join(lines[i:j]), j
+    return line, i + 1
+
+
+def _depth(s: str) -> int:
+    """Opening minus closing brackets in ``s``, outside double-quoted strings."""
+    s = _QUOTED_RE.sub("", s)
+    return sum(s.count(c) for c in "([{") - sum(s.count(c) for c in ")]}")
+
+
 @functools.lru_cache(maxsize=2)
 def parse_module(text: str) -> Module:
     """Parse HLO module text into computations and instructions (the last two texts are cached:
@@ -187,7 +221,10 @@ def parse_module(text: str) -> Module:
             setattr(mod, key, int(m.group(1)))
     current: str | None = None
     broken: ValueError | None = None
-    for line in text.splitlines():
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line, i = lines[i], i + 1
         if current is None:
             m = _COMP_HEADER_RE.match(line)
             if m and not line.startswith(" "):
@@ -199,6 +236,7 @@ def parse_module(text: str) -> Module:
         if line.strip() == "}":
             current = None
             continue
+        line, i = _continued(lines, i - 1)
         try:
             ins = _parse_instr(line, current)
         except ValueError as e:  # reported below, unless the file is cut short (which explains it)
