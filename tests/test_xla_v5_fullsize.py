@@ -179,3 +179,51 @@ def test_v5p_32b_fsdp_gradient_reduce_scatters_are_windowed_einsums():
     assert rings and all(_ring(c)[0] == p["fsdp"] for c in rings)
     assert {c["operand_shapes"][0] for c in rings} >= {f"bf16[{p['D'] // p['fsdp']},{F // p['tp']}]",
                                                         f"bf16[{p['D'] // p['fsdp']},{N // p['tp']},{H}]"}
+
+
+# --- v5e 16B ---------------------------------------------------------------------------------------------
+
+def test_v5e_16b_fits_and_saves_only_the_layer_inputs():
+    """Full remat: XLA's largest buffer is the stack of the 32 layers' bf16 inputs [L, pdbs, T, D] (3.22 GB),
+    tpusim's saved activations to the byte, and the peak is well under v5e's 16 GB."""
+    p = P16
+    meta = _meta("v5e_16b_full")
+    assert meta["memory_analysis"]["peak_memory_in_bytes"] < HBM["v5e"]
+    stack = 2 * p["L"] * p["pdbs"] * T * p["D"]
+    assert f"bf16[{p['L']},{p['pdbs']},{T},{p['D']}]" in meta["largest_buffers"][0]["shapes"]
+    assert meta["largest_buffers"][0]["bytes"] == stack
+    assert _ours("maxtext_v5e_16b.yaml").memory.activations == pytest.approx(stack, rel=1e-9)
+
+
+def test_v5e_16b_no_recomputation_beyond_the_policy_and_matmul_flops_match():
+    assert not [o for o in _program("v5e_16b_full").ops if ".remat" in o.name]
+    ours = sum(o.flops for o in _ours("maxtext_v5e_16b.yaml").ops if o.category == "matmul" and o.layer >= 0) / 32
+    xla = sum(o.flops for o in _program("v5e_16b_full").ops
+              if o.category == "matmul" and o.name.startswith("while")) / 32
+    assert ours == pytest.approx(xla, rel=0.01)
+
+
+def test_v5e_16b_weight_gradients_are_whole_synchronous_all_reduces():
+    """With the v5e run's flags XLA all-reduces each layer's whole bf16 weight gradient over the 256
+    devices (seven per layer: wq, wk, wv, wo, gate, up, down; the norm scales ride in one), synchronously, and reduce-scatters none: the
+    collective moves about twice a reduce-scatter's bytes and nothing overlaps it (tpusim's program
+    reduce-scatters them asynchronously)."""
+    p = P16
+    cols = _collectives("v5e_16b_full")
+    assert not [c for c in cols if c["kind"] == "reduce-scatter"]
+    grads = [c for c in cols if c["kind"] == "all-reduce" and c["in_while"] and "transpose" in c["op_name"]
+             and c["operand_bytes"] > 1e6]
+    assert not any(c["async"] for c in grads)
+    assert sum(c["executed"] for c in grads) == 7 * p["L"]
+    # a layer's gradients in bf16, the two RMSNorm scales' riding in one of the seven (a tuple all-reduce)
+    assert sum(c["operand_bytes"] for c in grads) == 2 * (4 * p["D"] * N * H + 3 * p["D"] * F + 2 * p["D"])
+
+
+def test_v5e_16b_weight_all_gathers_are_mostly_async_collective_fusions():
+    """The FSDP weight all-gathers in the layer loops (each weight [.., D/256, ..] -> [.., D, ..] bf16,
+    forward and again in the backward) are async collective fusions, all but one per loop."""
+    p = P16
+    ags = [c for c in _collectives("v5e_16b_full") if c["kind"] == "all-gather" and c["in_while"]]
+    assert sum(c["executed"] for c in ags) == 14 * p["L"]
+    sync = [c for c in ags if not c["async"]]
+    assert sum(c["executed"] for c in sync) == 2 * p["L"]

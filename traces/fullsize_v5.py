@@ -4,7 +4,7 @@
 
 For each case of ``traces/aot_memory.py`` compiled with ``save_hlo`` (``xla_aot_memory/<case>.hlo.txt.gz``),
 simulates XLA's program (``tpusim run --hlo``) and tpusim's own program of the published run's workload
-(``workloads/measured/...``), calibrated, and prints and writes ``xla_aot_memory/<case>.compare.json``:
+(``workloads/measured/...``), calibrated, and prints and writes ``xla_aot_memory/compare/<case>.json``:
 step; compute by op category (seconds, FLOPs); MXU FLOPs per layer (XLA: the ``while`` bodies, its
 rematerialisation pass's ``*.remat`` ops apart); each group of collectives (mesh axis from the replica
 group size, sync or async as XLA issued it) with count, busy and exposed seconds (the TensorCore waiting on
@@ -152,7 +152,8 @@ def main() -> None:
     cases = sys.argv[1:] or [c for c in ("v5p_32b_full", "v5e_16b_full") if (AOT / f"{c}.hlo.txt.gz").exists()]
     for case in cases:
         a = analyse(case)
-        (AOT / f"{case}.compare.json").write_text(json.dumps(a, indent=1, sort_keys=True) + "\n")
+        (AOT / "compare").mkdir(exist_ok=True)
+        (AOT / "compare" / f"{case}.json").write_text(json.dumps(a, indent=1, sort_keys=True) + "\n")
         print(report(a))
 
 
