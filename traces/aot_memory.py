@@ -11,7 +11,8 @@ gives XLA's buffer assignment: argument, output, alias, temp, host (offloaded) a
 
 Writes ``xla_aot_memory/<case>.json``: the case in MaxText key names (tpusim reads it as a workload),
 ``memory_analysis``, the largest buffers of XLA's memory-usage report, versions and compile time; cases
-with ``save_hlo`` (MaxText v4 22B at full size on v4:4x4x4, compiled with that run's LIBTPU flag) also
+with ``save_hlo`` (MaxText v4 22B, v5p 32B and v5e 16B at full size on their slices, each compiled with its
+run's LIBTPU flags) also
 ``<case>.hlo.txt.gz``, XLA's optimized HLO, for ``tpusim run --hlo`` (see docs/VALIDATION.md).
 
     /work/venvs/jax/bin/python traces/aot_memory.py                  # every case (7-25 min each on 2 busy cores)
