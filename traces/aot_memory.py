@@ -11,7 +11,8 @@ gives XLA's buffer assignment: argument, output, alias, temp, host (offloaded) a
 
 Writes ``xla_aot_memory/<case>.json``: the case in MaxText key names (tpusim reads it as a workload),
 ``memory_analysis``, the largest buffers of XLA's memory-usage report, versions and compile time; cases
-with ``save_hlo`` (MaxText v4 22B at full size on v4:4x4x4, compiled with that run's LIBTPU flag) also
+with ``save_hlo`` (MaxText v4 22B, v5p 32B and v5e 16B at full size on their slices, each compiled with its
+run's LIBTPU flags) also
 ``<case>.hlo.txt.gz``, XLA's optimized HLO, for ``tpusim run --hlo`` (see docs/VALIDATION.md).
 
     /work/venvs/jax/bin/python traces/aot_memory.py                  # every case (7-25 min each on 2 busy cores)
@@ -45,10 +46,26 @@ DIMS = {
     # MaxText's v4 22b.sh (tests/data/measured-dev.yaml maxtext-v4-22b-1xv4-128): 24 heads of 128 < D.
     "22b": {"base_emb_dim": 6144, "base_num_query_heads": 24, "head_dim": 128, "base_mlp_dim": 24576,
             "vocab_size": 32000},
+    # MaxText's global_parameter_scale 16 and 32 (v5e 16b.sh, v5p 32b.sh; measured-dev.yaml): 64 heads of 128.
+    "16b": {"base_emb_dim": 4096, "base_num_query_heads": 64, "head_dim": 128, "base_mlp_dim": 28672,
+            "vocab_size": 32000},
+    "32b": {"base_emb_dim": 8192, "base_num_query_heads": 64, "head_dim": 128, "base_mlp_dim": 28672,
+            "vocab_size": 32000},
 }
 # The v4 22B run's LIBTPU flags (measured-dev.yaml maxtext-v4-22b-1xv4-128 "other"; its
 # TPU_MEGACORE=MEGACORE_DENSE is the "megacore" chip config: one device per v4 chip).
 V4_22B_FLAGS = "--xla_enable_async_all_gather=true"
+# The v5p 32B and v5e 16B runs' LIBTPU flags, copied from measured-dev.yaml (maxtext-v5p-32b-1xv5p-128,
+# maxtext-v5e-16b-1xv5e-256 "other"), in the order listed there.
+V5P_32B_FLAGS = ("--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true --xla_tpu_megacore_fusion_allow_ags=false "
+                 "--xla_enable_async_collective_permute=true --xla_tpu_enable_ag_backward_pipelining=true "
+                 "--xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_data_parallel_opt_different_sized_ops=true "
+                 "--xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_multiple_steps=true "
+                 "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true")
+V5E_16B_FLAGS = ("--xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_data_parallel_opt_different_sized_ops=true "
+                 "--xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
+                 "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
+                 "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true")
 # v4 runs as one device per chip (megacore, as the published run); the other cases compiled with "default".
 CHIP_CONFIG = {"v4": "megacore", "v5e": "default", "v5p": "default", "v6e": "default"}
 # case -> topology, dims, layers, per-device batch, mesh, remat policy, weight dtype.
@@ -82,6 +99,12 @@ CASES: dict[str, dict[str, Any]] = {
                       libtpu_flags=V4_22B_FLAGS, save_hlo=True),
     "v4_22b_full_b4": _C(topology="v4:4x4x4", dims="22b", layers=48, pdbs=4, fsdp=64, tensor=1, remat="full",
                          libtpu_flags=V4_22B_FLAGS, save_hlo=True),
+    # The published v5p 32B run at full size (workloads/measured/maxtext_v5p_32b.yaml: tensor 4 x fsdp 16,
+    # remat minimal) with its LIBTPU flags; and the v5e 16B run (fsdp 256, remat full) with its own.
+    "v5p_32b_full": _C(topology="v5p:4x4x4", dims="32b", layers=32, pdbs=6, fsdp=16, tensor=4, remat="minimal",
+                       libtpu_flags=V5P_32B_FLAGS, save_hlo=True),
+    "v5e_16b_full": _C(topology="v5e:16x16", dims="16b", layers=32, pdbs=6, fsdp=256, tensor=1, remat="full",
+                       libtpu_flags=V5E_16B_FLAGS, save_hlo=True),
 }
 SEQ_LEN = 2048
 # MaxText's checkpoint names (layers/attentions.py, layers/linears.py) and what each policy does with
