@@ -59,6 +59,9 @@ V4_22B_FLAGS = "--xla_enable_async_all_gather=true"
 # "other": DENSE_VMEM_LIMIT, CF_FOR_ALL_GATHER, DATA_PARALLEL_OVERLAP, HOST_OFFLOAD ...), which we do not have;
 # their cases compile with the MaxText v5p 32B run's flags (traces/aot_tp_flags.py: async collective fusion,
 # data-parallel all-reduce overlap, async all-gather/permute), the nearest flag set we have.
+# MaxText's switch for collective matmul off (xla_flags_library DISABLE_COLLECTIVE_MATMUL, quoted from memory:
+# the file is not in the reference material): windowed einsum only above a 1 TB threshold.
+NO_COLLECTIVE_MATMUL = "--xla_jf_spmd_threshold_for_windowed_einsum_mib=1000000"
 V5P_RUN_FLAGS = ("--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true --xla_tpu_megacore_fusion_allow_ags=false "
                  "--xla_enable_async_collective_permute=true --xla_tpu_enable_ag_backward_pipelining=true "
                  "--xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_data_parallel_opt_different_sized_ops=true "
@@ -101,6 +104,11 @@ CASES: dict[str, dict[str, Any]] = {
     # 8192 tokens per sequence, bf16 weights, the recipes' custom offloading remat.
     "v6e8_llama31_8b": _C(topology="v6e:2x4", dims="llama3_8b", layers=32, pdbs=3, fsdp=8, tensor=1, seq=8192,
                           remat="custom", weight_dtype="bfloat16", libtpu_flags=V5P_RUN_FLAGS, save_hlo=True),
+    # The 8B recipe is MaxText's "llama3_1_8b_8192_no_collective_matmul" (measured-dev.yaml note): the same step
+    # with windowed einsum (collective matmul) turned off by the XLA flag MaxText uses for that.
+    "v6e8_llama31_8b_no_cm": _C(topology="v6e:2x4", dims="llama3_8b", layers=32, pdbs=3, fsdp=8, tensor=1, seq=8192,
+                                remat="custom", weight_dtype="bfloat16", save_hlo=True,
+                                libtpu_flags=V5P_RUN_FLAGS + " " + NO_COLLECTIVE_MATMUL),
     "v6e64_llama31_70b": _C(topology="v6e:8x8", dims="llama3_70b", layers=80, pdbs=2, fsdp=64, tensor=1, seq=8192,
                             remat="custom", weight_dtype="bfloat16", libtpu_flags=V5P_RUN_FLAGS, save_hlo=True),
 }

@@ -2,7 +2,7 @@
 
 Reads ``xla_aot_memory/<case>.hlo.txt.gz`` (written by ``aot_memory.py --case v6e8_llama31_8b`` /
 ``v6e64_llama31_70b``) and the run's workload, simulates both (calibrated, as ``tpusim run`` does),
-and writes ``xla_aot_memory/v6e_recipes_compare.json``: device 0's compute-stream time by category on
+and writes ``xla_v6e_recipes.json``: device 0's compute-stream time by category on
 each path (ops overlapping it on other streams are not counted: what remains of a collective or host copy
 on the compute stream is its exposed wait), MXU FLOPs per layer, XLA's ``*.remat`` ops, the splash
 kernels (count, shapes, block sizes), the host offload copies and the collectives. Runs in tpusim's venv:
@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE.parent))
 
 CASES = {"v6e8_llama31_8b": ("recipes_v6e8_llama31_8b", "v6e:2x4"),
          "v6e64_llama31_70b": ("recipes_v6e64_llama31_70b", "v6e:8x8")}
-OUT = HERE / "xla_aot_memory" / "v6e_recipes_compare.json"
+OUT = HERE / "xla_v6e_recipes.json"
 
 
 def hlo_bucket(op) -> str:
@@ -49,26 +49,21 @@ def by_category(result, bucket) -> dict[str, float]:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
-def hlo_facts(text: str, tokens: int) -> dict:
+def hlo_facts(text: str, hprog, tokens: int, layers: int) -> dict:
     """Splash kernels, host copies and collectives as XLA wrote them."""
     from tpusim.compiler.hlo.collectives import extract_collectives
 
-    kernels = collections.Counter()
-    blocks = set()
-    for m in re.finditer(r"%(splash_\w+?)(?:\.\d+)? = .*?custom_call_target=\"tpu_custom_call\"(.*)", text):
-        kernels[m.group(1)] += 1
-        b = re.search(r'xprof_metadata\\?":\\?"(\{.*?\})', m.group(2))
-        if b:
-            blocks.add(b.group(1).replace("\\", ""))
+    kernels = collections.Counter(re.sub(r"\.\d+$", "", o.name.split("/")[-1]) for o in hprog.ops
+                                  if "splash_" in o.name.split("/")[-1])
+    blocks = sorted({b.replace('\\"', '"') for b in re.findall(r'xprof_metadata":"(\{[^}]*\})"', text)})
     host = collections.Counter()
-    for m in re.finditer(r"^\s*%(\S+) = \((\S+?)\{[^}]*S\(5\)\}, (\S+?)\{[^}]*\}.*? copy-start\(", text, re.M):
-        host[("to_host", m.group(2))] += 1
-    for m in re.finditer(r"^\s*%(\S+) = \((\S+?)\{[^}]*\}, (\S+?)\{[^}]*S\(5\)\}.*? copy-start\(", text, re.M):
-        host[("from_host", m.group(2))] += 1
+    for o in hprog.ops:
+        if o.stream == "host":
+            host[f"{o.category} {o.bytes:.0f} B"] += 1
     cols = extract_collectives(text)
     kinds = collections.Counter(f"{c['kind']} {c['implementation']} async={c['async']}" for c in cols["collectives"])
-    return {"splash_kernels": dict(kernels), "splash_block_sizes": sorted(blocks),
-            "host_copy_starts": {f"{d} {s}": n for (d, s), n in sorted(host.items())},
+    return {"splash_kernels_executed": dict(sorted(kernels.items())), "splash_block_sizes": blocks,
+            "host_copies_executed": dict(sorted(host.items())),
             "collectives": dict(sorted(kinds.items())),
             "windowed_einsum_loops": len(cols["windowed_einsum_loops"]),
             "remat_instructions": sorted(set(re.findall(r"%([\w.\-]+\.remat\d*) =", text)))[:50],
@@ -104,7 +99,7 @@ def compare(case: str) -> dict:
         "host_bytes_per_step": {
             "tpusim": sum(o.bytes for o in prog.ops if o.stream == "host"),
             "xla_hlo": sum(o.bytes for o in hprog.ops if o.stream == "host")},
-        "hlo": hlo_facts(text, tokens)}
+        "hlo": hlo_facts(text, hprog, tokens, L)}
 
 
 def main() -> None:
