@@ -1,11 +1,11 @@
 """The v6e tpu-recipes Llama-3.1 runs compiled at full size: what XLA's program does that tpusim's does not.
 
-``traces/aot_memory.py`` compiles the recipes' step (Llama-3.1 8B on v6e:2x4, FSDP 8, 3 sequences of 8192
-per chip; GQA with 8 KV heads, rope, vocab 128256, bf16 weights, the recipes' custom remat: the layer input
-and the Q/K/V/out projections offloaded to host; splash attention; AdamW) with libtpu and commits the
-optimized HLO beside the memory analysis: ``v6e8_llama31_8b`` (the MaxText v5p 32B run's LIBTPU flags: XLA
-chooses windowed einsum for the FSDP weights) and ``v6e8_llama31_8b_no_cm`` (the same plus MaxText's switch
-that turns collective matmul off, as the recipe's name says it ran). Facts checked here, as closed forms:
+``traces/aot_memory.py`` compiles the recipes' steps (Llama-3.1 8B on v6e:2x4, FSDP 8, 3 sequences of 8192
+per chip; 70B on v6e:8x8, FSDP 64, 2 sequences; GQA with 8 KV heads, rope, vocab 128256, bf16 weights, the
+recipes' custom remat: the layer input and the Q/K/V/out projections offloaded to host; splash attention;
+AdamW) with libtpu and commits the optimized HLO beside the memory analysis: ``v6e8_llama31_8b`` and
+``v6e64_llama31_70b`` (the MaxText v5p 32B run's LIBTPU flags) and ``v6e8_llama31_8b_no_cm`` (the same plus
+MaxText's switch that turns collective matmul off, as the 8B recipe's name says it ran). Facts checked here:
 XLA's host memory is the offloaded tensors of every layer; it moves them as async slices of a stacked host
 buffer, five each way per layer, exactly the bytes tpusim's program copies over PCIe; it recomputes nothing
 beyond the policy (no ``*.remat``); its MXU FLOPs per layer are tpusim's; its splash kernels run forward
@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import math
 import re
 
 import pytest
@@ -28,9 +29,12 @@ from tpusim.compiler.hlo.importer import import_hlo, read_hlo
 from tpusim.sim.topology import parse_topology
 
 AOT = REPO / "traces" / "xla_aot_memory"
-D, N, K, H, F, V, L, T = 4096, 32, 8, 128, 14336, 128256, 32, 8192  # workloads/maxtext/models/llama3-8b.yml
-WORKLOAD = REPO / "workloads" / "measured" / "recipes_v6e8_llama31_8b.yaml"
-CASES = [c for c in ("v6e8_llama31_8b", "v6e8_llama31_8b_no_cm") if (AOT / f"{c}.hlo.txt.gz").exists()]
+# case -> (workload, topology, (D, N, K, H, F, V, L)) -- workloads/maxtext/models/llama3-{8b,70b}.yml
+RUNS = {"v6e8_llama31_8b": ("recipes_v6e8_llama31_8b", "v6e:2x4", (4096, 32, 8, 128, 14336, 128256, 32)),
+        "v6e8_llama31_8b_no_cm": ("recipes_v6e8_llama31_8b", "v6e:2x4", (4096, 32, 8, 128, 14336, 128256, 32)),
+        "v6e64_llama31_70b": ("recipes_v6e64_llama31_70b", "v6e:8x8", (8192, 64, 8, 128, 28672, 128256, 80))}
+CASES = [c for c in RUNS if (AOT / f"{c}.hlo.txt.gz").exists()]
+T = 8192
 
 
 @functools.cache
@@ -40,12 +44,12 @@ def _hlo(case: str) -> str:
 
 @functools.cache
 def _program(case: str):
-    return import_hlo(_hlo(case), parse_topology("v6e:2x4"))
+    return import_hlo(_hlo(case), parse_topology(RUNS[case][1]))
 
 
 @functools.cache
-def _ours():
-    return compile_workload(WORKLOAD)[2]
+def _ours(case: str):
+    return compile_workload(REPO / "workloads" / "measured" / f"{RUNS[case][0]}.yaml")[2]
 
 
 def _case(case: str) -> dict:
@@ -68,16 +72,23 @@ def _layer_loops(prog) -> list[str]:
     return [w for w, t in trips.items() if len(t) == most]
 
 
-def test_the_case_is_the_recipes_run():
-    c = _case("v6e8_llama31_8b")["config"]
+@pytest.mark.parametrize("case", CASES)
+def test_the_case_is_the_recipes_run(case):
+    """The compiled config is the workload tpusim runs: same dims, batch, mesh and remat."""
+    from tpusim.api import workload_and_topology
+
+    c = _case(case)["config"]
     assert (c["base_emb_dim"], c["base_num_query_heads"], c["base_num_kv_heads"], c["head_dim"], c["base_mlp_dim"],
-            c["vocab_size"], c["base_num_decoder_layers"], c["max_target_length"]) == (D, N, K, H, F, V, L, T)
-    assert (c["per_device_batch_size"], c["ici_fsdp_parallelism"], c["remat_policy"]) == (3, 8, "custom")
+            c["vocab_size"], c["base_num_decoder_layers"]) == RUNS[case][2]
+    w, topo = workload_and_topology(REPO / "workloads" / "measured" / f"{RUNS[case][0]}.yaml")
+    assert (c["per_device_batch_size"], c["max_target_length"], c["ici_fsdp_parallelism"], c["remat_policy"]) == (
+        w.step.per_device_batch_size, w.step.seq_len, topo.num_chips, w.step.remat_policy)
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_xla_host_memory_is_the_offloaded_tensors_of_every_layer(case):
     """The layer input, Q, K, V and the out projection of every layer, bf16: L x 2 tok (2D + NH + 2KH)."""
+    D, N, K, H, F, V, L = RUNS[case][2]
     tok = _tokens(case)
     host = _case(case)["memory_analysis"]["host_temp_size_in_bytes"]
     assert host == L * 2 * tok * (2 * D + N * H + 2 * K * H)
@@ -88,12 +99,13 @@ def test_xla_moves_the_offloaded_tensors_as_async_host_slices_five_each_way_per_
     """XLA writes each offloaded tensor into its [L, ...] stack in host memory with an async
     dynamic-update-slice and reads it back with an async dynamic-slice (no copy-start to S(5)): per layer
     five each way, three of tok x D and two of tok x K x H; in all, the bytes tpusim's program copies."""
+    D, N, K, H, F, V, L = RUNS[case][2]
     tok = _tokens(case)
     host = [o for o in _program(case).ops if o.stream == "host"]
     for kind in ("copy-to-host", "copy-from-host"):
         sizes = collections.Counter(o.bytes for o in host if o.category == kind)
         assert sizes == {2 * tok * D: 3 * L, 2 * tok * K * H: 2 * L}
-    assert sum(o.bytes for o in host) == sum(o.bytes for o in _ours().ops if o.stream == "host")
+    assert sum(o.bytes for o in host) == sum(o.bytes for o in _ours(case).ops if o.stream == "host")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -109,7 +121,7 @@ def test_tpusim_matmul_flops_per_layer_are_xlas(case):
     loops = _layer_loops(prog)
     assert len(loops) == 2
     xla = sum(o.flops for o in prog.ops if o.category == "matmul" and any(o.name.startswith(f"{w}[3]/") for w in loops))
-    ours = sum(o.flops for o in _ours().ops if o.category == "matmul" and o.layer == 3)
+    ours = sum(o.flops for o in _ours(case).ops if o.category == "matmul" and o.layer == 3)
     assert ours == pytest.approx(xla, rel=0.01)
 
 
@@ -118,13 +130,14 @@ def test_splash_runs_forward_twice_per_layer_and_each_backward_kernel_once_with_
     """The context is neither saved nor offloaded: the backward recomputes the forward kernel; tpusim's
     program has the same three attention ops per layer. Every kernel's block sizes are 512 (MaxText's
     sa_block_* defaults, which tpusim uses when the workload names none)."""
+    L = RUNS[case][2][-1]
     names = collections.Counter(re.sub(r"\.\d+$", "", o.name.split("/")[-1]) for o in _program(case).ops
                                 if o.name.split("/")[-1].startswith("splash_"))
     assert names == {"splash_mha_fwd_residuals": 2 * L, "splash_mha_dq_no_residuals": L,
                      "splash_mha_dkv_no_residuals": L}
     blocks = {int(b) for b in re.findall(r'\\"block_\w+\\": (\d+)', _hlo(case))}
     assert blocks == {512}
-    assert collections.Counter(o.name.split("/")[1] for o in _ours().ops if o.category == "attention"
+    assert collections.Counter(o.name.split("/")[1] for o in _ours(case).ops if o.category == "attention"
                                and o.layer == 3) == {"fwd": 1, "recompute": 1, "bwd": 1}
 
 
@@ -135,6 +148,27 @@ def test_with_the_v5p_runs_flags_xla_gathers_and_reduces_the_fsdp_weights_in_win
     cols = extract_collectives(_hlo("v6e8_llama31_8b"))
     assert cols["windowed_einsum_loops"]
     assert not [c for c in cols["collectives"] if c["kind"] == "reduce-scatter"]
-    big_sync = [c for c in cols["collectives"] if not c["async"] and c.get("executed", 1) >= L - 1
+    big_sync = [c for c in cols["collectives"] if not c["async"] and c.get("executed", 1) >= 31
                 and c["kind"] in ("all-gather", "reduce-scatter") ]
     assert not big_sync
+
+
+def test_at_64_ways_xla_all_reduces_each_layers_whole_weight_gradients_synchronously():
+    """70B, FSDP 64: no windowed einsum and no reduce-scatter; every layer's backward all-reduces the
+    whole bf16 gradient of each weight matrix over the 64 chips (then keeps its shard), synchronously,
+    as on v4 (docs/VALIDATION.md): D x F three times (gate, up, down), D x N x H twice (Q, out), and K and
+    V's D x K x H; and it gathers K and V's weights (forward, and again in the backward) as all-reduces of
+    zero-padded D x K x H buffers, the v4 pattern, synchronous too: six D x K x H operands per layer.
+    tpusim's program reduce-scatters and all-gathers them asynchronously."""
+    D, N, K, H, F, V, L = RUNS["v6e64_llama31_70b"][2]
+    cols = extract_collectives(_hlo("v6e64_llama31_70b"))
+    assert not cols["windowed_einsum_loops"]
+    assert not [c for c in cols["collectives"] if c["kind"] == "reduce-scatter"]
+    per_layer = collections.Counter()
+    for c in cols["collectives"]:
+        if c["kind"] == "all-reduce" and c.get("executed") == L - 1:  # the loop runs L - 1 times, one is peeled
+            assert not c["async"]
+            for shape in c["operand_shapes"]:
+                dims = [int(d) for d in shape.split("[")[1].rstrip("]").split(",")]
+                per_layer[math.prod(dims)] += 1
+    assert per_layer[D * F] == 3 and per_layer[D * N * H] == 2 and per_layer[D * K * H] == 6
