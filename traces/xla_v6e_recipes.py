@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 CASES = {"v6e8_llama31_8b": ("recipes_v6e8_llama31_8b", "v6e:2x4"),
+         "v6e8_llama31_8b_no_cm": ("recipes_v6e8_llama31_8b", "v6e:2x4"),
          "v6e64_llama31_70b": ("recipes_v6e64_llama31_70b", "v6e:8x8")}
 OUT = HERE / "xla_v6e_recipes.json"
 
