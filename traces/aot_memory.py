@@ -12,7 +12,9 @@ gives XLA's buffer assignment: argument, output, alias, temp, host (offloaded) a
 Writes ``xla_aot_memory/<case>.json``: the case in MaxText key names (tpusim reads it as a workload),
 ``memory_analysis``, the largest buffers of XLA's memory-usage report, versions and compile time; cases
 with ``save_hlo`` (MaxText v4 22B at full size on v4:4x4x4, compiled with that run's LIBTPU flag) also
-``<case>.hlo.txt.gz``, XLA's optimized HLO, for ``tpusim run --hlo`` (see docs/VALIDATION.md).
+``<case>.hlo.txt.gz``, XLA's optimized HLO, for ``tpusim run --hlo`` (see docs/VALIDATION.md); so do the v6e
+tpu-recipes Llama-3.1 8B and 70B runs at full size (GQA, rope, the recipes' custom offload; compiled with the
+MaxText v5p run's flags, the 8B also with collective matmul off).
 
     /work/venvs/jax/bin/python traces/aot_memory.py                  # every case (7-25 min each on 2 busy cores)
     /work/venvs/jax/bin/python traces/aot_memory.py --case v5e_1b_full --out /tmp/x
