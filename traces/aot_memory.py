@@ -13,7 +13,9 @@ Writes ``xla_aot_memory/<case>.json``: the case in MaxText key names (tpusim rea
 ``memory_analysis``, the largest buffers of XLA's memory-usage report, versions and compile time; cases
 with ``save_hlo`` (MaxText v4 22B, v5p 32B and v5e 16B at full size on their slices, each compiled with its
 run's LIBTPU flags) also
-``<case>.hlo.txt.gz``, XLA's optimized HLO, for ``tpusim run --hlo`` (see docs/VALIDATION.md).
+``<case>.hlo.txt.gz``, XLA's optimized HLO, for ``tpusim run --hlo`` (see docs/VALIDATION.md); so do the v6e
+tpu-recipes Llama-3.1 8B and 70B runs at full size (GQA, rope, the recipes' custom offload; compiled with the
+MaxText v5p run's flags, the 8B also with collective matmul off).
 
     /work/venvs/jax/bin/python traces/aot_memory.py                  # every case (7-25 min each on 2 busy cores)
     /work/venvs/jax/bin/python traces/aot_memory.py --case v5e_1b_full --out /tmp/x
@@ -37,7 +39,8 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-# Model dims: LLaMA-style, multi-head attention (K = N, as the MaxText v4/v5e/v5p configs), gated SiLU MLP.
+# Model dims: LLaMA-style, gated SiLU MLP; multi-head attention (K = N, as the MaxText v4/v5e/v5p configs)
+# unless ``base_num_kv_heads`` says otherwise (grouped-query attention, as Llama-3).
 DIMS = {
     "1b": {"base_emb_dim": 2048, "base_num_query_heads": 16, "head_dim": 128, "base_mlp_dim": 8192,
            "vocab_size": 32000},
@@ -51,6 +54,11 @@ DIMS = {
             "vocab_size": 32000},
     "32b": {"base_emb_dim": 8192, "base_num_query_heads": 64, "head_dim": 128, "base_mlp_dim": 28672,
             "vocab_size": 32000},
+    # MaxText's models/llama3-8b.yml and llama3-70b.yml (Llama-3.1 has the same dims): GQA, 8 KV heads, rope.
+    "llama3_8b": {"base_emb_dim": 4096, "base_num_query_heads": 32, "base_num_kv_heads": 8, "head_dim": 128,
+                  "base_mlp_dim": 14336, "vocab_size": 128256, "rope_max_timescale": 500_000},
+    "llama3_70b": {"base_emb_dim": 8192, "base_num_query_heads": 64, "base_num_kv_heads": 8, "head_dim": 128,
+                   "base_mlp_dim": 28672, "vocab_size": 128256, "rope_max_timescale": 500_000},
 }
 # The v4 22B run's LIBTPU flags (measured-dev.yaml maxtext-v4-22b-1xv4-128 "other"; its
 # TPU_MEGACORE=MEGACORE_DENSE is the "megacore" chip config: one device per v4 chip).
@@ -66,6 +74,14 @@ V5E_16B_FLAGS = ("--xla_tpu_enable_data_parallel_all_reduce_opt=true --xla_tpu_d
                  "--xla_tpu_enable_async_collective_fusion=true --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true "
                  "--xla_tpu_enable_async_collective_fusion_multiple_steps=true "
                  "--xla_tpu_overlap_compute_collective_tc=true --xla_enable_async_all_gather=true")
+# The v6e recipes' LIBTPU flags are named only as MaxText benchmarks/xla_flags_library groups (measured-dev.yaml
+# "other": DENSE_VMEM_LIMIT, CF_FOR_ALL_GATHER, DATA_PARALLEL_OVERLAP, HOST_OFFLOAD ...), which we do not have;
+# their cases compile with the MaxText v5p 32B run's flags (traces/aot_tp_flags.py: async collective fusion,
+# data-parallel all-reduce overlap, async all-gather/permute), the nearest flag set we have.
+V5P_RUN_FLAGS = V5P_32B_FLAGS
+# MaxText's switch for collective matmul off (xla_flags_library DISABLE_COLLECTIVE_MATMUL, quoted from memory:
+# the file is not in the reference material): windowed einsum only above a 1 TB threshold.
+NO_COLLECTIVE_MATMUL = "--xla_jf_spmd_threshold_for_windowed_einsum_mib=1000000"
 # v4 runs as one device per chip (megacore, as the published run); the other cases compiled with "default".
 CHIP_CONFIG = {"v4": "megacore", "v5e": "default", "v5p": "default", "v6e": "default"}
 # case -> topology, dims, layers, per-device batch, mesh, remat policy, weight dtype.
@@ -105,8 +121,19 @@ CASES: dict[str, dict[str, Any]] = {
                        libtpu_flags=V5P_32B_FLAGS, save_hlo=True),
     "v5e_16b_full": _C(topology="v5e:16x16", dims="16b", layers=32, pdbs=6, fsdp=256, tensor=1, remat="full",
                        libtpu_flags=V5E_16B_FLAGS, save_hlo=True),
+    # The two tpu-recipes v6e Llama-3.1 runs at full size (workloads/measured/recipes_v6e{8,64}_llama31_*.yaml):
+    # 8192 tokens per sequence, bf16 weights, the recipes' custom offloading remat.
+    "v6e8_llama31_8b": _C(topology="v6e:2x4", dims="llama3_8b", layers=32, pdbs=3, fsdp=8, tensor=1, seq=8192,
+                          remat="custom", weight_dtype="bfloat16", libtpu_flags=V5P_RUN_FLAGS, save_hlo=True),
+    # The 8B recipe is MaxText's "llama3_1_8b_8192_no_collective_matmul" (measured-dev.yaml note): the same step
+    # with windowed einsum (collective matmul) turned off by the XLA flag MaxText uses for that.
+    "v6e8_llama31_8b_no_cm": _C(topology="v6e:2x4", dims="llama3_8b", layers=32, pdbs=3, fsdp=8, tensor=1, seq=8192,
+                                remat="custom", weight_dtype="bfloat16", save_hlo=True,
+                                libtpu_flags=V5P_RUN_FLAGS + " " + NO_COLLECTIVE_MATMUL),
+    "v6e64_llama31_70b": _C(topology="v6e:8x8", dims="llama3_70b", layers=80, pdbs=2, fsdp=64, tensor=1, seq=8192,
+                            remat="custom", weight_dtype="bfloat16", libtpu_flags=V5P_RUN_FLAGS, save_hlo=True),
 }
-SEQ_LEN = 2048
+SEQ_LEN = 2048  # unless the case says ``seq``
 # MaxText's checkpoint names (layers/attentions.py, layers/linears.py) and what each policy does with
 # them (layers/decoders.py get_remat_policy); "custom" is the tpu-recipes' v6e Llama-3.1 setting:
 # decoder_layer_input, out_proj, query_proj, key_proj, value_proj offloaded to host.
@@ -139,9 +166,9 @@ def maxtext_config(case: str) -> dict[str, Any]:
     """The case under MaxText's key names (plus ``topology``), as tpusim loads a workload."""
     c = CASES[case]
     d = DIMS[c["dims"]]
-    return {"name": case, **d, "base_num_kv_heads": d["base_num_query_heads"],
+    return {"name": case, **d, "base_num_kv_heads": d.get("base_num_kv_heads", d["base_num_query_heads"]),
             "base_num_decoder_layers": c["layers"], "mlp_activations": ["silu", "linear"],
-            "per_device_batch_size": c["pdbs"], "max_target_length": SEQ_LEN, "dtype": "bfloat16",
+            "per_device_batch_size": c["pdbs"], "max_target_length": c.get("seq", SEQ_LEN), "dtype": "bfloat16",
             "weight_dtype": c.get("weight_dtype", "float32"), "remat_policy": c["remat"], "scan_layers": True,
             "attention": "flash", "opt_type": "adamw", "ici_fsdp_parallelism": c["fsdp"],
             "ici_tensor_parallelism": c["tensor"], "topology": c["topology"],
@@ -158,6 +185,7 @@ def build_step(cfg: dict[str, Any], mesh: Any) -> tuple[Any, tuple]:
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     D, N, H = cfg["base_emb_dim"], cfg["base_num_query_heads"], cfg["head_dim"]
+    K = cfg["base_num_kv_heads"]
     F, V, L, T = cfg["base_mlp_dim"], cfg["vocab_size"], cfg["base_num_decoder_layers"], cfg["max_target_length"]
     wdt = jnp.dtype(cfg["weight_dtype"])
     adt = jnp.bfloat16
@@ -165,8 +193,8 @@ def build_step(cfg: dict[str, Any], mesh: Any) -> tuple[Any, tuple]:
     fs, tp = "fsdp", "tensor"
     shapes = {"embed": ((V, D), P(tp, fs)), "final_norm": ((D,), P(None)), "unembed": ((D, V), P(fs, tp)),
               "attn_norm": ((L, D), P(None, None)), "mlp_norm": ((L, D), P(None, None)),
-              "wq": ((L, D, N, H), P(None, fs, tp, None)), "wk": ((L, D, N, H), P(None, fs, tp, None)),
-              "wv": ((L, D, N, H), P(None, fs, tp, None)), "wo": ((L, N, H, D), P(None, tp, None, fs)),
+              "wq": ((L, D, N, H), P(None, fs, tp, None)), "wk": ((L, D, K, H), P(None, fs, tp, None)),
+              "wv": ((L, D, K, H), P(None, fs, tp, None)), "wo": ((L, N, H, D), P(None, tp, None, fs)),
               "w_gate": ((L, D, F), P(None, fs, tp)), "w_up": ((L, D, F), P(None, fs, tp)),
               "w_down": ((L, F, D), P(None, tp, fs))}
     p_sh = {k: NamedSharding(mesh, s) for k, (_, s) in shapes.items()}
@@ -178,6 +206,15 @@ def build_step(cfg: dict[str, Any], mesh: Any) -> tuple[Any, tuple]:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + 1e-6)
         return y.astype(adt) * scale.astype(adt)
+
+    def rope(x):  # MaxText's RotaryEmbedding (layers/embeddings.py): halves rotated, f32 sin/cos
+        if "rope_max_timescale" not in cfg:
+            return x
+        frac = 2 * jnp.arange(H // 2, dtype=jnp.float32) / H
+        ang = jnp.arange(T, dtype=jnp.float32)[:, None] / cfg["rope_max_timescale"] ** frac
+        sin, cos = jnp.sin(ang)[None, :, None, :], jnp.cos(ang)[None, :, None, :]
+        a, b = jnp.split(x, 2, axis=-1)
+        return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1).astype(x.dtype)
 
     blocks = sk.BlockSizes(block_q=512, block_kv=512, block_kv_compute=512, block_q_dkv=512,
                            block_kv_dkv=512, block_kv_dkv_compute=512, block_q_dq=512, block_kv_dq=512)
@@ -196,6 +233,7 @@ def build_step(cfg: dict[str, Any], mesh: Any) -> tuple[Any, tuple]:
         q = checkpoint_name(c(jnp.einsum("btd,dnh->btnh", h, p["wq"].astype(adt)), fs, None, tp, None), "query_proj")
         k = checkpoint_name(c(jnp.einsum("btd,dnh->btnh", h, p["wk"].astype(adt)), fs, None, tp, None), "key_proj")
         v = checkpoint_name(c(jnp.einsum("btd,dnh->btnh", h, p["wv"].astype(adt)), fs, None, tp, None), "value_proj")
+        q, k = rope(q), rope(k)
         q = q * jnp.asarray(H ** -0.5, adt)
         o = splash(*(a.transpose(0, 2, 1, 3) for a in (q, k, v))).transpose(0, 2, 1, 3)
         o = checkpoint_name(c(o, fs, None, tp, None), "context")

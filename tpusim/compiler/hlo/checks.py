@@ -40,7 +40,8 @@ logistic and not or xor map maximum minimum multiply negate opt-barrier outfeed 
 popcnt power real recv recv-done reduce reduce-precision reduce-scatter reduce-window remainder replica-id
 reshape reverse rng rng-get-and-update-state rng-bit-generator round-nearest-afz round-nearest-even rsqrt
 scatter select select-and-scatter send send-done shift-left shift-right-arithmetic shift-right-logical sign
-sine slice slice-start slice-done sort sqrt stochastic-convert subtract tan tanh top-k transpose triangular-solve tuple while
+sine slice slice-start slice-done dynamic-slice-start dynamic-slice-done dynamic-update-slice-start
+dynamic-update-slice-done sort sqrt stochastic-convert subtract tan tanh top-k transpose triangular-solve tuple while
 ragged-all-to-all ragged-dot
 """.split())
 

@@ -18,7 +18,10 @@ What becomes what (the entry computation is walked in XLA's schedule order, ``is
   reduce-scatter / all-reduce / all-to-all / permute their operand. Replica groups are resolved to
   the topology's axes from the first group's device coordinates.
 * ``copy-start``/``copy-done`` into or out of host memory (memory space ``S(5)``): host copies over
-  PCIe. Each ``-done`` becomes a zero-cost op that lasts while it waits, as in XLA's profiles.
+  PCIe. Each ``-done`` becomes a zero-cost op that lasts while it waits, as in XLA's profiles. So do
+  ``dynamic-update-slice-start`` into and ``dynamic-slice-start`` out of a host buffer: how XLA TPU
+  writes a scanned layer's offloaded tensor into its stack in host memory and reads it back (the
+  slice's bytes).
 * ``while`` loops: their body, trip-count times (1 when the count cannot be read; noted); a module
   that unrolls to more than ``tpusim.limits.MAX_PROGRAM_OPS`` ops is refused (:mod:`.checks`).
 * bookkeeping (parameters, constants, tuples, bitcasts, ...) costs nothing; an opcode tpusim does
@@ -251,6 +254,29 @@ def host_copy_kind(result_type: str) -> str | None:
     return None
 
 
+# XLA TPU's async slices of a host-memory buffer (the offloaded tensors of scanned layers).
+HOST_SLICES = {"dynamic-update-slice-start": "copy-to-host", "dynamic-slice-start": "copy-from-host"}
+
+
+def host_slice_copy(ins: Instr) -> tuple[str, float] | None:
+    """``(copy-to-host / copy-from-host, bytes moved)`` for an async ``dynamic-update-slice-start`` whose
+    destination, or ``dynamic-slice-start`` whose source, is in host memory (``S(5)``); None otherwise.
+    Its result type is ``((operands...), result, context)``; the bytes are the update's or the slice's."""
+    rt = ins.result_type.strip()
+    if ins.opcode not in HOST_SLICES or not rt.startswith("(") or HOST_MEMORY not in rt:
+        return None
+    parts = _split_top(rt[1:-1])
+    operands = _split_top(parts[0].strip()[1:-1]) if parts[0].strip().startswith("(") else []
+    if len(parts) < 2 or len(operands) < 2:
+        return None
+    if ins.opcode == "dynamic-update-slice-start":
+        moved = operands[1] if HOST_MEMORY in parts[1] and HOST_MEMORY not in operands[1] else None
+    else:
+        moved = parts[1] if HOST_MEMORY in operands[0] and HOST_MEMORY not in parts[1] else None
+    arrays = array_shapes(moved) if moved else []
+    return (HOST_SLICES[ins.opcode], float(array_bytes(*arrays[0]))) if arrays else None
+
+
 def import_hlo(text: str, topo: Topology, *, name: str | None = None, source: str = "HLO") -> Program:
     """The Program of one HLO module, for ``topo`` (its device count should match the module's)."""
     try:
@@ -351,11 +377,15 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
                 for t in range(trips or 1):
                     walk(ins.attrs.get("body", "").lstrip("%"), prefix=f"{prefix}{ins.name}[{t}]/")
                 continue
-            if ins.opcode == "copy-start":
-                kind = host_copy_kind(ins.result_type)
-                if kind is not None:
+            if ins.opcode == "copy-start" or ins.opcode in HOST_SLICES:
+                kind, nb = None, 0.0
+                if ins.opcode == "copy-start":
+                    kind = host_copy_kind(ins.result_type)
                     arrays = array_shapes(ins.result_type)
                     nb = array_bytes(*arrays[0]) if arrays else 0
+                elif (found := host_slice_copy(ins)) is not None:
+                    kind, nb = found
+                if kind is not None:
                     i = add(dict(name=prefix + ins.name, stream=HOST, category=kind, bytes=float(nb),
                                  deps=(last_compute[0],) if last_compute[0] >= 0 else ()))
                     coll_index[id(ins)] = i
@@ -371,7 +401,7 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
                 start, nb = dmas.pop(_first_operand(ins))
                 _spread_dma(ops, start, nb, carry, cp, unit)
                 continue
-            if ins.opcode == "copy-done":
+            if ins.opcode in ("copy-done", "dynamic-update-slice-done", "dynamic-slice-done"):
                 src = _first_operand(ins)
                 if src in ends_copy:
                     i = add(dict(name=prefix + ins.name, stream=COMPUTE, category="copy-done",
@@ -463,4 +493,4 @@ def _permute_axes(topo: Topology, pairs: str | None, to_chip) -> tuple[Axis, ...
     return group_axes(topo, [to_chip(int(m.group(1))), to_chip(int(m.group(2)))], topo.num_chips)[:1]
 
 
-__all__ = ["DTYPE_BYTES", "group_axes", "host_copy_kind", "import_hlo", "read_hlo", "replica_groups", "xla_chip"]
+__all__ = ["DTYPE_BYTES", "group_axes", "host_copy_kind", "host_slice_copy", "import_hlo", "read_hlo", "replica_groups", "xla_chip"]
