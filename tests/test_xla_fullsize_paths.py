@@ -28,6 +28,18 @@ CASES = [
 ]
 
 
+V6E_GAP = ("XLA's program has what tpusim's lacks (docs/VALIDATION.md, 'The v6e recipes compiled at full size'): "
+           "it waits in every forward layer for the previous layer's offloaded K and V (PCIe), {}; "
+           "neither is modelled, both resting on one libtpu version's schedule and on flags we had to guess")
+CASES += [
+    pytest.param("recipes_v6e8_llama31_8b", "v6e8_llama31_8b_no_cm", marks=pytest.mark.xfail(strict=True, reason=(
+        V6E_GAP.format("and its matmul fusions move more HBM bytes (-16.7%)")))),
+    pytest.param("recipes_v6e64_llama31_70b", "v6e64_llama31_70b", marks=pytest.mark.xfail(strict=True, reason=(
+        V6E_GAP.format("and at FSDP 64 it all-reduces each layer's whole gradient synchronously, as on v4 (-20.5%)")))),
+]
+MEASURED_BUDGET = 0.10  # the issue's test budget for the development set (tests/test_measured.py)
+
+
 @pytest.mark.parametrize("run,case", CASES)
 def test_run_and_run_hlo_agree_at_full_size(run, case):
     w, topo = workload_and_topology(REPO / "workloads" / "measured" / f"{run}.yaml")
@@ -35,3 +47,24 @@ def test_run_and_run_hlo_agree_at_full_size(run, case):
     xla = simulate(import_hlo(read_hlo(AOT / f"{case}.hlo.txt.gz"), topo, name=case), topo).step_time_s
     print(f"{run}: run {ours:.3f} s, run --hlo {xla:.3f} s ({ours / xla - 1:+.1%})")
     assert ours == pytest.approx(xla, rel=0.05)
+
+
+@pytest.mark.parametrize("run,case", [
+    ("maxtext_v4_22b", "v4_22b_full"), ("maxtext_v5e_16b", "v5e_16b_full"),
+    pytest.param("maxtext_v5p_32b", "v5p_32b_full", marks=pytest.mark.xfail(strict=True, reason=(
+        "+14.6%: XLA's tensor-parallel collective matmuls (permute rings of 201 MB shards beside the matmul "
+        "chunks) priced on tpusim's links expose 1.46 s; the measured step says the hardware hides most of it"))),
+    ("recipes_v6e8_llama31_8b", "v6e8_llama31_8b_no_cm"), ("recipes_v6e64_llama31_70b", "v6e64_llama31_70b"),
+])
+def test_xlas_own_program_priced_by_tpusim_against_the_measured_step(run, case):
+    """Out of sample (nothing is fitted on these runs): XLA's full-size compile of each published run,
+    imported and simulated with tpusim's calibrated cost model, against the measured step time, within
+    the issue's 10%. The v6e compiles use the MaxText v5p run's flags (the recipes' are not in the
+    reference material), the 8B with collective matmul off as its recipe ran."""
+    from tpusim.config import read_yaml
+
+    measured = float(read_yaml(REPO / "workloads" / "measured" / "measured.yaml")[run]["step_time_s"])
+    w, topo = workload_and_topology(REPO / "workloads" / "measured" / f"{run}.yaml")
+    xla = simulate(import_hlo(read_hlo(AOT / f"{case}.hlo.txt.gz"), topo, name=case), topo).step_time_s
+    print(f"{run}: measured {measured:.3f} s, XLA's program {xla:.3f} s ({xla / measured - 1:+.1%})")
+    assert abs(xla / measured - 1) <= MEASURED_BUDGET

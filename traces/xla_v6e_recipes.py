@@ -33,7 +33,7 @@ def hlo_bucket(op) -> str:
     if ".remat" in op.name and op.category == "matmul":
         return "matmul (remat to fit)"
     if op.name.startswith(("splash", "while/body/splash")) or "splash_" in op.name:
-        return "attention (splash, priced as copy)"
+        return "attention (splash)"
     return op.category
 
 
