@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from tpusim.analysis.breakdown import exposed_by_op  # noqa: E402
+from tpusim.analysis.breakdown import collective_spans, exposed_by_op  # noqa: E402
 from tpusim.api import compile_workload  # noqa: E402
 from tpusim.compiler.hlo.collectives import extract_collectives  # noqa: E402
 from tpusim.compiler.hlo.importer import import_hlo, read_hlo, replica_groups  # noqa: E402
@@ -67,12 +67,7 @@ def ours_group(op) -> tuple[str, str]:
 def table(prog, result, group_of, layers: int) -> dict:
     exposed, compute = exposed_by_op(result)
     rows: dict[str, dict] = defaultdict(lambda: {"count": 0, "sync": 0, "exposed_s": 0.0, "busy_s": 0.0})
-    spans: dict[int, list[float]] = {}
-    rec = result.record
-    for stream, index, start, end in zip(rec.stream, rec.op_index, rec.start_s, rec.end_s):
-        if stream == "Async XLA Ops":
-            s = spans.setdefault(index, [start, end])
-            s[0], s[1] = min(s[0], start), max(s[1], end)
+    spans = collective_spans(result)
     for op in prog.collective_ops:
         label, how = group_of(op)
         r = rows[label]

@@ -65,6 +65,17 @@ def exposed_by_op(result) -> tuple[dict[int, float], float]:
     return dict(exposed), compute
 
 
+def collective_spans(result) -> dict[int, tuple[float, float]]:
+    """Each collective's first start and last end on the timeline's async stream (its busy span), by op index."""
+    spans: dict[int, list[float]] = {}
+    rec = result.record
+    for stream, index, start, end in zip(rec.stream, rec.op_index, rec.start_s, rec.end_s):
+        if stream == "Async XLA Ops":
+            s = spans.setdefault(index, [start, end])
+            s[0], s[1] = min(s[0], start), max(s[1], end)
+    return {i: (a, b) for i, (a, b) in spans.items()}
+
+
 def default_paths() -> list[Path]:
     measured = sorted(p for p in (data_dir("workloads") / "measured").glob("*.yaml") if p.name != "measured.yaml")
     root = Path(__file__).resolve().parents[2] / "traces" / "xla_aot_chips"
