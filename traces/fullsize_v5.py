@@ -22,13 +22,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
-from tpusim.analysis.breakdown import collective_spans, exposed_by_op  # noqa: E402
+from tpusim.analysis.breakdown import exposed_by_op  # noqa: E402
 from tpusim.api import compile_workload  # noqa: E402
 from tpusim.compiler.hlo.collectives import extract_collectives  # noqa: E402
 from tpusim.compiler.hlo.importer import import_hlo, read_hlo, replica_groups  # noqa: E402
 from tpusim.sim.costmodel import op_time  # noqa: E402
 from tpusim.sim.engine import simulate  # noqa: E402
+from tp_overlap import collective_rows  # noqa: E402  (traces/)
 
 AOT = HERE / "xla_aot_memory"
 WORKLOADS = {"v5p_32b_full": "maxtext_v5p_32b.yaml", "v5e_16b_full": "maxtext_v5e_16b.yaml",
@@ -66,16 +68,7 @@ def ours_group(op) -> tuple[str, str]:
 
 def table(prog, result, group_of, layers: int) -> dict:
     exposed, compute = exposed_by_op(result)
-    rows: dict[str, dict] = defaultdict(lambda: {"count": 0, "sync": 0, "exposed_s": 0.0, "busy_s": 0.0})
-    spans = collective_spans(result)
-    for op in prog.collective_ops:
-        label, how = group_of(op)
-        r = rows[label]
-        r["count"] += 1
-        r["sync"] += how == "sync"
-        r["exposed_s"] += exposed.get(op.index, 0.0)
-        if op.index in spans:
-            r["busy_s"] += spans[op.index][1] - spans[op.index][0]
+    rows = collective_rows(prog, result, group_of, exposed)
     by_cat: dict[str, dict] = defaultdict(lambda: {"s": 0.0, "flops": 0.0, "bytes": 0.0, "count": 0})
     for op in prog.compute_ops:
         if op.category.endswith("-done"):

@@ -73,8 +73,9 @@ def ours_group(op) -> tuple[str, str]:
     return f"{op.category} ({','.join(op.mesh_axes)})", ""
 
 
-def table(prog, result, group_of) -> dict:
-    exposed, compute = exposed_by_op(result)
+def collective_rows(prog, result, group_of, exposed: dict[int, float]) -> dict[str, dict]:
+    """The collectives by ``group_of(op) -> (label, "sync" or "")``: count, synchronous count, exposed and
+    busy seconds (also used by ``fullsize_v5.py``)."""
     rows: dict[str, dict] = defaultdict(lambda: {"count": 0, "sync": 0, "exposed_s": 0.0, "sync_exposed_s": 0.0,
                                                  "busy_s": 0.0})
     spans = collective_spans(result)
@@ -87,6 +88,12 @@ def table(prog, result, group_of) -> dict:
         r["sync_exposed_s"] += exposed.get(op.index, 0.0) if how == "sync" else 0.0
         if op.index in spans:
             r["busy_s"] += spans[op.index][1] - spans[op.index][0]
+    return dict(rows)
+
+
+def table(prog, result, group_of) -> dict:
+    exposed, compute = exposed_by_op(result)
+    rows = collective_rows(prog, result, group_of, exposed)
     by_cat: dict[str, float] = defaultdict(float)
     for op in prog.compute_ops:
         if not op.category.endswith("-done"):
