@@ -146,6 +146,19 @@ def test_flash_fraction_is_the_blocks_a_splash_kernel_computes(t, bq, bkv, windo
         assert m.flash_fraction(layer, t, bq, bkv) == pytest.approx((n + 1) / (2 * n), rel=1e-12)
 
 
+@pytest.mark.parametrize("key", ["sa_block_q", "sa_block_q_dkv", "sa_block_q_dq"])
+def test_too_many_flash_blocks_is_one_clear_error(key):
+    """Each kernel's computed blocks are counted query block by query block: a block size that splits the
+    sequence into more than MAX_FLASH_BLOCKS is refused naming the key, not counted for minutes."""
+    m = model(D=256, N=2, H=128, F=512, L=2, V=1000)
+    with pytest.raises(TpusimError) as e:
+        workload(m, per_device_batch_size=1, max_target_length=2**21, **{key: 1})
+    assert e.value.key.endswith(key) and "query blocks" in e.value.reason
+    with pytest.raises(TpusimError) as e:
+        workload(m, per_device_batch_size=1, max_target_length=2048, **{key: 0})
+    assert e.value.key.endswith(key)
+
+
 def test_flash_kernels_each_use_their_own_blocks():
     """sa_block_q/kv set the forward kernel's blocks, sa_block_q_dkv/kv_dkv the dkv kernel's (4 of the
     backward's 7 matmuls, 7 vector ops a score) and sa_block_q_dq/kv_dq the dq kernel's (3, and 6)."""

@@ -31,6 +31,9 @@ simulated for an hour. Why each number:
 * ``MAX_CONV_POSITIONS`` (2^24): output positions along one spatial dimension of an HLO
   convolution, whose valid (position, tap) pairs are counted exactly; also the query blocks of an HLO
   splash-attention kernel, whose computed blocks are counted the same way.
+* ``MAX_FLASH_BLOCKS`` (2^20): query blocks of a workload's flash kernel, max_target_length /
+  sa_block_q (and the backward's), whose computed blocks are counted one query block at a time
+  (about 0.4 s at the limit; at the default 512-blocks, sequences to 512M tokens).
 """
 
 from __future__ import annotations
@@ -46,3 +49,4 @@ MAX_STRAGGLER_FACTOR = 1000.0
 MAX_TIMELINE_ROWS = 5_000_000
 MAX_REQUESTS = 100_000
 MAX_CONV_POSITIONS = 2**24
+MAX_FLASH_BLOCKS = 2**20

@@ -7,7 +7,7 @@ from typing import Any
 
 from tpusim.config import unknown_key_reason
 from tpusim.errors import TpusimError
-from tpusim.limits import MAX_LAYERS, MAX_SIZE
+from tpusim.limits import MAX_FLASH_BLOCKS, MAX_LAYERS, MAX_SIZE
 from tpusim.model.pipeline import PIPELINE_KEYS
 from tpusim.model.spec import (ATTENTION_KERNELS, DCN_AXES, DTYPE_BYTES, FLASH_BLOCK_KEYS, MESH_AXES, OPTIMIZERS,
                                REMAT_POLICIES, Model, Parallelism, Step)
@@ -271,6 +271,10 @@ def _step(values, source, where) -> Step:
                           key=where.get("per_device_batch_size", "per_device_batch_size"))
     for k in ("max_target_length", "num_vocab_tiling", "gradient_accumulation_steps", *FLASH_BLOCK_KEYS):
         _positive(values, k, source, where)
+    for k in FLASH_BLOCK_KEYS[::2]:  # the query blocks each flash kernel's computed blocks are counted over
+        if -(-values["max_target_length"] // values[k]) > MAX_FLASH_BLOCKS:
+            raise TpusimError(f"{values[k]} splits max_target_length {values['max_target_length']} into more than "
+                              f"{MAX_FLASH_BLOCKS:,} query blocks", source=source, key=where.get(k, k))
     for k in ("dtype", "weight_dtype"):
         _choice(values, k, tuple(DTYPE_BYTES), source, where)
     if values["mu_dtype"]:

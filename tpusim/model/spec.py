@@ -6,8 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import lru_cache
 
-import numpy as np
-
 from tpusim.model.pipeline import Pipeline
 
 DTYPE_BYTES = {"bfloat16": 2, "bf16": 2, "float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "int8": 1,
@@ -247,14 +245,15 @@ def _block_fraction(t: int, bq: int, bkv: int, window: int, chunked: bool) -> fl
     """See :meth:`Model.flash_fraction`. Query block i spans rows r0..r1; the key blocks it needs run
     from the one holding its first row's earliest visible key (0; r0 - W + 1 in a sliding window; the
     start of r0's chunk) to the one holding r1 (causal), a contiguous run."""
-    r0 = np.arange(0, t, bq)
-    r1 = np.minimum(r0 + bq, t) - 1
-    if not window:
-        first = np.zeros_like(r0)
-    elif chunked:
-        first = (r0 // window) * window
-    else:
-        first = np.maximum(r0 - window + 1, 0)
-    j_lo, j_hi = first // bkv, r1 // bkv
-    cols = np.minimum((j_hi + 1) * bkv, t) - j_lo * bkv
-    return float(np.sum((r1 - r0 + 1) * cols)) / (t * t)
+    area = 0
+    for r0 in range(0, t, bq):  # (pure Python: numpy would cost ``tpusim run`` its import)
+        r1 = min(r0 + bq, t) - 1
+        if not window:
+            first = 0
+        elif chunked:
+            first = (r0 // window) * window
+        else:
+            first = max(r0 - window + 1, 0)
+        j_lo, j_hi = first // bkv, r1 // bkv
+        area += (r1 - r0 + 1) * (min((j_hi + 1) * bkv, t) - j_lo * bkv)
+    return area / (t * t)
