@@ -6,8 +6,8 @@ from __future__ import annotations
 import functools
 
 import pytest
-
 from conftest import REPO
+
 from tpusim.compiler.hlo.importer import import_hlo, read_hlo
 from tpusim.sim.topology import parse_topology
 

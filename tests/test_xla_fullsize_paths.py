@@ -9,8 +9,8 @@ at full size").
 from __future__ import annotations
 
 import pytest
-
 from conftest import REPO
+
 from tpusim.api import workload_and_topology
 from tpusim.compiler import compile_program
 from tpusim.compiler.hlo.importer import import_hlo, read_hlo
@@ -64,7 +64,7 @@ def test_xlas_own_program_priced_by_tpusim_against_the_measured_step(run, case):
     from tpusim.config import read_yaml
 
     measured = float(read_yaml(REPO / "workloads" / "measured" / "measured.yaml")[run]["step_time_s"])
-    w, topo = workload_and_topology(REPO / "workloads" / "measured" / f"{run}.yaml")
+    _w, topo = workload_and_topology(REPO / "workloads" / "measured" / f"{run}.yaml")
     xla = simulate(import_hlo(read_hlo(AOT / f"{case}.hlo.txt.gz"), topo, name=case), topo).step_time_s
     print(f"{run}: measured {measured:.3f} s, XLA's program {xla:.3f} s ({xla / measured - 1:+.1%})")
     assert abs(xla / measured - 1) <= MEASURED_BUDGET

@@ -15,8 +15,8 @@ import functools
 import json
 
 import pytest
-
 from conftest import REPO
+
 from tpusim.compiler import compile_program
 from tpusim.compiler.hlo.analysis import _Analysis
 from tpusim.compiler.hlo.hbm import hbm_bytes
@@ -98,7 +98,7 @@ def test_tpusim_recomputes_to_fit_only_when_hbm_is_tight():
     """Over v4's HBM (13 sequences), each layer's backward recomputes its widest matmul output, an
     F-wide one (2 tok D F), which covers the shortfall its memory model finds; at 4 sequences, under
     the HBM, nothing (as XLA: its ``*.remat`` ops appear only at 13)."""
-    w, topo, prog = _v4_run()
+    _w, _topo, prog = _v4_run()
     tok = 13 * T
     fit = [o for o in prog.ops if "/remat_to_fit/" in o.name]
     assert len(fit) == L and all(o.category == "matmul" and o.phase == "backward" for o in fit)

@@ -15,8 +15,8 @@ import json
 import re
 
 import pytest
-
 from conftest import REPO
+
 from tpusim.compiler import compile_program
 from tpusim.compiler.hlo.collectives import extract_collectives
 from tpusim.compiler.hlo.importer import import_hlo, read_hlo

@@ -21,8 +21,8 @@ import math
 import re
 
 import pytest
-
 from conftest import REPO
+
 from tpusim.api import compile_workload
 from tpusim.compiler.hlo.collectives import extract_collectives
 from tpusim.compiler.hlo.importer import import_hlo, read_hlo
@@ -88,7 +88,7 @@ def test_the_case_is_the_recipes_run(case):
 @pytest.mark.parametrize("case", CASES)
 def test_xla_host_memory_is_the_offloaded_tensors_of_every_layer(case):
     """The layer input, Q, K, V and the out projection of every layer, bf16: L x 2 tok (2D + NH + 2KH)."""
-    D, N, K, H, F, V, L = RUNS[case][2]
+    D, N, K, H, _F, _V, L = RUNS[case][2]
     tok = _tokens(case)
     host = _case(case)["memory_analysis"]["host_temp_size_in_bytes"]
     assert host == L * 2 * tok * (2 * D + N * H + 2 * K * H)
@@ -99,7 +99,7 @@ def test_xla_moves_the_offloaded_tensors_as_async_host_slices_five_each_way_per_
     """XLA writes each offloaded tensor into its [L, ...] stack in host memory with an async
     dynamic-update-slice and reads it back with an async dynamic-slice (no copy-start to S(5)): per layer
     five each way, three of tok x D and two of tok x K x H; in all, the bytes tpusim's program copies."""
-    D, N, K, H, F, V, L = RUNS[case][2]
+    D, _N, K, H, _F, _V, L = RUNS[case][2]
     tok = _tokens(case)
     host = [o for o in _program(case).ops if o.stream == "host"]
     for kind in ("copy-to-host", "copy-from-host"):
@@ -160,7 +160,7 @@ def test_at_64_ways_xla_all_reduces_each_layers_whole_weight_gradients_synchrono
     V's D x K x H; and it gathers K and V's weights (forward, and again in the backward) as all-reduces of
     zero-padded D x K x H buffers, the v4 pattern, synchronous too: six D x K x H operands per layer.
     tpusim's program reduce-scatters and all-gathers them asynchronously."""
-    D, N, K, H, F, V, L = RUNS["v6e64_llama31_70b"][2]
+    D, N, K, H, F, _V, L = RUNS["v6e64_llama31_70b"][2]
     cols = extract_collectives(_hlo("v6e64_llama31_70b"))
     assert not cols["windowed_einsum_loops"]
     assert not [c for c in cols["collectives"] if c["kind"] == "reduce-scatter"]
@@ -197,7 +197,7 @@ def test_xla_waits_in_each_forward_iteration_for_the_last_layers_offloaded_k_and
     of it. tpusim's program waits for none of its offload."""
     from tpusim.sim.engine import simulate
 
-    D, N, K, H, F, V, L = RUNS[case][2]
+    D, _N, K, H, _F, _V, L = RUNS[case][2]
     topo = parse_topology(RUNS[case][1])
     prog = _program(case)
     fwd = [w for w in _layer_loops(prog) if any(o.name.startswith(f"{w}[") and o.category == "copy-to-host"
@@ -213,5 +213,5 @@ def test_xla_waits_in_each_forward_iteration_for_the_last_layers_offloaded_k_and
     assert 0.75 * closed < per_iteration <= closed
     from tpusim.analysis.summary import summarize
 
-    w, topo, ours = compile_workload(REPO / "workloads" / "measured" / f"{RUNS[case][0]}.yaml")
+    _w, topo, ours = compile_workload(REPO / "workloads" / "measured" / f"{RUNS[case][0]}.yaml")
     assert summarize(simulate(ours, topo))["exposed_comm_by_kind_s"].get("copy-to-host", 0.0) == 0.0

@@ -24,13 +24,14 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from tpusim.analysis.breakdown import exposed_by_op  # noqa: E402
-from tpusim.api import compile_workload  # noqa: E402
-from tpusim.compiler.hlo.collectives import extract_collectives  # noqa: E402
-from tpusim.compiler.hlo.importer import import_hlo, read_hlo, replica_groups  # noqa: E402
-from tpusim.sim.costmodel import op_time  # noqa: E402
-from tpusim.sim.engine import simulate  # noqa: E402
-from tp_overlap import collective_rows  # noqa: E402  (traces/)
+from tp_overlap import collective_rows
+
+from tpusim.analysis.breakdown import exposed_by_op
+from tpusim.api import compile_workload
+from tpusim.compiler.hlo.collectives import extract_collectives
+from tpusim.compiler.hlo.importer import import_hlo, read_hlo, replica_groups
+from tpusim.sim.costmodel import op_time
+from tpusim.sim.engine import simulate
 
 AOT = HERE / "xla_aot_memory"
 WORKLOADS = {"v5p_32b_full": "maxtext_v5p_32b.yaml", "v5e_16b_full": "maxtext_v5e_16b.yaml",
@@ -96,7 +97,7 @@ def layer_flops(hlo, ours, layers: int) -> dict:
 def analyse(case: str) -> dict:
     meta = json.loads((AOT / f"{case}.json").read_text())
     cfg = meta["config"]
-    w, topo, ours = compile_workload(HERE.parent / "workloads" / "measured" / WORKLOADS[case])
+    _w, topo, ours = compile_workload(HERE.parent / "workloads" / "measured" / WORKLOADS[case])
     text = read_hlo(AOT / f"{case}.hlo.txt.gz")
     hlo = import_hlo(text, topo, name=case)
     names = hlo_groups(text, cfg)

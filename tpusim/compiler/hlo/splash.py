@@ -34,11 +34,17 @@ import re
 from dataclasses import dataclass
 
 from tpusim.compiler.hlo.analysis import _Analysis
+from tpusim.compiler.hlo.parse import Instr, array_shapes
+from tpusim.compiler.transformer import (
+    FLASH_DKV_MATMULS,
+    FLASH_DQ_MATMULS,
+    FLASH_FUSED_BWD_MATMULS,
+    FLASH_VPU_OPS_BWD,
+    FLASH_VPU_OPS_BWD_DQ,
+    FLASH_VPU_OPS_FWD,
+)
 from tpusim.errors import TpusimError
 from tpusim.limits import MAX_CONV_POSITIONS
-from tpusim.compiler.hlo.parse import Instr, array_shapes
-from tpusim.compiler.transformer import (FLASH_DKV_MATMULS, FLASH_DQ_MATMULS, FLASH_FUSED_BWD_MATMULS,
-                                         FLASH_VPU_OPS_BWD, FLASH_VPU_OPS_BWD_DQ, FLASH_VPU_OPS_FWD)
 from tpusim.model.spec import _block_fraction
 
 PALLAS_TARGET = '"tpu_custom_call"'
