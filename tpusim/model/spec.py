@@ -90,7 +90,7 @@ class Model:
         that meet its sliding window or its chunk. ``layer=None``: a global layer."""
         local = layer is not None and self.is_local(layer) and seq_len > self.sliding_window
         window = self.sliding_window if local else 0
-        return _block_fraction(seq_len, min(block_q, seq_len), min(block_kv, seq_len), window,
+        return block_fraction(seq_len, min(block_q, seq_len), min(block_kv, seq_len), window,
                                self.chunked and window > 0)
 
     @property
@@ -241,8 +241,10 @@ class Workload:
 
 
 @lru_cache(maxsize=256)
-def _block_fraction(t: int, bq: int, bkv: int, window: int, chunked: bool) -> float:
-    """See :meth:`Model.flash_fraction`. Query block i spans rows r0..r1; the key blocks it needs run
+def block_fraction(t: int, bq: int, bkv: int, window: int, chunked: bool) -> float:
+    """The share of a T x T score grid a flash kernel with ``bq x bkv`` blocks computes, causal, within a
+    ``window`` (0: none) or chunks of it (:meth:`Model.flash_fraction`; the HLO importer's splash kernels
+    call it directly). Query block i spans rows r0..r1; the key blocks it needs run
     from the one holding its first row's earliest visible key (0; r0 - W + 1 in a sliding window; the
     start of r0's chunk) to the one holding r1 (causal), a contiguous run."""
     area = 0

@@ -45,7 +45,7 @@ from tpusim.compiler.transformer import (
 )
 from tpusim.errors import TpusimError
 from tpusim.limits import MAX_CONV_POSITIONS
-from tpusim.model.spec import _block_fraction
+from tpusim.model.spec import block_fraction
 
 PALLAS_TARGET = '"tpu_custom_call"'
 _SPLASH_RE = re.compile(r"splash_m[hq]a_(fwd|dq|dkv)(?:_segmented)?(?:_no)?(?:_residuals)?")
@@ -161,7 +161,7 @@ def _fraction(mask, an: _Analysis, t_q: int, t_kv: int, bq: int | None, bkv: int
         return min(1.0, computed * bq * bkv / (heads * t_q * t_kv)), "constant"
     if t_q != t_kv:
         return 1.0, "none"  # (a causal mask over unequal lengths: not modelled, the whole grid)
-    return _block_fraction(t_q, bq, bkv, 0, False), "causal"
+    return block_fraction(t_q, bq, bkv, 0, False), "causal"
 
 
 _CARRY = ("copy", "copy-done", "copy-start", "bitcast", "reshape", "convert")
