@@ -29,11 +29,11 @@ simulated for an hour. Why each number:
   send 1,000 to 2,000 prompts (tests/data/measured-dev-2.yaml: ShareGPT, 2,000 for JetStream, 1,000
   for vLLM), x50; 10,000 requests simulate in about 5 s. A billion were accepted and ran out of memory.
 * ``MAX_CONV_POSITIONS`` (2^24): output positions along one spatial dimension of an HLO
-  convolution, whose valid (position, tap) pairs are counted exactly; also the query blocks of an HLO
-  splash-attention kernel, whose computed blocks are counted the same way.
-* ``MAX_FLASH_BLOCKS`` (2^20): query blocks of a workload's flash kernel, max_target_length /
-  sa_block_q (and the backward's), whose computed blocks are counted one query block at a time
-  (about 0.4 s at the limit; at the default 512-blocks, sequences to 512M tokens).
+  convolution, whose valid (position, tap) pairs are counted exactly.
+* ``MAX_FLASH_BLOCKS`` (2^20): query blocks of a flash kernel, a workload's (max_target_length /
+  sa_block_q, and the backward's) or an HLO splash-attention kernel's, whose computed blocks are
+  counted one query block at a time (``spec.block_fraction``, pure Python: about 0.4 s at the limit;
+  at the default 512-blocks, sequences to 512M tokens).
 """
 
 from __future__ import annotations

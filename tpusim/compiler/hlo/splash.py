@@ -44,7 +44,7 @@ from tpusim.compiler.transformer import (
     FLASH_VPU_OPS_FWD,
 )
 from tpusim.errors import TpusimError
-from tpusim.limits import MAX_CONV_POSITIONS
+from tpusim.limits import MAX_FLASH_BLOCKS
 from tpusim.model.spec import block_fraction
 
 PALLAS_TARGET = '"tpu_custom_call"'
@@ -151,9 +151,9 @@ def _fraction(mask, an: _Analysis, t_q: int, t_kv: int, bq: int | None, bkv: int
     grid = dims[-2:] if len(dims) >= 2 else (1, 1)
     bq = min(bq or -(-t_q // max(grid[0], 1)), t_q)  # (MaxText takes each block as min(sa_block_*, T))
     bkv = min(bkv or -(-t_kv // max(grid[1], 1)), t_kv)
-    if -(-t_q // bq) > MAX_CONV_POSITIONS:
+    if -(-t_q // bq) > MAX_FLASH_BLOCKS:
         raise TpusimError(f"a splash attention kernel with {-(-t_q // bq):,} query blocks; tpusim counts the blocks "
-                          f"of at most {MAX_CONV_POSITIONS:,}")
+                          f"of at most {MAX_FLASH_BLOCKS:,}")
     values = block_mask_literal(producer, an)
     if values and len(values) == math.prod(dims):
         heads = math.prod(dims[:-2]) if len(dims) > 2 else 1  # (one mask per head, or one for all)
