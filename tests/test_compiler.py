@@ -356,6 +356,32 @@ def test_program_structure_and_prefetch_windows():
             assert op.index in nxt.deps
 
 
+@pytest.mark.parametrize("spec, fsdp, tensor, reduction, whole", [
+    ("v5e:4x8", 32, 1, "xla", False), ("v5e:8x8", 64, 1, "xla", True), ("v5e:16x16", 64, 1, "xla", True),
+    ("v5e:8x8", 32, 1, "xla", False), ("v5e:16x16", 64, 4, "xla", False), ("v5e:8x8", 64, 1, "reduce_scatter", False)])
+def test_fsdp_gradients_over_64_devices_or_more_are_all_reduced_whole_and_synchronously(spec, fsdp, tensor,
+                                                                                         reduction, whole):
+    """As libtpu compiles it (traces/aot_grad_reduction.py): a weight gradient reduced over 64 or more
+    devices, with the data axis the whole slice, is all-reduced whole, synchronously (the next op waits for
+    it), the slice kept; over fewer, beside a tensor axis, or with ``gradient_reduction: reduce_scatter``,
+    it is reduce-scattered and only the optimizer waits."""
+    topo = parse_topology(spec)
+    w = workload({"model_name": "llama2-7b", "base_num_decoder_layers": 2}, per_device_batch_size=1,
+                 max_target_length=1024, gradient_reduction=reduction,
+                 sharding={"ici_fsdp_parallelism": fsdp, "ici_tensor_parallelism": tensor,
+                           "ici_data_parallelism": -1})
+    ops = compile_program(w, topo, check_memory=False).ops
+    wgrads = {op.index: op for op in ops if op.name.endswith("/wgrad")}
+    grads = [op for op in ops if op.stream == COLLECTIVE and set(op.deps) & set(wgrads) and "fsdp" in op.mesh_axes]
+    assert len(grads) == len(wgrads) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the unembedding
+    assert {op.category for op in grads} == {"all-reduce" if whole else "reduce-scatter"}
+    for op in grads:
+        wg = wgrads[next(d for d in op.deps if d in wgrads)]
+        assert op.bytes == pytest.approx(wg.flops / wg.mxu_shape[1])  # the whole K x N gradient in bf16 (/ tensor)
+        nxt = next(o for o in ops[op.index + 1:] if o.stream == COMPUTE)
+        assert (op.index in nxt.deps) == whole
+
+
 @pytest.mark.parametrize("sharding, words", [
     ({"ici_tensor_parallelism": 3}, "does not divide"),
     ({"ici_tensor_parallelism": 64, "ici_fsdp_parallelism": 1}, "query heads 32 is not divisible by 64"),
@@ -371,3 +397,9 @@ def test_batch_must_split():
     w = workload({"model_name": "llama3-8b"}, per_device_batch_size=0.5, max_target_length=2048)
     with pytest.raises(TpusimError, match="does not split evenly"):
         compile_program(w, parse_topology("v5p:4x4x4"))
+
+
+def test_gradient_reduction_bad_choice_is_one_error():
+    with pytest.raises(TpusimError) as e:
+        workload({"model_name": "llama2-7b"}, per_device_batch_size=1, gradient_reduction="all_reduce")
+    assert e.value.key == "gradient_reduction" and e.value.reason == "'all_reduce' is not one of xla, reduce_scatter"

@@ -180,7 +180,10 @@ def regime(tokens_per_chip, spec="v5p:4x4x4", slices=1, sharding=None, d=4096, f
                             "step": {"per_device_batch_size": seqs, "max_target_length": seq,
                                      "remat_policy": "none", "weight_dtype": "bfloat16", "opt_type": "sgd",
                                      # the small table gathered (8 MB), not the tokens resharded by all-to-alls
-                                     "use_iota_embed": True},
+                                     "use_iota_embed": True,
+                                     # the book's FSDP: gradients reduce-scattered beside the backward (libtpu
+                                     # all-reduces them whole and synchronously over 64 devices or more)
+                                     "gradient_reduction": "reduce_scatter"},
                             "sharding": sharding or {"ici_fsdp_parallelism": -1}}, source="regime")
     topo = parse_topology(spec, slices=slices)
     return summarize(simulate(compile_program(w, topo, check_memory=False), topo, mode="datasheet"))
@@ -248,20 +251,29 @@ def test_dcn_data_parallel_threshold(book_cases):
 
 def test_host_offload_moves_saved_activations_over_pcie():
     """Offloading remat policies copy the saved tensors to host after each layer's forward and back
-    before its backward; the copies share each direction of the chip's PCIe link."""
+    before its backward; the copies share each direction of the chip's PCIe link. As libtpu schedules
+    them, the next layer waits for a copy before it writes the same tensors again: for the input's, Q's, K's
+    and V's (one copy, in the order the layer made them) before its projections."""
     topo = parse_topology("v6e:2x4")
     w = small_workload(step={"per_device_batch_size": 2, "max_target_length": 1024,
                                "remat_policy": "custom", **RECIPES_CUSTOM})
     prog = compile_program(w, topo)
     out = [o for o in prog.host_ops if o.category == "copy-to-host"]
     back = [o for o in prog.host_ops if o.category == "copy-from-host"]
-    assert len(out) == len(back) == w.model.num_layers
+    layers = w.model.num_layers
+    assert len(back) == layers and len(out) == 2 * layers
     tok, d = 2 * 1024 * 8 / 8, 2048  # fsdp over 8 chips: 2 sequences each
-    assert out[0].bytes == pytest.approx(2 * tok * (d + 3 * d + d))  # input, q, k, v, o (MHA) in bf16
+    assert [o.bytes for o in out[:2]] == pytest.approx([2 * tok * 4 * d, 2 * tok * d])  # input, q, k, v (MHA); o
+    assert back[0].bytes == pytest.approx(2 * tok * (d + 3 * d + d))  # all five back, in bf16
     result = simulate(prog, topo, mode="datasheet")
     df = timeline_frame(result)
     pcie = df[df.stream == "PCIe"]
-    assert len(pcie) == 2 * w.model.num_layers
+    assert len(pcie) == 3 * layers
+    xla_ops = df[df.stream == "XLA Ops"]
+    for o in out[::2][:-1]:  # the next layer's first projection starts once the copy is done
+        q_proj = next(x for x in prog.ops if x.layer == o.layer + 1 and x.name.endswith("fwd/q_proj"))
+        assert xla_ops[xla_ops.op_index == q_proj.index].start_s.iloc[0] >= \
+            df[(df.op_index == o.index) & (df.stream == "PCIe")].end_s.iloc[0]
     assert result.link_stats["PCIe d2h"]["bytes"] == pytest.approx(sum(o.bytes for o in out))
     # Each copy alone takes bytes / PCIe rate (3.2e10 B/s on v6e) or longer when they queue.
     assert ((pcie.end_s - pcie.start_s) >= pcie.bytes / 3.2e10 * (1 - 1e-9)).all()

@@ -4,8 +4,8 @@ multi-slice training point of measured-dev-2.yaml: Qwen3-0.6B on 3 v5e-16 slices
 mostly its cross-slice gradient all-reduce; measured 0.159-0.166 s per step, so +-2.5% of its own).
 
 Nothing is fitted on these runs. A run still outside the budget is a strict xfail that says why
-(docs/VALIDATION.md): attention kernels and fusions without op-level data (v4, v6e), and the
-multi-slice growth (16 and 32 slices).
+(docs/VALIDATION.md). The issue's goal is tighter: each of its 10 runs within 8%, the median within 4%
+(test_the_issues_goal).
 
 The multi-slice series (the 16B step on 1 to 32 v5e-256 slices) is also judged by its growth,
 T_N / T_1 - 1, within 3 percentage points of the measured one. The measured step times are derived
@@ -22,25 +22,21 @@ from tpusim.validate import compare_measured, scaling_growth
 BUDGET = 0.10  # the issue's aim: within 10% of the measured step time, both ways
 GROWTH_BUDGET_PP = 3.0
 
-COMPUTE = ("single-slice compute optimistic: matmuls at the TPU7x GEMM microbenchmark's 83% of peak (the only "
-           "op-level MXU measurement, borrowed by every chip), but the splash attention kernels' efficiency (their "
-           "FLOPs are counted as the kernels run them), fusion and layout overheads have no op-level data here (compute side of issue 11, not the network)")
-V6E = ("; the v6e recipes run at sequence 8192 (attention a large share: its kernel's efficiency is unmeasured "
-       "here) with XLA flags and host offload we model only in part")
-MULTISLICE = ("the one-slice step is 1.2% optimistic and the multi-slice growth is not reproduced (+0.02% simulated "
-              "against the measured {}): see test_multislice_growth")
+GOAL, GOAL_MEDIAN = 0.08, 0.04  # the issue's "done": each of its 10 runs within 8%, the median within 4%
+ISSUE_RUNS = ["maxtext_v5e_16b", "maxtext_v5p_32b", "maxtext_v4_22b", "recipes_v6e8_llama31_8b",
+              "recipes_v6e64_llama31_70b", *(f"maxtext_v5e_16b_{n}slices" for n in (2, 4, 8, 16, 32))]
 
 RUNS = [
     "maxtext_v5e_16b",
     "maxtext_v5p_32b",
-    "maxtext_v4_22b",  # -5.0% with XLA's rematerialisation to fit v4's HBM timed (was -11.3% without)
-    "recipes_v6e8_llama31_8b",  # -10.0%: inside the budget, though not the validate goal of 8%
-    pytest.param("recipes_v6e64_llama31_70b", marks=pytest.mark.xfail(strict=True, reason=COMPUTE + V6E + " (today -18%)")),
+    "maxtext_v4_22b",
+    "recipes_v6e8_llama31_8b",
+    "recipes_v6e64_llama31_70b",
     "maxtext_v5e_16b_2slices",
     "maxtext_v5e_16b_4slices",
     "maxtext_v5e_16b_8slices",
-    "maxtext_v5e_16b_16slices",  # -8.6%: inside the budget though its growth with slices is not reproduced
-    pytest.param("maxtext_v5e_16b_32slices", marks=pytest.mark.xfail(strict=True, reason=MULTISLICE.format("+11.1%"))),
+    "maxtext_v5e_16b_16slices",
+    "maxtext_v5e_16b_32slices",  # inside the budget though its growth with slices is not reproduced
     pytest.param("maxtext_qwen3_0.6b_3slices", marks=pytest.mark.xfail(strict=True, reason=(
         "a small model on 3 slices under Pathways, its step mostly the cross-slice gradient all-reduce: -10.3%, "
         "with DCN at the efficiency borrowed from the v6e psum microbenchmark (datasheet DCN: -45%); the source "
@@ -63,6 +59,23 @@ def test_step_time_within_budget(rows, name):
     r = rows[name]
     print(f"{name}: measured {r['measured_step_s']:.3f} s, simulated {r['simulated_step_s']:.3f} s ({r['error']:+.1%})")
     assert abs(r["error"]) <= BUDGET
+
+
+def test_the_issues_goal_median(rows):
+    """The median |error| over the issue's 10 runs within 4%."""
+    errors = sorted(abs(rows[n]["error"]) for n in ISSUE_RUNS)
+    assert (errors[4] + errors[5]) / 2 <= GOAL_MEDIAN
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=(
+        "+8.5%: the one run with tensor parallelism on the critical path. XLA writes its activation "
+        "reduce-scatters as collective matmuls (permute rings beside the matmul chunks); how much of them the "
+        "hardware hides is not in the HLO, and tpusim keeps them synchronous (docs/VALIDATION.md)")))
+    if n == "maxtext_v5p_32b" else n for n in ISSUE_RUNS])
+def test_the_issues_goal_each_run(rows, name):
+    """Each of the issue's 10 runs within 8% of its measured step."""
+    assert abs(rows[name]["error"]) <= GOAL
 
 
 def test_tensor_parallel_run_is_communication_bound(rows):

@@ -35,7 +35,7 @@ MARK = "TPUSIM-NOTEBOOK-FACTS:"
 
 # What each notebook computed, read from its kernel after its last cell: an expression over its variables.
 FACTS = {
-    "1_quickstart": "{'summary': summary, 'links': result.link_stats,"
+    "1_quickstart": "{'summary': summary, 'book_summary': book_summary, 'links': result.link_stats,"
                     " 'tokens_per_chip': workload.step.per_device_batch_size * workload.step.seq_len}",
     "2_sharding_tradeoffs": "{'sweep': sweep.to_dict('records'),"
                             " 'crossover': {t: crossover(g) for t, g in sweep.groupby('topology')}}",
@@ -130,12 +130,17 @@ def test_notebook_runs(path):
 def check_quickstart(f: dict) -> None:
     """Notebook 1 / the README: FSDP's weight gathers hide behind the matmuls, on both axes evenly. The
     book (training.md): FSDP over M_X axes is compute-bound above C / (M_X W_ici) tokens per chip,
-    1,094 for v5e over its 2 axes; fsdp_70b has 4,096. Compute-bound is the engine tests' criterion:
-    under 5% of the step exposed."""
+    1,094 for v5e over its 2 axes; fsdp_70b has 4,096. With the book's schedule (gradients
+    reduce-scattered beside the backward) the step is compute-bound, the engine tests' criterion: under 5%
+    of the step exposed. As libtpu compiles it over 256 chips (each gradient all-reduced whole and
+    synchronously), what is exposed is those all-reduces, and the step is longer by their exposed time."""
     threshold = spec("v5e", "bf16_flops") / spec("v5e", "ici_link_bw_bidi") / 2
-    s = f["summary"]
+    s, book_s = f["summary"], f["book_summary"]
     assert f["tokens_per_chip"] > threshold
-    assert s["bottleneck"].startswith("compute") and s["exposed_comm_s"] < 0.05 * s["step_time_s"]
+    assert book_s["bottleneck"].startswith("compute") and book_s["exposed_comm_s"] < 0.05 * book_s["step_time_s"]
+    exposed = s["exposed_comm_by_kind_s"]
+    assert max(exposed, key=exposed.get) == "all-reduce"
+    assert s["step_time_s"] - book_s["step_time_s"] == pytest.approx(exposed["all-reduce"], rel=0.1)
     links = f["links"]  # a 16x16 torus with FSDP over both axes: every direction moves the same bytes
     assert len({links[k]["bytes"] for k in ("ICI x+", "ICI x-", "ICI y+", "ICI y-")}) == 1
 

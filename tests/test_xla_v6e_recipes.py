@@ -159,7 +159,8 @@ def test_at_64_ways_xla_all_reduces_each_layers_whole_weight_gradients_synchrono
     as on v4 (docs/VALIDATION.md): D x F three times (gate, up, down), D x N x H twice (Q, out), and K and
     V's D x K x H; and it gathers K and V's weights (forward, and again in the backward) as all-reduces of
     zero-padded D x K x H buffers, the v4 pattern, synchronous too: six D x K x H operands per layer.
-    tpusim's program reduce-scatters and all-gathers them asynchronously."""
+    tpusim's program all-reduces the same seven gradients whole (compiler/transformer.py
+    FSDP_ALL_REDUCE_MIN_DEVICES); its weight gathers stay asynchronous."""
     D, N, K, H, F, _V, L = RUNS["v6e64_llama31_70b"][2]
     cols = extract_collectives(_hlo("v6e64_llama31_70b"))
     assert not cols["windowed_einsum_loops"]
@@ -172,6 +173,9 @@ def test_at_64_ways_xla_all_reduces_each_layers_whole_weight_gradients_synchrono
                 dims = [int(d) for d in shape.split("[")[1].rstrip("]").split(",")]
                 per_layer[math.prod(dims)] += 1
     assert per_layer[D * F] == 3 and per_layer[D * N * H] == 2 and per_layer[D * K * H] == 6
+    _w, _topo, ours = compile_workload(REPO / "workloads" / "measured" / f"{RUNS['v6e64_llama31_70b'][0]}.yaml")
+    ar = [o for o in ours.collective_ops if o.category == "all-reduce" and o.layer == 0 and o.phase == "backward"]
+    assert sorted(o.bytes / 2 for o in ar) == sorted([D * F] * 3 + [D * N * H] * 2 + [D * K * H] * 2)
 
 
 def test_with_collective_matmul_off_the_fsdp_8_gradients_are_async_reduce_scatters():
@@ -194,7 +198,8 @@ def test_xla_waits_in_each_forward_iteration_for_the_last_layers_offloaded_k_and
     for K's and V's before that iteration's projections, while they share PCIe with the input's and Q's: the
     HLO path's exposed wait per forward iteration is the PCIe time of those four tensors,
     2 tok (2D + 2KH) / PCIe, less the little compute before the projections (the norm): between 75% and 100%
-    of it. tpusim's program waits for none of its offload."""
+    of it. tpusim's program does the same (compiler/transformer.py OFFLOAD_GROUPS): its exposed wait per
+    forward layer is inside the same bounds."""
     from tpusim.sim.engine import simulate
 
     D, _N, K, H, _F, _V, L = RUNS[case][2]
@@ -214,4 +219,5 @@ def test_xla_waits_in_each_forward_iteration_for_the_last_layers_offloaded_k_and
     from tpusim.analysis.summary import summarize
 
     _w, topo, ours = compile_workload(REPO / "workloads" / "measured" / f"{RUNS[case][0]}.yaml")
-    assert summarize(simulate(ours, topo))["exposed_comm_by_kind_s"].get("copy-to-host", 0.0) == 0.0
+    ours_waited = summarize(simulate(ours, topo))["exposed_comm_by_kind_s"].get("copy-to-host", 0.0)
+    assert 0.75 * closed < ours_waited / (L - 1) <= closed

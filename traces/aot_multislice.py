@@ -170,6 +170,26 @@ def program(text: str) -> list[str]:
     return text.splitlines()
 
 
+def scanned_mlp_step():
+    """The jitted SGD step of a MaxText-shaped model: scanned layers (``lax.scan``, full remat) of an MLP block
+    with f32 weights ``w1`` [L, D, F] and ``w2`` [L, F, D] cast to bf16, a bf16 batch [B, T, D]."""
+    import jax
+    import jax.numpy as jnp
+
+    def loss(p, x):
+        def layer(h, w):
+            y = jax.nn.silu(h @ w["w1"].astype(jnp.bfloat16)) @ w["w2"].astype(jnp.bfloat16)
+            return h + y, None
+        h, _ = jax.lax.scan(jax.checkpoint(layer), x, p)
+        return jnp.mean(h.astype(jnp.float32) ** 2)
+
+    @jax.jit
+    def step(p, x):
+        return jax.tree.map(lambda a, g: a - 1e-3 * g, p, jax.grad(loss)(p, x))
+
+    return step
+
+
 def compile_case(slices: int, slice_topology: str, flags: str) -> None:
     os.environ["LIBTPU_INIT_ARGS"] = FLAGS if flags == "maxtext" else ""
     import jax
@@ -188,18 +208,7 @@ def compile_case(slices: int, slice_topology: str, flags: str) -> None:
               "w2": jax.ShapeDtypeStruct((L, F, D), jnp.float32, sharding=NamedSharding(mesh, P(None, None, "fsdp")))}
     x = jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16, sharding=NamedSharding(mesh, P(("data", "fsdp"), None, None)))
 
-    def loss(p, x):
-        def layer(h, w):
-            y = jax.nn.silu(h @ w["w1"].astype(jnp.bfloat16)) @ w["w2"].astype(jnp.bfloat16)
-            return h + y, None
-        h, _ = jax.lax.scan(jax.checkpoint(layer), x, p)
-        return jnp.mean(h.astype(jnp.float32) ** 2)
-
-    @jax.jit
-    def step(p, x):
-        return jax.tree.map(lambda a, g: a - 1e-3 * g, p, jax.grad(loss)(p, x))
-
-    text = step.lower(params, x).compile().as_text()
+    text = scanned_mlp_step().lower(params, x).compile().as_text()
     # HLO replica groups number the devices in mesh order (row s of the mesh is slice s): id // chips.
     assert all(d.slice_index == i // chips for i, d in enumerate(mesh.devices.flat)), "mesh rows are not slices"
     out = out_dir(slices, slice_topology, flags)

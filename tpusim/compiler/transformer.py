@@ -20,6 +20,7 @@ from __future__ import annotations
 from tpusim.compiler import context, quant, zero
 from tpusim.compiler.shapes import Shapes
 from tpusim.model.mesh import Mesh
+from tpusim.model.spec import MESH_AXES
 from tpusim.compiler.memory import layer_activation_bytes
 from tpusim.compiler.shapes import offloaded_tensors
 from tpusim.sim.program import COLLECTIVE, COMPUTE, HOST, Op
@@ -49,6 +50,23 @@ DENSE_SCORE_BYTES_MXU, DENSE_SOFTMAX_BYTES_FWD, DENSE_SOFTMAX_BYTES_BWD, DENSE_S
 # local shard to bf16 once (read 4 B, write 2 B per parameter); the backward re-gathers that copy.
 CAST_FLOPS = 1
 DENSE_BWD_OVER_FWD = 2.0
+# Weight gradients reduced over a group of this many devices or more, the whole slice with its data axis, are
+# all-reduced whole, synchronously (no -start/-done), and each device slices its shard out; over fewer, or
+# beside a tensor axis, XLA reduce-scatters them (windowed einsums, reduce-scatters or async all-reduce-scatter
+# fusions) beside the backward's matmuls. libtpu 0.0.42.1's compiles of a scanned MLP with MaxText's sharding
+# (traces/aot_grad_reduction.py): FSDP alone on v4, v5e, v5p and v6e all-reduces whole at 64, 128 and 256
+# devices, reduce-scatters at 4 to 32; beside tensor 4, reduce-scatters at 16, 32 and 64. And the full-size
+# development-set compiles: all-reduced on v4 22B (64), v5e 16B (256), v6e Llama 70B (64), reduce-scattered
+# on v6e Llama 8B (8) and v5p 32B (16 x tensor 4) (docs/VALIDATION.md).
+FSDP_ALL_REDUCE_MIN_DEVICES = 64
+# A layer's offloaded tensors (host-offload remat), grouped by the op of the next layer that writes the same
+# tensor again, in the order the layer makes them. libtpu's compiles of the tpu-recipes Llama runs
+# (traces/xla_aot_memory/v6e*: layer input and Q/K/V/out projections offloaded) copy layer i's tensors into
+# their host stacks at the start of iteration i+1 (the loop carries them) and wait for each copy before the
+# iteration writes that tensor again: Q's, K's and V's before its projections, so the wait there is the PCIe
+# time of the input's, Q's, K's and V's copies, which DMA serves in issue order (docs/VALIDATION.md).
+OFFLOAD_GROUPS = (("attn_in", ("input", "q_proj", "k_proj", "v_proj")), ("attention", ("context",)),
+                  ("o_proj", ("o_proj",)), ("mlp", ("mlp_gate", "mlp_up")))
 
 
 class _Builder:
@@ -164,11 +182,24 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
     # host transfers (megascale send/recv) at the start of the next layer's loop iteration and waited
     # for at its end, so every backward layer ends with a cross-slice wait.
     dcn_grad_syncs: dict[int, list[int]] = {}
+
+    def whole_gradient_all_reduce(axes: tuple) -> bool:
+        """Whether XLA reduces a weight gradient over ``axes`` as a synchronous all-reduce of the whole
+        gradient (each device then keeps its slice) instead of an overlapped reduce-scatter: when the group
+        spans FSDP_ALL_REDUCE_MIN_DEVICES devices or more on one slice and, with the data axis, every device
+        of it (a tensor or expert axis beside it leaves the reduce-scatter; libtpu's compiles)."""
+        return (w.step.gradient_reduction == "xla" and mesh.size("dcn_fsdp") == 1
+                and mesh.size(*axes) >= FSDP_ALL_REDUCE_MIN_DEVICES
+                and mesh.size(*axes, "data") == mesh.size(*MESH_AXES))
     last_microbatch = [True, False]  # (this is the last microbatch, a microbatch ran before)
 
     def reduce_grad(name: str, layer: int, nbytes: float, axes: tuple, wgrad: int) -> None:
-        rs = b.collective(f"reduce-scatter/{name}", "reduce-scatter", v=nbytes, mesh_axes=axes, layer=layer,
+        whole = whole_gradient_all_reduce(axes)  # the whole gradient, then this device's slice of it
+        kind_over_shards = "all-reduce" if whole else "reduce-scatter"
+        rs = b.collective(f"{kind_over_shards}/{name}", kind_over_shards, v=nbytes, mesh_axes=axes, layer=layer,
                           phase="backward", deps=(wgrad,))
+        if whole:
+            b.wait(rs)  # synchronous: the next op waits for it
         shards = mesh.size(*axes)
         if not last_microbatch[0]:  # the data-axis all-reduce waits for the last microbatch
             grad_syncs.append(rs)
@@ -216,11 +247,15 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
         for a local one."""
         return span(layer, kernel) / span(None, kernel) if w.step.flash else 1.0
 
-    def forward_layer(layer: int, weights: dict, *, phase: str, recompute: bool, on_start=None) -> None:
+    def forward_layer(layer: int, weights: dict, *, phase: str, recompute: bool, on_start=None,
+                      host_waits=None) -> None:
         """One decoder layer forward; during the backward pass, only what the remat policy drops.
 
-        ``on_start(op)`` is called once the layer's first op exists (to issue the next prefetch).
+        ``on_start(op)`` is called once the layer's first op exists (to issue the next prefetch);
+        ``host_waits`` are the layer before's copies to host by OFFLOAD_GROUPS, each waited for before
+        the op that writes its tensors again.
         """
+        hw = host_waits or {}
         p = f"layer_{layer}/{'recompute' if recompute else 'fwd'}"
         redo = (lambda name: not recompute or sh.saved is None or name not in sh.saved)
         ew = dict(layer=layer, phase=phase, recompute=recompute)
@@ -229,6 +264,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             on_start(first)
         b.wait(b.collective(f"all-gather/{p}/attn_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
                             layer=layer, phase=phase))
+        b.wait(hw.get("attn_in"))
         for name, k_, n_ in attn_in:
             if redo(name):
                 matmul(f"{p}/{name}", tok, k_, n_, layer=layer, phase=phase, weight=weights[name],
@@ -246,6 +282,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             attn_hbm += DENSE_SCORE_BYTES_MXU * scores
         attn = dict(flops=attn_fwd_flops * r, hbm=attn_hbm, layer=layer, phase=phase, mxu=(int(tok), qk_dim, t_full),
                     recompute=recompute, vpu=FLASH_VPU_OPS_FWD * scores * r if w.step.flash else 0.0)
+        b.wait(hw.get("attention"))
         if ring:
             context.ring_forward(b, p, n=sh.sp, kv_bytes=kv_bytes, **attn)
         else:
@@ -253,6 +290,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
         if not w.step.flash and not recompute:  # ... and a softmax between them on the VPU (XLA's
             # separate fusions; when rematerialised, XLA fuses it into the softmax backward)
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_FWD, nbytes=1, **ew)
+        b.wait(hw.get("o_proj"))
         if redo("o_proj"):
             matmul(f"{p}/o_proj", tok, o_width, d, layer=layer, phase=phase, weight=weights["o_proj"],
                    recompute=recompute)
@@ -275,6 +313,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
                 matmul(f"{p}/shared_down", tok, sh.ff_shared, d, layer=layer, phase=phase,
                        weight=weights["shared_down"])
         rows = tok
+        b.wait(hw.get("mlp"))
         if moe:
             matmul(f"{p}/router", tok, d, m.num_experts, layer=layer, phase=phase, weight=weights["router"],
                    recompute=recompute)
@@ -437,16 +476,19 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             b.wait(b.collective("all-to-all/embedding", "all-to-all", v=tok * d * ab, mesh_axes=weight_axes))
         unembed_ag = embed_ag if m.tied_embeddings else None
         # Host offload (remat policies that move saved activations to host memory): copied out after each
-        # layer's forward, copied back one layer ahead of its backward.
+        # layer's forward, one copy per group of OFFLOAD_GROUPS, each waited for by the next layer before it
+        # writes the group's tensors again; copied back one layer ahead of its backward.
         offloaded = offloaded_tensors(w.step)
         offload = layer_activation_bytes(w, sh, kept=offloaded) if offloaded else 0.0
-        to_host: dict[int, int] = {}
+        groups = [(g, layer_activation_bytes(w, sh, kept=tuple(t for t in names if t in offloaded)))
+                  for g, names in OFFLOAD_GROUPS]
+        to_host: dict[int, dict[str, int]] = {}
         from_host: dict[int, int] = {}
 
         def fetch(layer: int, after: int) -> None:
             if offload and layer >= 0:
                 from_host[layer] = b.host_copy(f"copy-from-host/layer_{layer}", "copy-from-host", nbytes=offload,
-                                               layer=layer, phase="backward", deps=(after, to_host[layer]))
+                                               layer=layer, phase="backward", deps=(after, *to_host[layer].values()))
 
         for layer in range(L):
             def prefetch(first: int, layer=layer) -> None:  # issued as the layer's first op starts
@@ -457,11 +499,13 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
                     unembed_ag = b.collective("all-gather/unembedding", "all-gather", v=table * ab,
                                               mesh_axes=weight_axes, deps=(first,))
             if offload and layer >= 2:  # at most two layers' activations wait in HBM for their copy out
-                b.wait(to_host[layer - 2])
-            forward_layer(layer, fwd_weights[layer], phase="forward", recompute=False, on_start=prefetch)
+                b.wait(*to_host[layer - 2].values())
+            forward_layer(layer, fwd_weights[layer], phase="forward", recompute=False, on_start=prefetch,
+                          host_waits=to_host.get(layer - 1))
             if offload:
-                to_host[layer] = b.host_copy(f"copy-to-host/layer_{layer}", "copy-to-host", nbytes=offload,
-                                             layer=layer, phase="forward", deps=(b.last_compute,))
+                to_host[layer] = {g: b.host_copy(f"copy-to-host/layer_{layer}/{g}", "copy-to-host", nbytes=nbytes,
+                                                 layer=layer, phase="forward", deps=(b.last_compute,))
+                                  for g, nbytes in groups if nbytes > 0}
         elementwise("final_norm/fwd", tok * d / sh.tp, NORM_FLOPS, 2, layer=-1, phase="forward")
         b.wait(b.collective("all-gather/final_norm_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",)))
         matmul("unembedding/fwd/logits", tok, d, sh.vocab, layer=-1, phase="forward", weight=unembed_ag)

@@ -74,6 +74,11 @@ _STEP_KEYS: dict[str, tuple[type, Any]] = {
     # that holds an unmasked score, whole (tpusim.model.spec.flash_fraction)
     **{k: (int, 512) for k in FLASH_BLOCK_KEYS},
     "use_iota_embed": (bool, False),
+    # tpusim's (MaxText has no key for it): how weight gradients are reduced over the weight shards. "xla":
+    # as libtpu compiles it, whole and synchronously all-reduced over 64 devices or more, else reduce-scattered
+    # beside the backward's matmuls (tpusim.compiler.transformer.FSDP_ALL_REDUCE_MIN_DEVICES); "reduce_scatter":
+    # always reduce-scattered, overlapped (the book's FSDP)
+    "gradient_reduction": (str, "xla"),
     # remat_policy: custom, MaxText's per-tensor choice: "remat" (recompute), "device" (save in HBM) or
     # "offload" (save in host memory); base.yml's defaults (the layer input on device, the rest remat)
     **{k: (str, "device" if k == "decoder_layer_input" else "remat") for k in (
@@ -89,6 +94,7 @@ CUSTOM_TENSORS = {"decoder_layer_input": ("input",), "query_proj": ("q_proj",), 
                   "moe_mlpwo": ("mlp_down",)}
 REMAT_CHOICES = ("remat", "device", "offload")
 QUANTIZATIONS = ("", "int8", "fp8", "nanoo_fp8")  # MaxText's AQT modes tpusim models (others: not yet)
+GRADIENT_REDUCTIONS = ("xla", "reduce_scatter")
 CONTEXT_STRATEGIES = ("all_gather", "ring")  # MaxText's ulysses / usp: not yet
 _SHARDING_KEYS: dict[str, tuple[type, Any]] = {
     **{f"ici_{a}_parallelism": (int, -1 if a == "fsdp" else 1) for a in MESH_AXES},
@@ -302,6 +308,7 @@ def _step(values, source, where) -> Step:
                 context_load_balance=values["context_parallel_load_balance"],
                 context_strategy=_not_yet(values, "context_parallel_strategy", CONTEXT_STRATEGIES, source, where),
                 flash_fused_bwd=values["sa_use_fused_bwd_kernel"], iota_embed=values["use_iota_embed"],
+                gradient_reduction=_choice(values, "gradient_reduction", GRADIENT_REDUCTIONS, source, where),
                 flash_blocks=tuple(values[k] for k in FLASH_BLOCK_KEYS))
 
 
