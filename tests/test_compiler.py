@@ -356,6 +356,24 @@ def test_program_structure_and_prefetch_windows():
             assert op.index in nxt.deps
 
 
+@pytest.mark.parametrize("remat, deferred", [("minimal", True), ("full", False)])
+def test_recompute_regathers_only_for_weight_gradients_are_asynchronous(remat, deferred):
+    """Under a remat policy that keeps the projections' outputs, the backward's recompute gathers a block's
+    normed input over tensor again only for the weight gradients: libtpu (MaxText v5p 32B's compile, its
+    flags) issues that re-gather asynchronously, waited for by the first weight-gradient matmul that reads
+    it. When the recompute runs the projections itself (full remat), they wait for it at once."""
+    w = workload({"model_name": "llama3-8b", "base_num_decoder_layers": 2}, per_device_batch_size=1,
+                 max_target_length=1024, remat_policy=remat,
+                 sharding={"ici_tensor_parallelism": 4, "ici_fsdp_parallelism": -1})
+    ops = compile_program(w, parse_topology("v5p:2x2x4"), check_memory=False).ops
+    for block, first_wgrad in (("attn_in", "q_proj"), ("mlp_in", "mlp_gate")):
+        gather = next(op for op in ops if op.name == f"all-gather/layer_1/recompute/{block}")
+        nxt = next(o for o in ops[gather.index + 1:] if o.stream == COMPUTE)
+        wgrad = next(o for o in ops if o.name == f"layer_1/bwd/{first_wgrad}/wgrad")
+        assert (gather.index in nxt.deps) != deferred
+        assert (gather.index in wgrad.deps) == deferred
+
+
 @pytest.mark.parametrize("spec, fsdp, tensor, reduction, whole", [
     ("v5e:4x8", 32, 1, "xla", False), ("v5e:8x8", 64, 1, "xla", True), ("v5e:16x16", 64, 1, "xla", True),
     ("v5e:8x8", 32, 1, "xla", False), ("v5e:16x16", 64, 4, "xla", False), ("v5e:8x8", 64, 1, "reduce_scatter", False)])

@@ -69,12 +69,7 @@ def test_the_issues_goal_median(rows):
     assert statistics.median(abs(rows[n]["error"]) for n in ISSUE_RUNS) <= GOAL_MEDIAN
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=(
-        "+8.5%: the one run with tensor parallelism on the critical path. XLA writes its activation "
-        "reduce-scatters as collective matmuls (permute rings beside the matmul chunks); how much of them the "
-        "hardware hides is not in the HLO, and tpusim keeps them synchronous (docs/VALIDATION.md)")))
-    if n == "maxtext_v5p_32b" else n for n in ISSUE_RUNS])
+@pytest.mark.parametrize("name", ISSUE_RUNS)
 def test_the_issues_goal_each_run(rows, name):
     """Each of the issue's 10 runs within 8% of its measured step."""
     assert abs(rows[name]["error"]) <= GOAL

@@ -247,6 +247,18 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
         for a local one."""
         return span(layer, kernel) / span(None, kernel) if w.step.flash else 1.0
 
+    regathered: dict[str, int | None] = {}  # this layer's recompute's gathers, for its weight gradients
+
+    def regather(only_for_wgrad: bool, tensor: str, gather: int | None) -> None:
+        """A tensor-parallel gather of a block's normed input. Waited for at once, unless the recompute
+        gathers it again only for the backward's weight gradients: libtpu's compile of MaxText v5p 32B with
+        the run's flags (async collective fusion) issues those re-gathers asynchronously, waited for by the
+        weight-gradient matmul (traces/xla_aot_memory/v5p_32b_full; docs/VALIDATION.md)."""
+        if only_for_wgrad:
+            regathered[tensor] = gather
+        else:
+            b.wait(gather)
+
     def forward_layer(layer: int, weights: dict, *, phase: str, recompute: bool, on_start=None,
                       host_waits=None) -> None:
         """One decoder layer forward; during the backward pass, only what the remat policy drops.
@@ -262,8 +274,9 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
         first = elementwise(f"{p}/attn_norm", tok * d / sh.tp, NORM_FLOPS, 2, **ew)
         if on_start:
             on_start(first)
-        b.wait(b.collective(f"all-gather/{p}/attn_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
-                            layer=layer, phase=phase))
+        regather(recompute and not any(redo(name) for name, _, _ in attn_in), "attn_in",
+                 b.collective(f"all-gather/{p}/attn_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
+                              layer=layer, phase=phase))
         b.wait(hw.get("attn_in"))
         for name, k_, n_ in attn_in:
             if redo(name):
@@ -298,11 +311,12 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
                             mesh_axes=("tensor",), layer=layer, phase=phase))
         elementwise(f"{p}/attn_residual", tok * d / sh.tp, ADD_FLOPS, 3, **ew)
         elementwise(f"{p}/mlp_norm", tok * d / sh.tp, NORM_FLOPS, 2, **ew)
-        b.wait(b.collective(f"all-gather/{p}/mlp_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
-                            layer=layer, phase=phase))
         moe = is_moe(layer)
         ff = sh.ff if moe else sh.ff_dense
         gated = ("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)
+        regather(recompute and not moe and not any(redo(name) for name in gated), "mlp_in",
+                 b.collective(f"all-gather/{p}/mlp_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
+                              layer=layer, phase=phase))
         if moe and sh.ff_shared:  # shared experts: every token, beside the routed ones
             for name in gated:
                 if redo(name.replace("mlp_", "shared_")):
@@ -342,9 +356,11 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
                             mesh_axes=("tensor",), layer=layer, phase=phase))
         elementwise(f"{p}/mlp_residual", tok * d / sh.tp, ADD_FLOPS, 3, **ew)
 
-    def backward_matmul(p, name, m_, k_, n_, *, layer, weight, wshape, axes) -> None:
-        """dX = dY W^T and dW = X^T dY for a forward (m, k) x (k, n); then the gradient's reduction."""
+    def backward_matmul(p, name, m_, k_, n_, *, layer, weight, wshape, axes, x=None) -> None:
+        """dX = dY W^T and dW = X^T dY for a forward (m, k) x (k, n); then the gradient's reduction. ``x``:
+        the recompute's re-gather of the input X (``regathered``), if dW waits for it."""
         matmul(f"{p}/{name}/dgrad", m_, n_, k_, layer=layer, phase="backward", weight=weight)
+        b.wait(regathered.get(x))
         wg = matmul(f"{p}/{name}/wgrad", k_, m_, n_, layer=layer, phase="backward")
         reduce_grad(f"layer_{layer}/{name}", layer, wshape[0] * wshape[1] * ab, axes, wg)
 
@@ -368,6 +384,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
     def backward_layer(layer: int, weights: dict, on_start) -> None:
         p = f"layer_{layer}/bwd"
         ws = {name: (k, n, axes) for name, k, n, axes in layer_weights(layer)}
+        regathered.clear()
         if sh.saved is not None:  # rematerialise what the policy did not keep
             forward_layer(layer, weights, phase="backward", recompute=True, on_start=on_start)
         for name, m_, k_, n_ in fit_recompute(layer):
@@ -391,7 +408,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
         elementwise(f"{p}/mlp_act", rows * ff, 2 * ACT_FLOPS, 4 if m.gated_mlp else 3, **ew)
         for name in gated:
             backward_matmul(p, name, rows, d, ff, layer=layer, weight=weights[name], wshape=ws[name][:2],
-                            axes=ws[name][2])
+                            axes=ws[name][2], x="mlp_in")
         if moe:
             b.wait(b.collective(f"all-to-all/{p}/dispatch", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                 layer=layer, phase="backward"))
@@ -442,7 +459,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
         elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
         for name, k_, n_ in attn_in:  # (GQA: q, k, v, the order libtpu's compile runs them)
             backward_matmul(p, name, tok, k_, n_, layer=layer, weight=weights[name], wshape=ws[name][:2],
-                            axes=ws[name][2])
+                            axes=ws[name][2], x="attn_in")
         b.wait(b.collective(f"reduce-scatter/{p}/attn_in", "reduce-scatter", v=tok * d * ab,
                             mesh_axes=("tensor",), layer=layer, phase="backward"))
         elementwise(f"{p}/attn_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
