@@ -169,7 +169,8 @@ def pipeline_summary(result: SimResult) -> dict:
 def format_summary(s: dict) -> str:
     """A few lines a person reads at a glance."""
     step = s["step_time_s"]
-    rate = f"{s['tokens_per_s']:,.0f} tokens/s" if s["tokens_per_s"] else "(HLO: MFU of every FLOP the program runs, recompute included)"
+    rate = (f"{s['tokens_per_s']:,.0f} tokens/s" if s["tokens_per_s"]
+            else "(HLO: MFU of every FLOP the program runs, recompute included)")
     lines = [
         f"{s['workload']} on {s['topology']} ({s['chips']} chips, {s['mode']})",
         f"  step time    {fmt_time(step)}    MFU {s['mfu']:.1%}    {rate}",
