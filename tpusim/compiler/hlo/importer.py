@@ -167,10 +167,14 @@ def _matmul_flops(ins: Instr, an: _Analysis) -> tuple[float, tuple[int, int, int
     return flops, (m, max(1, round(flops / (2.0 * m * n))), int(n))
 
 
-def _compute_cost(ins: Instr, an: _Analysis) -> tuple[float, float, tuple[int, int, int] | None, str, float]:
-    """(FLOPs, HBM bytes, MXU shape, category, VPU FLOPs) of one scheduled instruction."""
+def _compute_cost(ins: Instr, an: _Analysis, kernels: dict | None = None
+                  ) -> tuple[float, float, tuple[int, int, int] | None, str, float]:
+    """(FLOPs, HBM bytes, MXU shape, category, VPU FLOPs) of one scheduled instruction. ``kernels``: where
+    each Pallas kernel's splash pricing (None: not one tpusim knows) is kept, for the importer's notes."""
     nbytes = _hbm_bytes(ins, an)
     kernel = splash.kernel_cost(ins, an) if ins.opcode == "custom-call" else None
+    if kernels is not None and splash.is_pallas(ins):
+        kernels[ins.name] = (ins, kernel)
     if kernel is not None:
         return kernel.flops, float(nbytes), kernel.mxu_shape, "attention", kernel.vpu_flops
     body = [ins]
@@ -412,7 +416,7 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
             if ins.opcode in FREE or ins.opcode.endswith("-done"):
                 continue
             if ins.name not in costs:  # once per instruction, however many times a loop runs it
-                costs[ins.name] = _compute_cost(ins, an)
+                costs[ins.name] = _compute_cost(ins, an, kernels)
             flops, nbytes, mxu, category, vpu = costs[ins.name]
             nbytes += carry.pop() if carry else 0.0
             layer, phase = layer_and_phase(ins)
@@ -428,8 +432,9 @@ def _import(mod, an: _Analysis, summary: dict, topo: Topology, *, name: str | No
     unit: dict[int, float] = {}  # op index -> its compute unit's time (_spread_dma)
     carry: list[float] = []
     costs: dict[str, tuple] = {}
+    kernels: dict[str, tuple] = {}  # Pallas kernel -> (instruction, its splash pricing or None)
     walk(mod.entry)
-    notes += splash.notes(mod, an)
+    notes += splash.notes(kernels.values())
     if unknown:
         notes.append("opcodes tpusim does not know, simulated by their bytes alone: "
                      + ", ".join(f"{k} (x{n})" for k, n in sorted(unknown.items())))

@@ -220,15 +220,12 @@ def _argument(param: Instr, an: _Analysis, path: list[int]) -> Instr | None:
     return an.operand_instr(caller, 0)
 
 
-def notes(mod, an: _Analysis) -> list[str]:
-    """The importer's notes on the module's Pallas kernels: how each splash kernel's grid share was
-    found, and the kernels priced by their bytes alone."""
+def notes(kernels) -> list[str]:
+    """The importer's notes on the Pallas kernels it priced, ``(instruction, kernel_cost(...))`` pairs: how
+    each splash kernel's grid share was found, and the kernels priced by their bytes alone."""
     priced: dict[tuple[str, float], list[str]] = {}
     unknown: dict[str, int] = {}
-    for ins in mod.by_name.values():
-        if not is_pallas(ins):
-            continue
-        cost = kernel_cost(ins, an)
+    for ins, cost in kernels:
         if cost is None:
             unknown[kernel_name(ins)] = unknown.get(kernel_name(ins), 0) + 1
         else:
