@@ -69,3 +69,22 @@ def reseal_run_folder(folder: Path) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["files"] = {name: (folder / name).stat().st_size for name in manifest["files"] if (folder / name).is_file()}
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def waited_at_once(ops, op) -> bool:
+    """Whether the first compute op after ``op`` in its program waits for it (a synchronous collective)."""
+    from tpusim.sim.program import COMPUTE
+
+    return op.index in next(o for o in ops[op.index + 1:] if o.stream == COMPUTE).deps
+
+
+def fsdp_gradient_reductions(ops, *, layers_only: bool = False) -> list[tuple]:
+    """Each weight gradient's reduction over fsdp in a compiled program: (collective, the wgrad matmul it
+    reduces); ``layers_only`` leaves out the embedding's and the unembedding's."""
+    from tpusim.sim.program import COLLECTIVE
+
+    wgrads = {op.index: op for op in ops if op.name.endswith("/wgrad") and (op.layer >= 0 or not layers_only)}
+    out = [(op, wgrads[next(d for d in op.deps if d in wgrads)]) for op in ops
+           if op.stream == COLLECTIVE and "fsdp" in op.mesh_axes and set(op.deps) & set(wgrads)]
+    assert len(out) == len(wgrads), "a weight gradient without its reduction, or one reduced twice"
+    return out

@@ -11,7 +11,7 @@ from tpusim.sim.program import COLLECTIVE, COMPUTE
 from tpusim.sim.topology import parse_topology
 from tpusim.model.workload import workload_from_dict
 
-from conftest import value
+from conftest import fsdp_gradient_reductions, value, waited_at_once
 
 
 def model(**dims):
@@ -352,8 +352,7 @@ def test_program_structure_and_prefetch_windows():
     # Tensor-parallel collectives are on the critical path: the very next compute op waits for them.
     for op in ops:
         if op.stream == COLLECTIVE and op.mesh_axes == ("tensor",):
-            nxt = next(o for o in ops[op.index + 1:] if o.stream == COMPUTE)
-            assert op.index in nxt.deps
+            assert waited_at_once(ops, op)
 
 
 @pytest.mark.parametrize("remat, deferred", [("minimal", True), ("full", False)])
@@ -368,9 +367,8 @@ def test_recompute_regathers_only_for_weight_gradients_are_asynchronous(remat, d
     ops = compile_program(w, parse_topology("v5p:2x2x4"), check_memory=False).ops
     for block, first_wgrad in (("attn_in", "q_proj"), ("mlp_in", "mlp_gate")):
         gather = next(op for op in ops if op.name == f"all-gather/layer_1/recompute/{block}")
-        nxt = next(o for o in ops[gather.index + 1:] if o.stream == COMPUTE)
         wgrad = next(o for o in ops if o.name == f"layer_1/bwd/{first_wgrad}/wgrad")
-        assert (gather.index in nxt.deps) != deferred
+        assert waited_at_once(ops, gather) != deferred
         assert (gather.index in wgrad.deps) == deferred
 
 
@@ -389,15 +387,12 @@ def test_fsdp_gradients_over_64_devices_or_more_are_all_reduced_whole_and_synchr
                  sharding={"ici_fsdp_parallelism": fsdp, "ici_tensor_parallelism": tensor,
                            "ici_data_parallelism": -1})
     ops = compile_program(w, topo, check_memory=False).ops
-    wgrads = {op.index: op for op in ops if op.name.endswith("/wgrad")}
-    grads = [op for op in ops if op.stream == COLLECTIVE and set(op.deps) & set(wgrads) and "fsdp" in op.mesh_axes]
-    assert len(grads) == len(wgrads) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the unembedding
-    assert {op.category for op in grads} == {"all-reduce" if whole else "reduce-scatter"}
-    for op in grads:
-        wg = wgrads[next(d for d in op.deps if d in wgrads)]
+    grads = fsdp_gradient_reductions(ops)
+    assert len(grads) == 2 * 7 + 1  # q, k, v, o, gate, up, down per layer, and the unembedding
+    assert {op.category for op, _ in grads} == {"all-reduce" if whole else "reduce-scatter"}
+    for op, wg in grads:
         assert op.bytes == pytest.approx(wg.flops / wg.mxu_shape[1])  # the whole K x N gradient in bf16 (/ tensor)
-        nxt = next(o for o in ops[op.index + 1:] if o.stream == COMPUTE)
-        assert (op.index in nxt.deps) == whole
+        assert waited_at_once(ops, op) == whole
 
 
 @pytest.mark.parametrize("sharding, words", [

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import REPO
+from conftest import REPO, fsdp_gradient_reductions, waited_at_once
 
 from tpusim.compiler import compile_program
 from tpusim.model.workload import workload_from_dict
-from tpusim.sim.program import COLLECTIVE, COMPUTE
 from tpusim.sim.topology import parse_topology
 
 CASES = json.loads((REPO / "traces" / "xla_aot_grad_reduction.json").read_text())["cases"]
@@ -52,11 +51,8 @@ def test_tpusim_reduces_fsdp_gradients_as_xla_does(case):
                             "sharding": {"ici_data_parallelism": m["data"], "ici_fsdp_parallelism": m["fsdp"],
                                          "ici_tensor_parallelism": m["tensor"]}}, source="test.yaml")
     ops = compile_program(w, topo, check_memory=False).ops
-    wgrads = {op.index for op in ops if op.name.endswith("/wgrad") and op.layer >= 0}
-    grads = [op for op in ops if op.stream == COLLECTIVE and set(op.deps) & wgrads and "fsdp" in op.mesh_axes]
-    assert len(grads) == len(wgrads)
+    grads = fsdp_gradient_reductions(ops, layers_only=True)
+    assert grads
     whole = bool(case["whole_gradient_all_reduces"])
-    assert {op.category for op in grads} == {"all-reduce" if whole else "reduce-scatter"}
-    for op in grads:  # synchronous: the next compute op waits for it
-        nxt = next(o for o in ops[op.index + 1:] if o.stream == COMPUTE)
-        assert (op.index in nxt.deps) == whole
+    assert {op.category for op, _ in grads} == {"all-reduce" if whole else "reduce-scatter"}
+    assert all(waited_at_once(ops, op) == whole for op, _ in grads)  # synchronous: the next compute op waits

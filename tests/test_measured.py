@@ -29,16 +29,7 @@ ISSUE_RUNS = ["maxtext_v5e_16b", "maxtext_v5p_32b", "maxtext_v4_22b", "recipes_v
               "recipes_v6e64_llama31_70b", *(f"maxtext_v5e_16b_{n}slices" for n in (2, 4, 8, 16, 32))]
 
 RUNS = [
-    "maxtext_v5e_16b",
-    "maxtext_v5p_32b",
-    "maxtext_v4_22b",
-    "recipes_v6e8_llama31_8b",
-    "recipes_v6e64_llama31_70b",
-    "maxtext_v5e_16b_2slices",
-    "maxtext_v5e_16b_4slices",
-    "maxtext_v5e_16b_8slices",
-    "maxtext_v5e_16b_16slices",
-    "maxtext_v5e_16b_32slices",  # inside the budget though its growth with slices is not reproduced
+    *ISSUE_RUNS,  # (the 16B on 32 slices inside the budget though its growth with slices is not reproduced)
     pytest.param("maxtext_qwen3_0.6b_3slices", marks=pytest.mark.xfail(strict=True, reason=(
         "a small model on 3 slices under Pathways, its step mostly the cross-slice gradient all-reduce: -10.3%, "
         "with DCN at the efficiency borrowed from the v6e psum microbenchmark (datasheet DCN: -45%); the source "
