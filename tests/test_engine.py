@@ -170,8 +170,9 @@ def test_straggler_breaks_symmetry():
 
 # ---- the book's regimes, from simulation (datasheet mode) ------------------------------------------
 
-def regime(tokens_per_chip, spec="v5p:4x4x4", slices=1, sharding=None, d=4096, f=16384, layers=4):
-    """A weight-matmul-dominated model (short sequences, small vocab, no remat) at a per-chip token batch."""
+def regime(tokens_per_chip, spec="v5p:4x4x4", slices=1, sharding=None, d=4096, f=16384, layers=4, step=None):
+    """A weight-matmul-dominated model (short sequences, small vocab, no remat) at a per-chip token batch;
+    ``step``: more step keys."""
     seq = 128
     seqs = max(1, round(tokens_per_chip / seq))  # whole sequences per chip
     w = workload_from_dict({"model": {"base_emb_dim": d, "base_num_query_heads": d // 128, "head_dim": 128,
@@ -183,7 +184,7 @@ def regime(tokens_per_chip, spec="v5p:4x4x4", slices=1, sharding=None, d=4096, f
                                      "use_iota_embed": True,
                                      # the book's FSDP: gradients reduce-scattered beside the backward (libtpu
                                      # all-reduces them whole and synchronously over 64 devices or more)
-                                     "gradient_reduction": "reduce_scatter"},
+                                     "gradient_reduction": "reduce_scatter", **(step or {})},
                             "sharding": sharding or {"ici_fsdp_parallelism": -1}}, source="regime")
     topo = parse_topology(spec, slices=slices)
     return summarize(simulate(compile_program(w, topo, check_memory=False), topo, mode="datasheet"))
@@ -210,7 +211,7 @@ def test_fsdp_compute_bound_above_the_books_batch(book_cases):
 def test_tensor_parallel_limit():
     """Book: TP's communication over compute is Y alpha / (M_Y F) (alpha = C / W_ici, M_Y the torus axes
     it spans), so it is compute-bound while Y < M_Y F / alpha. Our TP collectives sit on the critical
-    path (no collective matmul), so the ratio shows directly as exposed communication over compute,
+    path without collective matmul, so the ratio shows directly as exposed communication over compute,
     times the ring's exact (Y-1)/Y."""
     from tpusim.model.mesh import resolve_mesh
 
@@ -218,7 +219,7 @@ def test_tensor_parallel_limit():
     f = 16384
     for y, spec in ((4, "v5p:4x4x8"), (8, "v5p:4x4x8"), (16, "v5p:4x4x16")):
         sharding = {"ici_tensor_parallelism": y, "ici_fsdp_parallelism": -1}
-        s = regime(4096, spec=spec, sharding=sharding, f=f, d=2048)
+        s = regime(4096, spec=spec, sharding=sharding, f=f, d=2048, step={"collective_matmul": False})
         ratio = sum(s["exposed_comm_by_kind_s"].values()) / s["compute_s"]
         w = workload_from_dict({"model_name": "llama3-8b", "per_device_batch_size": 1, **sharding}, source="t")
         m_y = len(resolve_mesh(w.parallelism, parse_topology(spec)).axes_of("tensor"))

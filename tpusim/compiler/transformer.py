@@ -59,6 +59,15 @@ DENSE_BWD_OVER_FWD = 2.0
 # development-set compiles: all-reduced on v4 22B (64), v5e 16B (256), v6e Llama 70B (64), reduce-scattered
 # on v6e Llama 8B (8) and v5p 32B (16 x tensor 4) (docs/VALIDATION.md).
 FSDP_ALL_REDUCE_MIN_DEVICES = 64
+# Tensor-parallel activation collectives XLA writes as collective matmuls (windowed einsums: the activation's
+# shards passed around the tensor ring by async collective-permutes beside the matmul's chunks, the partial sums
+# added by separate fusions) when the tensor group's step has this many tokens or more: the reduce-scatters after
+# the O and down projections, and in the backward the all-gathers of their output gradients and the reduce-scatters
+# of the input gradients; the forward's all-gathers before Q/K/V and the MLP stay synchronous. libtpu 0.0.42.1's
+# compiles of MaxText's layer with the v5p 32B run's flags (traces/aot_tp_collective_matmul.py; D 4096 and 8192 on
+# v5p fsdp 16 x tensor 4): every one of them at 8192 tokens and more, about none at 2048; at 4096 the attention's
+# only (modelled as none). docs/VALIDATION.md.
+COLLECTIVE_MATMUL_MIN_TOKENS = 8192
 # A layer's offloaded tensors (host-offload remat), grouped by the op of the next layer that writes the same
 # tensor again, in the order the layer makes them. libtpu's compiles of the tpu-recipes Llama runs
 # (traces/xla_aot_memory/v6e*: layer input and Q/K/V/out projections offloaded) copy layer i's tensors into
@@ -213,14 +222,33 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
         if ar is not None and mesh.size("dcn_data") > 1:
             dcn_grad_syncs.setdefault(layer if layer >= 0 else L, []).append(ar)
 
-    def matmul(name, m_, k_, n_, *, layer, phase, weight=None, recompute=False):
+    def matmul(name, m_, k_, n_, *, layer, phase, weight=None, recompute=False, part=""):
+        """``part``: a suffix naming one chunk of the matmul (a collective matmul's)."""
         q = quant.quantized(w, name)  # AQT: an 8-bit matmul after quantizing its operands
         if q:
-            return quant.quantized_matmul(b, name, m_, k_, n_, dtype=q, act_bytes=ab, layer=layer, phase=phase,
-                                          recompute=recompute, deps=(weight,))
-        return b.compute(name, "matmul", flops=2 * m_ * k_ * n_, hbm=ab * (m_ * k_ + k_ * n_ + m_ * n_),
+            return quant.quantized_matmul(b, name + part, m_, k_, n_, dtype=q, act_bytes=ab, layer=layer,
+                                          phase=phase, recompute=recompute, deps=(weight,))
+        return b.compute(name + part, "matmul", flops=2 * m_ * k_ * n_, hbm=ab * (m_ * k_ + k_ * n_ + m_ * n_),
                          mxu=(int(m_), int(k_), int(n_)), layer=layer, phase=phase, recompute=recompute,
                          deps=(weight,))
+
+    # Tensor-parallel activation collectives beside the matmuls (XLA's collective matmul), when the step has
+    # enough tokens (COLLECTIVE_MATMUL_MIN_TOKENS): the reduce-scatter of a matmul's output starts after its
+    # first chunk, the all-gather of a backward input is waited for by the last chunk of the matmul reading it,
+    # and the partial sums a reduce-scatter's ring carries are added by the TensorCore (``cm``, below).
+    def scattered(name, rs_name, m_, k_, n_, *, layer, phase, weight=None, recompute=False) -> int | None:
+        """A matmul whose (m, n) output is reduce-scattered over tensor; returns the reduce-scatter."""
+        if not cm:
+            matmul(name, m_, k_, n_, layer=layer, phase=phase, weight=weight, recompute=recompute)
+            return b.collective(rs_name, "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",), layer=layer,
+                                phase=phase)
+        matmul(name, m_, k_, n_ / sh.tp, layer=layer, phase=phase, weight=weight, recompute=recompute)
+        rs = b.collective(rs_name, "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",), layer=layer, phase=phase)
+        matmul(name, m_, k_, n_ * (sh.tp - 1) / sh.tp, layer=layer, phase=phase, weight=weight, recompute=recompute,
+               part="/cm_rest")
+        elementwise(f"{name}/cm_partial_sums", tok * d / sh.tp * (sh.tp - 1), ADD_FLOPS, 3, layer=layer, phase=phase,
+                    recompute=recompute)
+        return rs
 
     def elementwise(name, elems, flops_per, arrays, *, layer, phase, category="elementwise", recompute=False,
                     nbytes=None):
@@ -228,6 +256,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
                          layer=layer, phase=phase, recompute=recompute)
 
     tok, d, t_full = sh.tok, sh.d, sh.seq_len
+    # (see scattered(): tensor-parallel activation collectives as collective matmuls)
+    cm = sh.tp > 1 and w.step.collective_matmul and tok >= COLLECTIVE_MATMUL_MIN_TOKENS
     context.check(w, mesh)
     ring = context.ring(w, mesh)  # context_parallel_strategy: ring (else K, V all-gathered)
     attn_fwd_flops = 2 * tok * t_full * sh.heads * (qk_dim + v_dim)  # QK^T and PV over the whole T x T grid
@@ -305,10 +335,11 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_FWD, nbytes=1, **ew)
         b.wait(hw.get("o_proj"))
         if redo("o_proj"):
-            matmul(f"{p}/o_proj", tok, o_width, d, layer=layer, phase=phase, weight=weights["o_proj"],
-                   recompute=recompute)
-        b.wait(b.collective(f"reduce-scatter/{p}/attn_out", "reduce-scatter", v=tok * d * ab,
-                            mesh_axes=("tensor",), layer=layer, phase=phase))
+            b.wait(scattered(f"{p}/o_proj", f"reduce-scatter/{p}/attn_out", tok, o_width, d, layer=layer, phase=phase,
+                             weight=weights["o_proj"], recompute=recompute))
+        else:
+            b.wait(b.collective(f"reduce-scatter/{p}/attn_out", "reduce-scatter", v=tok * d * ab,
+                                mesh_axes=("tensor",), layer=layer, phase=phase))
         elementwise(f"{p}/attn_residual", tok * d / sh.tp, ADD_FLOPS, 3, **ew)
         elementwise(f"{p}/mlp_norm", tok * d / sh.tp, NORM_FLOPS, 2, **ew)
         moe = is_moe(layer)
@@ -345,24 +376,47 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             # so XLA drops the rest of the recomputation as dead code: no down-projection, no combine,
             # no reduce-scatter (seen in the libtpu compile of traces/xla_aot/fsdp_remat_*).
             return
-        if redo("mlp_down"):
-            matmul(f"{p}/mlp_down", rows, ff, d, layer=layer, phase=phase, weight=weights["mlp_down"],
-                   recompute=recompute)
-        if moe:
-            b.wait(b.collective(f"all-to-all/{p}/combine", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
-                                layer=layer, phase=phase))
-            elementwise(f"{p}/combine", tok * sh.topk * d, 2, 2, **ew)
-        b.wait(b.collective(f"reduce-scatter/{p}/mlp_out", "reduce-scatter", v=tok * d * ab,
-                            mesh_axes=("tensor",), layer=layer, phase=phase))
+        if not moe and redo("mlp_down"):
+            b.wait(scattered(f"{p}/mlp_down", f"reduce-scatter/{p}/mlp_out", rows, ff, d, layer=layer, phase=phase,
+                             weight=weights["mlp_down"], recompute=recompute))
+        else:
+            if redo("mlp_down"):
+                matmul(f"{p}/mlp_down", rows, ff, d, layer=layer, phase=phase, weight=weights["mlp_down"],
+                       recompute=recompute)
+            if moe:
+                b.wait(b.collective(f"all-to-all/{p}/combine", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
+                                    layer=layer, phase=phase))
+                elementwise(f"{p}/combine", tok * sh.topk * d, 2, 2, **ew)
+            b.wait(b.collective(f"reduce-scatter/{p}/mlp_out", "reduce-scatter", v=tok * d * ab,
+                                mesh_axes=("tensor",), layer=layer, phase=phase))
         elementwise(f"{p}/mlp_residual", tok * d / sh.tp, ADD_FLOPS, 3, **ew)
 
-    def backward_matmul(p, name, m_, k_, n_, *, layer, weight, wshape, axes, x=None) -> None:
+    def backward_matmul(p, name, m_, k_, n_, *, layer, weight, wshape, axes, x=None, gathered=None,
+                        scatter=None) -> int | None:
         """dX = dY W^T and dW = X^T dY for a forward (m, k) x (k, n); then the gradient's reduction. ``x``:
-        the recompute's re-gather of the input X (``regathered``), if dW waits for it."""
-        matmul(f"{p}/{name}/dgrad", m_, n_, k_, layer=layer, phase="backward", weight=weight)
+        the recompute's re-gather of the input X (``regathered``), if dW waits for it. As a collective matmul
+        (``cm``): ``gathered``, the all-gather of dY that dX's last chunk waits for; ``scatter``, the name of
+        dX's reduce-scatter, issued after dX's first chunk and returned."""
+        dgrad = f"{p}/{name}/dgrad"
+        kw = dict(layer=layer, phase="backward", weight=weight)
+        rs = None
+        if gathered is not None:  # contract dY's shards as they arrive: the last one after the gather
+            matmul(dgrad, m_, n_ * (sh.tp - 1) / sh.tp, k_, **kw)
+            b.wait(gathered)
+            matmul(dgrad, m_, n_ / sh.tp, k_, part="/cm_rest", **kw)
+        elif scatter is not None:
+            matmul(dgrad, m_, n_, k_ / sh.tp, **kw)
+            rs = b.collective(scatter, "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",), layer=layer,
+                              phase="backward")
+            matmul(dgrad, m_, n_, k_ * (sh.tp - 1) / sh.tp, part="/cm_rest", **kw)
+            elementwise(f"{dgrad}/cm_partial_sums", tok * d / sh.tp * (sh.tp - 1), ADD_FLOPS, 3, layer=layer,
+                        phase="backward")
+        else:
+            matmul(dgrad, m_, n_, k_, **kw)
         b.wait(regathered.get(x))
         wg = matmul(f"{p}/{name}/wgrad", k_, m_, n_, layer=layer, phase="backward")
         reduce_grad(f"layer_{layer}/{name}", layer, wshape[0] * wshape[1] * ab, axes, wg)
+        return rs
 
     def fit_recompute(layer: int) -> list[tuple[str, float, int, int]]:
         """The matmuls XLA recomputes again to free ``remat_to_fit`` bytes: the widest outputs first."""
@@ -394,9 +448,12 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
         first = elementwise(f"{p}/mlp_residual", tok * d / sh.tp, ADD_FLOPS, 3, **ew)
         if sh.saved is None:
             on_start(first)
-        b.wait(b.collective(f"all-gather/{p}/mlp_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
-                            layer=layer, phase="backward"))
         moe = is_moe(layer)
+        dense_cm = cm and not moe  # (an expert layer's tensor collectives stay synchronous)
+        ag = b.collective(f"all-gather/{p}/mlp_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
+                          layer=layer, phase="backward")
+        if not dense_cm:
+            b.wait(ag)
         ff = sh.ff if moe else sh.ff_dense
         gated = ("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)
         rows = tok * sh.topk if moe else tok
@@ -404,11 +461,13 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             b.wait(b.collective(f"all-to-all/{p}/combine", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                 layer=layer, phase="backward"))
         backward_matmul(p, "mlp_down", rows, ff, d, layer=layer, weight=weights["mlp_down"],
-                        wshape=ws["mlp_down"][:2], axes=ws["mlp_down"][2])
+                        wshape=ws["mlp_down"][:2], axes=ws["mlp_down"][2], gathered=ag if dense_cm else None)
         elementwise(f"{p}/mlp_act", rows * ff, 2 * ACT_FLOPS, 4 if m.gated_mlp else 3, **ew)
+        rs = None
         for name in gated:
-            backward_matmul(p, name, rows, d, ff, layer=layer, weight=weights[name], wshape=ws[name][:2],
-                            axes=ws[name][2], x="mlp_in")
+            last = dense_cm and not sh.ff_shared and name == gated[-1]
+            rs = backward_matmul(p, name, rows, d, ff, layer=layer, weight=weights[name], wshape=ws[name][:2],
+                                 axes=ws[name][2], x="mlp_in", scatter=f"reduce-scatter/{p}/mlp_in" if last else None)
         if moe:
             b.wait(b.collective(f"all-to-all/{p}/dispatch", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                 layer=layer, phase="backward"))
@@ -421,13 +480,15 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             for name in (n.replace("mlp_", "shared_") for n in gated):
                 backward_matmul(p, name, tok, d, sh.ff_shared, layer=layer, weight=weights[name],
                                 wshape=ws[name][:2], axes=ws[name][2])
-        b.wait(b.collective(f"reduce-scatter/{p}/mlp_in", "reduce-scatter", v=tok * d * ab,
-                            mesh_axes=("tensor",), layer=layer, phase="backward"))
+        b.wait(rs if rs is not None else b.collective(f"reduce-scatter/{p}/mlp_in", "reduce-scatter", v=tok * d * ab,
+                                                      mesh_axes=("tensor",), layer=layer, phase="backward"))
         elementwise(f"{p}/mlp_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
-        b.wait(b.collective(f"all-gather/{p}/attn_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
-                            layer=layer, phase="backward"))
+        ag = b.collective(f"all-gather/{p}/attn_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
+                          layer=layer, phase="backward")
+        if not cm:
+            b.wait(ag)
         backward_matmul(p, "o_proj", tok, o_width, d, layer=layer, weight=weights["o_proj"],
-                        wshape=ws["o_proj"][:2], axes=ws["o_proj"][2])
+                        wshape=ws["o_proj"][:2], axes=ws["o_proj"][2], gathered=ag if cm else None)
         two_kernels = w.step.flash and not w.step.flash_fused_bwd  # splash's dkv and dq kernels
         if not w.step.flash:  # dense softmax backward: dS = P (dP - rowsum(dP P)), through HBM
             elementwise(f"{p}/softmax", scores, DENSE_SOFTMAX_FLOPS, DENSE_SOFTMAX_BYTES_BWD, nbytes=1, **ew)
@@ -457,11 +518,13 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
                                     v=sh.seqs * t_full * kv_width * ab, mesh_axes=("sequence",), layer=layer,
                                     phase="backward"))
         elementwise(f"{p}/rope", tok * (q_width + kv_width), ROPE_FLOPS, 2, **ew)
+        rs = None
         for name, k_, n_ in attn_in:  # (GQA: q, k, v, the order libtpu's compile runs them)
-            backward_matmul(p, name, tok, k_, n_, layer=layer, weight=weights[name], wshape=ws[name][:2],
-                            axes=ws[name][2], x="attn_in")
-        b.wait(b.collective(f"reduce-scatter/{p}/attn_in", "reduce-scatter", v=tok * d * ab,
-                            mesh_axes=("tensor",), layer=layer, phase="backward"))
+            last = cm and m.attention_type != "mla" and name == attn_in[-1][0]  # (MLA's last one reads a latent)
+            rs = backward_matmul(p, name, tok, k_, n_, layer=layer, weight=weights[name], wshape=ws[name][:2],
+                                 axes=ws[name][2], x="attn_in", scatter=f"reduce-scatter/{p}/attn_in" if last else None)
+        b.wait(rs if rs is not None else b.collective(f"reduce-scatter/{p}/attn_in", "reduce-scatter", v=tok * d * ab,
+                                                      mesh_axes=("tensor",), layer=layer, phase="backward"))
         elementwise(f"{p}/attn_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
 
     # ---- forward ---------------------------------------------------------------------------------

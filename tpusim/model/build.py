@@ -79,6 +79,10 @@ _STEP_KEYS: dict[str, tuple[type, Any]] = {
     # beside the backward's matmuls (tpusim.compiler.transformer.FSDP_ALL_REDUCE_MIN_DEVICES); "reduce_scatter":
     # always reduce-scattered, overlapped (the book's FSDP)
     "gradient_reduction": (str, "xla"),
+    # tpusim's: whether large tensor-parallel activation collectives run as XLA's collective matmuls beside their
+    # matmuls (tpusim.compiler.transformer.COLLECTIVE_MATMUL_MIN_TOKENS); false is MaxText's recipes' XLA flag
+    # for collective matmul off (--xla_jf_spmd_threshold_for_windowed_einsum_mib=1000000)
+    "collective_matmul": (bool, True),
     # remat_policy: custom, MaxText's per-tensor choice: "remat" (recompute), "device" (save in HBM) or
     # "offload" (save in host memory); base.yml's defaults (the layer input on device, the rest remat)
     **{k: (str, "device" if k == "decoder_layer_input" else "remat") for k in (
@@ -309,6 +313,7 @@ def _step(values, source, where) -> Step:
                 context_strategy=_not_yet(values, "context_parallel_strategy", CONTEXT_STRATEGIES, source, where),
                 flash_fused_bwd=values["sa_use_fused_bwd_kernel"], iota_embed=values["use_iota_embed"],
                 gradient_reduction=_choice(values, "gradient_reduction", GRADIENT_REDUCTIONS, source, where),
+                collective_matmul=values["collective_matmul"],
                 flash_blocks=tuple(values[k] for k in FLASH_BLOCK_KEYS))
 
 

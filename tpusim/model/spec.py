@@ -189,6 +189,7 @@ class Step:
     flash_fused_bwd: bool = False  # sa_use_fused_bwd_kernel: splash's backward in one kernel, not dkv + dq
     iota_embed: bool = False  # use_iota_embed: the token embedding as a one-hot matmul, not a lookup (take)
     gradient_reduction: str = "xla"  # weight gradients over the shards: "xla" (libtpu's choice) or "reduce_scatter"
+    collective_matmul: bool = True  # large tensor-parallel activation collectives beside their matmuls, as XLA's
     flash_blocks: tuple[int, ...] = (512,) * 6  # FLASH_BLOCK_KEYS' values: (q, kv) of the fwd, dkv and dq kernels
     # remat_policy custom: the tensors (compiler/memory.py's names) MaxText's per-tensor keys save in HBM
     # ("device") and in host memory ("offload"); the rest are recomputed
