@@ -236,18 +236,19 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
     # enough tokens (COLLECTIVE_MATMUL_MIN_TOKENS): the reduce-scatter of a matmul's output starts after its
     # first chunk, the all-gather of a backward input is waited for by the last chunk of the matmul reading it,
     # and the partial sums a reduce-scatter's ring carries are added by the TensorCore (``cm``, below).
+    def tensor_collective(kind, name, *, layer, phase) -> int | None:
+        """An all-gather or reduce-scatter of a block's activations (tokens x D) over tensor."""
+        return b.collective(name, kind, v=tok * d * ab, mesh_axes=("tensor",), layer=layer, phase=phase)
+
     def scattered(name, rs_name, m_, k_, n_, *, layer, phase, weight=None, recompute=False) -> int | None:
         """A matmul whose (m, n) output is reduce-scattered over tensor; returns the reduce-scatter."""
-        if not cm:
-            matmul(name, m_, k_, n_, layer=layer, phase=phase, weight=weight, recompute=recompute)
-            return b.collective(rs_name, "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",), layer=layer,
-                                phase=phase)
-        matmul(name, m_, k_, n_ / sh.tp, layer=layer, phase=phase, weight=weight, recompute=recompute)
-        rs = b.collective(rs_name, "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",), layer=layer, phase=phase)
-        matmul(name, m_, k_, n_ * (sh.tp - 1) / sh.tp, layer=layer, phase=phase, weight=weight, recompute=recompute,
-               part="/cm_rest")
-        elementwise(f"{name}/cm_partial_sums", tok * d / sh.tp * (sh.tp - 1), ADD_FLOPS, 3, layer=layer, phase=phase,
-                    recompute=recompute)
+        kw = dict(layer=layer, phase=phase, weight=weight, recompute=recompute)
+        matmul(name, m_, k_, n_ / sh.tp if cm else n_, **kw)
+        rs = tensor_collective("reduce-scatter", rs_name, layer=layer, phase=phase)
+        if cm:
+            matmul(name, m_, k_, n_ * (sh.tp - 1) / sh.tp, part="/cm_rest", **kw)
+            elementwise(f"{name}/cm_partial_sums", tok * d / sh.tp * (sh.tp - 1), ADD_FLOPS, 3, layer=layer,
+                        phase=phase, recompute=recompute)
         return rs
 
     def elementwise(name, elems, flops_per, arrays, *, layer, phase, category="elementwise", recompute=False,
@@ -305,8 +306,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
         if on_start:
             on_start(first)
         regather(recompute and not any(redo(name) for name, _, _ in attn_in), "attn_in",
-                 b.collective(f"all-gather/{p}/attn_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
-                              layer=layer, phase=phase))
+                 tensor_collective("all-gather", f"all-gather/{p}/attn_in", layer=layer, phase=phase))
         b.wait(hw.get("attn_in"))
         for name, k_, n_ in attn_in:
             if redo(name):
@@ -338,16 +338,14 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             b.wait(scattered(f"{p}/o_proj", f"reduce-scatter/{p}/attn_out", tok, o_width, d, layer=layer, phase=phase,
                              weight=weights["o_proj"], recompute=recompute))
         else:
-            b.wait(b.collective(f"reduce-scatter/{p}/attn_out", "reduce-scatter", v=tok * d * ab,
-                                mesh_axes=("tensor",), layer=layer, phase=phase))
+            b.wait(tensor_collective("reduce-scatter", f"reduce-scatter/{p}/attn_out", layer=layer, phase=phase))
         elementwise(f"{p}/attn_residual", tok * d / sh.tp, ADD_FLOPS, 3, **ew)
         elementwise(f"{p}/mlp_norm", tok * d / sh.tp, NORM_FLOPS, 2, **ew)
         moe = is_moe(layer)
         ff = sh.ff if moe else sh.ff_dense
         gated = ("mlp_gate", "mlp_up") if m.gated_mlp else ("mlp_up",)
         regather(recompute and not moe and not any(redo(name) for name in gated), "mlp_in",
-                 b.collective(f"all-gather/{p}/mlp_in", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
-                              layer=layer, phase=phase))
+                 tensor_collective("all-gather", f"all-gather/{p}/mlp_in", layer=layer, phase=phase))
         if moe and sh.ff_shared:  # shared experts: every token, beside the routed ones
             for name in gated:
                 if redo(name.replace("mlp_", "shared_")):
@@ -387,8 +385,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
                 b.wait(b.collective(f"all-to-all/{p}/combine", "all-to-all", v=rows * d * ab, mesh_axes=("expert",),
                                     layer=layer, phase=phase))
                 elementwise(f"{p}/combine", tok * sh.topk * d, 2, 2, **ew)
-            b.wait(b.collective(f"reduce-scatter/{p}/mlp_out", "reduce-scatter", v=tok * d * ab,
-                                mesh_axes=("tensor",), layer=layer, phase=phase))
+            b.wait(tensor_collective("reduce-scatter", f"reduce-scatter/{p}/mlp_out", layer=layer, phase=phase))
         elementwise(f"{p}/mlp_residual", tok * d / sh.tp, ADD_FLOPS, 3, **ew)
 
     def backward_matmul(p, name, m_, k_, n_, *, layer, weight, wshape, axes, x=None, gathered=None,
@@ -405,12 +402,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             b.wait(gathered)
             matmul(dgrad, m_, n_ / sh.tp, k_, part="/cm_rest", **kw)
         elif scatter is not None:
-            matmul(dgrad, m_, n_, k_ / sh.tp, **kw)
-            rs = b.collective(scatter, "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",), layer=layer,
-                              phase="backward")
-            matmul(dgrad, m_, n_, k_ * (sh.tp - 1) / sh.tp, part="/cm_rest", **kw)
-            elementwise(f"{dgrad}/cm_partial_sums", tok * d / sh.tp * (sh.tp - 1), ADD_FLOPS, 3, layer=layer,
-                        phase="backward")
+            rs = scattered(dgrad, scatter, m_, n_, k_, **kw)
         else:
             matmul(dgrad, m_, n_, k_, **kw)
         b.wait(regathered.get(x))
@@ -450,8 +442,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             on_start(first)
         moe = is_moe(layer)
         dense_cm = cm and not moe  # (an expert layer's tensor collectives stay synchronous)
-        ag = b.collective(f"all-gather/{p}/mlp_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
-                          layer=layer, phase="backward")
+        ag = tensor_collective("all-gather", f"all-gather/{p}/mlp_out", layer=layer, phase="backward")
         if not dense_cm:
             b.wait(ag)
         ff = sh.ff if moe else sh.ff_dense
@@ -480,11 +471,10 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             for name in (n.replace("mlp_", "shared_") for n in gated):
                 backward_matmul(p, name, tok, d, sh.ff_shared, layer=layer, weight=weights[name],
                                 wshape=ws[name][:2], axes=ws[name][2])
-        b.wait(rs if rs is not None else b.collective(f"reduce-scatter/{p}/mlp_in", "reduce-scatter", v=tok * d * ab,
-                                                      mesh_axes=("tensor",), layer=layer, phase="backward"))
+        b.wait(rs if rs is not None else tensor_collective("reduce-scatter", f"reduce-scatter/{p}/mlp_in", layer=layer,
+                                                           phase="backward"))
         elementwise(f"{p}/mlp_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
-        ag = b.collective(f"all-gather/{p}/attn_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",),
-                          layer=layer, phase="backward")
+        ag = tensor_collective("all-gather", f"all-gather/{p}/attn_out", layer=layer, phase="backward")
         if not cm:
             b.wait(ag)
         backward_matmul(p, "o_proj", tok, o_width, d, layer=layer, weight=weights["o_proj"],
@@ -523,8 +513,8 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
             last = cm and m.attention_type != "mla" and name == attn_in[-1][0]  # (MLA's last one reads a latent)
             rs = backward_matmul(p, name, tok, k_, n_, layer=layer, weight=weights[name], wshape=ws[name][:2],
                                  axes=ws[name][2], x="attn_in", scatter=f"reduce-scatter/{p}/attn_in" if last else None)
-        b.wait(rs if rs is not None else b.collective(f"reduce-scatter/{p}/attn_in", "reduce-scatter", v=tok * d * ab,
-                                                      mesh_axes=("tensor",), layer=layer, phase="backward"))
+        b.wait(rs if rs is not None else tensor_collective("reduce-scatter", f"reduce-scatter/{p}/attn_in", layer=layer,
+                                                           phase="backward"))
         elementwise(f"{p}/attn_norm", tok * d / sh.tp, 2 * NORM_FLOPS, 3, **ew)
 
     # ---- forward ---------------------------------------------------------------------------------
@@ -587,7 +577,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
                                                  layer=layer, phase="forward", deps=(b.last_compute,))
                                   for g, nbytes in groups if nbytes > 0}
         elementwise("final_norm/fwd", tok * d / sh.tp, NORM_FLOPS, 2, layer=-1, phase="forward")
-        b.wait(b.collective("all-gather/final_norm_out", "all-gather", v=tok * d * ab, mesh_axes=("tensor",)))
+        b.wait(tensor_collective("all-gather", "all-gather/final_norm_out", layer=-1, phase="forward"))
         matmul("unembedding/fwd/logits", tok, d, sh.vocab, layer=-1, phase="forward", weight=unembed_ag)
         elementwise("loss/fwd/softmax_xent", tok * sh.vocab, SOFTMAX_XENT_FLOPS, 2, layer=-1, phase="forward",
                     category="loss", nbytes=4)
@@ -601,8 +591,7 @@ def build_ops(w: Workload, sh: Shapes, mesh: Mesh, *, local_params: float, remat
         matmul("unembedding/bwd/dgrad", tok, sh.vocab, d, layer=-1, phase="backward", weight=unembed_ag)
         wg = matmul("unembedding/bwd/wgrad", d, tok, sh.vocab, layer=-1, phase="backward")
         reduce_grad("unembedding", -1, table * ab, weight_axes, wg)
-        b.wait(b.collective("reduce-scatter/final_norm_in", "reduce-scatter", v=tok * d * ab, mesh_axes=("tensor",),
-                            phase="backward"))
+        b.wait(tensor_collective("reduce-scatter", "reduce-scatter/final_norm_in", layer=-1, phase="backward"))
         elementwise("final_norm/bwd", tok * d / sh.tp, 2 * NORM_FLOPS, 3, layer=-1, phase="backward")
         for layer in reversed(range(L)):
             def prefetch(first: int, layer=layer) -> None:
